@@ -1,0 +1,3 @@
+from orstack.cli import main
+
+main()

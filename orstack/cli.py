@@ -1,0 +1,124 @@
+"""The orstack command line: global options, subcommand registration, exit codes.
+
+Exit codes (DESIGN.md): 0 success; 1 unexpected failure; 2 bad usage or bad input
+(one line, never a traceback); 3 a quality gate failed; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+import sys
+from typing import Annotated
+
+import typer
+
+from orstack import __version__, console
+from orstack.errors import BadInput, GateFailed
+from orstack.runtime import settings
+
+try:  # typer >= 0.20 vendors click
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover - older typer
+    from click import exceptions as click_exceptions
+
+HELP = """Compress, fine-tune and route small language models, one composable step at a time.
+
+Each subcommand reads checkpoints or JSONL and writes checkpoints or JSONL; data goes
+to standard output, messages to standard error.
+
+Example:
+
+    orstack tiny -o tiny --tasks-out tasks && orstack bench tiny --tasks tasks/heldout.jsonl -o results.jsonl
+"""
+
+app = typer.Typer(
+    name="orstack",
+    help=HELP,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"orstack {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def global_options(
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or messages on stderr.")] = False,
+    seed: Annotated[int, typer.Option("--seed", envvar="ORSTACK_SEED", help="Seed for every random choice.")] = 0,
+    device: Annotated[
+        str, typer.Option("--device", envvar="ORSTACK_DEVICE", help="auto, cpu or cuda (auto: cuda when present).")
+    ] = "auto",
+    trust_pickle: Annotated[
+        bool, typer.Option("--trust-pickle", help="Allow loading pickle (.bin) weights; they can run code.")
+    ] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise BadInput(f"--device: expected auto, cpu or cuda, got '{device}'")
+    console.set_quiet(quiet)
+    settings.seed, settings.device, settings.trust_pickle = seed, device, trust_pickle
+
+
+def _command_modules() -> list[str]:
+    from orstack import commands
+
+    found = [m.name for m in pkgutil.iter_modules(commands.__path__) if not m.name.startswith("_")]
+    found = [m for m in found if m != "options"]
+    order = {name: i for i, name in enumerate(commands.PIPELINE_ORDER)}
+    return sorted(found, key=lambda m: (order.get(m, len(order)), m))
+
+
+def _register_commands() -> None:
+    for name in _command_modules():
+        importlib.import_module(f"orstack.commands.{name}").register(app)
+
+
+_register_commands()
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
+def main(argv: list[str] | None = None) -> None:
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=argv, prog_name="orstack", standalone_mode=False)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except click_exceptions.NoArgsIsHelpError as e:
+        e.show()
+        sys.exit(0)
+    except click_exceptions.UsageError as e:
+        where = f"{e.ctx.command_path}: " if e.ctx is not None and e.ctx.parent is not None else ""
+        console.error(f"{where}{_one_line(e.format_message())} (see --help)")
+        sys.exit(2)
+    except (BadInput, GateFailed) as e:
+        console.error(str(e))
+        sys.exit(e.exit_code)
+    except (KeyboardInterrupt, typer.Abort):
+        console.error("interrupted")
+        sys.exit(130)
+    except BrokenPipeError:
+        # The reader of our stdout went away (e.g. `| head`): not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
+    except Exception as e:  # noqa: BLE001 - the last line of defence: one line, exit 1
+        if os.environ.get("ORSTACK_DEBUG"):
+            raise
+        console.error(f"unexpected {type(e).__name__}: {_one_line(str(e))[:500]} (set ORSTACK_DEBUG=1 for a traceback)")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

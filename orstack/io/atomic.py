@@ -1,0 +1,70 @@
+"""Atomic outputs: write to a temporary sibling, rename into place when complete.
+
+An interrupted run (Ctrl-C, crash, failed quality gate) leaves no half-written file or
+checkpoint behind, and an existing output is only replaced by a complete new one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def _temporary_sibling(path: Path, tag: str) -> Path:
+    return path.parent / f".{path.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, *, directory: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path`.
+
+    With `directory=True` the temporary path is an (empty, created) directory. On any
+    exception, KeyboardInterrupt included, the temporary output is removed and `path`
+    is left exactly as it was.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_sibling(final, "tmp")
+    if directory:
+        tmp.mkdir()
+    try:
+        yield tmp
+        _replace(tmp, final)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _replace(tmp: Path, final: Path) -> None:
+    if final.is_dir() and not final.is_symlink():
+        # os.replace cannot swap a non-empty directory: move the old one aside first,
+        # so that at every instant either the old or the new output is complete.
+        old = _temporary_sibling(final, "old")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        if final.exists() and tmp.is_dir():
+            final.unlink()
+        os.replace(tmp, final)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")

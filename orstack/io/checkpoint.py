@@ -1,0 +1,235 @@
+"""Loading and saving causal-LM checkpoints: the one home of checkpoint I/O.
+
+A checkpoint is a Hugging Face directory (config.json, safetensors weights, tokenizer
+files), optionally with orstack's manifest. Stages whose outputs need special loading
+(sparse storage, packed 4-bit, LoRA adapters, .orz packs) register a loader in
+`FORMAT_LOADERS`; `detect_format` picks it, so every stage reads every checkpoint that
+orstack writes through `load_model`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from orstack.errors import BadInput
+from orstack.io.atomic import atomic_path
+from orstack.io.manifest import build_manifest, read_manifest, write_manifest
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+# The Llama family: the architectures every compression stage supports.
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+# format name -> "module:function"; the function takes (path, device, dtype) and returns a model.
+# The module is imported only when a checkpoint of that format is loaded.
+FORMAT_LOADERS: dict[str, str] = {}
+# format name -> predicate on a checkpoint directory; checked in order, first match wins.
+FORMAT_DETECTORS: list[tuple[str, Callable[[Path], bool]]] = []
+
+
+def register_format(name: str, loader: str, detect: Callable[[Path], bool]) -> None:
+    FORMAT_LOADERS[name] = loader
+    FORMAT_DETECTORS.append((name, detect))
+
+
+def detect_format(path: Path) -> str:
+    """'hf' for a plain Hugging Face directory, or the name of a registered special format."""
+    _register_builtin_formats()
+    manifest = read_manifest(path) if path.is_dir() else None
+    if manifest and manifest.get("weights_format") in FORMAT_LOADERS:
+        return manifest["weights_format"]
+    for name, detect in FORMAT_DETECTORS:
+        if detect(path):
+            return name
+    return "hf"
+
+
+_builtin_registered = False
+
+
+def _register_builtin_formats() -> None:
+    """Stages that write special formats declare them in `orstack/io/formats.py`."""
+    global _builtin_registered
+    if not _builtin_registered:
+        _builtin_registered = True
+        try:
+            importlib.import_module("orstack.io.formats")
+        except ModuleNotFoundError as e:
+            if e.name != "orstack.io.formats":
+                raise
+
+
+def is_hub_id(spec: str) -> bool:
+    return bool(HUB_ID.match(spec)) and not Path(spec).exists()
+
+
+def resolve_checkpoint(spec: str | Path) -> Path | str:
+    """A local checkpoint path, or a hub id; a missing or non-checkpoint path is bad input."""
+    s = str(spec)
+    p = Path(s)
+    if p.exists():
+        if p.is_dir() and not (p / "config.json").exists() and detect_format(p) == "hf":
+            raise BadInput(f"{p}: not a checkpoint directory (no config.json)")
+        return p
+    if is_hub_id(s) and not s.startswith((".", "/")):
+        return s
+    raise BadInput(f"{s}: no such checkpoint")
+
+
+def _check_weights_are_safe(path: Path, trust_pickle: bool) -> None:
+    names = {f.name for f in path.iterdir()}
+    has_safetensors = any(n.endswith(".safetensors") for n in names)
+    has_pickle = any(n.endswith((".bin", ".pt", ".pth", ".ckpt")) for n in names)
+    if not has_safetensors and has_pickle and not trust_pickle:
+        raise BadInput(f"{path}: weights are pickle files, which can run code when loaded; "
+                       "convert them to safetensors or pass --trust-pickle")
+    if not has_safetensors and not has_pickle:
+        raise BadInput(f"{path}: no weight files (*.safetensors) in the checkpoint")
+
+
+def load_config(spec: str | Path) -> Any:
+    from transformers import AutoConfig
+
+    source = resolve_checkpoint(spec)
+    try:
+        return AutoConfig.from_pretrained(str(source), trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise BadInput(f"{spec}: cannot read config ({_first_line(e)})") from None
+
+
+def check_architecture(config: Any, supported: tuple[str, ...] = LLAMA_FAMILY, where: str = "") -> None:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in supported:
+        raise BadInput(f"{where or 'model'}: unsupported architecture '{model_type}' "
+                       f"(supported: {', '.join(supported)})")
+
+
+def resolve_dtype(name: str | None) -> torch.dtype:
+    import torch
+
+    table = {None: torch.float32, "float32": torch.float32, "fp32": torch.float32,
+             "float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if name not in table:
+        raise BadInput(f"unknown dtype '{name}' (use float32, float16 or bfloat16)")
+    return table[name]
+
+
+def load_tokenizer(spec: str | Path) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    source = resolve_checkpoint(spec)
+    source = _tokenizer_source(source)
+    try:
+        return AutoTokenizer.from_pretrained(str(source), trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise BadInput(f"{spec}: cannot load tokenizer ({_first_line(e)})") from None
+
+
+def _tokenizer_source(source: Path | str) -> Path | str:
+    """Adapters and other derived checkpoints may keep the tokenizer with their base."""
+    if isinstance(source, Path) and source.is_dir():
+        has_tok = any((source / n).exists() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+        manifest = read_manifest(source)
+        if not has_tok and manifest and manifest.get("base"):
+            return resolve_checkpoint(manifest["base"])
+    return source
+
+
+def load_model(
+    spec: str | Path,
+    *,
+    device: str = "cpu",
+    dtype: str | None = None,
+    trust_pickle: bool = False,
+    architectures: tuple[str, ...] | None = None,
+    with_tokenizer: bool = True,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """Load a causal LM (and its tokenizer) from a checkpoint directory, a special orstack
+    format, or a hub id. `architectures` restricts the accepted model types."""
+    source = resolve_checkpoint(spec)
+    torch_dtype = resolve_dtype(dtype)
+    fmt = detect_format(source) if isinstance(source, Path) else "hf"
+    if fmt != "hf":
+        module, func = FORMAT_LOADERS[fmt].split(":")
+        model = getattr(importlib.import_module(module), func)(source, device, torch_dtype)
+        if architectures:
+            check_architecture(model.config, architectures, str(spec))
+    else:
+        if isinstance(source, Path) and source.is_file():
+            raise BadInput(f"{source}: expected a checkpoint directory, got a file")
+        config = load_config(source)
+        if architectures:
+            check_architecture(config, architectures, str(spec))
+        if isinstance(source, Path):
+            _check_weights_are_safe(source, trust_pickle)
+        model = _from_pretrained(source, torch_dtype, trust_pickle)
+        model.to(device)
+    model.eval()
+    tokenizer = load_tokenizer(source) if with_tokenizer else None
+    return model, tokenizer
+
+
+def quiet_transformers() -> None:
+    """transformers' own progress bars and advice would mix with orstack's messages."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _from_pretrained(source: Path | str, torch_dtype: torch.dtype, trust_pickle: bool) -> PreTrainedModel:
+    from transformers import AutoModelForCausalLM
+
+    quiet_transformers()
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            str(source), dtype=torch_dtype, use_safetensors=None if trust_pickle else True, trust_remote_code=False
+        )
+    except (OSError, ValueError, KeyError) as e:
+        raise BadInput(f"{source}: cannot load model ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__
+
+
+def save_checkpoint(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None,
+    out: str | Path,
+    *,
+    stage: str,
+    args: Any,
+    parent: str | Path | None = None,
+    metrics: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    write_weights: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write a Hugging Face checkpoint plus `orstack.json`, atomically.
+
+    `write_weights(tmpdir)` replaces the default `save_pretrained` (for stages that store
+    weights in their own layout); the config, tokenizer and manifest are written either way.
+    """
+    out = Path(out)
+    with atomic_path(out, directory=True) as tmp:
+        quiet_transformers()
+        if write_weights is None:
+            model.save_pretrained(tmp)
+        else:
+            model.config.save_pretrained(tmp)
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(tmp)
+            write_weights(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_manifest(tmp, build_manifest(stage, args, parent=parent, metrics=metrics, extra=extra))
+    return out
