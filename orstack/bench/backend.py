@@ -1,0 +1,77 @@
+"""The interface between `orstack bench` and a model runtime.
+
+A backend generates greedily, scores log-likelihoods and perplexity, and knows its size
+on disk. The transformers backend lives in hf.py, the llama.cpp one in llamacpp.py;
+`open_backend` picks one from the MODEL spec the user gave.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from orstack.errors import BadInput
+
+if TYPE_CHECKING:
+    from orstack.bench.perplexity import PerplexityResult
+
+
+@dataclass
+class Generation:
+    """One greedy completion of one prompt."""
+
+    text: str  # generated text, stop sequence removed
+    prompt_tokens: int
+    output_tokens: int
+    token_logprobs: list[float] = field(default_factory=list)  # natural-log p of each generated token
+    token_entropies: list[float] = field(default_factory=list)  # entropy (nats) of each next-token distribution
+    latency_ms: float = 0.0  # wall time attributed to this row
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str  # the MODEL spec as the user gave it
+
+    def generate(self, prompts: list[str], *, max_new_tokens: int, stop: list[str]) -> list[Generation]:
+        """Greedy completions; each stops at EOS, at any stop sequence, or after max_new_tokens."""
+        ...
+
+    def loglikelihoods(self, contexts: list[str], continuations: list[str]) -> list[float]:
+        """Sum of log p(continuation tokens | context), as lm-evaluation-harness scores `choice` tasks."""
+        ...
+
+    def perplexity(self, texts: list[str], *, max_length: int, rule: str) -> PerplexityResult:
+        """rule "rolling" (lm-eval loglikelihood_rolling) or "llama.cpp" (second half of each chunk)."""
+        ...
+
+    def size_bytes(self) -> int:
+        """Size on disk of the model."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def open_backend(spec: str, *, device: str = "cpu", batch_size: int = 16) -> Backend:
+    """A `.gguf` path opens the llama.cpp backend; anything else the transformers one
+    (through orstack.io.checkpoint.load_model, so every format orstack writes loads)."""
+    if str(spec).lower().endswith(".gguf"):
+        return _open_gguf(spec)
+    from orstack.bench.hf import HFBackend
+
+    return HFBackend(spec, device=device, batch_size=batch_size)
+
+
+def _open_gguf(spec: str) -> Backend:
+    from pathlib import Path
+
+    if not Path(spec).is_file():
+        raise BadInput(f"{spec}: no such GGUF file")
+    try:
+        module = importlib.import_module("orstack.bench.llamacpp")
+    except ModuleNotFoundError as e:
+        if e.name in ("orstack.bench.llamacpp", "llama_cpp"):
+            raise BadInput(f"{spec}: benchmarking GGUF files needs llama-cpp-python "
+                           f"(module '{e.name}' is not available)") from None
+        raise
+    return module.LlamaCppBackend(spec)
