@@ -94,7 +94,9 @@ def _scored_targets(window: Window) -> list[int]:
     return full[len(full) - window.n_scored :]
 
 
-def score_windows(model, windows: list[Window], batch_size: int = 8, pad_id: int = 0, description: str = "ppl") -> float:
+def score_windows(
+    model, windows: list[Window], batch_size: int = 8, pad_id: int = 0, description: str = "ppl"
+) -> float:
     """Total NLL (nats) of the scored targets of every window."""
     import torch
 
