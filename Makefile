@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LLAMA_STAMP := $(VENV)/.llama-installed
 
-.PHONY: demo test test-slow lint venv completions man conventions clean
+.PHONY: demo test test-slow lint venv docs conventions clean
 
 venv: $(STAMP) $(LLAMA_STAMP)
 
@@ -36,6 +36,10 @@ test-slow: venv
 
 lint: venv
 	$(BIN)/ruff check orstack tests benchmarks
+
+# Man pages and shell completions, generated from the CLI's own help (committed; a test checks they are current).
+docs: venv
+	$(BIN)/python scripts/gendocs.py
 
 conventions: venv
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python ../shared/check_conventions.py
