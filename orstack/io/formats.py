@@ -1,0 +1,28 @@
+"""Special checkpoint formats written by orstack stages, each registered in a few lines.
+
+Imported lazily by `orstack.io.checkpoint.detect_format`. Append one block per format:
+`register_format(name, "module:loader", lazy("module:detector"))`; `lazy` defers each
+stage's import until a checkpoint is actually inspected.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+
+from orstack.io.checkpoint import register_format
+
+
+def lazy(ref: str) -> Callable[[Path], bool]:
+    """A detector that imports "module:function" on first use."""
+    def detect(path: Path) -> bool:
+        module, func = ref.split(":")
+        return bool(getattr(importlib.import_module(module), func)(path))
+
+    return detect
+
+
+# prune: pruned linear weights stored as bitmask + kept values (docs/prune.md)
+register_format("orstack-sparse-bitmask", "orstack.prune.storage:load_sparse",
+                lazy("orstack.prune.storage:is_sparse_checkpoint"))

@@ -1,0 +1,157 @@
+"""Pruning a whole model, one decoder layer at a time.
+
+Calibration inputs are captured at the first decoder layer and propagated through the
+already-pruned layers (orstack.layerwise), so each layer is pruned for the inputs it will
+see, and memory stays at about one layer's activations. Embeddings and lm_head are left
+dense.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from orstack.errors import BadInput
+from orstack.prune.masks import METHODS, check_nm, magnitude_scores, nm_mask, row_mask, wanda_scores
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+@dataclass
+class PruneSpec:
+    """What to prune, and how: the algorithm's whole configuration."""
+
+    method: str = "wanda"
+    sparsity: float = 0.5
+    pattern: tuple[int, int] | None = None  # (N, M): N zeros in every M inputs; overrides sparsity
+    attn_sparsity: float | None = None  # self_attn.* linears; default: sparsity
+    mlp_sparsity: float | None = None  # mlp.* linears; default: sparsity
+    blocksize: int = 128  # SparseGPT column block
+    damp: float = 0.01  # SparseGPT dampening, fraction of mean diag(H)
+    batch_size: int = 8  # calibration sequences per forward
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise BadInput(f"--method {self.method}: expected one of {', '.join(METHODS)}")
+
+    def sparsity_for(self, name: str) -> float:
+        if name.startswith("self_attn.") and self.attn_sparsity is not None:
+            return self.attn_sparsity
+        if name.startswith("mlp.") and self.mlp_sparsity is not None:
+            return self.mlp_sparsity
+        return self.sparsity
+
+    @property
+    def pattern_text(self) -> str:
+        return f"{self.pattern[0]}:{self.pattern[1]}" if self.pattern else "unstructured"
+
+
+@dataclass
+class PruneReport:
+    layers: dict[str, float] = field(default_factory=dict)  # full weight name -> fraction of zeros
+    zeros: int = 0
+    total: int = 0
+
+    @property
+    def sparsity(self) -> float:
+        return self.zeros / max(self.total, 1)
+
+
+def prune_matrix(
+    weight: torch.Tensor, spec: PruneSpec, sparsity: float, stats=None  # noqa: ANN001 - layerwise.InputStats
+) -> torch.Tensor:
+    """The pruned copy of one weight matrix. Weights already exactly zero stay pruned."""
+    import torch
+
+    from orstack.prune.sparsegpt import sparsegpt_prune
+
+    forced = weight == 0
+    if spec.method == "sparsegpt":
+        new, _ = sparsegpt_prune(weight, stats.hessian(), sparsity=sparsity, pattern=spec.pattern,
+                                 blocksize=spec.blocksize, damp=spec.damp, forced=forced)
+        return new
+    scores = magnitude_scores(weight) if spec.method == "magnitude" else wanda_scores(weight, stats.norm)
+    if spec.pattern is not None:
+        scores = scores.masked_fill(forced, -torch.inf)
+        keep = nm_mask(scores, *spec.pattern)
+    else:
+        keep = row_mask(scores, sparsity, forced)
+    return torch.where(keep, weight, torch.zeros_like(weight))
+
+
+def prune_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: PruneSpec) -> PruneReport:
+    """Prune every decoder-layer Linear of `model` in place; returns per-matrix sparsity.
+
+    `calib_ids` [n, seqlen] feeds Wanda and SparseGPT; magnitude pruning needs none.
+    """
+    import torch
+
+    from orstack.console import progress
+    from orstack.layerwise import capture_layer_inputs, decoder_layers, linear_modules, record_input_stats, run_layer
+
+    layers = decoder_layers(model)
+    if spec.pattern is not None:
+        _check_pattern_fits(layers, spec)
+    needs_data = spec.method != "magnitude"
+    if needs_data and calib_ids is None:
+        raise BadInput(f"--method {spec.method} needs calibration data (--calib)")
+    inputs = capture_layer_inputs(model, calib_ids, spec.batch_size) if needs_data else None
+    report = PruneReport()
+    with progress() as bar:
+        task = bar.add_task(f"{spec.method} {spec.pattern_text}", total=len(layers), unit="layers")
+        for index, layer in enumerate(layers):
+            modules = linear_modules(layer)
+            stats = None
+            if needs_data:
+                with record_input_stats(modules, hessian=spec.method == "sparsegpt") as stats:
+                    run_layer(layer, inputs)
+            for name, module in modules.items():
+                full = f"model.layers.{index}.{name}.weight"
+                with torch.no_grad():
+                    new = prune_matrix(module.weight.data, spec, spec.sparsity_for(name),
+                                       stats[name] if stats else None)
+                    if spec.pattern is not None:
+                        check_nm(new, *spec.pattern, name=full)
+                    module.weight.data.copy_(new)
+                zeros = int((new == 0).sum())
+                report.layers[full] = zeros / new.numel()
+                report.zeros += zeros
+                report.total += new.numel()
+            del stats
+            if needs_data:
+                inputs = run_layer(layer, inputs)
+            bar.advance(task)
+    return report
+
+
+def _check_pattern_fits(layers: nn.ModuleList, spec: PruneSpec) -> None:
+    from orstack.layerwise import linear_modules
+
+    n, m = spec.pattern
+    bad = sorted({name for name, mod in linear_modules(layers[0]).items() if mod.in_features % m})
+    if bad:
+        raise BadInput(f"--pattern {n}:{m}: input width of {', '.join(bad)} is not a multiple of {m}")
+
+
+def masks_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Keep-masks (weight != 0) of every decoder-layer Linear, by parameter name."""
+    from orstack.layerwise import decoder_layers, linear_modules
+
+    masks = {}
+    for index, layer in enumerate(decoder_layers(model)):
+        for name, module in linear_modules(layer).items():
+            masks[f"model.layers.{index}.{name}.weight"] = module.weight.detach() != 0
+    return masks
+
+
+def model_sparsity(model: nn.Module) -> PruneReport:
+    """Per-matrix and overall sparsity of the decoder-layer Linears as they are now."""
+    report = PruneReport()
+    for name, keep in masks_of(model).items():
+        zeros = int((~keep).sum())
+        report.layers[name] = zeros / keep.numel()
+        report.zeros += zeros
+        report.total += keep.numel()
+    return report

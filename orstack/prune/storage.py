@@ -1,0 +1,160 @@
+"""Sparse storage of pruned weights: a bitmask plus the kept values, in safetensors.
+
+Layout of `model.safetensors` (format name "orstack-sparse-bitmask"):
+- every tensor stored densely keeps its usual name;
+- a sparse-stored matrix `<name>` [rows, cols] becomes two tensors:
+  `<name>.bitmask`: uint8 [rows, ceil(cols / 8)], bit j of row r is byte j // 8, bit j % 8
+  counted from the least significant bit (numpy packbits, bitorder="little"); 1 = non-zero;
+  `<name>.values`: the non-zero entries in row-major order, in the weight's dtype [nnz];
+- the file's metadata holds `orstack.sparse`: JSON {name: [rows, cols]} of the sparse-stored
+  matrices, and `format: pt`.
+A matrix is stored sparsely only where that is smaller than storing it densely. Loading
+scatters the values back: the reconstruction is exact (a stored -0.0 comes back as +0.0,
+the same number).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from orstack.errors import BadInput
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
+
+FORMAT = "orstack-sparse-bitmask"
+METADATA_KEY = "orstack.sparse"
+WEIGHTS = "model.safetensors"
+
+
+def pack_bits(keep: torch.Tensor) -> torch.Tensor:
+    """Bool [rows, cols] -> uint8 [rows, ceil(cols/8)], LSB first."""
+    import torch
+
+    rows, cols = keep.shape
+    padded = torch.zeros(rows, -(-cols // 8) * 8, dtype=torch.uint8, device=keep.device)
+    padded[:, :cols] = keep.to(torch.uint8)
+    weights = (2 ** torch.arange(8, dtype=torch.int32, device=keep.device)).to(torch.uint8)
+    return (padded.reshape(rows, -1, 8) * weights).sum(dim=2, dtype=torch.int32).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """uint8 [rows, ceil(cols/8)] -> bool [rows, cols]."""
+    import torch
+
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = (packed.unsqueeze(2) >> shifts) & 1
+    return bits.reshape(packed.shape[0], -1)[:, :cols].bool()
+
+
+def sparse_bytes(weight: torch.Tensor) -> int:
+    rows, cols = weight.shape
+    return rows * -(-cols // 8) + int((weight != 0).sum()) * weight.element_size()
+
+
+def encode(state: dict[str, torch.Tensor], sparse_names: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, list]]:
+    """Tensors to write and the sparse-name metadata; matrices in `sparse_names` go sparse
+    when that is smaller."""
+    tensors, shapes = {}, {}
+    for name, tensor in state.items():
+        t = tensor.detach().cpu().contiguous()
+        if name in sparse_names and t.dim() == 2 and sparse_bytes(t) < t.numel() * t.element_size():
+            keep = t != 0
+            tensors[f"{name}.bitmask"] = pack_bits(keep)
+            tensors[f"{name}.values"] = t[keep].contiguous()
+            shapes[name] = list(t.shape)
+        else:
+            tensors[name] = t
+    return tensors, shapes
+
+
+def decode(tensors: dict[str, torch.Tensor], shapes: dict[str, list]) -> dict[str, torch.Tensor]:
+    import torch
+
+    state = {k: v for k, v in tensors.items() if not k.endswith((".bitmask", ".values"))}
+    for name, (rows, cols) in shapes.items():
+        try:
+            packed, values = tensors[f"{name}.bitmask"], tensors[f"{name}.values"]
+        except KeyError as e:
+            raise BadInput(f"sparse checkpoint: {e.args[0]} is missing") from None
+        keep = unpack_bits(packed, cols)
+        if packed.shape[0] != rows or int(keep.sum()) != values.numel():
+            raise BadInput(f"sparse checkpoint: {name}: bitmask and values do not agree")
+        dense = torch.zeros(rows, cols, dtype=values.dtype)
+        dense[keep] = values
+        state[name] = dense
+    return state
+
+
+def unique_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """The model's tensors with tied duplicates (lm_head tied to the embeddings) left out,
+    as save_pretrained does."""
+    seen, state = set(), {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        state[name] = tensor
+    return state
+
+
+def save_sparse(model: PreTrainedModel, directory: Path, sparse_names: set[str]) -> dict[str, int]:
+    """Write `model.safetensors` in the sparse layout; returns the stored/dense byte counts."""
+    from safetensors.torch import save_file
+
+    state = unique_state_dict(model)
+    tensors, shapes = encode(state, sparse_names)
+    save_file(tensors, str(directory / WEIGHTS), metadata={"format": "pt", METADATA_KEY: json.dumps(shapes)})
+    return {"stored_bytes": (directory / WEIGHTS).stat().st_size,
+            "dense_bytes": sum(t.numel() * t.element_size() for t in state.values()),
+            "sparse_matrices": len(shapes)}
+
+
+def is_sparse_checkpoint(path: Path) -> bool:
+    """A directory whose model.safetensors carries the sparse metadata (header read only)."""
+    weights = Path(path) / WEIGHTS
+    if not weights.is_file():
+        return False
+    try:
+        with weights.open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if size > 100_000_000:
+                return False
+            header = json.loads(f.read(size))
+    except (OSError, ValueError):
+        return False
+    return METADATA_KEY in (header.get("__metadata__") or {})
+
+
+def read_sparse_state(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    weights = Path(path) / WEIGHTS
+    with safe_open(str(weights), framework="pt") as f:
+        shapes = json.loads((f.metadata() or {}).get(METADATA_KEY, "{}"))
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return decode(tensors, shapes)
+
+
+def load_sparse(path: Path, device: str, dtype: torch.dtype) -> PreTrainedModel:
+    """orstack's loader for the sparse layout: build the model from config.json and fill in
+    the reconstructed weights (registered in orstack/io/formats.py)."""
+    from transformers import AutoModelForCausalLM
+
+    from orstack.io.checkpoint import load_config, quiet_transformers
+
+    quiet_transformers()
+    config = load_config(path)
+    state = read_sparse_state(path)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if unexpected or set(missing) - tied:
+        raise BadInput(f"{path}: weights do not match config.json "
+                       f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    model.tie_weights()
+    return model.to(device=device, dtype=dtype)
