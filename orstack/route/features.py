@@ -1,0 +1,126 @@
+"""Router features: the base model's own signals, the prompt's length and domain, and a
+prompt embedding (character tf-idf reduced by SVD, or sentence-transformers).
+
+The fitted featuriser is stored as plain arrays and JSON (no pickle), and rebuilt at
+load time; transforming one row takes well under a millisecond with tf-idf.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from orstack.errors import BadInput
+
+SIGNALS = ("mean_logprob", "min_logprob", "mean_entropy", "output_tokens")
+
+
+def check_signals(rows: list[dict], where: str) -> None:
+    for i, row in enumerate(rows, 1):
+        for name in SIGNALS:
+            value = row.get(name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise BadInput(f"{where}: row {i} (id {row.get('id')!r}) has no numeric '{name}': "
+                               "route needs bench Result rows from the base model")
+
+
+def signal_vector(row: dict) -> list[float]:
+    prompt_tokens = row.get("prompt_tokens")
+    if not isinstance(prompt_tokens, (int, float)):
+        prompt_tokens = len(str(row.get("prompt", "")))
+    return [
+        float(row["mean_logprob"]),
+        float(row["min_logprob"]),
+        float(row["mean_entropy"]),
+        math.log1p(float(row["output_tokens"])),
+        math.log1p(float(prompt_tokens)),
+    ]
+
+
+@dataclass
+class Featurizer:
+    embedder: str = "tfidf"  # tfidf | none | a sentence-transformers model path
+    svd_dims: int = 16
+    domains: list[str] = field(default_factory=list)
+    mean: np.ndarray | None = None
+    scale: np.ndarray | None = None
+    tfidf_vocabulary: dict[str, int] | None = None
+    tfidf_idf: np.ndarray | None = None
+    svd_components: np.ndarray | None = None
+    _vectorizer: Any = None
+
+    # -- fitting -------------------------------------------------------------
+    def fit(self, rows: list[dict]) -> Featurizer:
+        self.domains = sorted({str(r.get("domain")) for r in rows if r.get("domain") is not None})
+        if self.embedder == "tfidf":
+            self._fit_tfidf([str(r.get("prompt", "")) for r in rows])
+        raw = self._raw(rows)
+        self.mean = raw.mean(axis=0)
+        self.scale = raw.std(axis=0) + 1e-6
+        return self
+
+    def _fit_tfidf(self, prompts: list[str]) -> None:
+        from sklearn.decomposition import TruncatedSVD
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        vectorizer = TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 3), max_features=4000, sublinear_tf=True)
+        matrix = vectorizer.fit_transform(prompts)
+        dims = max(1, min(self.svd_dims, matrix.shape[1] - 1, len(prompts) - 1))
+        svd = TruncatedSVD(n_components=dims, random_state=0).fit(matrix)
+        self.tfidf_vocabulary = {k: int(v) for k, v in vectorizer.vocabulary_.items()}
+        self.tfidf_idf = vectorizer.idf_.astype(np.float64)
+        self.svd_components = svd.components_.astype(np.float64)
+        self._vectorizer = vectorizer
+
+    # -- transforming --------------------------------------------------------
+    def _embedding(self, prompts: list[str]) -> np.ndarray:
+        if self.embedder == "none":
+            return np.zeros((len(prompts), 0))
+        if self.embedder == "tfidf":
+            tfidf = self._tfidf().transform(prompts)
+            return np.asarray(tfidf @ self.svd_components.T)
+        from orstack.cluster.embed import embed_texts  # sentence-transformers, shared with cluster-failures
+
+        return np.asarray(embed_texts(prompts, self.embedder))
+
+    def _tfidf(self):
+        if self._vectorizer is None:
+            from sklearn.feature_extraction.text import TfidfVectorizer
+
+            vectorizer = TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 3), sublinear_tf=True,
+                                         vocabulary=self.tfidf_vocabulary)
+            vectorizer.idf_ = self.tfidf_idf
+            self._vectorizer = vectorizer
+        return self._vectorizer
+
+    def _raw(self, rows: list[dict]) -> np.ndarray:
+        signals = np.array([signal_vector(r) for r in rows], dtype=np.float64)
+        domains = np.array([[1.0 if str(r.get("domain")) == d else 0.0 for d in self.domains] for r in rows])
+        domains = domains.reshape(len(rows), len(self.domains))
+        embedding = self._embedding([str(r.get("prompt", "")) for r in rows])
+        return np.hstack([signals, domains, embedding])
+
+    def transform(self, rows: list[dict]) -> np.ndarray:
+        return (self._raw(rows) - self.mean) / self.scale
+
+    # -- storage -------------------------------------------------------------
+    def arrays(self) -> dict[str, np.ndarray]:
+        out = {"featurizer.mean": self.mean, "featurizer.scale": self.scale}
+        if self.embedder == "tfidf":
+            out["featurizer.tfidf_idf"] = self.tfidf_idf
+            out["featurizer.svd_components"] = self.svd_components
+        return out
+
+    def config(self) -> dict[str, Any]:
+        return {"embedder": self.embedder, "svd_dims": self.svd_dims, "domains": self.domains,
+                "tfidf_vocabulary": self.tfidf_vocabulary}
+
+    @classmethod
+    def restore(cls, config: dict[str, Any], arrays: dict[str, np.ndarray]) -> Featurizer:
+        return cls(embedder=config["embedder"], svd_dims=config["svd_dims"], domains=config["domains"],
+                   mean=arrays["featurizer.mean"], scale=arrays["featurizer.scale"],
+                   tfidf_vocabulary=config.get("tfidf_vocabulary"), tfidf_idf=arrays.get("featurizer.tfidf_idf"),
+                   svd_components=arrays.get("featurizer.svd_components"))

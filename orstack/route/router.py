@@ -1,0 +1,214 @@
+"""The router: features -> classifier (logistic regression or a small MLP, chosen by held-out
+log-loss) -> Platt calibration -> threshold. Stored as JSON + safetensors, never pickle."""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from orstack.errors import BadInput
+from orstack.route.calibration import Platt, calibration_report, log_loss, sigmoid
+from orstack.route.features import Featurizer
+
+ROUTER_FILE = "router.json"
+WEIGHTS_FILE = "router.safetensors"
+
+
+@dataclass
+class RouterConfig:
+    embedder: str = "tfidf"
+    svd_dims: int = 16
+    threshold: float = 0.8
+    optimize: bool = False
+    cost_weight: float = 0.2
+    calib_fraction: float = 0.25
+    test_fraction: float = 0.2
+    hidden: int = 32
+    seed: int = 0
+
+
+@dataclass
+class Classifier:
+    """A feed-forward classifier as plain arrays: ReLU hidden layers, sigmoid output."""
+
+    kind: str
+    weights: list[np.ndarray]
+    biases: list[np.ndarray]
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        h = x
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            h = h @ w + b
+            if i < len(self.weights) - 1:
+                h = np.maximum(h, 0.0)
+        return h[:, 0]
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return sigmoid(self.logits(x))
+
+
+def balanced_weights(y: np.ndarray) -> np.ndarray:
+    positive = max(y.mean(), 1e-6)
+    return np.where(y == 1, 0.5 / positive, 0.5 / max(1 - positive, 1e-6))
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, seed: int) -> Classifier:
+    from sklearn.linear_model import LogisticRegression
+
+    model = LogisticRegression(class_weight="balanced", max_iter=2000, random_state=seed).fit(x, y)
+    return Classifier("logistic", [model.coef_.T.copy()], [model.intercept_.copy()])
+
+
+def fit_mlp(x: np.ndarray, y: np.ndarray, seed: int, hidden: int) -> Classifier:
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.neural_network import MLPClassifier
+
+    model = MLPClassifier(hidden_layer_sizes=(hidden,), alpha=1e-2, max_iter=600, random_state=seed)
+    with warnings.catch_warnings():
+        # a fixed iteration budget keeps training time bounded; selection by log-loss judges the result
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model.fit(x, y, sample_weight=balanced_weights(y))
+    return Classifier("mlp", [w.copy() for w in model.coefs_], [b.copy() for b in model.intercepts_])
+
+
+def split_indices(n: int, calib_fraction: float, test_fraction: float, seed: int) -> tuple[np.ndarray, ...]:
+    order = np.random.default_rng(seed).permutation(n)
+    n_test, n_calib = int(round(n * test_fraction)), int(round(n * calib_fraction))
+    return order[n_test + n_calib:], order[n_test:n_test + n_calib], order[:n_test]
+
+
+@dataclass
+class Router:
+    config: RouterConfig
+    featurizer: Featurizer
+    classifier: Classifier
+    platt: Platt
+    threshold: float
+    base: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def predict(self, rows: list[dict]) -> np.ndarray:
+        """Calibrated P(the base answer is correct) per row."""
+        return self.platt(self.classifier.predict(self.featurizer.transform(rows)))
+
+    def decide(self, row: dict) -> tuple[float, bool, float]:
+        """(p_base_ok, use the accurate path?, decision latency in ms) for one result row."""
+        start = time.perf_counter()
+        p = float(self.predict([row])[0])
+        return p, p < self.threshold, (time.perf_counter() - start) * 1000
+
+    def save(self, out: Path) -> None:
+        from safetensors.numpy import save_file
+
+        arrays = dict(self.featurizer.arrays())
+        for i, (w, b) in enumerate(zip(self.classifier.weights, self.classifier.biases)):
+            arrays[f"classifier.{i}.weight"], arrays[f"classifier.{i}.bias"] = w, b
+        save_file({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in arrays.items()},
+                  str(out / WEIGHTS_FILE))
+        spec = {"config": asdict(self.config), "featurizer": self.featurizer.config(),
+                "classifier": self.classifier.kind, "layers": len(self.classifier.weights),
+                "platt": {"a": self.platt.a, "b": self.platt.b}, "threshold": self.threshold, "base": self.base}
+        (out / ROUTER_FILE).write_text(json.dumps(spec, indent=1) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Router:
+        from safetensors.numpy import load_file
+
+        from orstack.io.manifest import read_manifest
+
+        path = Path(path)
+        if not (path / ROUTER_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+            raise BadInput(f"{path}: not a router directory (no {ROUTER_FILE} / {WEIGHTS_FILE})")
+        spec = json.loads((path / ROUTER_FILE).read_text(encoding="utf-8"))
+        arrays = load_file(str(path / WEIGHTS_FILE))
+        layers = spec["layers"]
+        classifier = Classifier(spec["classifier"], [arrays[f"classifier.{i}.weight"] for i in range(layers)],
+                                [arrays[f"classifier.{i}.bias"] for i in range(layers)])
+        manifest = read_manifest(path) or {}
+        return cls(RouterConfig(**spec["config"]), Featurizer.restore(spec["featurizer"], arrays), classifier,
+                   Platt(**spec["platt"]), spec["threshold"], spec.get("base", {}), manifest.get("metrics", {}))
+
+
+def labels(rows: list[dict]) -> np.ndarray:
+    return np.array([1.0 if r.get("correct") else 0.0 for r in rows])
+
+
+def train_router(rows: list[dict], config: RouterConfig) -> Router:
+    """Fit featuriser and both classifiers on the train split, calibrate each on the calibration
+    split, keep the one with the lower calibrated log-loss there; report on the test split."""
+    y = labels(rows)
+    if len(rows) < 20:
+        raise BadInput(f"route train needs at least 20 result rows, got {len(rows)}")
+    if y.min() == y.max():
+        raise BadInput("every result row has the same `correct` value: there is nothing to route on")
+    train, calib, test = split_indices(len(rows), config.calib_fraction, config.test_fraction, config.seed)
+    pick = lambda idx: [rows[i] for i in idx]  # noqa: E731
+    featurizer = Featurizer(embedder=config.embedder, svd_dims=config.svd_dims).fit(pick(train))
+    x = featurizer.transform(rows)
+    candidates = [fit_logistic(x[train], y[train], config.seed),
+                  fit_mlp(x[train], y[train], config.seed, config.hidden)]
+    scored = []
+    for clf in candidates:
+        raw = clf.predict(x[calib])
+        platt = Platt.fit(y[calib], raw)
+        scored.append((log_loss(y[calib], platt(raw)), clf, platt))
+    scored.sort(key=lambda item: item[0])
+    _, classifier, platt = scored[0]
+    raw_test = classifier.predict(x[test])
+    metrics = {
+        "model_selection": {clf.kind: loss for loss, clf, _ in scored},
+        "chosen": classifier.kind,
+        "rows": {"train": len(train), "calibration": len(calib), "test": len(test)},
+        "calibration_split": calibration_report(y[calib], classifier.predict(x[calib]),
+                                                platt(classifier.predict(x[calib]))),
+        "test_split": calibration_report(y[test], raw_test, platt(raw_test)),
+        "test_split_15_bins": calibration_report(y[test], raw_test, platt(raw_test), bins=15),
+        "base_accuracy": float(y.mean()),
+    }
+    return Router(config, featurizer, classifier, platt, config.threshold, metrics=metrics)
+
+
+def base_identity(rows: list[dict], where: str) -> dict[str, Any]:
+    """The base model the results came from (path and weights digest when it is on disk)."""
+    from orstack.io.manifest import weights_digest
+
+    models = sorted({str(r.get("model")) for r in rows if r.get("model") is not None})
+    if len(models) > 1:
+        raise BadInput(f"{where}: results from several models ({', '.join(models[:3])}); give one model's results")
+    if not models:
+        return {}
+    path = Path(models[0])
+    return {"model": models[0], "sha256": weights_digest(path) if path.exists() else None}
+
+
+def join_accurate(rows: list[dict], accurate: list[dict], where: str) -> list[dict]:
+    by_id = {r.get("id"): r for r in accurate}
+    missing = [r.get("id") for r in rows if r.get("id") not in by_id]
+    if missing:
+        raise BadInput(f"{where}: no accurate-path result for {len(missing)} ids (first: {missing[0]!r})")
+    return [by_id[r.get("id")] for r in rows]
+
+
+def outcome_for(router: Router, rows: list[dict], accurate: list[dict]):
+    from orstack.route.sweep import Outcome
+
+    fast_cost = np.array([float(r.get("latency_ms") or 0.0) for r in rows])
+    strong_cost = np.array([float(r.get("latency_ms") or 0.0) for r in accurate])
+    return Outcome(router.predict(rows), labels(rows), labels(accurate), fast_cost, strong_cost)
+
+
+def optimise_threshold(router: Router, rows: list[dict], accurate: list[dict]) -> list[dict]:
+    """Sweep 0.70-0.90 on held-out rows and keep the best quality-per-cost score."""
+    from orstack.route.sweep import sweep
+
+    table = sweep(outcome_for(router, rows, accurate), np.round(np.arange(0.70, 0.9001, 0.02), 2),
+                  router.config.cost_weight)
+    if router.config.optimize:
+        router.threshold = max(table, key=lambda row: row["score"])["threshold"]
+    return table
