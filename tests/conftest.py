@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,67 @@ def sample_text_file(tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("text") / "sample.txt"
     p.write_text(SAMPLE_TEXT, encoding="utf-8")
     return p
+
+
+# --- the tiny default (orstack tiny), cached across test sessions --------------------------
+
+TINY_TEST_STEPS = 400  # fewer than the default 1000: enough for clearly non-zero easy-level accuracy
+TINY_TEST_SEED = 0
+
+
+@dataclass(frozen=True)
+class TinyBuild:
+    """A tiny default checkpoint (`model`) and its task directory (`tasks`: train.jsonl,
+    heldout.jsonl, corpus.txt, heldout.txt)."""
+
+    model: Path
+    tasks: Path
+
+
+def _tiny_cache_root() -> Path:
+    return Path(os.environ.get("ORSTACK_CACHE") or Path.home() / ".cache" / "orstack")
+
+
+def _tiny_source_digest() -> str:
+    import hashlib
+
+    import orstack.tiny
+
+    h = hashlib.sha256()
+    for f in sorted(Path(orstack.tiny.__file__).parent.glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def build_tiny_cached(*, steps: int, seed: int = TINY_TEST_SEED, untrained: bool = False) -> TinyBuild:
+    """Build the tiny default once per (orstack/tiny source, seed, steps) and reuse it.
+
+    Concurrent test sessions wait on a lock instead of building twice; the cache entry
+    appears atomically, so an interrupted build leaves nothing behind."""
+    import fcntl
+
+    from orstack.io.atomic import atomic_path
+    from orstack.tiny import TinyConfig, build
+
+    kind = "untrained" if untrained else f"steps{steps}"
+    entry = _tiny_cache_root() / f"tiny-{_tiny_source_digest()}-seed{seed}-{kind}"
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with open(entry.parent / f"{entry.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (entry / "model" / "orstack.json").exists():
+            with atomic_path(entry, directory=True) as tmp:
+                build(TinyConfig(seed=seed, steps=steps, untrained=untrained), tmp / "model", tmp / "tasks")
+    return TinyBuild(model=entry / "model", tasks=entry / "tasks")
+
+
+@pytest.fixture(scope="session")
+def tiny_trained() -> TinyBuild:
+    """The trained tiny default (seed 0, TINY_TEST_STEPS steps), cached under $ORSTACK_CACHE or
+    ~/.cache/orstack: a few minutes the first time, instant afterwards. Treat it as read-only."""
+    return build_tiny_cached(steps=TINY_TEST_STEPS)
+
+
+@pytest.fixture(scope="session")
+def tiny_untrained() -> TinyBuild:
+    """A random model with the tiny default's tokenizer and task files (fast; for mechanics)."""
+    return build_tiny_cached(steps=1, untrained=True)

@@ -1,0 +1,232 @@
+"""The tiny default: config, model construction, training loop and a quick greedy evaluation.
+
+Recipe (measured in FACTS.md, "A tiny default that does something"): a 2-layer Llama of
+hidden 256 with untied embeddings, AdamW at 2e-3 with 50 warm-up steps and a cosine
+decay to 10%, batch 64, loss on the answer tokens and EOS only, a fixed step count.
+Same seed, step count and thread count give bit-identical weights.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from orstack.tiny.tasks import training_stream
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+IGNORE = -100  # label value the loss skips
+
+
+@dataclass
+class TinyConfig:
+    """Everything that determines the tiny default; written into its manifest."""
+
+    seed: int = 0
+    steps: int = 1000
+    untrained: bool = False
+    threads: int = 1
+    batch_size: int = 64
+    lr: float = 2e-3
+    beta1: float = 0.9
+    beta2: float = 0.98
+    weight_decay: float = 0.05
+    warmup: int = 50
+    min_lr_ratio: float = 0.1
+    clip: float = 1.0
+    hidden: int = 256
+    layers: int = 2
+    heads: int = 4
+    intermediate: int = 512
+    max_position: int = 128
+    n_heldout: int = 1000
+    n_train_rows: int = 2000
+    max_new_tokens: int = 16
+
+
+def build_model(config: TinyConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
+    """A freshly initialised Llama, deterministic in `config.seed`."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    llama = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=config.hidden, intermediate_size=config.intermediate,
+        num_hidden_layers=config.layers, num_attention_heads=config.heads, num_key_value_heads=config.heads,
+        max_position_embeddings=config.max_position, tie_word_embeddings=False, **ids,
+    )
+    torch.manual_seed(config.seed)
+    model = LlamaForCausalLM(llama)
+    # Greedy decoding that stops at EOS: what `bench` and plain `generate` should do by default.
+    model.generation_config = GenerationConfig(do_sample=False, max_new_tokens=config.max_new_tokens, **ids)
+    return model
+
+
+def encode_example(tokenizer: PreTrainedTokenizerFast, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    """(input ids, labels) for BOS + prompt + answer + EOS; only answer and EOS are scored."""
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids
+
+
+def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded batch. Padding sits after EOS, so a causal model's scored positions never
+    see it and no attention mask is needed."""
+    import torch
+
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    for i, (ids, lab) in enumerate(examples):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(lab)] = torch.tensor(lab)
+    return input_ids, labels
+
+
+def lr_at(step: int, config: TinyConfig) -> float:
+    """Linear warm-up, then cosine decay from lr to min_lr_ratio * lr at the last step."""
+    if step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    floor = config.lr * config.min_lr_ratio
+    return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model: torch.nn.Module, config: TinyConfig) -> torch.optim.Optimizer:
+    import torch
+
+    # Weight decay on matrices (embeddings included), not on the norm gains.
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
+
+
+def train(
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    config: TinyConfig,
+    exclude: set[str],
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """Train in place for `config.steps` steps on the task stream (never a prompt in
+    `exclude`); returns the loss of every step. `on_step(step, loss)` reports progress."""
+    import torch
+
+    stream = training_stream(config.seed, exclude)
+    optimizer = make_optimizer(model, config)
+    model.train()
+    losses = []
+    for step in range(config.steps):
+        batch = [encode_example(tokenizer, prompt, answer) for _, _, prompt, answer in
+                 (next(stream) for _ in range(config.batch_size))]
+        input_ids, labels = collate(batch, tokenizer.pad_token_id)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, config)
+        loss = model(input_ids=input_ids, labels=labels, use_cache=False).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
+        optimizer.step()
+        losses.append(loss.item())
+        if on_step is not None:
+            on_step(step, losses[-1])
+    model.eval()
+    return losses
+
+
+def greedy_answers(
+    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, prompts: Sequence[str],
+    max_new_tokens: int = 16, batch_size: int = 256,
+) -> list[str]:
+    """Greedy continuations up to EOS, batched. Prompts are grouped by token length so no
+    padding is needed and every row decodes exactly as it would alone."""
+    import torch
+
+    encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for i, ids in enumerate(encoded):
+        by_length[len(ids)].append(i)
+    outputs = [""] * len(prompts)
+    eos = tokenizer.eos_token_id
+    with torch.inference_mode():
+        for indices in by_length.values():
+            for start in range(0, len(indices), batch_size):
+                chunk = indices[start : start + batch_size]
+                generated = _greedy(model, torch.tensor([encoded[i] for i in chunk]), max_new_tokens, eos)
+                for i, row in zip(chunk, generated.tolist(), strict=True):
+                    row = row[: row.index(eos)] if eos in row else row
+                    outputs[i] = tokenizer.decode(row, skip_special_tokens=True)
+    return outputs
+
+
+def _greedy(model: LlamaForCausalLM, input_ids: torch.Tensor, max_new_tokens: int, eos: int) -> torch.Tensor:
+    import torch
+
+    out = model(input_ids=input_ids, use_cache=True)
+    past, new = out.past_key_values, []
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+    for _ in range(max_new_tokens):
+        token = out.logits[:, -1].argmax(-1)
+        new.append(token)
+        done |= token == eos
+        if bool(done.all()):
+            break
+        out = model(input_ids=token[:, None], past_key_values=past, use_cache=True)
+        past = out.past_key_values
+    return torch.stack(new, dim=1)
+
+
+def evaluate(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, rows: Sequence[dict[str, Any]],
+             max_new_tokens: int = 16) -> dict[str, Any]:
+    """Held-out accuracy (exact match of the greedy answer), overall, per family and per
+    family/level. A quick check for the manifest; `orstack bench` is the full evaluation."""
+    outputs = greedy_answers(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens)
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for row, output in zip(rows, outputs, strict=True):
+        ok = output.strip() == str(row["answer"])
+        hits["all"].append(ok)
+        hits[row["family"]].append(ok)
+        hits[f"{row['family']}-{row['level']}"].append(ok)
+
+    def acc(key: str) -> float:
+        return round(sum(hits[key]) / len(hits[key]), 4)
+
+    families = list(dict.fromkeys(r["family"] for r in rows))
+    cells = list(dict.fromkeys(f"{r['family']}-{r['level']}" for r in rows))
+    return {
+        "heldout_accuracy": acc("all"),
+        "accuracy_by_family": {f: acc(f) for f in families},
+        "accuracy_by_level": {c: acc(c) for c in cells},
+    }
+
+
+def run(config: TinyConfig, tokenizer: PreTrainedTokenizerFast, heldout: Sequence[dict[str, Any]],
+        on_step: Callable[[int, float], None] | None = None) -> tuple[LlamaForCausalLM, dict[str, Any]]:
+    """Build the model and, unless `config.untrained`, train it (never on a held-out prompt)
+    and evaluate it on `heldout`, using `config.threads` threads. Returns (model, metrics)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        model = build_model(config, tokenizer)
+        if config.untrained:
+            model.eval()
+            return model, {"trained": False}
+        start = time.perf_counter()
+        losses = train(model, tokenizer, config, {r["prompt"] for r in heldout}, on_step)
+        seconds = time.perf_counter() - start
+        scores = evaluate(model, tokenizer, heldout, config.max_new_tokens)
+    finally:
+        torch.set_num_threads(threads)
+    tail = losses[-50:]
+    return model, {"trained": True, "final_loss": round(sum(tail) / len(tail), 4), "train_seconds": round(seconds, 1),
+                   "parameters": sum(p.numel() for p in model.parameters()), **scores}

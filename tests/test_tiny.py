@@ -1,0 +1,222 @@
+"""orstack tiny: task generators, tokenizer, deterministic training, checkpoint, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orstack.cli import main
+from orstack.tiny.tasks import CELLS, FAMILIES, GENERATORS, MUL_DIGITS, STRING_LENGTHS, make_heldout, training_stream
+
+
+def run_cli(args: list[str]) -> int:
+    try:
+        main(args)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+def _digits(n: str) -> int:
+    return len(n)
+
+
+def check_task(family: str, level: int, prompt: str, answer: str) -> None:
+    """Recompute the answer from the prompt text alone, independently of the generators."""
+    if family in ("add", "sub", "mul"):
+        op = {"add": "+", "sub": "-", "mul": "*"}[family]
+        m = re.fullmatch(rf"(\d+){re.escape(op)}(\d+)=", prompt)
+        assert m, prompt
+        a, b = int(m[1]), int(m[2])
+        expected = {"add": a + b, "sub": a - b, "mul": a * b}[family]
+        assert answer == str(expected)
+        if family == "mul":
+            assert (_digits(m[1]), _digits(m[2])) == MUL_DIGITS[level]
+        else:
+            assert _digits(m[1]) == _digits(m[2]) == level
+            assert a >= b or family == "add"
+    elif family == "compare":
+        m = re.fullmatch(r"cmp (\d+) (\d+)=", prompt)
+        assert m, prompt
+        a, b = int(m[1]), int(m[2])
+        assert answer == (">" if a > b else "<" if a < b else "=")
+        assert _digits(m[1]) == _digits(m[2]) == level
+    else:
+        keyword = {"reverse": "rev", "sort": "sort", "copy": "copy"}[family]
+        m = re.fullmatch(rf"{keyword} ([a-z]+)=", prompt)
+        assert m, prompt
+        s = m[1]
+        lo, hi = STRING_LENGTHS[level]
+        assert lo <= len(s) <= hi
+        assert answer == {"reverse": s[::-1], "sort": "".join(sorted(s)), "copy": s}[family]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generators_give_correct_answers(family):
+    rng = random.Random(7)
+    for level in (1, 2, 3, 4):
+        for _ in range(300):
+            prompt, answer = GENERATORS[family](rng, level)
+            check_task(family, level, prompt, answer)
+
+
+def test_heldout_rows_follow_the_task_contract():
+    rows = make_heldout(1000, seed=0)
+    assert len(rows) == 1000
+    assert len({r["id"] for r in rows}) == 1000
+    assert len({r["prompt"] for r in rows}) == 1000
+    assert {(r["family"], r["level"]) for r in rows} == set(CELLS)
+    for r in rows:
+        assert set(r) >= {"id", "prompt", "answer", "kind", "domain", "family", "level"}
+        assert r["kind"] == ("numeric" if r["family"] in ("add", "sub", "mul") else "exact")
+        check_task(r["family"], r["level"], r["prompt"], r["answer"])
+
+
+def test_same_seed_same_tasks_other_seed_other_tasks():
+    from orstack.tiny import TinyConfig, make_splits
+
+    a, b, c = (make_splits(TinyConfig(seed=s, n_heldout=300, n_train_rows=300)) for s in (3, 3, 4))
+    assert a.heldout == b.heldout and a.train == b.train
+    assert a.heldout != c.heldout
+
+
+def test_heldout_prompts_never_reach_training():
+    from orstack.tiny import TinyConfig, make_splits
+
+    splits = make_splits(TinyConfig(seed=0))
+    held = {r["prompt"] for r in splits.heldout}
+    assert not held & {r["prompt"] for r in splits.train}
+    stream = training_stream(0, held)
+    # The stream the model trains on: small cells (one-digit sums) are hit many times here.
+    seen = {next(stream)[2] for _ in range(20_000)}
+    assert not held & seen
+    # ... and a quarter of each small cell is held out, so training still sees most of it.
+    one_digit_sums = {p for p in seen if re.fullmatch(r"\d\+\d=", p)}
+    assert 70 <= len(one_digit_sums) <= 76
+
+
+def test_tokenizer_keeps_digits_and_letters_single_and_merges_keywords():
+    from orstack.tiny.tokenizer import BOS, EOS, build_tokenizer
+
+    tok = build_tokenizer()
+    assert 260 <= len(tok) <= 300
+    ids = tok("rev abc=")["input_ids"]
+    assert tok.convert_ids_to_tokens(ids) == [BOS, "revĠ", "a", "b", "c", "="]
+    assert tok.convert_ids_to_tokens(tok("1234+5=", add_special_tokens=False)["input_ids"]) == list("1234+5=")
+    text = "cmp 17 9=>\nsort dcba=abcd ünïcode"
+    assert tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == text
+    assert tok.eos_token == EOS and tok.pad_token_id is not None
+
+
+def test_training_is_bit_identical_for_the_same_seed():
+    import torch
+
+    from orstack.tiny.model import TinyConfig, run
+    from orstack.tiny.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    held = make_heldout(56, seed=0)
+
+    def weights(seed):
+        config = TinyConfig(seed=seed, steps=3, batch_size=8, warmup=1, n_heldout=56)
+        model, metrics = run(config, tok, held)
+        assert metrics["trained"] and 0 <= metrics["heldout_accuracy"] <= 1
+        return model.state_dict()
+
+    a, b, c = weights(5), weights(5), weights(6)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_untrained_cli_writes_checkpoint_and_tasks(tmp_path, capsys):
+    out, tasks = tmp_path / "tiny", tmp_path / "tasks"
+    assert run_cli(["--seed", "2", "tiny", "-o", str(out), "--untrained", "--tasks-out", str(tasks)]) == 0
+    assert capsys.readouterr().out == ""
+    manifest = json.loads((out / "orstack.json").read_text())
+    assert manifest["stage"] == "tiny"
+    assert manifest["args"]["seed"] == 2 and manifest["args"]["untrained"] is True
+    assert sorted(p.name for p in tasks.iterdir()) == ["corpus.txt", "heldout.jsonl", "heldout.txt", "train.jsonl"]
+    heldout = [json.loads(line) for line in (tasks / "heldout.jsonl").read_text().splitlines()]
+    assert len(heldout) == 1000
+    text = (tasks / "heldout.txt").read_text().splitlines()
+    assert text[0] == heldout[0]["prompt"] + heldout[0]["answer"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["hidden_size"] % 256 == 0 and config["intermediate_size"] % 256 == 0
+    assert config["tie_word_embeddings"] is False
+
+
+def test_untrained_model_loads_and_generates(tiny_untrained):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_untrained.model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_untrained.model)
+    batch = tok(["1+2=", "rev abcd="], return_tensors="pt", padding=True)
+    out = model.generate(**batch, max_new_tokens=4, do_sample=False)
+    assert out.shape[0] == 2 and out.shape[1] <= batch["input_ids"].shape[1] + 4
+
+
+def test_trained_model_solves_easy_tasks_and_fails_hard_ones(tiny_trained):
+    """Through plain transformers, left-padded batches, the checkpoint's generation config:
+    what any consumer (bench included) sees."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    manifest = json.loads((tiny_trained.model / "orstack.json").read_text())
+    assert manifest["stage"] == "tiny" and manifest["metrics"]["trained"]
+    tok = AutoTokenizer.from_pretrained(tiny_trained.model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_trained.model)
+    rows = [json.loads(line) for line in (tiny_trained.tasks / "heldout.jsonl").read_text().splitlines()]
+    easy = [r for r in rows if (r["family"], r["level"]) in (("copy", 1), ("compare", 1), ("reverse", 1))]
+    hard = [r for r in rows if (r["family"], r["level"]) in (("mul", 4), ("add", 4))]
+    acc = {}
+    for name, subset in (("easy", easy), ("hard", hard)):
+        batch = tok([r["prompt"] for r in subset], return_tensors="pt", padding=True)
+        out = model.generate(**batch)  # greedy, stops at EOS: from generation_config.json
+        texts = tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        acc[name] = sum(t.strip() == r["answer"] for t, r in zip(texts, subset, strict=True)) / len(subset)
+    assert acc["easy"] >= 0.5 > 0.2 >= acc["hard"], acc
+    # Generation ends with EOS rather than running to max_new_tokens.
+    assert (out == tok.eos_token_id).any(dim=1).float().mean() > 0.5
+
+
+def test_bad_step_count_exits_2_with_one_line(tmp_path, capsys):
+    assert run_cli(["tiny", "-o", str(tmp_path / "m"), "--steps", "0"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
+    assert not (tmp_path / "m").exists()
+
+
+def test_output_that_is_a_file_exits_2(tmp_path, capsys):
+    target = tmp_path / "file"
+    target.write_text("keep me")
+    assert run_cli(["tiny", "-o", str(target), "--untrained"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1 and "is a file" in captured.err
+    assert target.read_text() == "keep me"
+
+
+def test_foreign_non_empty_directory_is_not_replaced(tmp_path, capsys):
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep me")
+    assert run_cli(["tiny", "-o", str(target), "--untrained"]) == 2
+    assert "not an orstack checkpoint" in capsys.readouterr().err
+    assert (target / "notes.txt").read_text() == "keep me"
+
+
+def test_tasks_out_that_is_a_file_exits_2(tmp_path, capsys):
+    target = tmp_path / "tasks"
+    target.write_text("x")
+    assert run_cli(["tiny", "-o", str(tmp_path / "m"), "--untrained", "--tasks-out", str(target)]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert not (tmp_path / "m").exists()
+
+
+def test_command_module_does_not_import_torch():
+    code = "import sys, orstack.commands.tiny; sys.exit('torch' in sys.modules or 'transformers' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent).returncode == 0
