@@ -1,0 +1,231 @@
+"""The llama.cpp backend: a GGUF file run through llama-cpp-python.
+
+Every request is evaluated token by token through `Llama.eval` with all logits kept
+(`logits_all`), so greedy decoding, per-token log-probabilities and entropies, and
+perplexity are computed here in numpy from the raw logits, with the same windows and
+tokenization rules as the transformers backend (orstack/bench/hf.py, perplexity.py):
+figures from the two backends are directly comparable. The KV cache is F32 so an F32
+GGUF reproduces transformers' float32 logits (the default F16 cache alone moves them
+by ~1e-2).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from orstack.bench.backend import Generation
+from orstack.errors import BadInput
+
+if TYPE_CHECKING:
+    from orstack.bench.perplexity import PerplexityResult
+
+GGML_TYPE_F32 = 0
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def _cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
+    cuts = [c for c in (text.find(s) for s in stop if s) if c >= 0]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+class LlamaCppBackend:
+    """A GGUF model in llama.cpp (CPU), greedy and deterministic."""
+
+    def __init__(self, spec: str, *, n_ctx: int = 512, n_threads: int | None = None, seed: int | None = None) -> None:
+        path = Path(spec)
+        if not path.is_file():
+            raise BadInput(f"{spec}: no such GGUF file")
+        with path.open("rb") as f:
+            if f.read(4) != b"GGUF":
+                raise BadInput(f"{spec}: not a GGUF file (bad magic)")
+        self.name = str(spec)
+        self.path = path
+        self.n_threads = n_threads
+        self.seed = seed
+        self.llm = None
+        self._n_ctx = 0
+        started = time.perf_counter()
+        self._open(n_ctx)
+        self.load_seconds = time.perf_counter() - started
+        self.bos = self.llm.token_bos() if self.llm._model.add_bos_token() and self.llm.token_bos() >= 0 else None
+        self.eos_ids = {t for t in (self.llm.token_eos(), self.llm._model.token_eot()) if t >= 0}
+        self.n_ctx_train = self.llm._model.n_ctx_train()
+
+    def _open(self, n_ctx: int) -> None:
+        """(Re)create the llama.cpp context with room for `n_ctx` tokens."""
+        try:
+            from llama_cpp import Llama
+        except ImportError:
+            raise BadInput(f"{self.name}: running GGUF files needs llama-cpp-python") from None
+        from orstack.runtime import settings
+
+        if self.llm is not None:
+            self.llm.close()
+        try:
+            self.llm = Llama(model_path=str(self.path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=True,
+                             type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, verbose=False,
+                             seed=settings.seed if self.seed is None else self.seed,
+                             n_threads=self.n_threads)
+        except (ValueError, RuntimeError) as e:
+            raise BadInput(f"{self.name}: llama.cpp cannot load it ({e})") from None
+        self._n_ctx = n_ctx
+
+    def _ensure_ctx(self, n_tokens: int) -> None:
+        if n_tokens > self._n_ctx:
+            self._open(max(n_tokens, 2 * self._n_ctx))
+
+    def _eval(self, tokens: list[int]) -> np.ndarray:
+        """Logits [len(tokens), vocab] of a fresh sequence."""
+        self._ensure_ctx(len(tokens))
+        self.llm.reset()
+        self.llm.eval(tokens)
+        return self.llm.scores[: len(tokens)]
+
+    # -- tokenization ------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        # special=True: control tokens written in the text are parsed, as transformers does.
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        ids = self.encode(prompt)
+        return [self.bos] + ids if self.bos is not None else ids
+
+    def decode(self, tokens: list[int]) -> str:
+        return self.llm.detokenize(tokens).decode("utf-8", errors="replace")
+
+    # -- generation --------------------------------------------------------------------------
+    def generate(self, prompts: list[str], *, max_new_tokens: int, stop: list[str]) -> list[Generation]:
+        return [self._generate_one(p, max_new_tokens, stop) for p in prompts]
+
+    def _generate_one(self, prompt: str, max_new_tokens: int, stop: list[str]) -> Generation:
+        began = time.perf_counter()
+        ids = self.encode_prompt(prompt)
+        self._ensure_ctx(len(ids) + max_new_tokens)
+        self.llm.reset()
+        self.llm.eval(ids)
+        tokens: list[int] = []
+        logprobs: list[float] = []
+        entropies: list[float] = []
+        text = None
+        for _ in range(max_new_tokens):
+            logp = _log_softmax(self.llm.scores[self.llm.n_tokens - 1])
+            tok = int(logp.argmax())
+            tokens.append(tok)
+            logprobs.append(float(logp[tok]))
+            entropies.append(float(-(np.exp(logp) * logp).sum()))
+            # llama.cpp's own generate() does not stop at EOS; this loop does.
+            if tok in self.eos_ids:
+                text = _cut_at_stop(self.decode(tokens[:-1]), stop)[0]
+                break
+            if stop:
+                cut, stopped = _cut_at_stop(self.decode(tokens), stop)
+                if stopped:
+                    text = cut
+                    break
+            if len(tokens) < max_new_tokens:
+                self.llm.eval([tok])
+        if text is None:
+            text = self.decode(tokens)
+        return Generation(text=text, prompt_tokens=len(ids), output_tokens=len(tokens), token_logprobs=logprobs,
+                          token_entropies=entropies, latency_ms=(time.perf_counter() - began) * 1000)
+
+    # -- scoring -----------------------------------------------------------------------------
+    def loglikelihoods(self, contexts: list[str], continuations: list[str]) -> list[float]:
+        """Sum of log p(continuation | context), tokenized as the transformers backend does."""
+        scores = []
+        for context, continuation in zip(contexts, continuations):
+            ctx, cont = self._split_pair(context, continuation)
+            inputs = (ctx + cont)[:-1]
+            logp = _log_softmax(self._eval(inputs)[len(inputs) - len(cont) :])
+            scores.append(float(logp[np.arange(len(cont)), cont].sum()))
+        return scores
+
+    def _split_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:  # lm-eval moves trailing context whitespace onto the continuation
+            continuation, context = context[-n_spaces:] + continuation, context[:-n_spaces]
+        whole = self.encode(context + continuation)
+        ctx = self.encode(context)
+        cont = whole[len(ctx) :]
+        prefix = self.bos
+        if prefix is None and not ctx:
+            prefix = self._prefix_token()
+        ctx = ([prefix] if prefix is not None else []) + whole[: len(ctx)]
+        if self.n_ctx_train and len(ctx) + len(cont) - 1 > self.n_ctx_train:
+            ctx = ctx[-(self.n_ctx_train + 1 - len(cont)) :]
+        return ctx, cont
+
+    def _prefix_token(self) -> int:
+        bos, eos = self.llm.token_bos(), self.llm.token_eos()
+        if bos >= 0:
+            return bos
+        if eos >= 0:
+            return eos
+        raise BadInput(f"{self.name}: the vocabulary has neither BOS nor EOS to start a document")
+
+    def perplexity(self, texts: list[str], *, max_length: int, rule: str) -> PerplexityResult:
+        """Same windows and definitions as orstack.bench.perplexity, scored by llama.cpp."""
+        from orstack.bench.perplexity import (
+            RULES,
+            PerplexityResult,
+            _scored_targets,
+            llama_cpp_windows,
+            rolling_windows,
+        )
+        from orstack.console import track
+
+        if rule not in RULES:
+            raise ValueError(f"unknown perplexity rule '{rule}' (use {' or '.join(RULES)})")
+        texts = [t for t in texts if t]
+        prefix = self._prefix_token()
+        if rule == "rolling":
+            windows, n_bytes = [], 0
+            for text in texts:
+                windows.extend(rolling_windows(self.encode(text), prefix, max_length))
+                n_bytes += len(text.encode("utf-8"))
+        else:
+            tokens = [prefix] + self.encode("\n\n".join(texts))
+            windows = llama_cpp_windows(tokens, prefix, max_length)
+            n_bytes = sum(len(self.llm.detokenize(_scored_targets(w))) for w in windows)
+        if not windows:
+            raise ValueError(f"text too short to score under the {rule} rule with max length {max_length}")
+        nll = 0.0
+        for w in track(windows, "ppl (llama.cpp)", unit="windows"):
+            logits = self._eval(w.input_ids)
+            n_in = len(w.input_ids)
+            logp = _log_softmax(logits[n_in - w.n_scored : n_in])
+            nll -= float(logp[np.arange(w.n_scored), _scored_targets(w)].sum())
+        return PerplexityResult(nll, sum(w.n_scored for w in windows), n_bytes, rule)
+
+    # -- speed -------------------------------------------------------------------------------
+    def speed_sample(self, prompt_tokens: int, new_tokens: int) -> tuple[float, float]:
+        """Seconds for one prefill of `prompt_tokens` tokens and `new_tokens` greedy steps
+        (EOS ignored), as HFBackend.speed_sample measures."""
+        vocab = self.llm.n_vocab()
+        ids = [i % vocab for i in range(prompt_tokens)]
+        self._ensure_ctx(prompt_tokens + new_tokens)
+        self.llm.reset()
+        began = time.perf_counter()
+        self.llm.eval(ids)
+        prefill = time.perf_counter() - began
+        began = time.perf_counter()
+        for _ in range(new_tokens):
+            self.llm.eval([int(self.llm.scores[self.llm.n_tokens - 1].argmax())])
+        return prefill, time.perf_counter() - began
+
+    def size_bytes(self) -> int:
+        return self.path.stat().st_size
+
+    def close(self) -> None:
+        if self.llm is not None:
+            self.llm.close()
+        self.llm = None
