@@ -1,0 +1,257 @@
+"""The transformers backend: batched greedy generation and log-likelihoods in float32.
+
+Batching must not change results, so every batch carries an explicit attention mask and
+position ids computed from it: left padding for generation (new tokens line up at the
+right edge), right padding for scoring (causal attention never sees the padding).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from orstack.bench.backend import Generation
+
+if TYPE_CHECKING:
+    import torch
+
+    from orstack.bench.perplexity import PerplexityResult
+
+
+class HFBackend:
+    """A causal LM loaded through orstack.io.checkpoint.load_model (every orstack format)."""
+
+    def __init__(self, spec: str, *, device: str = "cpu", batch_size: int = 16, dtype: str = "float32") -> None:
+        from orstack.io.checkpoint import load_model
+        from orstack.runtime import settings
+
+        self.name = str(spec)
+        self.batch_size = batch_size
+        started = time.perf_counter()
+        self.model, self.tokenizer = load_model(spec, device=device, dtype=dtype, trust_pickle=settings.trust_pickle)
+        self.load_seconds = time.perf_counter() - started
+        self.device = next(self.model.parameters()).device
+        tok = self.tokenizer
+        self.pad_id = next(t for t in (tok.pad_token_id, tok.eos_token_id, 0) if t is not None)
+        self.eos_ids = _eos_ids(self.model, tok)
+        self.bos = tok.bos_token_id if _tokenizer_adds_bos(tok) else None
+
+    # -- tokenization ------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """The prompt as-is (no chat template), with BOS when the tokenizer adds one."""
+        ids = self.encode(prompt)
+        return [self.bos] + ids if self.bos is not None else ids
+
+    # -- generation --------------------------------------------------------------------------
+    def generate(self, prompts: list[str], *, max_new_tokens: int, stop: list[str]) -> list[Generation]:
+        encoded = [self.encode_prompt(p) for p in prompts]
+        # Similar lengths in a batch mean little padding; results do not depend on the grouping.
+        order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+        results: list[Generation | None] = [None] * len(prompts)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            began = time.perf_counter()
+            gens = self._generate_batch([encoded[i] for i in chunk], max_new_tokens, stop)
+            per_row_ms = (time.perf_counter() - began) * 1000 / len(chunk)
+            for i, g in zip(chunk, gens):
+                g.latency_ms = per_row_ms
+                results[i] = g
+        return results  # type: ignore[return-value]
+
+    def _generate_batch(self, batch: list[list[int]], max_new_tokens: int, stop: list[str]) -> list[Generation]:
+        import torch
+        from transformers import DynamicCache
+
+        ids, mask = self._left_pad(batch)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        n = len(batch)
+        tokens: list[list[int]] = [[] for _ in range(n)]
+        logprobs: list[list[float]] = [[] for _ in range(n)]
+        entropies: list[list[float]] = [[] for _ in range(n)]
+        texts: list[str | None] = [None] * n  # set when a row stops
+        with torch.inference_mode():
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+            for _ in range(max_new_tokens):
+                logp = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
+                next_ids = logp.argmax(dim=-1)
+                chosen = logp.gather(-1, next_ids[:, None])[:, 0].tolist()
+                entropy = (-(logp.exp() * logp).sum(-1)).tolist()
+                for row, tok in enumerate(next_ids.tolist()):
+                    if texts[row] is not None:
+                        continue
+                    tokens[row].append(tok)
+                    logprobs[row].append(chosen[row])
+                    entropies[row].append(entropy[row])
+                    texts[row] = self._finished_text(tokens[row], stop)
+                if all(t is not None for t in texts):
+                    break
+                mask = torch.cat([mask, mask.new_ones((n, 1))], dim=-1)
+                positions = positions[:, -1:] + 1
+                out = self.model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=positions,
+                                 past_key_values=cache, use_cache=True)
+        return [
+            Generation(
+                text=texts[row] if texts[row] is not None else self._decode(tokens[row]),
+                prompt_tokens=len(batch[row]),
+                output_tokens=len(tokens[row]),
+                token_logprobs=logprobs[row],
+                token_entropies=entropies[row],
+            )
+            for row in range(n)
+        ]
+
+    def _finished_text(self, tokens: list[int], stop: list[str]) -> str | None:
+        """The final text when this row has stopped (EOS or a stop sequence), else None."""
+        if tokens[-1] in self.eos_ids:
+            text = self._decode(tokens[:-1])
+            return _cut_at_stop(text, stop)[0]
+        if stop:
+            text, stopped = _cut_at_stop(self._decode(tokens), stop)
+            if stopped:
+                return text
+        return None
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def _left_pad(self, batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        width = max(len(b) for b in batch)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, seq in enumerate(batch):
+            ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq) :] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    # -- scoring -----------------------------------------------------------------------------
+    def loglikelihoods(self, contexts: list[str], continuations: list[str]) -> list[float]:
+        """Sum of log p(continuation | context) per pair, tokenized as lm-evaluation-harness does:
+        the pair is encoded whole and the context's tokens are split off, so a continuation
+        that merges with the end of the context is scored on the tokens the model would see."""
+        pairs = [self._split_pair(c, x) for c, x in zip(contexts, continuations)]
+        order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+        scores = [0.0] * len(pairs)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            for i, s in zip(chunk, self._score_batch([pairs[i] for i in chunk])):
+                scores[i] = s
+        return scores
+
+    def _split_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:  # lm-eval moves trailing context whitespace onto the continuation
+            continuation, context = context[-n_spaces:] + continuation, context[:-n_spaces]
+        whole = self.encode(context + continuation)
+        ctx = self.encode(context)
+        cont = whole[len(ctx) :]
+        prefix = self.bos if self.bos is not None else self._prefix_when_empty(ctx)
+        ctx = ([prefix] if prefix is not None else []) + whole[: len(ctx)]
+        max_len = getattr(self.model.config, "max_position_embeddings", None)
+        if max_len and len(ctx) + len(cont) - 1 > max_len:  # keep the end, as lm-eval does
+            ctx = ctx[-(max_len + 1 - len(cont)) :]
+        return ctx, cont
+
+    def _prefix_when_empty(self, ctx: list[int]) -> int | None:
+        if ctx:
+            return None
+        tok = self.tokenizer
+        return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+
+    def _score_batch(self, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
+        import torch
+
+        inputs = [(ctx + cont)[:-1] for ctx, cont in pairs]
+        width = max(len(x) for x in inputs)
+        ids = torch.full((len(inputs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(inputs), width), dtype=torch.long)
+        for row, seq in enumerate(inputs):
+            ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[row, : len(seq)] = 1
+        positions = torch.arange(width).expand(len(inputs), width)
+        with torch.inference_mode():
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                position_ids=positions.to(self.device)).logits
+        scores = []
+        for row, (_ctx, cont) in enumerate(pairs):
+            n_in = len(inputs[row])
+            rows = logits[row, n_in - len(cont) : n_in].double()
+            logp = torch.log_softmax(rows, dim=-1)
+            scores.append(logp.gather(-1, torch.tensor(cont, device=logp.device)[:, None]).sum().item())
+        return scores
+
+    def perplexity(self, texts: list[str], *, max_length: int, rule: str) -> PerplexityResult:
+        from orstack.bench.perplexity import perplexity
+
+        return perplexity(self.model, self.tokenizer, texts, max_length=max_length, rule=rule,
+                          batch_size=self.batch_size)
+
+    # -- speed -------------------------------------------------------------------------------
+    def speed_sample(self, prompt_tokens: int, new_tokens: int) -> tuple[float, float]:
+        """Seconds for one prefill of `prompt_tokens` tokens and for `new_tokens` greedy decode
+        steps after it (EOS ignored, so every run decodes the same number of tokens)."""
+        import torch
+        from transformers import DynamicCache
+
+        vocab = self.model.config.vocab_size
+        ids = torch.arange(prompt_tokens, device=self.device)[None, :] % vocab
+        cache = DynamicCache()
+        with torch.inference_mode():
+            began = time.perf_counter()
+            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            prefill = time.perf_counter() - began
+            began = time.perf_counter()
+            for _ in range(new_tokens):
+                next_id = out.logits[:, -1, :].argmax(-1, keepdim=True)
+                out = self.model(input_ids=next_id, past_key_values=cache, use_cache=True)
+            decode = time.perf_counter() - began
+        return prefill, decode
+
+    def size_bytes(self) -> int:
+        return disk_size(Path(self.name))
+
+    def close(self) -> None:
+        import gc
+
+        self.model = None
+        gc.collect()
+
+
+def disk_size(path: Path) -> int:
+    """Bytes on disk of a checkpoint file or directory (0 for a hub id not stored locally)."""
+    if path.is_file():
+        return path.stat().st_size
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return 0
+
+
+def _cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
+    cuts = [text.find(s) for s in stop if s]
+    cuts = [c for c in cuts if c >= 0]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+def _tokenizer_adds_bos(tok) -> bool:  # noqa: ANN001 - any transformers tokenizer
+    if tok.bos_token_id is None:
+        return False
+    return tok("a", add_special_tokens=True)["input_ids"][:1] == [tok.bos_token_id]
+
+
+def _eos_ids(model, tok) -> set[int]:  # noqa: ANN001
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config, tok):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+    return ids
+

@@ -1,0 +1,113 @@
+"""The side-by-side report: per-model summaries, the comparison table, lineage, the plot."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from orstack.io.manifest import read_manifest
+
+# (summary key path, label, format, higher is better)
+METRICS = [
+    (("accuracy",), "accuracy", "{:.3f}", True),
+    (("pass@1",), "pass@1", "{:.3f}", True),
+    (("mean_output_tokens",), "output tokens (mean)", "{:.1f}", False),
+    (("tasks_per_s",), "tasks/s", "{:.1f}", True),
+    (("ppl", "ppl"), "perplexity", "{:.3f}", False),
+    (("ppl", "bits_per_byte"), "bits/byte", "{:.4f}", False),
+    (("speed", "load_s"), "load s", "{:.2f}", False),
+    (("speed", "prefill_tok_s"), "prefill tok/s", "{:.0f}", True),
+    (("speed", "decode_tok_s"), "decode tok/s", "{:.1f}", True),
+    (("speed", "peak_rss_mb"), "peak RSS MB", "{:.0f}", False),
+    (("size_mb",), "size MB", "{:.2f}", False),
+]
+
+
+def lineage(spec: str) -> list[dict[str, Any]]:
+    """Where a model came from: the stages recorded in its orstack.json, oldest first."""
+    path = Path(spec)
+    manifest = read_manifest(path) if path.is_dir() else None
+    if manifest is None:
+        return []
+    steps = [{"stage": s.get("stage"), "path": s.get("path"), "args": s.get("args", {})}
+             for s in manifest.get("lineage", [])]
+    steps.append({"stage": manifest.get("stage"), "path": str(spec), "args": manifest.get("args", {})})
+    return steps
+
+
+def lineage_line(steps: Sequence[dict[str, Any]]) -> str:
+    return " -> ".join(str(s["stage"]) for s in steps) if steps else "(no orstack manifest)"
+
+
+def _get(summary: dict[str, Any], keys: tuple[str, ...]) -> float | None:
+    value: Any = summary
+    for k in keys:
+        if not isinstance(value, dict) or k not in value:
+            return None
+        value = value[k]
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def group_rows(summaries: Sequence[dict[str, Any]]) -> list[tuple[str, list[float | None], str]]:
+    """(label, value per model, format) for every metric some model has, plus per-family
+    and per-kind accuracy."""
+    rows = []
+    for keys, label, fmt, _ in METRICS:
+        values = [_get(s, keys) for s in summaries]
+        if any(v is not None for v in values):
+            rows.append((label, values, fmt))
+    for group in ("by_kind", "by_family"):
+        names = sorted({k for s in summaries for k in s.get(group, {})})
+        for name in names:
+            values = [s.get(group, {}).get(name) for s in summaries]
+            rows.append((f"  {group[3:]} {name}", values, "{:.3f}"))
+    return rows
+
+
+def comparison_table(summaries: Sequence[dict[str, Any]]):  # noqa: ANN201 - rich Table
+    """Metrics down, models across; every model after the first shows its delta to the first."""
+    from orstack.console import new_table
+
+    names = [s["model"] for s in summaries]
+    tbl = new_table("metric", *names, title="orstack bench")
+    for label, values, fmt in group_rows(summaries):
+        cells = []
+        for i, v in enumerate(values):
+            if v is None:
+                cells.append("-")
+            elif i == 0 or values[0] is None:
+                cells.append(fmt.format(v))
+            else:
+                cells.append(f"{fmt.format(v)} ({'+' if v - values[0] >= 0 else '-'}{fmt.format(abs(v - values[0]))})")
+        tbl.add_row(label, *cells)
+    return tbl
+
+
+def plot_accuracy_vs_size(summaries: Sequence[dict[str, Any]], path: str | Path) -> None:
+    """A PNG of task accuracy against size on disk, one labelled point per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from orstack.io.atomic import atomic_path
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for s in summaries:
+        size, acc = _get(s, ("size_mb",)), _get(s, ("accuracy",))
+        if size is None or acc is None:
+            continue
+        ax.scatter([size], [acc])
+        ax.annotate(Path(s["model"]).name or s["model"], (size, acc), textcoords="offset points", xytext=(4, 4),
+                    fontsize=8)
+    ax.set_xlabel("size on disk (MB)")
+    ax.set_ylabel("task accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.set_title("orstack bench: accuracy vs size")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)

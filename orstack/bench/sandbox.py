@@ -1,0 +1,320 @@
+"""Running untrusted programs (model-written code) outside the calling process.
+
+A reusable pool of worker processes (spawned, so they carry no torch state) each run one
+program at a time in a freshly forked child:
+- the child gets its own session (so the whole process group can be killed), a throw-away
+  working directory, RLIMIT_AS (memory), RLIMIT_CPU and RLIMIT_FSIZE, and closed stdin;
+- the network is cut by moving the child into an empty network namespace (unshare
+  CLONE_NEWNET; as non-root, with a user namespace first) when the kernel allows it;
+- writes outside the working directory are refused by a Landlock ruleset when the kernel
+  has Landlock (reads stay allowed, so the standard library imports);
+- the worker waits on a pidfd with the wall-clock timeout and SIGKILLs the process group
+  on expiry or when the program ends (stray background children die with it).
+`isolation()` reports which of these the machine supports; nothing is claimed that is
+not in force. This is a guard against accidents and runaway programs, not a hardened
+jail against a determined attacker (no seccomp filter, shared PID namespace).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import resource
+import select
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+
+# Exit codes the child uses to tell the worker what happened.
+PASSED, FAILED, SYNTAX, MEMORY = 0, 1, 2, 3
+STATUS_BY_CODE = {PASSED: "passed", FAILED: "failed", SYNTAX: "syntax_error", MEMORY: "memory"}
+
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWNET = 0x40000000
+PR_SET_NO_NEW_PRIVS = 38
+SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_ADD_RULE, SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
+LANDLOCK_RULE_PATH_BENEATH = 1
+
+
+@dataclass(frozen=True)
+class Limits:
+    timeout: float = 5.0  # wall-clock seconds per program
+    memory_mb: int = 512  # address space
+    network: bool = False  # allow network access
+    output_mb: int = 16  # largest file the program may write (stdout/stderr included)
+
+
+@dataclass
+class RunResult:
+    status: str  # passed | failed | syntax_error | timeout | memory | crashed
+    detail: str  # last line of the program's stderr, or what stopped it
+    duration_ms: float
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+
+# -- the child: confine, then run ------------------------------------------------------------
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _cut_network(libc: ctypes.CDLL) -> bool:
+    if libc.unshare(CLONE_NEWNET) == 0:
+        return True
+    return libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) == 0
+
+
+class _RulesetAttr(ctypes.Structure):
+    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
+                ("scoped", ctypes.c_uint64)]
+
+
+class _PathBeneath(ctypes.Structure):
+    _pack_ = 1
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+def _landlock_abi(libc: ctypes.CDLL) -> int:
+    abi = libc.syscall(SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
+    return max(abi, 0)
+
+
+def _write_rights(abi: int) -> int:
+    # WRITE_FILE, REMOVE_DIR, REMOVE_FILE, MAKE_CHAR/DIR/REG/SOCK/FIFO/BLOCK/SYM (bits 1, 4-12),
+    # REFER from ABI 2, TRUNCATE from ABI 3.
+    rights = (1 << 1) | sum(1 << b for b in range(4, 13))
+    if abi >= 2:
+        rights |= 1 << 13
+    if abi >= 3:
+        rights |= 1 << 14
+    return rights
+
+
+def _confine_writes(libc: ctypes.CDLL, workdir: str, network: bool = True) -> bool:
+    """Landlock: every kind of write is refused except beneath `workdir` (and /dev/null);
+    from ABI 4 TCP bind/connect too unless `network`; from ABI 6 signals to processes
+    outside the sandbox (the worker that runs it) as well."""
+    abi = _landlock_abi(libc)
+    if abi < 1:
+        return False
+    rights = _write_rights(abi)
+    attr = _RulesetAttr(rights, 0b11 if abi >= 4 and not network else 0, 0b11 if abi >= 6 else 0)
+    size = 8 if abi < 4 else (16 if abi < 6 else 24)
+    fd = libc.syscall(SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
+    if fd < 0:
+        return False
+    try:
+        file_rights = rights & ((1 << 1) | (1 << 14))  # only file rights apply to a file
+        for path, allowed in ((workdir, rights), ("/dev/null", file_rights)):
+            target = os.open(path, os.O_PATH)
+            try:
+                rule = _PathBeneath(allowed, target)
+                if libc.syscall(SYS_LANDLOCK_ADD_RULE, fd, LANDLOCK_RULE_PATH_BENEATH, ctypes.byref(rule),
+                                ctypes.c_uint32(0)) != 0:
+                    return False
+            finally:
+                os.close(target)
+        libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+        return libc.syscall(SYS_LANDLOCK_RESTRICT_SELF, fd, ctypes.c_uint32(0)) == 0
+    finally:
+        os.close(fd)
+
+
+def _child(program: str, workdir: str, limits: Limits) -> None:
+    """Runs in the forked child; never returns."""
+    code = FAILED
+    try:
+        os.setsid()
+        os.chdir(workdir)
+        out = os.open("stdout", os.O_WRONLY | os.O_CREAT, 0o600)
+        err = os.open("stderr", os.O_WRONLY | os.O_CREAT, 0o600)
+        null = os.open("/dev/null", os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(out, 1)
+        os.dup2(err, 2)
+        libc = _libc()
+        if not limits.network:
+            _cut_network(libc)
+        _confine_writes(libc, workdir, limits.network)
+        memory = limits.memory_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+        cpu = math.ceil(limits.timeout) + 1
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
+        size = limits.output_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+        code = _execute(program)
+    finally:
+        os._exit(code)
+
+
+def _execute(program: str) -> int:
+    import sys
+    import traceback
+
+    try:
+        compiled = compile(program, "<program>", "exec")
+    except (SyntaxError, ValueError) as e:
+        sys.stderr.write(f"{type(e).__name__}: {e}\n")
+        sys.stderr.flush()
+        return SYNTAX
+    try:
+        exec(compiled, {"__name__": "__main__", "__builtins__": __builtins__})  # noqa: S102 - the point
+    except MemoryError:
+        sys.stderr.write("MemoryError\n")
+        code = MEMORY
+    except BaseException as e:  # noqa: BLE001 - SystemExit too: a program may not exit before its tests run
+        sys.stderr.write("".join(traceback.format_exception_only(type(e), e))[-2000:])
+        code = FAILED
+    else:
+        code = PASSED
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return code
+
+
+# -- the worker: fork, wait, kill, clean up ----------------------------------------------------
+def run_program(program: str, limits: Limits = Limits()) -> RunResult:  # noqa: B008 - frozen dataclass
+    """Run one program in a confined child of this process and wait for it (up to the timeout)."""
+    workdir = tempfile.mkdtemp(prefix="orstack-sandbox-")
+    began = time.perf_counter()
+    try:
+        pid = os.fork()
+        if pid == 0:
+            _child(program, workdir, limits)
+        status = _wait(pid, limits.timeout)
+        duration = (time.perf_counter() - began) * 1000
+        return _result(status, workdir, limits, duration)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _wait(pid: int, timeout: float) -> int | None:
+    """The child's wait status, or None when it ran out of time (it is killed either way)."""
+    fd = os.pidfd_open(pid)
+    try:
+        ready, _, _ = select.select([fd], [], [], timeout)
+    finally:
+        os.close(fd)
+    try:  # kill the whole session: background children the program left behind too
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    _, status = os.waitpid(pid, 0)
+    return status if ready else None
+
+
+def _result(status: int | None, workdir: str, limits: Limits, duration: float) -> RunResult:
+    if status is None:
+        return RunResult("timeout", f"killed after {limits.timeout:g} s", duration)
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        if sig == signal.SIGXCPU:
+            return RunResult("timeout", "CPU time limit", duration)
+        if sig == signal.SIGXFSZ:
+            return RunResult("failed", f"output larger than {limits.output_mb} MB", duration)
+        return RunResult("crashed", f"killed by {signal.Signals(sig).name}", duration)
+    code = os.WEXITSTATUS(status)
+    return RunResult(STATUS_BY_CODE.get(code, "crashed"), _last_line(os.path.join(workdir, "stderr")), duration)
+
+
+def _last_line(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(f.tell() - 4096, 0))
+            lines = f.read().decode("utf-8", "replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1][:500] if lines else ""
+
+
+def _run_job(job: tuple[str, Limits]) -> RunResult:
+    return run_program(*job)
+
+
+# -- the pool ----------------------------------------------------------------------------------
+class Sandbox:
+    """A reusable pool of workers; use as a context manager or call close()."""
+
+    def __init__(self, workers: int | None = None, limits: Limits = Limits()) -> None:  # noqa: B008
+        import multiprocessing
+
+        self.limits = limits
+        self.workers = workers or max(2, os.cpu_count() or 1)
+        self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+
+    def run(self, program: str, limits: Limits | None = None) -> RunResult:
+        return self.run_many([program], limits)[0]
+
+    def run_many(self, programs: Iterable[str], limits: Limits | None = None) -> list[RunResult]:
+        """Run programs in parallel across the pool; results in input order."""
+        jobs = [(p, limits or self.limits) for p in programs]
+        try:
+            return list(self._pool.map(_run_job, jobs))
+        except BrokenProcessPool:
+            # A program got past the confinement and killed its worker: start a new pool and
+            # run the jobs one by one, so only the culprit is reported as crashed.
+            self._restart()
+            return [self._run_alone(job) for job in jobs]
+
+    def _run_alone(self, job: tuple[str, Limits]) -> RunResult:
+        try:
+            return self._pool.submit(_run_job, job).result()
+        except BrokenProcessPool:
+            self._restart()
+            return RunResult("crashed", "the program killed its sandbox worker", 0.0)
+
+    def _restart(self) -> None:
+        import multiprocessing
+
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def isolation() -> dict[str, bool]:
+    """Which confinements this machine enforces (tried in a throw-away child)."""
+    workdir = tempfile.mkdtemp(prefix="orstack-probe-")
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_fd)
+        libc = _libc()
+        os.write(write_fd, bytes([_cut_network(libc), _confine_writes(libc, workdir)]))
+        os._exit(0)
+    os.close(write_fd)
+    flags = os.read(read_fd, 2).ljust(2, b"\0")
+    os.close(read_fd)
+    os.waitpid(pid, 0)
+    shutil.rmtree(workdir, ignore_errors=True)
+    return {"network_namespace": bool(flags[0]), "landlock_writes": bool(flags[1]),
+            "memory_limit": True, "timeout": True, "process_per_program": True}
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct (Chen et al., 2021):
+    1 - C(n-c, k) / C(n, k), computed as a stable product."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
+    if n - c < k:
+        return 1.0
+    product = 1.0
+    for i in range(n - c + 1, n + 1):
+        product *= 1.0 - k / i
+    return 1.0 - product
