@@ -17,8 +17,10 @@ if TYPE_CHECKING:
 
 def output_error(delta: torch.Tensor, gram: torch.Tensor) -> float:
     """Σ over rows of δ G δᵀ: the summed squared output error per calibration token."""
-    d = delta.double()
-    return float(((d @ gram.double()) * d).sum())
+    import torch
+
+    d = delta.float()
+    return float(((d @ gram.float()) * d).sum(dtype=torch.float64))
 
 
 def group_errors(delta: torch.Tensor, gram_blocks: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -1,0 +1,137 @@
+"""`orstack awq`: activation-aware group-wise weight quantization (int3/4/8), stored packed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from orstack import console
+from orstack.commands.options import Calib, Dtype, NSamples, RequiredOutput, SeqLen
+from orstack.errors import BadInput
+from orstack.runtime import settings
+
+HELP = """Quantize the decoder-layer linear weights of a Llama-family checkpoint to 3, 4 or 8 bits.
+
+Group-wise (--group-size consecutive input weights share a scale and, unless --symmetric,
+an integer zero point). AWQ: for each set of linears sharing an input (found by probing
+the model: q/k/v after the input norm, gate/up after the post-attention norm, o after v,
+down after up) it searches per-channel scales s = mean|x|^alpha on the calibration data,
+folds them into the preceding op, then searches a clipping range per group; layers are
+processed one at a time on inputs propagated through the quantized layers. --rtn gives
+plain round-to-nearest (no calibration). --mixed-precision gives the most sensitive ~10%
+of the weights one more bit and the least sensitive one bit less, averaging --bits.
+
+The output stores the weights packed (compressed-tensors "pack-quantized": int codes,
+scales, zero points; see docs/awq.md), loadable by transformers (asymmetric:
+quantization_config=CompressedTensorsConfig(dequantize=True)) and by every orstack stage.
+--fake-quant writes the dequantized weights as a plain checkpoint instead. A pruned
+model keeps its zeros. --group-size auto takes the largest divisor <= 128 of each width.
+
+Example:
+
+\b
+    orstack awq model --calib calib.txt -o model-awq --bits 4 --group-size 128 \\
+        --nsamples 16 --seqlen 128 --heldout heldout.txt
+"""
+
+
+def _group_size(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        size = int(value)
+    except ValueError:
+        raise BadInput(f"--group-size {value}: expected a positive integer or 'auto'") from None
+    if size < 1:
+        raise BadInput(f"--group-size {value}: expected a positive integer or 'auto'")
+    return size
+
+
+def awq(
+    model: Annotated[str, typer.Argument(help="Checkpoint directory (Llama family).")],
+    output: RequiredOutput,
+    calib: Calib = None,  # type: ignore[assignment] - required unless --rtn, checked below
+    bits: Annotated[int, typer.Option("--bits", help="Bits per weight: 3, 4 or 8.")] = 4,
+    group_size: Annotated[str, typer.Option("--group-size", help="Weights per group, or 'auto'.")] = "128",
+    symmetric: Annotated[bool, typer.Option("--symmetric", help="No zero point (grid symmetric around 0).")]
+    = False,
+    rtn: Annotated[bool, typer.Option("--rtn", help="Round-to-nearest baseline (no calibration).")] = False,
+    fake_quant: Annotated[bool, typer.Option("--fake-quant", help="Write dequantized float weights.")] = False,
+    mixed_precision: Annotated[bool, typer.Option("--mixed-precision", help="Per-layer bits by sensitivity.")]
+    = False,
+    nsamples: NSamples = 32,
+    seqlen: SeqLen = 512,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Calibration sequences per forward.")] = 8,
+    heldout: Annotated[list[Path] | None, typer.Option("--heldout", help="Held-out text for perplexity.")] = None,
+    eval_length: Annotated[int, typer.Option("--eval-length", min=8, help="Perplexity window, tokens.")] = 512,
+    dtype: Dtype = "float32",
+) -> None:
+    from orstack.io.checkpoint import resolve_checkpoint
+    from orstack.io.text import check_text_files
+    from orstack.quant.awq import AWQConfig, check_config
+
+    source = resolve_checkpoint(model)
+    if not isinstance(source, Path):
+        raise BadInput(f"{model}: no such checkpoint directory")
+    if not rtn and not calib:
+        raise BadInput("--calib: calibration text is required (or use --rtn)")
+    calib_files = check_text_files(calib, "--calib") if calib else []
+    heldout_files = check_text_files(heldout, "--heldout") if heldout else []
+    config = AWQConfig(bits=bits, group_size=_group_size(group_size), symmetric=symmetric, rtn=rtn,
+                       mixed_precision=mixed_precision, fake_quant=fake_quant, nsamples=nsamples, seqlen=seqlen,
+                       batch_size=batch_size, seed=settings.seed, calib=[str(p) for p in calib_files],
+                       heldout=",".join(str(p) for p in heldout_files) or None)
+    check_config(config)
+    _run(source, output, config, heldout_files, eval_length, dtype)
+
+
+def _run(source: Path, output: Path, config, heldout: list[Path], eval_length: int, dtype: str) -> None:  # noqa: ANN001
+    from orstack.io.checkpoint import check_architecture, load_config, load_model, save_checkpoint
+    from orstack.io.text import read_texts
+    from orstack.layerwise import decoder_layers
+    from orstack.quant.packed import write_packed
+    from orstack.quant.stage import run_awq
+    from orstack.runtime import device, seed_everything
+
+    check_architecture(load_config(source), where=str(source))
+    seed_everything()
+    calib_texts = list(read_texts(config.calib)) if config.calib else None
+    heldout_texts = list(read_texts(heldout)) if heldout else None
+    model, tokenizer = load_model(source, device=device(), dtype=dtype, trust_pickle=settings.trust_pickle)
+    decoder_layers(model)
+    result, metrics = run_awq(model, tokenizer, config, calib_texts, heldout_texts, eval_length)
+    _report(result, metrics)
+    write_weights, extra = None, None
+    if not config.fake_quant:
+        def write_weights(tmp: Path) -> None:
+            write_packed(model, result.quantized, tmp)
+
+        extra = {"weights_format": "compressed-tensors-pack-quantized"}
+    save_checkpoint(model, tokenizer, output, stage="awq", args=config, parent=source, metrics=metrics,
+                    extra=extra, write_weights=write_weights)
+    size = sum(f.stat().st_size for f in output.glob("*.safetensors"))
+    console.info(f"wrote {output} ({size / 1e6:.1f} MB of weights)")
+
+
+def _report(result, metrics: dict) -> None:  # noqa: ANN001 - AWQResult
+    if result.layers:
+        tbl = console.new_table("layer", "alpha (q/k/v, o, gate/up, down)", "error RTN", "error AWQ", "reduction",
+                                title="AWQ per layer (summed output error on calibration data)")
+        for r in result.layers:
+            alphas = ", ".join("-" if a is None else f"{a:.2f}" for a in r.alphas.values())
+            tbl.add_row(str(r.layer), alphas, f"{r.error_rtn:.4g}", f"{r.error_awq:.4g}", f"{r.reduction:.1%}")
+        console.table(tbl)
+        console.info(f"output error vs RTN: {metrics['error_reduction_vs_rtn']:.1%} lower")
+    if "group_size_per_layer" in metrics:
+        console.info("group sizes (auto): " + ", ".join(f"{k} {v}" for k, v in metrics["group_size_per_layer"].items()))
+    if "bits" in metrics:
+        console.info(f"mixed precision: average {metrics['average_bits']:.3f} bits; "
+                     f"{len(metrics['bits'])} linears off the default width")
+    if "ppl_before" in metrics:
+        console.info(f"held-out perplexity {metrics['ppl_before']:.3f} -> {metrics['ppl_after']:.3f}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("awq", help=HELP)(awq)

@@ -1,0 +1,345 @@
+"""Activation-aware weight quantization (AWQ, Lin et al. 2023), layer by layer on CPU.
+
+For each decoder layer, with the calibration inputs it really receives (propagated through
+the already-quantized layers):
+1. find the Linear groups sharing an input and the op each group's input scale folds into
+   (orstack.quant.structure: by probing the layer, not from a per-architecture table);
+2. per group, search s = mean|x|^α over α in {0, 1/n, ..., 1} minimising the group's summed
+   output error tr(Δ G Δᵀ) with Δ = Q(W·diag(s))·diag(s)⁻¹ - W and G = XᵀX/n (α = 0 is RTN);
+3. fold the scales: the producing op's channel k is divided by s_k, the group's columns
+   multiplied by s (the layer computes the same function before quantization);
+4. per Linear, search a clipping ratio per (row, group) on the same error, then quantize.
+Linears whose input has no fold target are only clipped. Embeddings and lm_head are not quantized.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from orstack.errors import BadInput
+from orstack.quant.clip import output_error, search_clip
+from orstack.quant.grid import BITS, Quantized, QuantSpec, fake_quantize, largest_divisor, quantize
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from orstack.quant.structure import LinearGroup
+
+
+@dataclass
+class AWQConfig:
+    """Everything that determines an `orstack awq` result (written into the manifest)."""
+
+    bits: int = 4
+    group_size: int | str = 128  # an int, or "auto": the largest divisor of each width <= 128
+    symmetric: bool = False
+    rtn: bool = False  # plain round-to-nearest, no calibration
+    mixed_precision: bool = False
+    fake_quant: bool = False
+    nsamples: int = 32
+    seqlen: int = 512
+    alpha_steps: int = 20
+    clip_steps: int = 20
+    max_shrink: float = 0.5
+    promote_fraction: float = 0.1  # --mixed-precision: share of parameters given bits + 1
+    batch_size: int = 8
+    seed: int = 0
+    calib: list[str] = field(default_factory=list)
+    heldout: str | None = None
+
+
+@dataclass
+class LayerReport:
+    layer: int
+    alphas: dict[str, float]  # group label (its first Linear) -> chosen α (None: no fold target)
+    folds: dict[str, str | None]
+    error_rtn: float
+    error_awq: float
+
+    @property
+    def reduction(self) -> float:
+        return 1.0 - self.error_awq / self.error_rtn if self.error_rtn > 0 else 0.0
+
+
+@dataclass
+class AWQResult:
+    quantized: dict[str, Quantized]  # full module name -> codes, scales, zero points
+    layers: list[LayerReport]
+    group_sizes: dict[str, int]
+    bits: dict[str, int]
+    seconds: float = 0.0
+
+    @property
+    def error_rtn(self) -> float:
+        return sum(r.error_rtn for r in self.layers)
+
+    @property
+    def error_awq(self) -> float:
+        return sum(r.error_awq for r in self.layers)
+
+    def average_bits(self) -> float:
+        n = {name: q.codes.numel() for name, q in self.quantized.items()}
+        return sum(self.bits[k] * n[k] for k in n) / max(sum(n.values()), 1)
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "average_bits": round(self.average_bits(), 4),
+            "group_sizes": sorted(set(self.group_sizes.values())),
+            "seconds": round(self.seconds, 1),
+        }
+        if self.layers:
+            out["output_error_rtn"] = self.error_rtn
+            out["output_error"] = self.error_awq
+            out["error_reduction_vs_rtn"] = round(1 - self.error_awq / self.error_rtn, 4) if self.error_rtn else 0.0
+            out["layers"] = [{"layer": r.layer, "alpha": r.alphas, "fold": r.folds,
+                              "error_reduction_vs_rtn": round(r.reduction, 4)} for r in self.layers]
+        return out
+
+
+def target_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """The decoder layers' Linears, by full name (embeddings and lm_head are kept)."""
+    from orstack.layerwise import decoder_layers, linear_modules
+
+    out = {}
+    for i, layer in enumerate(decoder_layers(model)):
+        prefix = _layer_prefix(model, i)
+        out.update({f"{prefix}.{name}": m for name, m in linear_modules(layer).items()})
+    return out
+
+
+def _layer_prefix(model: nn.Module, i: int) -> str:
+    from orstack.layerwise import decoder_layers
+
+    layer = decoder_layers(model)[i]
+    return next(name for name, m in model.named_modules() if m is layer)
+
+
+def check_config(cfg: AWQConfig) -> None:
+    """Option checks that need no model (run before anything heavy loads)."""
+    if cfg.bits not in BITS:
+        raise BadInput(f"--bits {cfg.bits}: supported widths are {', '.join(map(str, BITS))}")
+    if cfg.group_size != "auto" and (not isinstance(cfg.group_size, int) or cfg.group_size < 1):
+        raise BadInput(f"--group-size {cfg.group_size}: expected a positive integer or 'auto'")
+    if cfg.mixed_precision and cfg.rtn:
+        raise BadInput("--mixed-precision needs calibration data and cannot be combined with --rtn")
+
+
+def group_sizes(model: nn.Module, cfg: AWQConfig) -> dict[str, int]:
+    """The group size of every target Linear; a requested size that does not divide a width is
+    bad input naming the layers (unless 'auto', which takes the largest divisor <= 128)."""
+    linears = target_linears(model)
+    if cfg.group_size == "auto":
+        return {name: largest_divisor(m.in_features, 128) for name, m in linears.items()}
+    bad = sorted({name.rsplit(".", 1)[-1] + f" (width {m.in_features})"
+                  for name, m in linears.items() if m.in_features % cfg.group_size})
+    if bad:
+        raise BadInput(f"--group-size {cfg.group_size} does not divide the input width of {', '.join(bad)}; "
+                       "pick a divisor or use --group-size auto")
+    return {name: cfg.group_size for name in linears}
+
+
+def quantize_rtn(model: nn.Module, cfg: AWQConfig, sizes: dict[str, int]) -> AWQResult:
+    """Round-to-nearest every target Linear in place (the baseline; no calibration)."""
+    import torch
+
+    start = time.perf_counter()
+    quantized = {}
+    with torch.no_grad():
+        for name, module in target_linears(model).items():
+            q = quantize(module.weight.data.float(), QuantSpec(cfg.bits, sizes[name], cfg.symmetric))
+            module.weight.data.copy_(q.dequantize(module.weight.dtype))
+            quantized[name] = q
+    return AWQResult(quantized, [], sizes, {n: cfg.bits for n in quantized}, time.perf_counter() - start)
+
+
+def quantize_awq(model: nn.Module, input_ids: torch.Tensor, cfg: AWQConfig, sizes: dict[str, int],
+                 bits: dict[str, int] | None = None, progress: Any = None) -> AWQResult:
+    """AWQ every decoder layer of `model` in place on calibration windows `input_ids` [n, seq].
+
+    `bits` gives a width per Linear (mixed precision); by default every Linear gets cfg.bits.
+    `progress(i, n)` is called after each layer.
+    """
+    import torch
+
+    from orstack.layerwise import capture_layer_inputs, decoder_layers, linear_modules, record_input_stats, run_layer
+    from orstack.quant.structure import discover
+
+    start = time.perf_counter()
+    layers = decoder_layers(model)
+    bits = bits or {name: cfg.bits for name in sizes}
+    inputs = capture_layer_inputs(model, input_ids, cfg.batch_size)
+    # A short probe sequence that travels alongside, for discovering each layer's structure.
+    probe = capture_layer_inputs(model, input_ids[:1, : min(32, input_ids.shape[1])], 1)
+    quantized: dict[str, Quantized] = {}
+    reports = []
+    for i, layer in enumerate(layers):
+        prefix = _layer_prefix(model, i)
+        modules = linear_modules(layer)
+        hidden, kwargs = next(probe.batches())
+        groups = discover(layer, hidden, kwargs)
+        with record_input_stats(modules, hessian=True) as stats:
+            run_layer(layer, inputs)
+        specs = {name: QuantSpec(bits[f"{prefix}.{name}"], sizes[f"{prefix}.{name}"], cfg.symmetric)
+                 for name in modules}
+        with torch.no_grad():
+            report, layer_q = _quantize_layer(layer, groups, stats, specs, cfg)
+        report.layer = i
+        reports.append(report)
+        quantized.update({f"{prefix}.{name}": q for name, q in layer_q.items()})
+        inputs = run_layer(layer, inputs)
+        probe = run_layer(layer, probe)
+        if progress is not None:
+            progress(i + 1, len(layers))
+    return AWQResult(quantized, reports, sizes, bits, time.perf_counter() - start)
+
+
+def _quantize_layer(layer: nn.Module, groups: list[LinearGroup], stats: dict, specs: dict[str, QuantSpec],
+                    cfg: AWQConfig) -> tuple[LayerReport, dict[str, Quantized]]:
+    import torch
+
+    weights = {name: layer.get_submodule(name).weight.data.float().clone() for name in specs}
+    grams = {name: stats[name].hessian().float() for name in specs}
+    rtn_error = sum(output_error(fake_quantize(weights[n], specs[n]) - weights[n], grams[n]) for n in specs)
+    col_scale = {name: torch.ones(weights[name].shape[1]) for name in specs}
+    row_scale = {name: torch.ones(weights[name].shape[0]) for name in specs}
+    alphas: dict[str, float | None] = {}
+    folds: dict[str, str | None] = {}
+    # Scales are all searched on the unmodified layer, then folded together.
+    plans = []
+    for group in groups:
+        label = group.names[0]
+        folds[label] = group.fold.module if group.fold else None
+        if group.fold is None:
+            alphas[label] = None
+            continue
+        alpha, s_source = search_scale(group, stats, weights, grams, specs, cfg.alpha_steps)
+        alphas[label] = alpha
+        plans.append((group, s_source))
+    for group, s_source in plans:
+        _apply_fold(layer, group, s_source, col_scale, row_scale)
+    quantized = {}
+    awq_error = 0.0
+    for name, spec in specs.items():
+        module = layer.get_submodule(name)
+        w = module.weight.data.float().clone()
+        c = col_scale[name]
+        gram = grams[name] / torch.outer(c, c)  # the second moment of the scaled input x / s
+        clip = search_clip(w, gram, spec, cfg.clip_steps, cfg.max_shrink)
+        q = quantize(w, spec, clip)
+        w_hat = q.dequantize(torch.float32)
+        module.weight.data.copy_(w_hat.to(module.weight.dtype))
+        quantized[name] = q
+        # Error in the original coordinates: undo the row fold and the column scale.
+        delta = row_scale[name].unsqueeze(1) * (w_hat - w) / c
+        awq_error += output_error(delta, grams[name])
+    return LayerReport(-1, alphas, folds, rtn_error, awq_error), quantized
+
+
+def _source_mean_abs(group: LinearGroup, stats: dict) -> torch.Tensor:
+    """mean|x| per fold-source channel (averaged over the input channels it feeds)."""
+    import torch
+
+    fold = group.fold
+    x = stats[group.names[0]].mean_abs.double()
+    total = torch.zeros(fold.n_source, dtype=torch.float64).index_add_(0, fold.source, x)
+    count = torch.zeros(fold.n_source, dtype=torch.float64).index_add_(0, fold.source, torch.ones_like(x))
+    return torch.where(count > 0, total / count.clamp_min(1), torch.ones_like(total))
+
+
+def scales_for(x_mean: torch.Tensor, alpha: float) -> torch.Tensor:
+    """s = mean|x|^α, normalised so that max·min = 1 (as AWQ does; keeps s around 1)."""
+    s = x_mean.pow(alpha).clamp_min(1e-4)
+    return (s / (s.max() * s.min()).sqrt()).float()
+
+
+def search_scale(group: LinearGroup, stats: dict, weights: dict, grams: dict, specs: dict,
+                 steps: int) -> tuple[float, torch.Tensor]:
+    """The α (and per-source-channel scales) minimising the group's summed output error."""
+    x_mean = _source_mean_abs(group, stats)
+    best = (float("inf"), 0.0, None)
+    for i in range(steps + 1):
+        alpha = i / steps
+        s_source = scales_for(x_mean, alpha)
+        s = s_source[group.fold.source]
+        err = sum(output_error(fake_quantize(weights[n] * s, specs[n]) / s - weights[n], grams[n])
+                  for n in group.names)
+        if err < best[0]:
+            best = (err, alpha, s_source)
+    return best[1], best[2]
+
+
+def _apply_fold(layer: nn.Module, group: LinearGroup, s_source: torch.Tensor, col_scale: dict,
+                row_scale: dict) -> None:
+    """Divide the producing op's channels by s and multiply the group's input columns by s."""
+    fold = group.fold
+    producer = layer.get_submodule(fold.module)
+    if fold.kind == "norm":
+        producer.weight.data.div_(s_source.to(producer.weight.dtype))
+    else:
+        producer.weight.data.div_(s_source.to(producer.weight.dtype).unsqueeze(1))
+        if producer.bias is not None:
+            producer.bias.data.div_(s_source.to(producer.bias.dtype))
+        if fold.module in row_scale:
+            row_scale[fold.module] = row_scale[fold.module] * s_source
+    s = s_source[fold.source]
+    for name in group.names:
+        module = layer.get_submodule(name)
+        module.weight.data.mul_(s.to(module.weight.dtype))
+        col_scale[name] = col_scale[name] * s
+
+
+def sensitivities(model: nn.Module, input_ids: torch.Tensor, cfg: AWQConfig, sizes: dict[str, int],
+                  widths: tuple[int, ...], progress: Any = None) -> dict[str, dict[int, float]]:
+    """Activation-weighted sensitivity of every Linear at each width: the relative output error
+    tr(Δ G Δᵀ) / tr(W G Wᵀ) of RTN, on the dense model's calibration inputs."""
+    import torch
+
+    from orstack.layerwise import capture_layer_inputs, decoder_layers, linear_modules, record_input_stats, run_layer
+
+    inputs = capture_layer_inputs(model, input_ids, cfg.batch_size)
+    out: dict[str, dict[int, float]] = {}
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        prefix = _layer_prefix(model, i)
+        modules = linear_modules(layer)
+        with record_input_stats(modules, hessian=True) as stats:
+            inputs = run_layer(layer, inputs)
+        with torch.no_grad():
+            for name, module in modules.items():
+                w, gram = module.weight.data.float(), stats[name].hessian()
+                base = max(output_error(w, gram), 1e-30)
+                full = f"{prefix}.{name}"
+                out[full] = {b: output_error(fake_quantize(w, QuantSpec(b, sizes[full], cfg.symmetric)) - w, gram) / base
+                             for b in widths}
+        if progress is not None:
+            progress(i + 1, len(layers))
+    return out
+
+
+def allocate_bits(sens: dict[str, dict[int, float]], params: dict[str, int], target: int,
+                  promote_fraction: float) -> dict[str, int]:
+    """Give `target`+1 bits to the Linears where one more bit removes the most relative error per
+    parameter (up to `promote_fraction` of the parameters), then `target`-1 bits to those where
+    one bit less costs the least per parameter, until the parameter-weighted average is <= target."""
+    hi, lo = min(target + 1, 8), max(target - 1, 2)
+    bits = {name: target for name in sens}
+    total = sum(params.values())
+    if hi > target:
+        gain = sorted(sens, key=lambda n: (-(sens[n][target] - sens[n][hi]) / params[n], n))
+        promoted = 0
+        for name in gain:
+            if promoted + params[name] > promote_fraction * total:
+                continue
+            bits[name] = hi
+            promoted += params[name]
+    cost = sorted((n for n in sens if bits[n] == target), key=lambda n: ((sens[n][lo] - sens[n][target]) / params[n], n))
+    excess = sum((bits[n] - target) * params[n] for n in sens)
+    for name in cost:
+        if excess <= 0:
+            break
+        bits[name] = lo
+        excess -= params[name] * (target - lo)
+    return bits
