@@ -312,8 +312,8 @@ def sensitivities(model: nn.Module, input_ids: torch.Tensor, cfg: AWQConfig, siz
                 w, gram = module.weight.data.float(), stats[name].hessian()
                 base = max(output_error(w, gram), 1e-30)
                 full = f"{prefix}.{name}"
-                out[full] = {b: output_error(fake_quantize(w, QuantSpec(b, sizes[full], cfg.symmetric)) - w, gram) / base
-                             for b in widths}
+                specs = {b: QuantSpec(b, sizes[full], cfg.symmetric) for b in widths}
+                out[full] = {b: output_error(fake_quantize(w, spec) - w, gram) / base for b, spec in specs.items()}
         if progress is not None:
             progress(i + 1, len(layers))
     return out
@@ -335,7 +335,8 @@ def allocate_bits(sens: dict[str, dict[int, float]], params: dict[str, int], tar
                 continue
             bits[name] = hi
             promoted += params[name]
-    cost = sorted((n for n in sens if bits[n] == target), key=lambda n: ((sens[n][lo] - sens[n][target]) / params[n], n))
+    cost = sorted((n for n in sens if bits[n] == target),
+                  key=lambda n: ((sens[n][lo] - sens[n][target]) / params[n], n))
     excess = sum((bits[n] - target) * params[n] for n in sens)
     for name in cost:
         if excess <= 0:

@@ -130,7 +130,6 @@ def _fold_candidates(layer: nn.Module, group: list[str]) -> list[tuple[str, str]
 
 def find_fold(layer: nn.Module, group: list[str], hidden: torch.Tensor, kwargs: dict[str, Any]) -> Fold | None:
     """The op whose output channels scale the group's input channel by channel (see module doc)."""
-    import torch
 
     x = _group_input(layer, group[0], hidden, kwargs)
     for name, kind in _fold_candidates(layer, group):
