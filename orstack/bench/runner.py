@@ -63,7 +63,7 @@ def load_tasks(path: str | Path, limit: int | None = None) -> list[dict[str, Any
 
 
 def run_tasks(backend: Backend, tasks: Sequence[dict[str, Any]], *, max_new_tokens: int = 32,
-              batch_size: int = 16, sandbox: Sandbox | None = None, progress: bool = True) -> list[dict[str, Any]]:
+              batch_size: int = 16, sandbox: Sandbox | None = None) -> list[dict[str, Any]]:
     """Generate (or score choices) for every task and score it; rows in task order."""
     from orstack.console import progress as progress_bar
 
@@ -235,15 +235,24 @@ def bench_model(spec: str, config: BenchConfig, tasks: Sequence[dict[str, Any]] 
             summary["tasks_per_s"] = len(tasks) / (time.perf_counter() - began)
             summary.update(accuracy_summary(rows))
         if texts:
-            result = backend.perplexity(list(texts), max_length=config.ppl_max_length, rule=config.ppl_rule)
+            max_length = config.ppl_max_length or min(context_length(backend) or 2048, 2048)
+            try:
+                result = backend.perplexity(list(texts), max_length=max_length, rule=config.ppl_rule)
+            except ValueError as e:  # e.g. a text shorter than one llama.cpp-rule chunk
+                raise BadInput(f"--ppl: {e}") from None
             summary["ppl"] = result.as_dict()
         size = backend.size_bytes()
         summary["size_mb"] = size / 1e6
         if config.speed:
-            config_obj = getattr(getattr(backend, "model", None), "config", None)
-            speed = measure_speed(backend, runs=config.speed_runs,
-                                  max_positions=getattr(config_obj, "max_position_embeddings", None))
+            speed = measure_speed(backend, runs=config.speed_runs, max_positions=context_length(backend))
             summary["speed"] = {"load_s": load_s, **speed, "peak_rss_mb": peak_rss_mb(), "size_bytes": size}
         return rows, summary
     finally:
         backend.close()
+
+
+def context_length(backend: Backend) -> int | None:
+    """The model's trained context in tokens, when the backend tells."""
+    n_ctx = getattr(backend, "n_ctx_train", None)  # llama.cpp
+    config = getattr(getattr(backend, "model", None), "config", None)  # transformers
+    return n_ctx or getattr(config, "max_position_embeddings", None)

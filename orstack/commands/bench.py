@@ -97,14 +97,14 @@ def _check_usage(config, score: Path | None, outputs: list[Path | None]) -> None
         raise BadInput("--score scores existing outputs: give no MODEL, --tasks, --ppl or --speed with it")
     if score is None and not config.models:
         raise BadInput("no MODEL given (or use --score ROWS.jsonl)")
-    if score is None and not (config.tasks or config.ppl or config.speed):
-        raise BadInput("nothing to measure: give --tasks, --ppl and/or --speed")
     if config.ppl_rule not in RULES:
         raise BadInput(f"--ppl-rule: expected {' or '.join(RULES)}, got '{config.ppl_rule}'")
     if config.fail_under is not None and not (config.tasks or score):
         raise BadInput("--fail-under needs --tasks or --score (it gates task accuracy)")
     for spec in config.models:
         _check_model(spec)
+    if score is None and not (config.tasks or config.ppl or config.speed):
+        raise BadInput("nothing to measure: give --tasks, --ppl and/or --speed")
     for path in outputs:
         if path is not None and str(path) != "-" and not path.resolve().parent.is_dir():
             raise BadInput(f"{path}: output directory {path.parent} does not exist")
