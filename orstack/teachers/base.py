@@ -17,7 +17,7 @@ class TeacherOptions:
     """How teachers are asked; one set shared by every tier of a run."""
 
     max_new_tokens: int = 64
-    stop: list[str] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)  # empty: each task's own `stop` field, if any
     timeout: float = 60.0  # seconds per HTTP request, or per cmd: invocation
     retries: int = 3  # extra attempts after the first, on timeouts, connection errors, 429 and 5xx
     backoff: float = 0.5  # first retry delay in seconds; doubles each attempt
@@ -47,6 +47,10 @@ class Teacher(ABC):
     @abstractmethod
     def answer(self, tasks: list[dict[str, Any]]) -> list[str | None]:
         """One response per task, in order; None where the teacher failed on that row."""
+
+    def stop_for(self, task: dict[str, Any]) -> list[str]:
+        """Stop sequences: the run's `stop` option, else the task's own `stop` field."""
+        return list(self.options.stop) or list(task.get("stop") or [])
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the model, process or connections."""

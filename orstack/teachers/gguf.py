@@ -39,9 +39,10 @@ class GGUFTeacher(Teacher):
         out: list[str | None] = []
         for task in tasks:
             self.requests += 1
+            stop = self.stop_for(task)
             result = self.llm.create_completion(task["prompt"], max_tokens=self.options.max_new_tokens,
-                                                temperature=0.0, stop=self.options.stop or None)
-            out.append(cut_at_stop(result["choices"][0]["text"], self.options.stop))
+                                                temperature=0.0, stop=stop or None)
+            out.append(cut_at_stop(result["choices"][0]["text"], stop))
         return out
 
     def close(self) -> None:

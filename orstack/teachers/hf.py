@@ -36,17 +36,17 @@ class HFTeacher(Teacher):
         for i in range(0, len(tasks), size):
             batch = tasks[i:i + size]
             self.requests += 1
-            out.extend(greedy_generate(self.model, self.tokenizer, [t["prompt"] for t in batch],
-                                       self.options.max_new_tokens, self.options.stop))
+            texts = greedy_generate(self.model, self.tokenizer, [t["prompt"] for t in batch],
+                                    self.options.max_new_tokens)
+            out.extend(cut_at_stop(text, self.stop_for(t)) for text, t in zip(texts, batch))
         return out
 
     def close(self) -> None:
         self.model = self.tokenizer = None
 
 
-def greedy_generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int,
-                    stop: list[str]) -> list[str]:
-    """Greedy completions of `prompts` (left-padded batch), stopping at EOS or a stop sequence."""
+def greedy_generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy completions of `prompts` (left-padded batch), stopping at EOS."""
     import torch
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -62,5 +62,4 @@ def greedy_generate(model: Any, tokenizer: Any, prompts: list[str], max_new_toke
         generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
                                    max_new_tokens=max_new_tokens, pad_token_id=pad_id,
                                    eos_token_id=tokenizer.eos_token_id, temperature=None, top_p=None, top_k=None)
-    texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
-    return [cut_at_stop(t, stop) for t in texts]
+    return tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)

@@ -82,8 +82,8 @@ class HTTPTeacher(Teacher):
 
     def _payload(self, task: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         common: dict[str, Any] = {"model": self.model, "max_tokens": self.options.max_new_tokens, "temperature": 0.0}
-        if self.options.stop:
-            common["stop"] = list(self.options.stop)
+        if self.stop_for(task):
+            common["stop"] = self.stop_for(task)
         if self.options.api == "chat":
             return "/chat/completions", {**common, "messages": [{"role": "user", "content": task["prompt"]}]}
         return "/completions", {**common, "prompt": task["prompt"]}
@@ -118,7 +118,7 @@ class HTTPTeacher(Teacher):
             with self.lock:
                 self.requests += 1
             try:
-                return self._text(self._post_once(path, payload))
+                return self._text(self._post_once(path, payload), self.stop_for(task))
             except RetryableError as e:
                 error = str(e)
                 if attempt == self.options.retries:
@@ -132,14 +132,14 @@ class HTTPTeacher(Teacher):
             self._failed(error)
         return None
 
-    def _text(self, body: dict[str, Any]) -> str:
+    def _text(self, body: dict[str, Any], stop: list[str]) -> str:
         try:
             choice = body["choices"][0]
             text = choice["message"]["content"] if self.options.api == "chat" else choice["text"]
         except (KeyError, IndexError, TypeError):
             raise RuntimeError("response has no choices[0] text") from None
         # Servers apply `stop` themselves; cut again for those that ignore it.
-        return cut_at_stop(text or "", self.options.stop)
+        return cut_at_stop(text or "", stop)
 
     def answer(self, tasks: list[dict[str, Any]]) -> list[str | None]:
         if not tasks:

@@ -1,0 +1,212 @@
+"""`orstack distill generate|train`: failure-targeted data from tiered teachers, then fine-tuning."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from orstack import console
+from orstack.commands import _train_options as T
+from orstack.commands.options import Output, RequiredOutput
+from orstack.errors import BadInput
+from orstack.runtime import settings
+
+distill_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None)
+
+GENERATE_HELP = """Ask tiered teachers for verified worked examples of what the student got wrong.
+
+Reads annotated failures (bench Result rows with cluster/cluster_label from
+cluster-failures; rows with correct=true are skipped). For each cluster, the teachers
+answer the failures and, with --per-cluster N, N new problems made from the cluster's
+representatives. Teachers are tiers, cheapest first: a task goes to the next --teacher
+only when the verifier (bench's numeric/exact/choice/code scoring) rejects the answer.
+Teachers never see `answer` or `tests`. Writes Training Example rows (source = tier),
+near-duplicates removed, and prints asked/accepted/escalated per cluster and tier.
+
+A --teacher is a checkpoint directory, a .gguf file, http(s)://HOST:PORT/v1#MODEL
+(OpenAI-compatible; key from $OPENAI_API_KEY or --api-key-env) or cmd:COMMAND (Task
+JSONL on stdin, JSONL with `response` on stdout).
+
+Example:
+
+\b
+    orstack distill generate --failures failures.jsonl --teacher cmd:'python oracle.py' \\
+        --teacher http://127.0.0.1:8080/v1#big --per-cluster 20 -o train.jsonl
+"""
+
+
+def generate(
+    failures: Annotated[Path, typer.Option("--failures", help="Annotated failures JSONL ('-' for stdin).")],
+    teacher: Annotated[list[str], typer.Option("--teacher", help="Teacher SPEC; repeat for tiers, cheapest first.")],
+    output: Output = None,
+    per_cluster: Annotated[int, typer.Option("--per-cluster", min=0, help="New problems per cluster.")] = 0,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Teacher answer budget.")] = 64,
+    stop: Annotated[list[str], typer.Option("--stop", help="Stop sequence (repeatable; default: the task's).")] = [],  # noqa: B006
+    timeout: Annotated[float, typer.Option("--timeout", min=0.01, help="Seconds per request (or cmd: run).")] = 60.0,
+    retries: Annotated[int, typer.Option("--retries", min=0, help="Retries per endpoint request.")] = 3,
+    concurrency: Annotated[int, typer.Option("--concurrency", min=1, help="Parallel endpoint requests.")] = 4,
+    rate_limit: Annotated[float | None, typer.Option("--rate-limit", min=0.001, help="Endpoint requests/s.")] = None,
+    api_key_env: Annotated[str, typer.Option("--api-key-env", help="Variable holding the API key.")] = "OPENAI_API_KEY",
+    teacher_api: Annotated[str, typer.Option("--teacher-api", help="Endpoint API: chat or completions.")] = "chat",
+    report: Annotated[Path | None, typer.Option("--report", help="Also write the report as JSON.")] = None,
+) -> None:
+    from orstack.io.jsonl import STDIO, read_jsonl_numbered, write_json, write_jsonl
+    from orstack.teachers import TeacherOptions, open_teacher
+
+    if str(failures) != STDIO and not failures.is_file():
+        raise BadInput(f"{failures}: no such file")
+    if not teacher:
+        raise BadInput("give at least one --teacher")
+    if teacher_api not in ("chat", "completions"):
+        raise BadInput(f"--teacher-api: expected chat or completions, got '{teacher_api}'")
+    options = TeacherOptions(max_new_tokens=max_new_tokens, stop=list(stop), timeout=timeout, retries=retries,
+                             concurrency=concurrency, rate_limit=rate_limit, api_key_env=api_key_env,
+                             api=teacher_api)
+    teachers = [open_teacher(spec, options) for spec in teacher]
+    from orstack.distill.generate import GenerateConfig, load_failures
+    from orstack.distill.generate import generate as run
+
+    clusters = load_failures(list(read_jsonl_numbered(failures)), str(failures))
+    for t in teachers:
+        t.check()
+    config = GenerateConfig(teachers=list(teacher), per_cluster=per_cluster, seed=settings.seed)
+    try:
+        examples, rep = run(clusters, teachers, config)
+    finally:
+        for t in teachers:
+            t.close()
+    for t in teachers:
+        if t.errors:
+            console.warn(f"teacher {t.spec}: {t.errors} failed answers (last: {t.last_error})")
+    show_report(rep)
+    if not examples:
+        raise BadInput(f"no teacher answer passed the verifier ({sum(len(v) for v in clusters.values())} failures "
+                       "asked); nothing written")
+    write_jsonl(examples, output)
+    if report is not None:
+        write_json({"examples": rep.examples, "duplicates": rep.duplicates, "rows": rep.rows()}, report)
+    console.info(f"{len(examples)} training examples from {len(clusters)} clusters"
+                 + (f" -> {output}" if output else ""))
+
+
+def show_report(rep) -> None:  # noqa: ANN001 - GenerateReport, imported lazily
+    tbl = console.new_table("cluster", "tier", "what", "asked", "accepted", "escalated", "rejected", "errors",
+                            title="distill generate")
+    for row in rep.rows():
+        tbl.add_row(str(row["cluster"]), f"{row['tier']}", row["what"], str(row["asked"]), str(row["accepted"]),
+                    str(row["escalated"]), str(row["rejected"]), str(row["errors"]))
+    console.table(tbl)
+    if rep.duplicates:
+        console.info(f"{rep.duplicates} duplicate failure prompts skipped")
+
+
+TRAIN_HELP = """Fine-tune STUDENT on Training Examples: loss on the responses only (prompt masked).
+
+LoRA by default (--lora-rank, --lora-alpha, --target-modules): the output is an adapter
+directory with orstack.json naming the base (a modifier that route hot-swaps, and that
+bench loads as base + adapter); --merge folds it in and saves a full checkpoint; --full
+trains every weight. --logits TEACHER adds logit distillation (GKD's generalised JSD:
+--kd-beta 0 forward KL, 1 reverse KL, between JSD; --kd-temperature; --t2-scale), only
+when the teacher's tokenizer is the student's (checked before loading weights).
+--recover trains on the --recover-fraction of rows with the highest loss under STUDENT
+(post-compression recovery). Rows may also be plain {"text": ...}.
+
+Example:
+
+\b
+    orstack distill train tiny --data train.jsonl -o tiny-lora --epochs 3 --lr 1e-3
+"""
+
+
+def train(
+    student: Annotated[str, typer.Argument(help="Student checkpoint directory.")],
+    data: Annotated[Path, typer.Option("--data", help="Training Example JSONL (prompt, response).")],
+    output: RequiredOutput,
+    epochs: T.Epochs = 3.0,
+    max_steps: T.MaxSteps = None,
+    lr: T.LearningRate = 2e-4,
+    batch_size: T.BatchSize = 8,
+    grad_accum: T.GradAccum = 1,
+    lora_rank: T.LoraRank = 8,
+    lora_alpha: T.LoraAlpha = None,
+    target_modules: T.TargetModules = "all-linear",
+    merge: T.Merge = False,
+    full: T.Full = False,
+    log: T.Log = None,
+    log_every: T.LogEvery = 1,
+    max_length: Annotated[int, typer.Option("--max-length", min=2, help="Tokens per row (truncated).")] = 512,
+    logits: Annotated[str | None, typer.Option("--logits", help="Teacher checkpoint for logit distillation.")] = None,
+    kd_beta: Annotated[float, typer.Option("--kd-beta", min=0.0, max=1.0, help="GKD beta: 0 fwd KL, 1 rev KL.")] = 0.0,
+    kd_temperature: Annotated[float, typer.Option("--kd-temperature", min=0.01, help="Softmax temperature.")] = 1.0,
+    kd_alpha: Annotated[float, typer.Option("--kd-alpha", min=0.0, max=1.0, help="Weight of KD vs CE.")] = 1.0,
+    t2_scale: Annotated[bool, typer.Option("--t2-scale", help="Scale the KD term by temperature^2.")] = False,
+    recover: Annotated[bool, typer.Option("--recover", help="Train only on the hardest rows (highest loss).")] = False,
+    recover_fraction: Annotated[float, typer.Option("--recover-fraction", min=0.0, max=1.0,
+                                                   help="Fraction of rows kept by --recover.")] = 0.25,
+) -> None:
+    from orstack.io.checkpoint import resolve_checkpoint
+    from orstack.io.jsonl import read_jsonl_list
+    from orstack.train.config import TrainConfig
+
+    resolve_checkpoint(student)
+    if not data.is_file():
+        raise BadInput(f"{data}: no such file")
+    if logits is not None:
+        resolve_checkpoint(logits)
+    if recover and recover_fraction <= 0:
+        raise BadInput("--recover-fraction must be > 0")
+    tc = TrainConfig(epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
+                     lora_rank=lora_rank, lora_alpha=lora_alpha, target_modules=target_modules, merge=merge,
+                     full=full, log=str(log) if log else None, log_every=log_every, max_length=max_length,
+                     seed=settings.seed)
+    tc.check()
+    rows = read_jsonl_list(data)
+
+    from orstack.distill.train import DistillTrainConfig, fine_tune
+    from orstack.io.atomic import atomic_path
+    from orstack.io.manifest import as_args
+    from orstack.train.lora import save_trained
+    from orstack.train.sft import DistillLoss
+
+    config = DistillTrainConfig(train=tc, logits_teacher=logits, recover_fraction=recover_fraction if recover else None,
+                                distill=DistillLoss(kd_beta, kd_temperature, kd_alpha, t2_scale) if logits else None)
+    if log is not None:
+        with atomic_path(log) as tmp_log:
+            tc.log = str(tmp_log)
+            model, tokenizer, result, metrics = fine_tune(student, rows, config, device=_device(),
+                                                          trust_pickle=settings.trust_pickle, where=str(data))
+    else:
+        model, tokenizer, result, metrics = fine_tune(student, rows, config, device=_device(),
+                                                      trust_pickle=settings.trust_pickle, where=str(data))
+    tc.log = str(log) if log else None
+    args = {**as_args(tc), "data": str(data), "logits": logits,
+            "distill": as_args(config.distill) if config.distill else None,
+            "recover_fraction": config.recover_fraction}
+    kind = save_trained(model, tokenizer, output, stage="distill", config=tc, base=student, args=args,
+                        metrics=metrics)
+    console.info(f"{result.steps} steps on {metrics['trained_rows']} rows, loss {result.loss_first:.4f} -> "
+                 f"{result.loss_last:.4f}; wrote {kind} to {output}")
+
+
+def _device() -> str:
+    from orstack.runtime import device
+
+    return device()
+
+
+GROUP_HELP = """Failure-targeted distillation: generate verified examples, then train a student.
+
+Example:
+
+\b
+    orstack distill generate --failures failures.jsonl --teacher cmd:'python oracle.py' -o train.jsonl
+    orstack distill train tiny --data train.jsonl -o tiny-lora
+"""
+
+
+def register(app: typer.Typer) -> None:
+    distill_app.command("generate", help=GENERATE_HELP)(generate)
+    distill_app.command("train", help=TRAIN_HELP)(train)
+    app.add_typer(distill_app, name="distill", help=GROUP_HELP)

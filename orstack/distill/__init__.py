@@ -1,0 +1,1 @@
+"""Failure-targeted distillation: data from tiered teachers (`generate`) and student training (`orstack.train`)."""

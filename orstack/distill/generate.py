@@ -1,0 +1,291 @@
+"""Failure-targeted training data: ask tiered teachers about what the student got wrong.
+
+For every failure cluster the teachers answer (a) the failures themselves and (b) with
+`per_cluster` > 0, new problems made from the cluster's representatives. Tiers are tried
+cheapest first; a task moves to the next tier only when the verifier (bench's
+`score_outputs`: numeric / exact / choice answers, code tests in the sandbox) rejects the
+response, or the teacher failed to answer. Teachers never see `answer` or `tests`.
+
+New problems: a teacher is shown a representative (problem and answer) and asked for a
+different problem of the same kind in the same format, with its answer. The new
+problem's answer is then checked like any other: it is solved through the tiers, and
+kept only when a solver's answer agrees with the proposed one (`check: "agreement"`).
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from orstack.errors import BadInput
+
+# Result fields bench adds to a task: not part of the problem.
+RESULT_FIELDS = {"model", "output", "correct", "score", "prompt_tokens", "output_tokens", "mean_logprob",
+                 "min_logprob", "mean_entropy", "latency_ms", "error", "route"}
+HIDDEN_FIELDS = {"answer", "tests"}  # what the verifier knows and the teacher must not see
+
+VARIANT_TEMPLATE = (
+    "Here is a problem and its answer.\n"
+    "Problem: {prompt}\n"
+    "Answer: {answer}\n"
+    "Write one new, different problem of the same kind and difficulty, in exactly the same format, "
+    "and its answer, as two lines:\nProblem: ...\nAnswer: ...\n"
+)
+VARIANT_REPLY = re.compile(r"Problem:[ \t]*(?P<prompt>.*?)\s*\n\s*Answer:[ \t]*(?P<answer>[^\n]*)", re.S | re.I)
+
+
+@dataclass
+class GenerateConfig:
+    teachers: list[str]
+    per_cluster: int = 0  # new problems per cluster, from its representatives
+    representatives: int = 20  # failures per cluster used as examples for new problems
+    dedup_threshold: float = 0.9  # word-trigram Jaccard above which two long prompts are near-duplicates
+    seed: int = 0
+
+
+@dataclass
+class TierStats:
+    asked: int = 0
+    accepted: int = 0
+    escalated: int = 0
+    rejected: int = 0  # rejected by the last tier: no example
+    errors: int = 0  # teacher gave no answer (network, process, parse)
+
+
+@dataclass
+class GenerateReport:
+    tiers: list[str]
+    stats: dict[tuple[Any, int, str], TierStats] = field(default_factory=lambda: defaultdict(TierStats))
+    duplicates: int = 0
+    examples: int = 0
+
+    def add(self, cluster: Any, tier: int, what: str, **counts: int) -> None:
+        st = self.stats[(cluster, tier, what)]
+        for name, n in counts.items():
+            setattr(st, name, getattr(st, name) + n)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per (cluster, tier, what): what is `solve-failure`, `variant` (asking for new
+        problems) or `solve-new` (solving them)."""
+        out = []
+        for (cluster, tier, what), st in sorted(self.stats.items(), key=lambda kv: (str(kv[0][0]), kv[0][1:])):
+            out.append({"cluster": cluster, "tier": tier + 1, "teacher": self.tiers[tier], "what": what,
+                        **st.__dict__})
+        return out
+
+
+def infer_kind(task: dict[str, Any]) -> str:
+    """The verifier kind: the task's own, else from its fields (tests -> code, answer -> numeric/exact)."""
+    if task.get("kind"):
+        return str(task["kind"])
+    if task.get("tests"):
+        return "code"
+    if task.get("answer") is None:
+        return "text"
+    from orstack.bench.scoring import parse_number
+
+    return "numeric" if parse_number(str(task["answer"])) is not None else "exact"
+
+
+def as_task(row: dict[str, Any]) -> dict[str, Any]:
+    """A failure (bench Result row) back as a Task: result fields dropped, unknown fields kept."""
+    task = {k: v for k, v in row.items() if k not in RESULT_FIELDS}
+    task["kind"] = infer_kind(task)
+    return task
+
+
+def teacher_view(task: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in task.items() if k not in HIDDEN_FIELDS}
+
+
+def verifiable(task: dict[str, Any]) -> bool:
+    kind = task["kind"]
+    return (kind == "code" and bool(task.get("tests"))) or (kind != "code" and kind != "text"
+                                                            and task.get("answer") is not None)
+
+
+def load_failures(rows: list[tuple[int, dict[str, Any]]], where: str) -> dict[Any, list[dict[str, Any]]]:
+    """Failures grouped by cluster (rows with correct=true are skipped; no cluster -> cluster None)."""
+    clusters: dict[Any, list[dict[str, Any]]] = defaultdict(list)
+    for lineno, row in rows:
+        if row.get("correct") is True:
+            continue
+        if not isinstance(row.get("prompt"), str):
+            raise BadInput(f"{where}:{lineno}: missing required field 'prompt'")
+        clusters[row.get("cluster")].append(as_task(row))
+    if not clusters:
+        raise BadInput(f"{where}: no failures (no rows with correct=false)")
+    return dict(clusters)
+
+
+# -- near-duplicates --------------------------------------------------------------------------
+def normalize_prompt(text: str) -> str:
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def _trigrams(text: str) -> set[tuple[str, ...]]:
+    words = text.split()
+    return {tuple(words[i:i + 3]) for i in range(len(words) - 2)}
+
+
+class Deduper:
+    """Exact duplicates after normalisation; near-duplicates (trigram Jaccard >= threshold) among
+    prompts of 8+ words. Short prompts like `12+345=` differ in one character and are distinct problems."""
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+        self.seen: set[str] = set()
+        self.long: list[set[tuple[str, ...]]] = []
+
+    def is_new(self, prompt: str) -> bool:
+        key = normalize_prompt(prompt)
+        if key in self.seen:
+            return False
+        grams = _trigrams(key) if len(key.split()) >= 8 else None
+        if grams:
+            for other in self.long:
+                if len(grams & other) / len(grams | other) >= self.threshold:
+                    return False
+        self.seen.add(key)
+        if grams:
+            self.long.append(grams)
+        return True
+
+
+# -- the tiered loop --------------------------------------------------------------------------
+def solve_through_tiers(teachers: list[Any], tasks: list[dict[str, Any]], report: GenerateReport,
+                        ) -> list[tuple[dict[str, Any], str, int, str] | None]:
+    """For each task: (task, response, tier, check) from the first tier whose response the
+    verifier accepts; None when every tier failed. Unverifiable tasks take the first answer."""
+    from orstack.bench.scoring import score_outputs
+
+    results: list[tuple[dict[str, Any], str, int, str] | None] = [None] * len(tasks)
+    pending = list(range(len(tasks)))
+    for tier, teacher in enumerate(teachers):
+        if not pending:
+            break
+        last = tier == len(teachers) - 1
+        responses = teacher.answer([teacher_view(tasks[i]) for i in pending])
+        scored_idx = [j for j, r in enumerate(responses) if r is not None and verifiable(tasks[pending[j]])]
+        scores = score_outputs([tasks[pending[j]] for j in scored_idx], [responses[j] for j in scored_idx])
+        verdict = dict(zip(scored_idx, (ok for ok, _ in scores)))
+        still = []
+        for j, i in enumerate(pending):
+            cluster = tasks[i].get("cluster")
+            what = "solve-new" if tasks[i].get("origin") == "variant" else "solve-failure"
+            report.add(cluster, tier, what, asked=1)
+            response = responses[j]
+            if response is None:
+                ok, check = False, None
+                report.add(cluster, tier, what, errors=1)
+            elif verifiable(tasks[i]):
+                ok, check = bool(verdict[j]), tasks[i].get("_check", "tests" if tasks[i]["kind"] == "code"
+                                                           else "answer")
+            else:
+                ok, check = True, "none"
+            if ok:
+                results[i] = (tasks[i], response, tier, check)
+                report.add(cluster, tier, what, accepted=1)
+            elif last:
+                report.add(cluster, tier, what, rejected=1)
+            else:
+                report.add(cluster, tier, what, escalated=1)
+                still.append(i)
+        pending = still
+    return results
+
+
+def variant_requests(cluster: Any, failures: list[dict[str, Any]], config: GenerateConfig) -> list[dict[str, Any]]:
+    """`per_cluster` requests for new problems, round-robin over the cluster's representatives."""
+    reps = [f for f in failures if f.get("answer") is not None][:config.representatives]
+    requests = []
+    for n in range(config.per_cluster if reps else 0):
+        rep = reps[n % len(reps)]
+        requests.append({
+            "id": f"variant-{cluster}-{n:04d}", "request": "variant", "kind": rep["kind"],
+            "prompt": VARIANT_TEMPLATE.format(prompt=rep["prompt"], answer=rep["answer"]),
+            "example": {"prompt": rep["prompt"], "answer": rep["answer"]}, "n": n,
+            **{k: rep[k] for k in ("family", "level", "domain", "cluster", "cluster_label") if k in rep},
+        })
+    return requests
+
+
+def parse_variant(reply: str) -> tuple[str, str] | None:
+    match = VARIANT_REPLY.search(reply)
+    if not match or not match.group("prompt").strip() or not match.group("answer").strip():
+        return None
+    return match.group("prompt").strip(), match.group("answer").strip()
+
+
+def new_problems(teachers: list[Any], requests: list[dict[str, Any]], report: GenerateReport,
+                 dedup: Deduper) -> list[dict[str, Any]]:
+    """Ask tiers for new problems (a reply that does not parse, or repeats a known problem, escalates)."""
+    made: list[dict[str, Any]] = []
+    pending = list(requests)
+    for tier, teacher in enumerate(teachers):
+        if not pending:
+            break
+        last = tier == len(teachers) - 1
+        replies = teacher.answer(pending)
+        still = []
+        for req, reply in zip(pending, replies):
+            cluster = req.get("cluster")
+            report.add(cluster, tier, "variant", asked=1)
+            if reply is None:
+                report.add(cluster, tier, "variant", errors=1)
+            parsed = parse_variant(reply) if reply is not None else None
+            if parsed and dedup.is_new(parsed[0]):
+                prompt, answer = parsed
+                task = {k: v for k, v in req.items() if k not in ("request", "example", "n", "prompt")}
+                task.update({"id": req["id"].replace("variant-", "new-"), "prompt": prompt, "answer": answer,
+                             "kind": infer_kind({"answer": answer, "kind": req.get("kind")}),
+                             "origin": "variant", "_check": "agreement"})
+                made.append(task)
+                report.add(cluster, tier, "variant", accepted=1)
+            elif last:
+                report.add(cluster, tier, "variant", rejected=1)
+            else:
+                report.add(cluster, tier, "variant", escalated=1)
+                still.append(req)
+        pending = still
+    return made
+
+
+def generate(failures: dict[Any, list[dict[str, Any]]], teachers: list[Any], config: GenerateConfig,
+             ) -> tuple[list[dict[str, Any]], GenerateReport]:
+    """Training Example rows (DESIGN.md) for every failure cluster, and the per-cluster/per-tier report."""
+    report = GenerateReport(tiers=[t.spec for t in teachers])
+    dedup = Deduper(config.dedup_threshold)
+    tasks: list[dict[str, Any]] = []
+    for cluster, rows in failures.items():
+        for task in rows:
+            if dedup.is_new(task["prompt"]):
+                tasks.append({**task, "cluster": cluster, "origin": "failure"})
+            else:
+                report.duplicates += 1
+    for cluster, rows in failures.items():
+        if config.per_cluster:
+            requests = variant_requests(cluster, rows, config)
+            tasks.extend(new_problems(teachers, requests, report, dedup))
+
+    solved = solve_through_tiers(teachers, tasks, report)
+    examples = []
+    counters: dict[Any, int] = defaultdict(int)
+    for item in solved:
+        if item is None:
+            continue
+        task, response, tier, check = item
+        cluster = task.get("cluster")
+        counters[cluster] += 1
+        example = {k: v for k, v in task.items() if not k.startswith("_")}
+        example.update({
+            "id": f"gen-{cluster}-{counters[cluster]:04d}", "task_id": task.get("id"), "prompt": task["prompt"],
+            "response": response, "cluster": cluster, "source": f"tier{tier + 1}:{teachers[tier].spec}",
+            "verified": check not in ("none", None), "check": check,
+        })
+        examples.append(example)
+    report.examples = len(examples)
+    return examples, report
