@@ -120,3 +120,28 @@ def tiny_trained() -> TinyBuild:
 def tiny_untrained() -> TinyBuild:
     """A random model with the tiny default's tokenizer and task files (fast; for mechanics)."""
     return build_tiny_cached(steps=1, untrained=True)
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_orstack(*args: str) -> CliResult:
+    """Run the CLI in this process (no interpreter start-up), capturing stdout, stderr and
+    the exit code, as a subprocess would see them."""
+    import contextlib
+    import io
+
+    from orstack.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return CliResult(code, out.getvalue(), err.getvalue())

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from orstack.commands.options import RequiredOutput
+from orstack.commands.options import Output, RequiredOutput
 from orstack.errors import BadInput
 
 route_app = typer.Typer(
@@ -93,6 +93,79 @@ def train(
     if plot is not None:
         _plot(router, rows, plot)
     console.info(f"router ({router.classifier.kind}, threshold {router.threshold:.2f}) written to {output}")
+
+
+@route_app.command("run")
+def run(
+    tasks: Annotated[Path, typer.Argument(help="Task JSONL (`-` for stdin).")],
+    base: Annotated[str, typer.Option("--base", help="The fast base model (checkpoint directory).")],
+    router: Annotated[
+        Path | None, typer.Option("--router", help="Router directory from `route train` (needed for --mode auto).")
+    ] = None,
+    modifier: Annotated[
+        list[str], typer.Option("--modifier", help="DOMAIN=ADAPTER: LoRA modifier for a domain. Repeatable.")
+    ] = [],  # noqa: B006 - typer needs a literal default
+    accurate: Annotated[
+        str | None, typer.Option("--accurate", help="A separate accurate model for domains without a modifier.")
+    ] = None,
+    mode: Annotated[str, typer.Option("--mode", help="auto (router decides), fast or accurate.")] = "auto",
+    vote: Annotated[int, typer.Option("--vote", help="Self-consistency: N samples on the accurate path.")] = 1,
+    compare: Annotated[
+        bool, typer.Option("--compare", help="Also run the accurate path on every task, for always-accurate.")
+    ] = False,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 32,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 16,
+    output: Output = None,
+    summary: Annotated[Path | None, typer.Option("--summary", help="Write the run summary as JSON.")] = None,
+) -> None:
+    """Answer tasks with the base; escalate the ones the router doubts to a modifier or model.
+
+    Output: Result rows plus `route` (mode, path, modifier, p_base_ok, threshold, decision_ms).
+
+    Example:
+
+        orstack route run --router router --base tiny --modifier arith=adapter tasks.jsonl -o routed.jsonl
+    """
+    from orstack import console
+    from orstack.bench.runner import load_tasks
+    from orstack.io.jsonl import write_json, write_jsonl
+    from orstack.route.router import Router
+    from orstack.route.run import RouteRunConfig, check_plan, parse_modifiers, route_tasks
+    from orstack.runtime import settings
+
+    rows = load_tasks(tasks)
+    if mode == "auto" and router is None:
+        raise BadInput("--mode auto needs --router (or use --mode fast / --mode accurate)")
+    loaded = Router.load(router) if router is not None else None
+    config = RouteRunConfig(router=str(router), base=base, modifiers=parse_modifiers(modifier), accurate=accurate,
+                            mode=mode, vote=vote, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                            compare=compare)
+    check_plan(config, loaded, rows)
+    from orstack.io.checkpoint import resolve_checkpoint
+
+    resolve_checkpoint(base)
+    routed, stats = route_tasks(config, loaded, rows, seed=settings.seed)
+    write_jsonl(routed, output)
+    if summary is not None:
+        write_json(stats, summary)
+    _print_run_summary(stats)
+    console.info(f"{len(routed)} rows routed")
+
+
+def _print_run_summary(stats: dict) -> None:
+    from orstack import console
+
+    tbl = console.new_table("route run", "value")
+    tbl.add_row("accuracy", f"{stats['accuracy']:.3f}")
+    tbl.add_row("accurate share", f"{stats['accurate_share']:.3f}")
+    tbl.add_row("always-fast accuracy", f"{stats['always_fast_accuracy']:.3f}")
+    if "always_accurate_accuracy" in stats:
+        tbl.add_row("always-accurate accuracy", f"{stats['always_accurate_accuracy']:.3f}")
+    for path, ms in stats["mean_latency_ms"].items():
+        if ms is not None:
+            tbl.add_row(f"mean latency {path} (ms/task)", f"{ms:.1f}")
+    tbl.add_row("mean decision (ms)", f"{stats['mean_decision_ms']:.3f}")
+    console.table(tbl)
 
 
 def _print_calibration(metrics: dict) -> None:

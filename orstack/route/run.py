@@ -1,0 +1,239 @@
+"""`route run`: answer with the resident base, escalate unconfident answers.
+
+The accurate path is a LoRA modifier for the task's domain, hot-swapped on the resident
+base (peft adapters are loaded once and switched by name, the base weights never reload),
+or a separate accurate model. `--vote N` samples N answers on the accurate path and takes
+the majority, with the agreement as its confidence.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orstack.errors import BadInput
+from orstack.route.router import Router
+
+MODES = ("auto", "fast", "accurate")
+
+
+@dataclass
+class RouteRunConfig:
+    router: str
+    base: str
+    modifiers: dict[str, str] = field(default_factory=dict)
+    accurate: str | None = None
+    mode: str = "auto"
+    vote: int = 1
+    vote_temperature: float = 0.7
+    max_new_tokens: int = 32
+    batch_size: int = 16
+    compare: bool = False
+
+
+def parse_modifiers(specs: list[str]) -> dict[str, str]:
+    """DOMAIN=ADAPTER pairs; each adapter must be a LoRA adapter directory."""
+    modifiers = {}
+    for spec in specs:
+        domain, sep, path = spec.partition("=")
+        if not sep or not domain or not path:
+            raise BadInput(f"--modifier {spec!r}: expected DOMAIN=ADAPTER_DIR")
+        if not (Path(path) / "adapter_config.json").is_file():
+            raise BadInput(f"--modifier {spec!r}: {path} is not a LoRA adapter directory (no adapter_config.json)")
+        modifiers[domain] = path
+    return modifiers
+
+
+def check_plan(config: RouteRunConfig, router: Router | None, tasks: list[dict]) -> None:
+    """Everything that can be wrong is found before any model loads."""
+    if config.mode not in MODES:
+        raise BadInput(f"--mode {config.mode!r}: use one of {', '.join(MODES)}")
+    if config.vote < 1:
+        raise BadInput("--vote must be at least 1")
+    if router is not None:
+        unknown = sorted(set(config.modifiers) - set(router.featurizer.domains))
+        if unknown and router.featurizer.domains:
+            raise BadInput(f"--modifier: unknown domain '{unknown[0]}' "
+                           f"(the router knows: {', '.join(router.featurizer.domains)})")
+        check_router_base(router, config.base)
+    if config.mode != "fast" and config.accurate is None:
+        missing = sorted({str(t.get("domain")) for t in tasks} - set(config.modifiers))
+        if missing:
+            raise BadInput(f"no accurate path for domain '{missing[0]}': give --modifier {missing[0]}=ADAPTER "
+                           "or --accurate MODEL")
+
+
+def check_router_base(router: Router, base: str) -> None:
+    from orstack.io.manifest import weights_digest
+
+    expected = router.base.get("sha256")
+    if expected and Path(base).exists() and weights_digest(base) != expected:
+        raise BadInput(f"router was trained on results of {router.base.get('model')}, "
+                       f"whose weights differ from --base {base}")
+
+
+class AccuratePaths:
+    """Modifiers hot-swapped on the resident base, or a separate accurate model."""
+
+    def __init__(self, base_backend, modifiers: dict[str, str], accurate: str | None, batch_size: int) -> None:
+        self.base = base_backend
+        self.modifiers = modifiers
+        self.loaded: list[str] = []
+        self.accurate_backend = None
+        self.accurate_spec = accurate
+        self.batch_size = batch_size
+        self.base_model = base_backend.model
+
+    def backend_for(self, domain: str):
+        """(backend, path label) for a task of `domain`."""
+        if domain in self.modifiers:
+            self._activate(domain)
+            return self.base, f"modifier:{domain}"
+        if self.accurate_backend is None:
+            from orstack.bench.backend import open_backend
+
+            self.accurate_backend = open_backend(self.accurate_spec, batch_size=self.batch_size)
+        return self.accurate_backend, "accurate"
+
+    def _activate(self, domain: str) -> None:
+        from peft import PeftModel
+
+        if not self.loaded:
+            self.base.model = PeftModel.from_pretrained(self.base_model, self.modifiers[domain], adapter_name=domain)
+            self.base.model.eval()
+        elif domain not in self.loaded:
+            self.base.model.load_adapter(self.modifiers[domain], adapter_name=domain)
+        if domain not in self.loaded:
+            self.loaded.append(domain)
+        self.base.model.set_adapter(domain)
+
+    def fast(self):
+        """The base with every adapter switched off (the very same weights in memory)."""
+        return _AdaptersOff(self.base)
+
+
+class _AdaptersOff:
+    def __init__(self, backend) -> None:
+        self.backend = backend
+        self.context = None
+
+    def __enter__(self):
+        if hasattr(self.backend.model, "disable_adapter"):
+            self.context = self.backend.model.disable_adapter()
+            self.context.__enter__()
+        return self.backend
+
+    def __exit__(self, *exc) -> None:
+        if self.context is not None:
+            self.context.__exit__(*exc)
+
+
+def answer_key(task: dict, text: str) -> str:
+    """What two answers must share to count as the same vote."""
+    from orstack.bench.scoring import last_number, normalize
+
+    if task.get("kind") == "numeric":
+        value = last_number(text)
+        return "" if value is None else repr(value)
+    return normalize(text)
+
+
+def vote_answers(backend, tasks: list[dict], n: int, temperature: float, max_new_tokens: int, seed: int) -> list[dict]:
+    """Self-consistency: n sampled answers per task, the majority answer and its agreement."""
+    import torch
+
+    from orstack.bench.scoring import stop_sequences
+
+    torch.manual_seed(seed)
+    model, tok = backend.model, backend.tokenizer
+    voted = []
+    for task in tasks:
+        ids = torch.tensor([backend.encode_prompt(task["prompt"])])
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                 temperature=temperature, top_k=0, num_return_sequences=n,
+                                 max_new_tokens=max_new_tokens, pad_token_id=backend.pad_id)
+        texts = [tok.decode(seq[ids.shape[1]:], skip_special_tokens=True) for seq in out]
+        stops = stop_sequences(task)
+        texts = [min((t.split(s)[0] for s in stops if s), key=len) if stops else t for t in texts]
+
+        keys = [answer_key(task, t) for t in texts]
+        winner, votes = Counter(keys).most_common(1)[0]
+        voted.append({"output": texts[keys.index(winner)], "agreement": votes / n})
+    return voted
+
+
+def route_tasks(config: RouteRunConfig, router: Router | None, tasks: list[dict], seed: int = 0) -> tuple[list, dict]:
+    """Result rows with a `route` field, and a summary of the run."""
+    from orstack.bench.backend import open_backend
+    from orstack.bench.runner import run_tasks, score_rows
+
+    base = open_backend(config.base, batch_size=config.batch_size)
+    paths = AccuratePaths(base, config.modifiers, config.accurate, config.batch_size)
+    started = time.perf_counter()
+    with paths.fast() as backend:
+        fast_rows = run_tasks(backend, tasks, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
+    fast_seconds = time.perf_counter() - started
+    decisions = []
+    for row in fast_rows:
+        if config.mode == "auto":
+            p, escalate, ms = router.decide(row)
+        else:
+            p, escalate, ms = None, config.mode == "accurate", 0.0
+        decisions.append((p, escalate, ms))
+    # --compare runs the accurate path on every task, to report always-accurate beside the router
+    to_run = range(len(tasks)) if config.compare else [i for i, (_, esc, _) in enumerate(decisions) if esc]
+    accurate_rows: dict[int, dict] = {}
+    by_domain: dict[str, list[int]] = defaultdict(list)
+    for i in to_run:
+        by_domain[str(tasks[i].get("domain"))].append(i)
+    accurate_seconds = 0.0
+    for domain, indices in sorted(by_domain.items()):
+        backend, label = paths.backend_for(domain)
+        subset = [tasks[i] for i in indices]
+        began = time.perf_counter()
+        rows = run_tasks(backend, subset, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
+        if config.vote > 1:
+            voted = vote_answers(backend, subset, config.vote, config.vote_temperature, config.max_new_tokens, seed)
+            for row, v in zip(rows, voted):
+                row["output"], row["vote_agreement"] = v["output"], v["agreement"]
+            score_rows(rows, subset, [r["output"] for r in rows])
+        accurate_seconds += time.perf_counter() - began
+        for i, row in zip(indices, rows):
+            row["route_path"] = label
+            accurate_rows[i] = row
+    out = []
+    for i, (p, escalate, ms) in enumerate(decisions):
+        row = dict(accurate_rows[i]) if escalate else dict(fast_rows[i])
+        path = row.pop("route_path", "fast") if escalate else "fast"
+        row["route"] = {"mode": config.mode, "path": path, "modifier": path.split(":", 1)[1] if ":" in path else None,
+                        "p_base_ok": p, "threshold": router.threshold if router else None,
+                        "decision_ms": round(ms, 4)}
+        out.append(row)
+    summary = summarise(out, fast_rows, accurate_rows if config.compare else None, fast_seconds, accurate_seconds)
+    base.close()
+    return out, summary
+
+
+def summarise(rows: list[dict], fast_rows: list[dict], all_accurate: dict[int, dict] | None,
+              fast_seconds: float, accurate_seconds: float) -> dict[str, Any]:
+    def accuracy(items) -> float:
+        items = list(items)
+        return sum(bool(r.get("correct")) for r in items) / max(len(items), 1)
+
+    escalated = [r for r in rows if r["route"]["path"] != "fast"]
+    summary = {
+        "tasks": len(rows),
+        "accuracy": accuracy(rows),
+        "accurate_share": len(escalated) / max(len(rows), 1),
+        "always_fast_accuracy": accuracy(fast_rows),
+        "mean_latency_ms": {"fast": 1000 * fast_seconds / max(len(rows), 1),
+                            "accurate": 1000 * accurate_seconds / max(len(escalated), 1) if escalated else None},
+        "mean_decision_ms": sum(r["route"]["decision_ms"] for r in rows) / max(len(rows), 1),
+    }
+    if all_accurate is not None:
+        summary["always_accurate_accuracy"] = accuracy(all_accurate.values())
+    return summary
