@@ -41,7 +41,7 @@ def train(
         float, typer.Option("--cost-weight", min=0.0, help="score = accuracy - weight x cost / always-accurate cost.")
     ] = 0.2,
     embedder: Annotated[
-        str, typer.Option("--embedder", help="Prompt embedding: tfidf, none, or a sentence-transformers model path.")
+        str, typer.Option("--embedder", help="Prompt embedding: tfidf, none, minilm or a model dir.")
     ] = "tfidf",
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a reliability-diagram PNG.")] = None,
 ) -> None:
@@ -69,6 +69,10 @@ def train(
     )
     from orstack.runtime import settings
 
+    if embedder not in ("tfidf", "none"):
+        from orstack.cluster.embed import resolve_embedder
+
+        resolve_embedder(embedder)
     if optimize and results_accurate is None:
         raise BadInput("--optimize needs --results-accurate (the accurate path's results on the same tasks)")
     rows = read_jsonl_list(results, required=("id", "correct"))

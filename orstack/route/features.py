@@ -42,7 +42,7 @@ def signal_vector(row: dict) -> list[float]:
 
 @dataclass
 class Featurizer:
-    embedder: str = "tfidf"  # tfidf | none | a sentence-transformers model path
+    embedder: str = "tfidf"  # tfidf | none | minilm | a sentence-transformers model directory
     svd_dims: int = 16
     domains: list[str] = field(default_factory=list)
     mean: np.ndarray | None = None
@@ -82,9 +82,9 @@ class Featurizer:
         if self.embedder == "tfidf":
             tfidf = self._tfidf().transform(prompts)
             return np.asarray(tfidf @ self.svd_components.T)
-        from orstack.cluster.embed import embed_texts  # sentence-transformers, shared with cluster-failures
+        from orstack.cluster.embed import resolve_embedder, sentence_embed  # shared with cluster-failures
 
-        return np.asarray(embed_texts(prompts, self.embedder))
+        return np.asarray(sentence_embed(prompts, resolve_embedder(self.embedder)))
 
     def _tfidf(self):
         if self._vectorizer is None:
