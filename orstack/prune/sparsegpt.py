@@ -58,8 +58,8 @@ def sparsegpt_prune(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune `weight` [rows, cols] given H = XᵀX/n [cols, cols]; returns (new weight, keep mask).
 
-    Unstructured: every row loses round(cols · sparsity) weights (per block the quota is the
-    difference of cumulative roundings, so the rows' totals are exact). Pattern (N, M): the
+    Unstructured: every row loses round(cols · sparsity) weights; each block takes what the
+    row still owes the cumulative target at the block's end, so the totals are exact. Pattern (N, M): the
     N lowest-scoring weights of each group of M are chosen when the group's first column is
     reached (after the updates from earlier columns, as in the paper). `forced` marks weights
     that must be pruned (already zero from an earlier stage).
@@ -70,6 +70,7 @@ def sparsegpt_prune(
     w = weight.detach().float().clone()
     hinv = inverse_hessian_factor(hessian.to(w.device), damp)
     keep = torch.ones_like(w, dtype=torch.bool)
+    done = torch.zeros(rows, dtype=torch.long, device=w.device)  # weights pruned so far, per row
     if pattern is not None:
         # a group of M must not straddle two blocks
         blocksize = max(pattern[1], blocksize - blocksize % pattern[1])
@@ -83,12 +84,17 @@ def sparsegpt_prune(
         keep1 = torch.ones_like(w1, dtype=torch.bool)
         forced1 = forced[:, i1:i2] if forced is not None else None
         if pattern is None:
-            k = n_pruned(i2, sparsity) - n_pruned(i1, sparsity)
+            # each row prunes what it still owes the cumulative target up to column i2 (never
+            # fewer than its forced zeros here), so row totals stay exact across blocks
+            owed = n_pruned(i2, sparsity) - done
+            if forced1 is not None:
+                owed = torch.maximum(owed, forced1.sum(1))
+            owed = owed.clamp(0, i2 - i1)
             scores = w1**2 / d.unsqueeze(0) ** 2
             if forced1 is not None:
                 scores = scores.masked_fill(forced1, -torch.inf)
-            if k > 0:
-                keep1.scatter_(1, scores.topk(k, dim=1, largest=False).indices, False)
+            ranks = scores.argsort(dim=1, stable=True).argsort(dim=1)
+            keep1 = ranks >= owed.unsqueeze(1)
         if forced1 is not None:
             keep1 &= ~forced1
         for i in range(i2 - i1):
@@ -109,5 +115,6 @@ def sparsegpt_prune(
         w[:, i1:i2] = w1
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
         keep[:, i1:i2] = keep1
+        done += (~keep1).sum(1)
     w[~keep] = 0.0
     return w.to(weight.dtype), keep

@@ -1,0 +1,133 @@
+"""`orstack prune`: remove weights (magnitude, Wanda, SparseGPT; unstructured or N:M)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from orstack import console
+from orstack.commands.options import Calib, Dtype, NSamples, RequiredOutput
+from orstack.errors import BadInput
+from orstack.runtime import settings
+
+HELP = """Prune the decoder-layer linear weights of a Llama-family checkpoint.
+
+Methods: magnitude (|W|), wanda (|W| x ||X||_2 of the calibration inputs, per output row)
+and sparsegpt (column blocks with the inverse-Hessian update). Either --sparsity S
+(unstructured: every output row loses the fraction S; --attn-sparsity / --mlp-sparsity
+override it per module type) or --pattern N:M (exactly N zeros in every group of M
+consecutive input weights, e.g. 2:4). Layers are pruned one at a time on calibration
+inputs propagated through the already-pruned layers. Embeddings and lm_head stay dense.
+
+--gradual K reaches the target in K equal stages; --recover DATA --steps N fine-tunes
+after each stage with pruned weights kept exactly zero. --grid 0.5,0.6,0.7 tries each
+level and keeps the best by score = -ln(ppl) - SIZE_WEIGHT x (stored bytes / dense bytes).
+Perplexity is measured on --heldout (or the start of the calibration text) before and
+after; the manifest records it with per-layer sparsity. --compress (default) stores the
+pruned matrices as bitmask + kept values (docs/prune.md), read by every orstack stage;
+--no-compress writes a plain checkpoint any transformers loads.
+
+Example:
+
+\b
+    orstack prune model --calib calib.txt -o pruned --method wanda --pattern 2:4 \\
+        --nsamples 32 --seqlen 128 --heldout heldout.txt
+"""
+
+Method = Annotated[str, typer.Option("--method", help="magnitude, wanda or sparsegpt.")]
+
+
+def prune(
+    model: Annotated[str, typer.Argument(help="Checkpoint directory (Llama family).")],
+    calib: Calib,
+    output: RequiredOutput,
+    method: Method = "wanda",
+    sparsity: Annotated[float, typer.Option("--sparsity", help="Unstructured sparsity per output row, in [0, 1).")]
+    = 0.5,
+    pattern: Annotated[str | None, typer.Option("--pattern", help="N:M pattern, e.g. 2:4 (N zeros per M).")] = None,
+    attn_sparsity: Annotated[float | None, typer.Option("--attn-sparsity", help="Sparsity of self_attn linears.")]
+    = None,
+    mlp_sparsity: Annotated[float | None, typer.Option("--mlp-sparsity", help="Sparsity of mlp linears.")] = None,
+    nsamples: NSamples = 128,
+    seqlen: Annotated[
+        int | None, typer.Option("--seqlen", min=8, help="Tokens per calibration sequence "
+                                                                "[default: min(512, context)].")
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Calibration sequences per forward.")] = 8,
+    blocksize: Annotated[int, typer.Option("--blocksize", min=1, help="SparseGPT column block.")] = 128,
+    damp: Annotated[float, typer.Option("--damp", min=0.0, help="SparseGPT dampening (x mean diag H).")] = 0.01,
+    gradual: Annotated[int, typer.Option("--gradual", min=1, help="Reach the target in K stages.")] = 1,
+    recover: Annotated[
+        Path | None, typer.Option("--recover", help="Text/JSONL for the mask-preserving recovery fine-tune.")
+    ] = None,
+    steps: Annotated[int | None, typer.Option("--steps", min=0, help="Recovery steps per stage [default: 50 "
+                                                                     "with --recover].")] = None,
+    lr: Annotated[float, typer.Option("--lr", min=0.0, help="Recovery learning rate (AdamW).")] = 1e-4,
+    grid: Annotated[str | None, typer.Option("--grid", help="Sparsities to try, e.g. 0.5,0.6,0.7.")] = None,
+    size_weight: Annotated[float, typer.Option("--size-weight", min=0.0, help="Size penalty weight of --grid.")]
+    = 1.0,
+    compress: Annotated[bool, typer.Option("--compress/--no-compress", help="Store pruned matrices sparsely.")]
+    = True,
+    heldout: Annotated[list[Path] | None, typer.Option("--heldout", help="Held-out text for perplexity.")] = None,
+    eval_length: Annotated[int, typer.Option("--eval-length", min=8, help="Perplexity window, tokens.")] = 512,
+    dtype: Dtype = "float32",
+) -> None:
+    from orstack.io.checkpoint import resolve_checkpoint
+    from orstack.io.text import check_text_files
+    from orstack.prune.stage import PruneConfig, parse_grid
+
+    source = resolve_checkpoint(model)
+    if not isinstance(source, Path):
+        raise BadInput(f"{model}: no such checkpoint directory")
+    calib_files = check_text_files(calib, "--calib")
+    heldout_files = check_text_files(heldout, "--heldout") if heldout else None
+    recover_file = check_text_files([recover], "--recover")[0] if recover is not None else None
+    config = PruneConfig(
+        method=method, sparsity=sparsity, pattern=pattern, attn_sparsity=attn_sparsity, mlp_sparsity=mlp_sparsity,
+        nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, blocksize=blocksize, damp=damp, gradual=gradual,
+        steps=(50 if recover is not None else 0) if steps is None else steps, lr=lr,
+        grid=parse_grid(grid) if grid is not None else None, size_weight=size_weight, compress=compress,
+        eval_length=eval_length, seed=settings.seed, calib=[str(p) for p in calib_files],
+        recover=str(recover_file) if recover_file else None,
+        heldout=[str(p) for p in heldout_files] if heldout_files else None,
+    )
+    config.validate()
+    _run(source, output, config, dtype)
+
+
+def _run(source: Path, output: Path, config, dtype: str) -> None:  # noqa: ANN001 - PruneConfig
+    from orstack.io.checkpoint import check_architecture, load_config, load_model, save_checkpoint
+    from orstack.io.text import read_texts
+    from orstack.layerwise import decoder_layers
+    from orstack.prune.core import masks_of
+    from orstack.prune.stage import run_prune
+    from orstack.prune.storage import FORMAT, save_sparse
+    from orstack.runtime import device, seed_everything
+
+    check_architecture(load_config(source), where=str(source))
+    seed_everything()
+    calib_texts = list(read_texts(config.calib))
+    heldout_texts = list(read_texts(config.heldout)) if config.heldout else None
+    recover_texts = list(read_texts(config.recover)) if config.recover else None
+    model, tokenizer = load_model(source, device=device(), dtype=dtype, trust_pickle=settings.trust_pickle)
+    decoder_layers(model)
+    metrics = run_prune(model, tokenizer, config, calib_texts=calib_texts, heldout_texts=heldout_texts,
+                        recover_texts=recover_texts)
+    write_weights, extra = None, None
+    if config.compress:
+        sparse_names = set(masks_of(model))
+
+        def write_weights(tmp: Path) -> None:
+            metrics.update(save_sparse(model, tmp, sparse_names))
+
+        extra = {"weights_format": FORMAT}
+    save_checkpoint(model, tokenizer, output, stage="prune", args=config, parent=source, metrics=metrics,
+                    extra=extra, write_weights=write_weights)
+    size = (output / "model.safetensors").stat().st_size if (output / "model.safetensors").exists() else None
+    console.info(f"wrote {output}" + (f" ({size / 1e6:.1f} MB)" if size else ""))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("prune", help=HELP)(prune)

@@ -1,0 +1,98 @@
+"""Mask-preserving recovery fine-tune: a short AdamW loop on language-modelling loss in
+which pruned weights stay exactly zero.
+
+Gradients of pruned weights are masked (so AdamW's moments for them stay zero and its
+decoupled weight decay has nothing to shrink), and the mask is re-applied after every step
+as well; at the end every pruned weight is checked to be exactly zero. Embeddings and
+lm_head stay frozen (they are not pruned, and with tied embeddings they are one tensor).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+@dataclass
+class RecoverResult:
+    steps: int
+    loss_first: float
+    loss_last: float
+
+
+def trainable_parameters(model: nn.Module) -> list[torch.nn.Parameter]:
+    """Decoder layers and the final norm: everything but embeddings and lm_head."""
+    from orstack.layerwise import decoder_layers
+
+    params = list(decoder_layers(model).parameters())
+    norm = getattr(model.model, "norm", None)
+    if norm is not None:
+        params += list(norm.parameters())
+    return params
+
+
+def recover(
+    model: nn.Module,
+    ids: torch.Tensor,
+    *,
+    steps: int,
+    lr: float = 1e-4,
+    batch_size: int = 4,
+    seed: int = 0,
+) -> RecoverResult:
+    """Fine-tune `model` in place on windows `ids` [n, seq] for `steps` AdamW steps."""
+    import torch
+
+    from orstack.console import progress
+    from orstack.layerwise import decoder_layers, linear_modules
+
+    pruned = []  # (weight, keep mask) of every decoder-layer Linear
+    for layer in decoder_layers(model):
+        for module in linear_modules(layer).values():
+            pruned.append((module.weight, module.weight.detach() != 0))
+    params = trainable_parameters(model)
+    frozen = [p for p in model.parameters() if all(p is not q for q in params)]
+    was_training = model.training
+    saved_grad = [p.requires_grad for p in frozen]
+    for p in frozen:
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    hooks = [w.register_hook(lambda g, keep=keep: g * keep) for w, keep in pruned]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    losses = []
+    model.train()
+    try:
+        with progress() as bar:
+            task = bar.add_task("recover", total=steps, unit="steps")
+            for _ in range(steps):
+                rows = torch.randint(0, ids.shape[0], (min(batch_size, ids.shape[0]),), generator=generator)
+                batch = ids[rows].to(device)
+                loss = model(input_ids=batch, labels=batch).loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                with torch.no_grad():
+                    for w, keep in pruned:
+                        w.mul_(keep)
+                losses.append(loss.item())
+                bar.advance(task)
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, flag in zip(frozen, saved_grad):
+            p.requires_grad_(flag)
+        model.train(was_training)
+        model.zero_grad(set_to_none=True)
+    for w, keep in pruned:
+        if bool((w.detach()[~keep] != 0).any()):
+            raise RuntimeError("recovery fine-tune changed a pruned weight; the mask was not preserved")
+    return RecoverResult(steps=steps, loss_first=losses[0] if losses else float("nan"),
+                         loss_last=losses[-1] if losses else float("nan"))

@@ -1,0 +1,302 @@
+"""orstack prune: masks, methods, recovery, sparse storage and the command's behaviour."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from orstack.errors import BadInput
+from orstack.prune.core import PruneSpec, masks_of, model_sparsity, prune_matrix, prune_model
+from orstack.prune.masks import check_nm, nm_mask, parse_pattern, row_mask
+from orstack.prune.sparsegpt import sparsegpt_prune
+from orstack.prune.storage import is_sparse_checkpoint, pack_bits, read_sparse_state, save_sparse, unpack_bits
+
+torch.set_num_threads(1)
+
+
+def run_cli(*args: str) -> int:
+    from orstack.cli import main
+
+    try:
+        main(["--quiet", *map(str, args)])
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+class Stats:
+    """What layerwise.InputStats provides, computed from a plain input matrix."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x
+
+    @property
+    def norm(self) -> torch.Tensor:
+        return self.x.norm(dim=0)
+
+    def hessian(self) -> torch.Tensor:
+        return self.x.t() @ self.x / self.x.shape[0]
+
+
+@pytest.fixture(scope="module")
+def structured_layer():
+    """A random layer whose inputs have very uneven channel scales and low-rank structure,
+    as LLM activations do (a few channels carry large values)."""
+    g = torch.Generator().manual_seed(0)
+    cols, rows, n = 128, 64, 1024
+    scale = torch.exp(1.5 * torch.randn(cols, generator=g))
+    x = (torch.randn(n, 16, generator=g) @ torch.randn(16, cols, generator=g)
+         + 0.5 * torch.randn(n, cols, generator=g)) * scale
+    w = torch.randn(rows, cols, generator=g)
+    return w, x
+
+
+def output_error(w, new, x) -> float:
+    return float(((x @ w.t() - x @ new.t()) ** 2).sum() / (x @ w.t()).pow(2).sum())
+
+
+# --- masks and patterns -------------------------------------------------------------------
+
+def test_parse_pattern():
+    assert parse_pattern("2:4") == (2, 4)
+    assert parse_pattern("1:8") == (1, 8)
+    for bad in ("3:2", "4:4", "0:4", "2-4", "a:b", "2:4:8"):
+        with pytest.raises(BadInput):
+            parse_pattern(bad)
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (3, 8), (4, 8)])
+def test_nm_mask_prunes_exactly_n_lowest_per_group(n, m):
+    scores = torch.rand(32, 64, generator=torch.Generator().manual_seed(n * m))
+    keep = nm_mask(scores, n, m)
+    groups_keep = keep.reshape(32, -1, m)
+    assert bool(((~groups_keep).sum(2) == n).all())
+    # the pruned ones are the N smallest of each group
+    groups = scores.reshape(32, -1, m)
+    largest_pruned = groups.masked_fill(groups_keep, -1).max(2).values
+    smallest_kept = groups.masked_fill(~groups_keep, 2).min(2).values
+    assert bool((largest_pruned < smallest_kept).all())
+
+
+def test_nm_mask_needs_width_multiple_of_m():
+    with pytest.raises(BadInput, match="multiple of 4"):
+        nm_mask(torch.rand(4, 10), 2, 4)
+
+
+def test_check_nm_rejects_a_violated_pattern():
+    w = torch.randn(8, 16)
+    w[:, ::2] = 0
+    check_nm(w, 2, 4)
+    w[3, 0] = 1.0
+    with pytest.raises(RuntimeError, match="2:4 pattern is violated"):
+        check_nm(w, 2, 4, "w")
+
+
+def test_row_mask_gives_every_row_the_sparsity():
+    scores = torch.rand(16, 100)
+    keep = row_mask(scores, 0.37)
+    assert bool(((~keep).sum(1) == 37).all())
+    forced = torch.zeros_like(keep)
+    forced[:, :50] = True
+    keep = row_mask(scores, 0.2, forced)
+    assert not bool(keep[:, :50].any())
+
+
+# --- methods ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pattern", [None, (2, 4)])
+def test_wanda_and_sparsegpt_beat_magnitude_on_structured_activations(structured_layer, pattern):
+    w, x = structured_layer
+    stats = Stats(x)
+    errors = {}
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        new = prune_matrix(w, PruneSpec(method=method, pattern=pattern), 0.5, stats)
+        assert float((new == 0).float().mean()) == pytest.approx(0.5, abs=1e-6)
+        if pattern:
+            check_nm(new, *pattern)
+        errors[method] = output_error(w, new, x)
+    assert errors["wanda"] < 0.5 * errors["magnitude"]
+    assert errors["sparsegpt"] < 0.5 * errors["magnitude"]
+    # the OBS update on top of the choice of weights: with light dampening SparseGPT beats Wanda
+    light = prune_matrix(w, PruneSpec(method="sparsegpt", pattern=pattern, damp=1e-3), 0.5, stats)
+    assert output_error(w, light, x) < errors["wanda"]
+
+
+def test_sparsegpt_per_row_sparsity_and_forced_zeros(structured_layer):
+    w, x = structured_layer
+    forced = torch.zeros_like(w, dtype=torch.bool)
+    forced[:, 5] = True
+    new, keep = sparsegpt_prune(w, Stats(x).hessian(), sparsity=0.6, blocksize=32, forced=forced)
+    assert bool(((new == 0).sum(1) == round(128 * 0.6)).all())
+    assert bool((new[:, 5] == 0).all())
+    assert torch.equal(keep, new != 0)
+
+
+# --- whole model --------------------------------------------------------------------------------
+
+@pytest.fixture()
+def model_and_ids(random_llama):
+    from orstack.io.checkpoint import load_model
+
+    model, tok = load_model(random_llama)
+    ids = torch.randint(3, model.config.vocab_size, (8, 32), generator=torch.Generator().manual_seed(0))
+    return model, tok, ids
+
+
+def test_prune_model_leaves_embeddings_and_head_dense(model_and_ids):
+    model, _, ids = model_and_ids
+    embed = model.model.embed_tokens.weight.clone()
+    head = model.lm_head.weight.clone()
+    report = prune_model(model, ids, PruneSpec(method="wanda", sparsity=0.5, attn_sparsity=0.25))
+    assert len(report.layers) == 14
+    for name, s in report.layers.items():
+        assert s == pytest.approx(0.25 if ".self_attn." in name else 0.5, abs=1e-6)
+    assert torch.equal(model.model.embed_tokens.weight, embed)
+    assert torch.equal(model.lm_head.weight, head)
+
+
+def test_recovery_keeps_pruned_weights_exactly_zero(model_and_ids):
+    from orstack.prune.recover import recover
+
+    model, _, ids = model_and_ids
+    prune_model(model, None, PruneSpec(method="magnitude", pattern=(2, 4)))
+    before = {k: v.clone() for k, v in masks_of(model).items()}
+    weights = model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    result = recover(model, ids, steps=5, lr=1e-3, batch_size=4)
+    assert result.steps == 5
+    after = masks_of(model)
+    for name, keep in before.items():
+        assert not bool((after[name] & ~keep).any()), name  # nothing pruned came back
+    now = model.model.layers[0].mlp.up_proj.weight.detach()
+    assert not torch.equal(now, weights)  # the kept weights did train
+    for module in model.model.layers[0].modules():
+        if isinstance(module, torch.nn.Linear):
+            check_nm(module.weight.detach(), 2, 4)
+
+
+def test_gradual_stages_reach_target_and_keep_earlier_zeros(model_and_ids):
+    from orstack.prune.pipeline import Schedule, prune_with_schedule
+
+    model, _, ids = model_and_ids
+    outcome = prune_with_schedule(model, ids, PruneSpec(method="sparsegpt", sparsity=0.6), Schedule(gradual=3),
+                                  recover_ids=ids, evaluate=lambda m: 1.0)
+    assert [round(r["target"], 2) for r in outcome.stages] == [0.2, 0.4, 0.6]
+    for layer in model.model.layers:
+        for module in layer.modules():
+            if isinstance(module, torch.nn.Linear):  # every row: round(0.6 * width) zeros, exactly
+                assert bool(((module.weight == 0).sum(1) == round(0.6 * module.in_features)).all())
+
+
+# --- sparse storage ------------------------------------------------------------------------------
+
+def test_bit_packing_round_trips_odd_widths():
+    keep = torch.rand(5, 13) > 0.5
+    packed = pack_bits(keep)
+    assert packed.shape == (5, 2) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_bits(packed, 13), keep)
+    # documented bit order: bit j of a row is bit j % 8 (LSB first) of byte j // 8
+    first = torch.tensor([[True] + [False] * 8 + [True]])
+    assert pack_bits(first).tolist() == [[1, 2]]
+
+
+def test_sparse_storage_round_trips_exactly_and_is_smaller(model_and_ids, tmp_path):
+    model, _, _ = model_and_ids
+    prune_model(model, None, PruneSpec(method="magnitude", sparsity=0.5))
+    sizes = save_sparse(model, tmp_path, set(masks_of(model)))
+    assert is_sparse_checkpoint(tmp_path)
+    state = read_sparse_state(tmp_path)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(state[name], tensor), name
+    linear_bytes = sum(v.numel() * 4 for v in masks_of(model).values())
+    other_bytes = sizes["dense_bytes"] - linear_bytes
+    # 50% of the linears: half the values plus a 1/32 bitmask, everything else dense
+    assert sizes["stored_bytes"] < other_bytes + 0.55 * linear_bytes
+    assert sizes["stored_bytes"] < 0.8 * sizes["dense_bytes"]
+
+
+# --- the command --------------------------------------------------------------------------------
+
+def test_cli_prunes_compresses_and_every_stage_can_load(random_llama, sample_text_file, tmp_path):
+    from orstack.io.checkpoint import load_model
+
+    out, dense_out = tmp_path / "pruned", tmp_path / "dense"
+    common = ["--calib", sample_text_file, "--method", "wanda", "--pattern", "2:4", "--nsamples", "4",
+              "--seqlen", "32", "--eval-length", "64"]
+    assert run_cli("prune", random_llama, *common, "-o", out) == 0
+    assert run_cli("prune", random_llama, *common, "--no-compress", "-o", dense_out) == 0
+    manifest = json.loads((out / "orstack.json").read_text())
+    metrics = manifest["metrics"]
+    assert manifest["weights_format"] == "orstack-sparse-bitmask"
+    assert metrics["pattern"] == "2:4" and metrics["sparsity"] == pytest.approx(0.5)
+    assert set(metrics["layer_sparsity"].values()) == {0.5}
+    assert metrics["ppl_before"] > 0 and metrics["ppl_after"] > 0
+    assert manifest["args"]["method"] == "wanda"
+    sparse_size = (out / "model.safetensors").stat().st_size
+    dense_size = (dense_out / "model.safetensors").stat().st_size
+    assert sparse_size < 0.8 * dense_size
+    sparse_model, _ = load_model(out)
+    dense_model, _ = load_model(dense_out)
+    for (name, a), (_, b) in zip(sparse_model.state_dict().items(), dense_model.state_dict().items()):
+        assert torch.equal(a, b), name
+    for layer in sparse_model.model.layers:
+        for module in layer.modules():
+            if isinstance(module, torch.nn.Linear):
+                check_nm(module.weight.detach(), 2, 4)
+    # a pruned checkpoint is itself a valid input: pruning again keeps the old zeros
+    again = tmp_path / "again"
+    assert run_cli("prune", out, "--calib", sample_text_file, "--method", "magnitude", "--sparsity", "0.6",
+                   "--eval-length", "64", "-o", again) == 0
+    again_model, _ = load_model(again)
+    assert model_sparsity(again_model).sparsity == pytest.approx(0.6, abs=3e-3)
+    assert not bool((masks_of(again_model)["model.layers.0.mlp.up_proj.weight"]
+                     & ~masks_of(sparse_model)["model.layers.0.mlp.up_proj.weight"]).any())
+
+
+def test_cli_grid_keeps_best_by_score(random_llama, sample_text_file, tmp_path):
+    out = tmp_path / "grid"
+    assert run_cli("prune", random_llama, "--calib", sample_text_file, "--method", "magnitude",
+                   "--grid", "0.2,0.7", "--size-weight", "100", "--eval-length", "64", "-o", out) == 0
+    metrics = json.loads((out / "orstack.json").read_text())["metrics"]
+    rows = metrics["grid"]
+    assert [r["sparsity"] for r in rows] == [0.2, 0.7]
+    best = max(rows, key=lambda r: r["score"])
+    assert best["best"] and best["sparsity"] == 0.7  # a heavy size weight favours the sparser model
+    assert metrics["sparsity"] == pytest.approx(0.7, abs=3e-3)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--sparsity", "1.0"], "--sparsity 1.0"),
+    (["--sparsity", "-0.1"], "--sparsity -0.1"),
+    (["--pattern", "3:2"], "0 < N < M"),
+    (["--method", "random"], "--method random"),
+    (["--pattern", "2:4", "--gradual", "3"], "--gradual"),
+    (["--grid", "0.5,1.2"], "--grid 1.2"),
+    (["--steps", "5"], "--recover"),
+])
+def test_cli_bad_options_exit_2_and_write_nothing(random_llama, sample_text_file, tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    assert run_cli("prune", random_llama, "--calib", sample_text_file, "-o", out, *extra) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_cli_missing_calibration_file_and_model(random_llama, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_cli("prune", random_llama, "--calib", tmp_path / "none.txt", "-o", out) == 2
+    assert "none.txt: no such file" in capsys.readouterr().err
+    assert run_cli("prune", tmp_path / "nomodel", "--calib", tmp_path / "none.txt", "-o", out) == 2
+    assert not out.exists()
+
+
+def test_cli_unsupported_architecture_exits_2(sample_text_file, tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, n_positions=16)).save_pretrained(gpt2)
+    out = tmp_path / "out"
+    assert run_cli("prune", gpt2, "--calib", sample_text_file, "-o", out) == 2
+    assert "unsupported architecture 'gpt2'" in capsys.readouterr().err
+    assert not out.exists()
