@@ -27,7 +27,7 @@ def apply_lora(model: Any, config: TrainConfig) -> Any:
     from peft import LoraConfig, get_peft_model
 
     # peft calls a transformers method that transformers 5 deprecates: not the user's concern.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v6.*", category=FutureWarning)
     lora = LoraConfig(r=config.lora_rank, lora_alpha=config.alpha, target_modules=config.modules(),
                       lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
     try:

@@ -1,0 +1,137 @@
+"""`orstack rl`: reinforcement learning with verifiable rewards (GRPO, tight KL, token efficiency)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from orstack import console
+from orstack.commands import _train_options as T
+from orstack.commands.options import RequiredOutput
+from orstack.errors import BadInput
+from orstack.runtime import settings
+
+HELP = """Train MODEL with GRPO (trl) on tasks whose answers can be checked.
+
+Rewards compose by flag: --reward correct (bench's verifiers: numeric, exact, choice,
+code tests in the sandbox; the default), --reward format (ended by itself, nothing after
+the answer, --format-regex), --reward cmd:COMMAND (JSONL rows in, `reward` out), and the
+token-efficiency reward for correct answers (up to --efficiency-weight for being shorter
+than --target-length tokens, a capped penalty for longer; 0 turns it off). --clip-reward
+clips each reward. KL to the reference: --beta (0.02), or adaptive toward --target-kl.
+LoRA by default; --merge or --full as in distill train. A batch size that trl would
+reject is raised to the next compatible one (and said so). --srl TRAJECTORIES runs a
+step-wise SFT stage (each step weighted by its reward) first. --log writes one JSONL row
+per step (reward, accuracy, completion length, KL, beta, lr).
+
+Example:
+
+\b
+    orstack rl tiny --tasks tasks/train.jsonl -o tiny-rl --max-steps 50 --log rl.jsonl
+"""
+
+
+def rl(
+    model: Annotated[str, typer.Argument(help="Checkpoint directory (or an adapter directory).")],
+    tasks: Annotated[Path, typer.Option("--tasks", help="Task JSONL with answers (or tests for code).")],
+    output: RequiredOutput,
+    reward: Annotated[list[str], typer.Option("--reward", help="correct, format or cmd:COMMAND (repeatable).")] = [],  # noqa: B006
+    efficiency_weight: Annotated[float, typer.Option("--efficiency-weight", min=0.0,
+                                                    help="Largest efficiency bonus/penalty (0: off).")] = 0.2,
+    target_length: Annotated[int, typer.Option("--target-length", min=1, help="Efficiency target, tokens.")] = 16,
+    format_regex: Annotated[str | None, typer.Option("--format-regex", help="Answer must match (format).")] = None,
+    clip_reward: Annotated[float | None, typer.Option("--clip-reward", min=0.0, help="Clip each reward.")] = None,
+    beta: Annotated[float, typer.Option("--beta", min=0.0, help="KL coefficient to the reference.")] = 0.02,
+    target_kl: Annotated[float | None, typer.Option("--target-kl", min=1e-9, help="Adapt beta toward this KL.")] = None,
+    num_generations: Annotated[int, typer.Option("--num-generations", help="Completions per prompt.")] = 4,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Completion budget.")] = 32,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.01, help="Sampling temperature.")] = 1.0,
+    srl: Annotated[Path | None, typer.Option("--srl", help="Trajectory JSONL for a step-wise SFT stage.")] = None,
+    epochs: T.Epochs = 1.0,
+    max_steps: T.MaxSteps = None,
+    lr: T.LearningRate = 1e-4,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=0,
+                                            help="Completions per forward pass (0: --num-generations).")] = 0,
+    grad_accum: T.GradAccum = 1,
+    lora_rank: T.LoraRank = 8,
+    lora_alpha: T.LoraAlpha = None,
+    target_modules: T.TargetModules = "all-linear",
+    merge: T.Merge = False,
+    full: T.Full = False,
+    log: T.Log = None,
+) -> None:
+    import re
+
+    from orstack.io.checkpoint import resolve_checkpoint
+    from orstack.train.config import TrainConfig
+
+    resolve_checkpoint(model)
+    if not tasks.is_file():
+        raise BadInput(f"{tasks}: no such file")
+    if srl is not None and not srl.is_file():
+        raise BadInput(f"--srl {srl}: no such file")
+    rewards = tuple(reward) or ("correct",)
+    for r in rewards:
+        if r not in ("correct", "format") and not r.startswith("cmd:"):
+            raise BadInput(f"--reward {r}: expected correct, format or cmd:COMMAND")
+        if r.startswith("cmd:"):
+            from orstack.teachers.base import check_command
+
+            check_command(f"--reward {r}", r[4:].strip() or " ")
+    if format_regex is not None:
+        try:
+            re.compile(format_regex)
+        except re.error as e:
+            raise BadInput(f"--format-regex: {e}") from None
+    tc = TrainConfig(epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
+                     lora_rank=lora_rank, lora_alpha=lora_alpha, target_modules=target_modules, merge=merge, full=full,
+                     log=str(log) if log else None, seed=settings.seed)
+    tc.check()
+
+    from orstack.rl.grpo import RLConfig, choose_batch, load_tasks, run_rl, srl_examples, world_size
+    from orstack.rl.rewards import RewardConfig
+
+    choose_batch(batch_size, grad_accum, num_generations, world_size())  # bad shapes fail before loading
+    task_rows = load_tasks(str(tasks), need_answers="correct" in rewards)
+    if srl is not None:
+        srl_examples(str(srl))
+    config = RLConfig(train=tc, num_generations=num_generations, max_new_tokens=max_new_tokens,
+                      temperature=temperature, beta=beta, target_kl=target_kl, srl=str(srl) if srl else None,
+                      rewards=RewardConfig(rewards=rewards, efficiency_weight=efficiency_weight,
+                                           target_length=target_length, format_regex=format_regex, clip=clip_reward))
+
+    from orstack.io.atomic import atomic_path
+    from orstack.io.manifest import as_args
+    from orstack.runtime import device
+    from orstack.train.lora import save_trained
+
+    if log is not None:
+        with atomic_path(log) as tmp_log:
+            tc.log = str(tmp_log)
+            trained, tokenizer, result = run_rl(model, task_rows, config, device=device(),
+                                                trust_pickle=settings.trust_pickle)
+    else:
+        trained, tokenizer, result = run_rl(model, task_rows, config, device=device(),
+                                            trust_pickle=settings.trust_pickle)
+    tc.log = str(log) if log else None
+    for note in result.notes:
+        console.warn(note)
+    args = {**as_args(tc), "tasks": str(tasks), "rewards": as_args(config.rewards),
+            **{k: v for k, v in as_args(config).items() if k not in ("train", "rewards")}}
+    kind = save_trained(trained, tokenizer, output, stage="rl", config=tc, base=model, args=args,
+                        metrics=result.metrics)
+    m = result.metrics
+    console.info(f"{result.steps} steps in {result.seconds:.1f} s ({m['steps_per_s']} steps/s); reward "
+                 f"{_f(m['reward_first'])} -> {_f(m['reward_last'])}, accuracy {_f(m['accuracy_first'])} -> "
+                 f"{_f(m['accuracy_last'])}, length {_f(m['length_first'])} -> {_f(m['length_last'])}, "
+                 f"final KL {_f(m['kl_last'])}; wrote {kind} to {output}")
+
+
+def _f(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def register(app: typer.Typer) -> None:
+    app.command("rl", help=HELP)(rl)

@@ -1,0 +1,289 @@
+"""RL with verifiable rewards on trl's GRPOTrainer: orstack supplies the rewards, a batch
+shape that cannot fail trl's divisibility checks, adaptive KL, a per-step JSONL log and
+progress, and the SRL stage (step-wise SFT weighted by step reward) before RL."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orstack.errors import BadInput
+from orstack.rl.rewards import RewardConfig
+from orstack.train.config import TrainConfig
+
+
+@dataclass
+class RLConfig:
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4, batch_size=0, max_steps=50))
+    rewards: RewardConfig = field(default_factory=RewardConfig)
+    num_generations: int = 4
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    beta: float = 0.02
+    target_kl: float | None = None  # adaptive beta toward this KL
+    kl_horizon: int = 100  # steps over which the adaptive controller moves beta by its full error
+    zero_std_warn: float = 0.5  # warn when more than this fraction of groups has no reward spread
+    srl: str | None = None  # trajectories for the step-wise SFT stage
+    srl_epochs: float = 1.0
+
+
+@dataclass
+class BatchShape:
+    batch_size: int  # completions per device per forward pass
+    grad_accum: int
+    note: str | None  # what was changed, when it was
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def choose_batch(batch_size: int, grad_accum: int, num_generations: int, processes: int = 1) -> BatchShape:
+    """trl needs batch x processes x grad_accum (the generation batch) divisible by num_generations.
+    0 means "choose": one group per device. An incompatible batch is raised to the next one that
+    fits, and the note says so exactly."""
+    if num_generations < 2:
+        raise BadInput(f"--num-generations must be at least 2 (GRPO compares completions within a group), "
+                       f"got {num_generations}")
+    if batch_size == 0:
+        batch_size = num_generations
+    fixed = batch_size
+    while (fixed * processes * grad_accum) % num_generations:
+        fixed += 1
+    note = None
+    if fixed != batch_size:
+        note = (f"--batch-size {batch_size} x {processes} process(es) x --grad-accum {grad_accum} is not a multiple of "
+                f"--num-generations {num_generations}; using --batch-size {fixed}")
+    return BatchShape(fixed, grad_accum, note)
+
+
+def load_tasks(path: str, need_answers: bool) -> list[dict[str, Any]]:
+    """Tasks for RL: every row needs a prompt, and (for the correctness reward) what bench verifies."""
+    from orstack.bench.scoring import validate_task
+    from orstack.io.jsonl import display_name, read_jsonl_numbered
+
+    tasks = []
+    for lineno, row in read_jsonl_numbered(path, required=("prompt",)):
+        where = f"{display_name(path)}:{lineno}"
+        if need_answers:
+            row.setdefault("kind", "numeric" if _is_number(row.get("answer")) else "exact")
+            validate_task(row, where, fields=("prompt", "kind"))
+            if row["kind"] == "text":
+                raise BadInput(f"{where}: kind 'text' has no answer to verify; the correctness reward needs "
+                               "answer (or tests for code)")
+        tasks.append(row)
+    if not tasks:
+        raise BadInput(f"{display_name(path)}: no tasks")
+    return tasks
+
+
+def _is_number(value: Any) -> bool:
+    from orstack.bench.scoring import parse_number
+
+    return value is not None and parse_number(str(value)) is not None
+
+
+def srl_examples(path: str) -> list[dict[str, Any]]:
+    """Trajectory rows -> one training row per step: the prompt and the steps before it, then the
+    step (reasoning, then action), weighted by the step's reward."""
+    from orstack.io.jsonl import display_name, read_jsonl_numbered
+
+    rows = []
+    for lineno, traj in read_jsonl_numbered(path, required=("prompt", "steps")):
+        where = f"{display_name(path)}:{lineno}"
+        if not isinstance(traj["steps"], list) or not traj["steps"]:
+            raise BadInput(f"{where}: field 'steps': expected a non-empty list")
+        context = traj["prompt"]
+        for n, step in enumerate(traj["steps"]):
+            if not isinstance(step, dict) or not isinstance(step.get("action"), str):
+                raise BadInput(f"{where}: steps[{n}]: missing required field 'action'")
+            text = (f"{step['reasoning']}\n" if step.get("reasoning") else "") + step["action"] + "\n"
+            reward = step.get("reward", 1.0)
+            if not isinstance(reward, (int, float)):
+                raise BadInput(f"{where}: steps[{n}]: field 'reward' is not a number")
+            if reward > 0:
+                rows.append({"prompt": context, "response": text, "weight": float(reward)})
+            context += text
+    if not rows:
+        raise BadInput(f"{display_name(path)}: no step with a positive reward")
+    return rows
+
+
+def make_callback(config: RLConfig, log_path: str | None, total_steps: int):
+    """A trl TrainerCallback: JSONL log row per step, progress with reward/accuracy/KL, adaptive KL,
+    and the zero-reward-spread tally."""
+    from transformers import TrainerCallback
+
+    from orstack.console import progress
+
+    class Callback(TrainerCallback):
+        def __init__(self) -> None:
+            self.trainer = None
+            self.rows: list[dict[str, Any]] = []
+            self.log = Path(log_path).open("w", encoding="utf-8") if log_path else None
+            self.bar = progress()
+            self.task = None
+            self.start = time.perf_counter()
+
+        def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201 - trl's hook signature
+            self.bar.start()
+            self.task = self.bar.add_task("rl", total=total_steps, unit="steps")
+
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001, ANN201
+            if not logs or "reward" not in logs:
+                return
+            row = {"step": state.global_step, "reward_mean": logs.get("reward"), "reward_std": logs.get("reward_std"),
+                   "accuracy": logs.get("rewards/correct/mean"),
+                   "completion_length": logs.get("completions/mean_length"), "kl": logs.get("kl"),
+                   "beta": getattr(self.trainer, "beta", config.beta), "lr": logs.get("learning_rate"),
+                   "frac_reward_zero_std": logs.get("frac_reward_zero_std"), "loss": logs.get("loss"),
+                   "elapsed_s": round(time.perf_counter() - self.start, 3)}
+            row.update({k: v for k, v in logs.items() if k.startswith("rewards/")})
+            self.rows.append(row)
+            if self.log:
+                self.log.write(json.dumps(row) + "\n")
+                self.log.flush()
+            if config.target_kl and row["kl"] is not None and self.trainer is not None and self.trainer.beta > 0:
+                self.trainer.beta = adaptive_beta(self.trainer.beta, row["kl"], config.target_kl, config.kl_horizon)
+            desc = f"rl reward {row['reward_mean']:.3f}"
+            if row["accuracy"] is not None:
+                desc += f" acc {row['accuracy']:.2f}"
+            if row["kl"] is not None:
+                desc += f" kl {row['kl']:.4f}"
+            self.bar.update(self.task, completed=state.global_step, description=desc)
+
+        def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+            self.close()
+
+        def close(self) -> None:
+            self.bar.stop()
+            if self.log:
+                self.log.close()
+                self.log = None
+
+    return Callback()
+
+
+def adaptive_beta(beta: float, kl: float, target: float, horizon: int) -> float:
+    """The adaptive KL controller of Ziegler et al. (2019): move beta by the clipped proportional error."""
+    error = max(-0.2, min(0.2, kl / target - 1.0))
+    return beta * (1.0 + error / horizon)
+
+
+@dataclass
+class RLResult:
+    steps: int
+    seconds: float
+    history: list[dict[str, Any]]
+    metrics: dict[str, Any]
+    notes: list[str]
+
+
+def run_rl(model_spec: str, tasks: list[dict[str, Any]], config: RLConfig, *, device: str = "cpu",
+           trust_pickle: bool = False) -> tuple[Any, Any, RLResult]:
+    """SRL stage (optional), then GRPO. Returns (trained model, tokenizer, result)."""
+    import warnings
+
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import GRPOConfig, GRPOTrainer
+
+    from orstack.io.checkpoint import load_model, quiet_transformers
+    from orstack.rl.rewards import build_rewards
+    from orstack.runtime import seed_everything
+    from orstack.train.lora import apply_lora
+
+    # transformers 5 deprecation notices raised by trl/peft internals: not the user's concern.
+    warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v6.*", category=FutureWarning)
+    tc = config.train
+    shape = choose_batch(tc.batch_size, tc.grad_accum, config.num_generations, world_size())
+    notes = [shape.note] if shape.note else []
+    seed_everything(tc.seed)
+    quiet_transformers()
+    model, tokenizer = load_model(model_spec, device=device, trust_pickle=trust_pickle)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    rewards = build_rewards(config.rewards, tokenizer.eos_token_id)
+
+    peft_config = None
+    srl_metrics: dict[str, Any] = {}
+    if config.srl:
+        from dataclasses import replace
+
+        from orstack.train.data import encode_rows
+        from orstack.train.sft import train_sft
+
+        if not tc.full:
+            model = apply_lora(model, tc)
+        srl_cfg = replace(tc, max_steps=None, epochs=config.srl_epochs, batch_size=max(1, shape.batch_size), log=None)
+        data = encode_rows(tokenizer, srl_examples(config.srl), tc.max_length, config.srl)
+        srl = train_sft(model, tokenizer, data, srl_cfg, progress_desc="srl")
+        srl_metrics = {"srl_steps": srl.steps, "srl_rows": srl.examples, "srl_loss_first": srl.loss_first,
+                       "srl_loss_last": srl.loss_last}
+    elif not tc.full:
+        peft_config = LoraConfig(r=tc.lora_rank, lora_alpha=tc.alpha, target_modules=tc.modules(), lora_dropout=0.0,
+                                 bias="none", task_type="CAUSAL_LM")
+
+    import tempfile
+
+    workdir = tempfile.TemporaryDirectory(prefix="orstack-rl-")
+    dataset = Dataset.from_list([{"prompt": t["prompt"], "task": json.dumps(t)} for t in tasks])
+    rows_per_step = shape.batch_size * shape.grad_accum * world_size() // config.num_generations
+    steps = tc.max_steps or max(1, math.ceil(tc.epochs * len(tasks) / max(1, rows_per_step)))
+    args = GRPOConfig(
+        output_dir=workdir.name,
+        use_cpu=device == "cpu", report_to=[], beta=config.beta, num_generations=config.num_generations,
+        per_device_train_batch_size=shape.batch_size, gradient_accumulation_steps=shape.grad_accum,
+        max_completion_length=config.max_new_tokens, temperature=config.temperature, learning_rate=tc.lr,
+        max_steps=steps, logging_steps=1, save_strategy="no", seed=tc.seed, disable_tqdm=True,
+        max_grad_norm=tc.max_grad_norm, weight_decay=tc.weight_decay, warmup_steps=tc.warmup_steps,
+        lr_scheduler_type="linear",
+    )
+    callback = make_callback(config, tc.log, steps)
+    torch.manual_seed(tc.seed)
+    trainer = GRPOTrainer(model=model, reward_funcs=rewards, args=args, train_dataset=dataset,
+                          processing_class=tokenizer, peft_config=peft_config, callbacks=[callback])
+    callback.trainer = trainer
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    # transformers prints log dicts to stdout without tqdm: stdout is for data only.
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    start = time.perf_counter()
+    try:
+        trainer.train()
+    finally:
+        callback.close()
+        workdir.cleanup()
+    seconds = time.perf_counter() - start
+    history = callback.rows
+    zero = [r["frac_reward_zero_std"] for r in history if r.get("frac_reward_zero_std") is not None]
+    metrics = summarize(history, steps, seconds)
+    metrics.update(srl_metrics)
+    if zero and sum(zero) / len(zero) > config.zero_std_warn:
+        notes.append(f"{100 * sum(zero) / len(zero):.0f}% of groups had identical rewards for all "
+                     f"{config.num_generations} completions (no learning signal); try more --num-generations, "
+                     "a higher --temperature, or tasks nearer the model's ability")
+    model = trainer.model
+    model.eval()
+    return model, tokenizer, RLResult(steps, seconds, history, metrics, notes)
+
+
+def summarize(history: list[dict[str, Any]], steps: int, seconds: float) -> dict[str, Any]:
+    def mean(key: str, rows: list[dict[str, Any]]) -> float | None:
+        vals = [r[key] for r in rows if r.get(key) is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    head, tail = history[: max(1, len(history) // 5)], history[-max(1, len(history) // 5):]
+    return {"steps": steps, "seconds": round(seconds, 2), "steps_per_s": round(steps / seconds, 4) if seconds else None,
+            "reward_first": mean("reward_mean", head), "reward_last": mean("reward_mean", tail),
+            "accuracy_first": mean("accuracy", head), "accuracy_last": mean("accuracy", tail),
+            "length_first": mean("completion_length", head), "length_last": mean("completion_length", tail),
+            "kl_last": history[-1].get("kl") if history else None,
+            "frac_reward_zero_std": mean("frac_reward_zero_std", history)}
