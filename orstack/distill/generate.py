@@ -7,9 +7,10 @@ cheapest first; a task moves to the next tier only when the verifier (bench's
 response, or the teacher failed to answer. Teachers never see `answer` or `tests`.
 
 New problems: a teacher is shown a representative (problem and answer) and asked for a
-different problem of the same kind in the same format, with its answer. The new
-problem's answer is then checked like any other: it is solved through the tiers, and
-kept only when a solver's answer agrees with the proposed one (`check: "agreement"`).
+different problem of the same kind in the same format, with its answer. The proposed
+answer is then checked like any other: the problem is solved through the tiers and kept
+only when a solver's answer agrees with it (`check: "agreement"`); otherwise the request
+goes to the next tier.
 """
 
 from __future__ import annotations
@@ -140,7 +141,8 @@ class Deduper:
         self.seen: set[str] = set()
         self.long: list[set[tuple[str, ...]]] = []
 
-    def is_new(self, prompt: str) -> bool:
+    def is_new(self, prompt: str, add: bool = True) -> bool:
+        """Whether `prompt` is new; `add` records it (so later near-copies are not)."""
         key = normalize_prompt(prompt)
         if key in self.seen:
             return False
@@ -149,9 +151,10 @@ class Deduper:
             for other in self.long:
                 if len(grams & other) / len(grams | other) >= self.threshold:
                     return False
-        self.seen.add(key)
-        if grams:
-            self.long.append(grams)
+        if add:
+            self.seen.add(key)
+            if grams:
+                self.long.append(grams)
         return True
 
 
@@ -208,7 +211,7 @@ def variant_requests(cluster: Any, failures: list[dict[str, Any]], config: Gener
             "id": f"variant-{cluster}-{n:04d}", "request": "variant", "kind": rep["kind"],
             "prompt": VARIANT_TEMPLATE.format(prompt=rep["prompt"], answer=rep["answer"]),
             "example": {"prompt": rep["prompt"], "answer": rep["answer"]}, "n": n,
-            **{k: rep[k] for k in ("family", "level", "domain", "cluster", "cluster_label") if k in rep},
+            **{k: rep[k] for k in ("family", "level", "domain", "cluster_label") if k in rep}, "cluster": cluster,
         })
     return requests
 
@@ -221,37 +224,46 @@ def parse_variant(reply: str) -> tuple[str, str] | None:
 
 
 def new_problems(teachers: list[Any], requests: list[dict[str, Any]], report: GenerateReport,
-                 dedup: Deduper) -> list[dict[str, Any]]:
-    """Ask tiers for new problems (a reply that does not parse, or repeats a known problem, escalates)."""
-    made: list[dict[str, Any]] = []
+                 dedup: Deduper) -> list[tuple[dict[str, Any], str, int, str] | None]:
+    """Ask the tiers for new problems. A tier's problem is kept only when solving it through the
+    tiers agrees with the proposed answer; an unparsable, repeated or disagreeing proposal sends
+    the request to the next tier. Returns solved (task, response, tier, check) items."""
+    solved: list[tuple[dict[str, Any], str, int, str] | None] = []
     pending = list(requests)
     for tier, teacher in enumerate(teachers):
         if not pending:
             break
         last = tier == len(teachers) - 1
         replies = teacher.answer(pending)
-        still = []
+        candidates: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        rejected: list[dict[str, Any]] = []
         for req, reply in zip(pending, replies):
-            cluster = req.get("cluster")
-            report.add(cluster, tier, "variant", asked=1)
             if reply is None:
-                report.add(cluster, tier, "variant", errors=1)
+                report.add(req.get("cluster"), tier, "variant", errors=1)
             parsed = parse_variant(reply) if reply is not None else None
-            if parsed and dedup.is_new(parsed[0]):
+            if parsed and dedup.is_new(parsed[0], add=False):
                 prompt, answer = parsed
                 task = {k: v for k, v in req.items() if k not in ("request", "example", "n", "prompt")}
                 task.update({"id": req["id"].replace("variant-", "new-"), "prompt": prompt, "answer": answer,
                              "kind": infer_kind({"answer": answer, "kind": req.get("kind")}),
-                             "origin": "variant", "_check": "agreement"})
-                made.append(task)
-                report.add(cluster, tier, "variant", accepted=1)
-            elif last:
-                report.add(cluster, tier, "variant", rejected=1)
+                             "origin": "variant", "generator": f"tier{tier + 1}:{teacher.spec}",
+                             "_check": "agreement"})
+                candidates.append((req, task))
             else:
-                report.add(cluster, tier, "variant", escalated=1)
-                still.append(req)
-        pending = still
-    return made
+                rejected.append(req)
+        results = solve_through_tiers(teachers, [task for _, task in candidates], report) if candidates else []
+        for (req, task), item in zip(candidates, results):
+            if item is not None and dedup.is_new(task["prompt"]):
+                solved.append(item)
+                report.add(req.get("cluster"), tier, "variant", accepted=1)
+            else:
+                rejected.append(req)
+        for req in pending:
+            report.add(req.get("cluster"), tier, "variant", asked=1)
+        for req in rejected:
+            report.add(req.get("cluster"), tier, "variant", **({"rejected": 1} if last else {"escalated": 1}))
+        pending = [] if last else rejected
+    return solved
 
 
 def generate(failures: dict[Any, list[dict[str, Any]]], teachers: list[Any], config: GenerateConfig,
@@ -266,12 +278,10 @@ def generate(failures: dict[Any, list[dict[str, Any]]], teachers: list[Any], con
                 tasks.append({**task, "cluster": cluster, "origin": "failure"})
             else:
                 report.duplicates += 1
-    for cluster, rows in failures.items():
-        if config.per_cluster:
-            requests = variant_requests(cluster, rows, config)
-            tasks.extend(new_problems(teachers, requests, report, dedup))
-
     solved = solve_through_tiers(teachers, tasks, report)
+    if config.per_cluster:
+        requests = [r for cluster, rows in failures.items() for r in variant_requests(cluster, rows, config)]
+        solved += new_problems(teachers, requests, report, dedup)
     examples = []
     counters: dict[Any, int] = defaultdict(int)
     for item in solved:
