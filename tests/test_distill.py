@@ -32,7 +32,8 @@ import json, sys
 for line in sys.stdin:
     t = json.loads(line)
     k = t.get("n", 0) + 100 * t.get("cluster", 0)
-    print(json.dumps({"id": t["id"], "response": f"Problem: {k}+{k}=\\nAnswer: {2 * k + 1}" if t.get("request") else "-1"}))
+    reply = f"Problem: {k}+{k}=\\nAnswer: {2 * k + 1}" if t.get("request") else "-1"
+    print(json.dumps({"id": t["id"], "response": reply}))
 """
 
 
