@@ -34,3 +34,7 @@ register_format("compressed-tensors-pack-quantized", "orstack.quant.packed:load_
 # distill/rl: a LoRA adapter directory (adapter_config.json): base from orstack.json "base" + the adapter
 register_format("lora-adapter", "orstack.train.lora:load_adapter",
                 lambda path: path.is_dir() and (path / "adapter_config.json").is_file())
+
+# zstd-pack: a .orz pack of a checkpoint directory, unpacked once into a digest-keyed cache (docs/zstd-pack.md)
+register_format("orz-pack", "orstack.pack.load:load_packed_model",
+                lambda path: path.is_file() and path.suffix == ".orz")

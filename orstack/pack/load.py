@@ -1,0 +1,47 @@
+"""Using a packed checkpoint directly: unpack once into a cache keyed by the pack's digest."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from orstack.errors import BadInput
+from orstack.pack.reader import Pack
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
+
+
+def cache_root() -> Path:
+    """$ORSTACK_CACHE, else ~/.cache/orstack."""
+    return Path(os.environ.get("ORSTACK_CACHE") or Path.home() / ".cache" / "orstack")
+
+
+def cached_unpack(pack_path: str | Path) -> Path:
+    """The unpacked contents of a pack, extracted (and SHA-256 checked) on first use.
+
+    The cache entry is named by the digest of the pack's index, which holds the SHA-256 of
+    every file: a changed pack gets a new entry, an unchanged one is unpacked once.
+    Extraction is atomic, so an entry that exists is complete.
+    """
+    with Pack(pack_path) as p:
+        target = cache_root() / "orz" / p.digest
+        if not target.exists():
+            p.extract(target)
+    return target
+
+
+def load_packed_model(path: Path, device: str, dtype: torch.dtype) -> PreTrainedModel:
+    """Loader for `.orz` checkpoints (registered in orstack/io/formats.py)."""
+    from orstack.io.checkpoint import load_model
+    from orstack.runtime import settings
+
+    directory = cached_unpack(path)
+    if not directory.is_dir():
+        raise BadInput(f"{path}: the pack holds a single file, not a checkpoint directory")
+    name = str(dtype).removeprefix("torch.")
+    model, _ = load_model(directory, device=device, dtype=name, trust_pickle=settings.trust_pickle,
+                          with_tokenizer=False)
+    return model
