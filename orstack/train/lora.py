@@ -56,8 +56,11 @@ def adapter_base(path: Path) -> str:
 
 def load_adapter(path: Path, device: str, dtype: Any) -> Any:
     """The `lora-adapter` format loader: base loaded by load_model, adapter applied and folded in."""
+    import warnings
+
     from peft import PeftModel
 
+    warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v6.*", category=FutureWarning)
     from orstack.io.checkpoint import load_model
     from orstack.runtime import settings
 

@@ -1,0 +1,143 @@
+"""rl: reward functions on hand-made cases, batch shapes, adaptive KL, SRL rows, bad input, and
+a few real GRPO steps on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from orstack.errors import BadInput
+from orstack.rl.grpo import adaptive_beta, choose_batch, load_tasks, srl_examples
+from orstack.rl.rewards import RewardConfig, build_rewards, efficiency_bonus
+
+EOS = 1
+
+
+def call(funcs, tasks, completions, ids=None):
+    ids = ids or [[5, EOS]] * len(completions)
+    kw = {"task": [json.dumps(t) for t in tasks], "completion_ids": ids}
+    return {f.__name__: f(prompts=[t["prompt"] for t in tasks], completions=completions, **kw) for f in funcs}
+
+
+NUM = {"id": "a", "prompt": "12+345=", "answer": "357", "kind": "numeric"}
+EXACT = {"id": "b", "prompt": "rev abc=", "answer": "cba", "kind": "exact"}
+
+
+def test_efficiency_bonus_hand_cases():
+    assert efficiency_bonus(True, 4, 16, 0.2) == pytest.approx(0.2 * 0.75)
+    assert efficiency_bonus(True, 16, 16, 0.2) == 0.0
+    assert efficiency_bonus(True, 24, 16, 0.2) == pytest.approx(-0.1)
+    assert efficiency_bonus(True, 500, 16, 0.2) == pytest.approx(-0.2)  # the penalty is capped
+    assert efficiency_bonus(False, 2, 16, 0.2) == 0.0  # wrong answers earn nothing for brevity
+    assert efficiency_bonus(True, 2, 16, 0.0) == 0.0
+
+
+def test_correct_efficiency_and_format_rewards():
+    funcs = build_rewards(RewardConfig(rewards=("correct", "format"), efficiency_weight=0.2, target_length=8), EOS)
+    assert [f.__name__ for f in funcs] == ["correct", "efficiency", "format"]
+    tasks = [NUM, NUM, EXACT, EXACT, NUM]
+    completions = ["357", "356", "cba", "cba\nrev xyz=zyx", "the sum is 357"]
+    ids = [[3, 5, 7, EOS], [3, 5, 6, EOS], [9, 9, 9, EOS], [9] * 14, [4] * 16]
+    got = call(funcs, tasks, completions, ids)
+    assert got["correct"] == [1.0, 0.0, 1.0, 1.0, 1.0]  # exact: cut at the task's stop sequence first
+    assert got["efficiency"] == pytest.approx([0.2 * 0.5, 0.0, 0.2 * 0.5, -0.2 * 0.75, -0.2])
+    # format: ended by EOS and nothing after the answer
+    assert got["format"] == [1.0, 1.0, 1.0, 0.0, 0.0]
+
+
+def test_format_regex_and_clip():
+    funcs = build_rewards(RewardConfig(rewards=("format",), format_regex=r"\d+", clip=0.5), EOS)
+    assert call(funcs, [NUM, NUM], ["357", "abc"])["format"] == [0.5, 0.0]
+
+
+def test_cmd_reward(tmp_path):
+    script = tmp_path / "score.py"
+    script.write_text("import json, sys\nfor l in sys.stdin:\n    r = json.loads(l)\n"
+                      "    print(json.dumps({'row': r['row'], 'reward': len(r['completion']) - 10}))\n")
+    funcs = build_rewards(RewardConfig(rewards=(f"cmd:{sys.executable} {script}",), clip=3.0), EOS)
+    assert call(funcs, [NUM, NUM], ["357", "3" * 20])[funcs[0].__name__] == [-3.0, 3.0]
+    broken = build_rewards(RewardConfig(rewards=("cmd:echo '{}'",)), EOS)
+    with pytest.raises(RuntimeError, match="wrote 1 rows for 2"):
+        call(broken, [NUM, NUM], ["1", "2"])
+
+
+def test_batch_shapes_never_fail_trl():
+    assert choose_batch(0, 1, 4).batch_size == 4
+    shape = choose_batch(3, 1, 4)
+    assert shape.batch_size == 4 and "--batch-size 4" in shape.note
+    assert choose_batch(2, 2, 4).note is None  # 2 x 2 = 4 completions per generation batch
+    assert choose_batch(6, 1, 4).batch_size == 8
+    assert choose_batch(3, 1, 4, processes=4).batch_size == 3
+    with pytest.raises(BadInput, match="at least 2"):
+        choose_batch(4, 1, 1)
+
+
+def test_adaptive_beta_moves_toward_target():
+    assert adaptive_beta(0.02, 0.5, 0.1, 10) > 0.02
+    assert adaptive_beta(0.02, 0.01, 0.1, 10) < 0.02
+    assert adaptive_beta(0.02, 0.1, 0.1, 10) == pytest.approx(0.02)
+
+
+def test_tasks_without_answers_are_bad_input(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps(NUM) + "\n" + json.dumps({"id": "x", "prompt": "hello", "kind": "exact"}) + "\n")
+    with pytest.raises(BadInput, match=r"t.jsonl:2: missing required field 'answer'"):
+        load_tasks(str(path), need_answers=True)
+    assert len(load_tasks(str(path), need_answers=False)) == 2
+
+
+def test_srl_rows_weighted_by_step_reward(tmp_path):
+    path = tmp_path / "traj.jsonl"
+    path.write_text(json.dumps({"id": "t", "prompt": "17+25=", "answer": "42", "steps": [
+        {"action": "2", "reasoning": "7+5=12 carry 1", "reward": 0.5},
+        {"action": "4", "reasoning": "1+2+1=4", "reward": 1.0},
+        {"action": "x", "reward": 0.0}]}) + "\n")
+    rows = srl_examples(str(path))
+    assert [r["weight"] for r in rows] == [0.5, 1.0]
+    assert rows[1]["prompt"] == "17+25=" + "7+5=12 carry 1\n2\n" and rows[1]["response"] == "1+2+1=4\n4\n"
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orstack", *args], capture_output=True, text=True, timeout=900)
+
+
+def test_rl_cli_bad_input(tmp_path, random_llama):
+    tasks = tmp_path / "t.jsonl"
+    tasks.write_text(json.dumps({"id": "x", "prompt": "hello"}) + "\n")
+    out = tmp_path / "out"
+    done = run_cli("rl", str(random_llama), "--tasks", str(tasks), "-o", str(out))
+    assert done.returncode == 2 and "t.jsonl:1" in done.stderr and "answer" in done.stderr
+    assert not out.exists() and done.stdout == ""
+    tasks.write_text(json.dumps(NUM) + "\n")
+    done = run_cli("rl", str(random_llama), "--tasks", str(tasks), "-o", str(out), "--num-generations", "1")
+    assert done.returncode == 2 and "at least 2" in done.stderr and not out.exists()
+    done = run_cli("rl", str(random_llama), "--tasks", str(tasks), "-o", str(out), "--reward", "cmd:no-such-prog-x")
+    assert done.returncode == 2 and "not found" in done.stderr and not out.exists()
+
+
+def test_grpo_steps_on_a_tiny_model(tmp_path, random_llama):
+    tasks = tmp_path / "t.jsonl"
+    tasks.write_text("".join(json.dumps({"id": f"a{i}", "prompt": f"{i}+{i}=", "answer": str(2 * i),
+                                         "kind": "numeric"}) + "\n" for i in range(6)))
+    out, log = tmp_path / "rl", tmp_path / "rl.jsonl"
+    done = run_cli("rl", str(random_llama), "--tasks", str(tasks), "-o", str(out), "--max-steps", "2",
+                   "--num-generations", "2", "--batch-size", "3", "--max-new-tokens", "4", "--log", str(log),
+                   "--reward", "correct", "--reward", "format", "--target-kl", "0.01")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""  # trl's own log printing is off: stdout is for data
+    assert "using --batch-size 4" in done.stderr
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for key in ("reward_mean", "reward_std", "accuracy", "completion_length", "kl", "beta", "lr"):
+        assert rows[-1][key] is not None, key
+    manifest = json.loads((out / "orstack.json").read_text())
+    assert manifest["stage"] == "rl" and manifest["base"] == str(random_llama)
+    assert manifest["args"]["beta"] == 0.02 and manifest["metrics"]["steps"] == 2
+
+    from orstack.io.checkpoint import load_model
+
+    model, _ = load_model(out)  # base + adapter, as bench loads it
+    assert model.config.model_type == "llama"
