@@ -1,0 +1,11 @@
+"""cluster-failures: group failed examples into capability gaps (embed, k-means, c-TF-IDF)."""
+
+from orstack.cluster.failures import (
+    ClusterConfig,
+    ClusterResult,
+    annotated_rows,
+    cluster_failures,
+    plot_clusters,
+)
+
+__all__ = ["ClusterConfig", "ClusterResult", "annotated_rows", "cluster_failures", "plot_clusters"]
