@@ -37,6 +37,18 @@ def _cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     return (text[: min(cuts)], True) if cuts else (text, False)
 
 
+def _context_length(path: Path) -> int:
+    """The training context length written in the GGUF header (0 if absent)."""
+    import gguf
+
+    fields = gguf.GGUFReader(str(path)).fields
+    arch = fields.get("general.architecture")
+    if arch is None:
+        return 0
+    key = f"{arch.contents()}.context_length"
+    return int(fields[key].contents()) if key in fields else 0
+
+
 class LlamaCppBackend:
     """A GGUF model in llama.cpp (CPU), greedy and deterministic."""
 
@@ -53,12 +65,12 @@ class LlamaCppBackend:
         self.seed = seed
         self.llm = None
         self._n_ctx = 0
+        self.n_ctx_train = _context_length(path)
         started = time.perf_counter()
-        self._open(n_ctx)
+        self._open(min(n_ctx, self.n_ctx_train) if self.n_ctx_train else n_ctx)
         self.load_seconds = time.perf_counter() - started
         self.bos = self.llm.token_bos() if self.llm._model.add_bos_token() and self.llm.token_bos() >= 0 else None
         self.eos_ids = {t for t in (self.llm.token_eos(), self.llm._model.token_eot()) if t >= 0}
-        self.n_ctx_train = self.llm._model.n_ctx_train()
 
     def _open(self, n_ctx: int) -> None:
         """(Re)create the llama.cpp context with room for `n_ctx` tokens."""
@@ -81,7 +93,8 @@ class LlamaCppBackend:
 
     def _ensure_ctx(self, n_tokens: int) -> None:
         if n_tokens > self._n_ctx:
-            self._open(max(n_tokens, 2 * self._n_ctx))
+            grown = max(n_tokens, 2 * self._n_ctx)
+            self._open(max(n_tokens, min(grown, self.n_ctx_train)) if self.n_ctx_train else grown)
 
     def _eval(self, tokens: list[int]) -> np.ndarray:
         """Logits [len(tokens), vocab] of a fresh sequence."""
@@ -195,7 +208,8 @@ class LlamaCppBackend:
         else:
             tokens = [prefix] + self.encode("\n\n".join(texts))
             windows = llama_cpp_windows(tokens, prefix, max_length)
-            n_bytes = sum(len(self.llm.detokenize(_scored_targets(w))) for w in windows)
+            # decoded as transformers does: an incomplete UTF-8 sequence counts as U+FFFD
+            n_bytes = sum(len(self.decode(_scored_targets(w)).encode("utf-8")) for w in windows)
         if not windows:
             raise ValueError(f"text too short to score under the {rule} rule with max length {max_length}")
         nll = 0.0

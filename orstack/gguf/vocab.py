@@ -230,7 +230,9 @@ def build_vocab(tokenizer, n_vocab: int, where: str = "tokenizer") -> GgufVocab:
         kept = [m for m in merges if _within_one_character(m.replace(" ", ""), decoder)]
         notes.append(f"pre-tokenizer splits single characters and {len(literals)} literal(s): literals written "
                      f"as user-defined tokens, {len(merges) - len(kept)} merge(s) only reachable inside them dropped")
-        merges = kept
+        # llama.cpp refuses a vocabulary without merges; this one can never apply (no merge
+        # builds its left side, and initial symbols are single characters).
+        merges = kept or ["<orstack:no-merge> <orstack:no-merge>"]
         overlaps = [(a, b) for a in literals for b in literals if a != b and _overlap(a, b)]
         if overlaps:
             notes.append(f"literals {overlaps[0]} overlap: llama.cpp matches the longest first, which can differ")

@@ -1,0 +1,99 @@
+"""`orstack gguf`: export a checkpoint to a GGUF file that llama.cpp runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from orstack import console
+from orstack.commands.options import Force, RequiredOutput
+from orstack.errors import BadInput
+
+HELP = """Export a Llama-family checkpoint (llama, mistral, qwen2) to GGUF for llama.cpp.
+
+Reads every checkpoint orstack writes (vocab-trimmed, pruned, fake-quant, packed AWQ).
+Writes architecture metadata, the byte-level BPE tokenizer (pre-tokenizer chosen from
+what tokenizer.json does, so custom and trimmed tokenizers convert), special tokens and
+the chat template. --type names the type of every 2-D weight; q4_k, q5_k and q6_k are
+K-quants made by orstack itself (byte-identical to llama.cpp's reference quantizers);
+q5_k_m follows llama.cpp's Q5_K_M mix (Q6_K for output and some attn_v / ffn_down).
+Tensors whose rows do not fit a type's block fall back (Q4_K->Q5_0, Q5_K->Q5_1,
+Q6_K->Q8_0, else F16), listed per tensor. Norms and biases stay F32.
+
+--validate (default when llama-cpp-python is installed) loads the file in llama.cpp and
+compares it with the source: greedy-token agreement over --tokens tokens per prompt and
+perplexity; f32/f16 need >= 99% agreement, q8_0/bf16 >= 95%, and all of these a
+perplexity within 2%, or the command exits 3 and writes nothing (unless --force).
+
+Example:
+
+\b
+    orstack gguf tiny -o tiny-q8.gguf --type q8_0
+    orstack gguf tiny -o tiny-q5km.gguf --type q5_k_m --prompts tasks/heldout.jsonl
+"""
+
+
+def gguf(
+    model: Annotated[str, typer.Argument(help="Checkpoint directory (any format orstack writes).")],
+    output: RequiredOutput,
+    qtype: Annotated[str, typer.Option("--type", "-t", help="f32, f16, bf16, q8_0, q4_0, q4_1, q4_k, q5_k, q6_k or "
+                                                           "q5_k_m.")] = "f16",
+    validate: Annotated[bool | None, typer.Option("--validate/--no-validate",
+                                                   help="Check the file in llama.cpp against the source "
+                                                        "(default: when llama-cpp-python is installed).")] = None,
+    prompts: Annotated[Path | None, typer.Option("--prompts", help="JSONL with a 'prompt' field for the greedy "
+                                                                   "agreement check (first 16 rows).")] = None,
+    text: Annotated[list[Path] | None, typer.Option("--text", help="Held-out text (.txt/.jsonl) for the perplexity "
+                                                                   "check. Repeatable.")] = None,
+    tokens: Annotated[int, typer.Option("--tokens", min=1, help="Greedy tokens compared per prompt.")] = 100,
+    max_length: Annotated[int, typer.Option("--max-length", min=16, help="Perplexity window (tokens).")] = 512,
+    force: Force = False,
+) -> None:
+    from orstack.gguf import GgufConfig, check_config
+    from orstack.io.checkpoint import resolve_checkpoint
+
+    if output.is_dir():
+        raise BadInput(f"-o {output}: is a directory; give a file name such as model.gguf")
+    config = check_config(GgufConfig(type=qtype, validate=validate, prompts=str(prompts) if prompts else None,
+                                     text=[str(t) for t in text or []], n_tokens=tokens, max_length=max_length,
+                                     force=force))
+    resolve_checkpoint(model)
+
+    from orstack.gguf import convert
+
+    result = convert(model, output, config)
+    _report(result, config.type)
+
+
+def _report(result, qtype: str) -> None:  # noqa: ANN001 - orstack.gguf.ConvertResult
+    from collections import Counter
+
+    export = result.export
+    for note in export.vocab_notes:
+        console.info(f"tokenizer: {note}")
+    special = [t for t in export.tensors if t.note]
+    if special:
+        tbl = console.new_table("tensor", "shape", "type", "why", title=f"tensors not stored as {qtype}")
+        for t in special:
+            tbl.add_row(t.name, "x".join(map(str, t.shape)), t.ggml_type, t.note)
+        console.table(tbl)
+    counts = Counter(t.ggml_type for t in export.tensors)
+    sizes = Counter()
+    for t in export.tensors:
+        sizes[t.ggml_type] += t.nbytes
+    tbl = console.new_table("type", "tensors", "MB", title=f"{export.path} ({export.arch}, {export.file_type})")
+    for ggml_type, n in sorted(counts.items()):
+        tbl.add_row(ggml_type, str(n), f"{sizes[ggml_type] / 1e6:.2f}")
+    console.table(tbl)
+    v = result.validation
+    if v is not None:
+        gate = f"gate >= {v.min_agreement:.0%}, ppl ±2%" if v.gated else "not gated"
+        console.info(f"validation (llama.cpp): greedy agreement {v.agreement:.1%} of {v.n_compared} tokens, "
+                     f"perplexity {v.ppl_gguf:.3f} vs source {v.ppl_source:.3f} ({v.ppl_change:+.2%}); {gate}")
+    console.info(f"wrote {export.path} ({export.size_bytes / 1e6:.2f} MB, {export.seconds:.1f} s)")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("gguf", help=HELP)(gguf)

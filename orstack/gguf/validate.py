@@ -1,0 +1,111 @@
+"""Does the GGUF file behave like the model it came from? Checked in llama.cpp.
+
+Two measures, on held-out prompts and text:
+- greedy-token agreement: the source model continues each prompt greedily for
+  `n_tokens` tokens (EOS ignored, so every prompt contributes the same count); llama.cpp
+  reads the same prompt + continuation and we count the positions where its argmax is
+  the source's token (teacher-forced, so one early flip does not hide the rest).
+- perplexity of both on the same text, same windows (lm-eval rolling rule), through
+  orstack.bench.perplexity and the llama.cpp bench backend.
+Gates (issue 3): f32/f16 agreement >= 99%, q8_0 (and bf16) >= 95%, and perplexity within
+2% for all of these; lower-bit types are reported, not gated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GATES = {"f32": 0.99, "f16": 0.99, "bf16": 0.95, "q8_0": 0.95}  # minimum greedy agreement
+PPL_TOLERANCE = 0.02
+
+DEFAULT_PROMPTS = (
+    "The history of the printing press begins",
+    "12+345=",
+    "Once upon a time, in a small village by the sea,",
+    "def fibonacci(n):",
+    "rev abcdef=",
+    "The three primary colours are",
+)
+DEFAULT_TEXT = (
+    "Printing spread quickly across Europe in the second half of the fifteenth century. Within fifty years "
+    "presses were running in more than two hundred cities, and the price of a book fell so far that a "
+    "student could own several. Scholars argued about what the change meant: some praised the new abundance "
+    "of texts, others worried that careless printers multiplied errors faster than any scribe had. "
+    "What nobody disputed was the speed. A single press could produce in a week what a copying workshop "
+    "needed a year to finish, and the habit of reading silently, alone, began to replace reading aloud.\n"
+    "7+8=15\n23+19=42\n104-37=67\nrev stone=enots\nsort dcba=abcd\ncopy kite=kite\n"
+    "A river forms where rain falls faster than the ground can absorb it. Small channels join into streams, "
+    "streams into rivers, and the river carries sand and silt towards the sea, building deltas and plains.\n"
+)
+
+
+@dataclass
+class Validation:
+    qtype: str
+    agreement: float  # fraction of greedy tokens llama.cpp reproduces
+    n_compared: int
+    ppl_source: float
+    ppl_gguf: float
+    min_agreement: float | None  # None: not gated
+
+    @property
+    def ppl_change(self) -> float:
+        return self.ppl_gguf / self.ppl_source - 1
+
+    @property
+    def gated(self) -> bool:
+        return self.min_agreement is not None
+
+    @property
+    def passed(self) -> bool:
+        if not self.gated:
+            return True
+        return self.agreement >= self.min_agreement and abs(self.ppl_change) <= PPL_TOLERANCE
+
+    def as_dict(self) -> dict:
+        return {"type": self.qtype, "agreement": self.agreement, "tokens_compared": self.n_compared,
+                "ppl_source": self.ppl_source, "ppl_gguf": self.ppl_gguf, "ppl_change": self.ppl_change,
+                "gated": self.gated, "passed": self.passed}
+
+
+def greedy_continuation(model, ids: list[int], n_tokens: int) -> list[int]:
+    """`n_tokens` greedy tokens from a transformers model, EOS not special."""
+    import torch
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    out_ids: list[int] = []
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        for _ in range(n_tokens):
+            tok = int(out.logits[0, -1].argmax())
+            out_ids.append(tok)
+            out = model(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True)
+    return out_ids
+
+
+def validate(model, tokenizer, gguf_path, qtype: str, *, prompts: list[str] | None = None,
+             texts: list[str] | None = None, n_tokens: int = 100, max_length: int = 512) -> Validation:
+    """Compare the GGUF file at `gguf_path` (in llama.cpp) with the loaded source model."""
+    from orstack.bench.llamacpp import LlamaCppBackend
+    from orstack.bench.perplexity import perplexity
+
+    prompts = list(prompts or DEFAULT_PROMPTS)
+    texts = list(texts or [DEFAULT_TEXT])
+    max_length = min(max_length, getattr(model.config, "max_position_embeddings", max_length) or max_length)
+    n_tokens = max(1, min(n_tokens, max_length // 2))
+    backend = LlamaCppBackend(str(gguf_path), n_ctx=max_length)
+    try:
+        matches = total = 0
+        for prompt in prompts:
+            ids = backend.encode_prompt(prompt)[: max_length - n_tokens]
+            cont = greedy_continuation(model, ids, n_tokens)
+            logits = backend._eval(ids + cont[:-1])
+            predicted = logits[len(ids) - 1 :].argmax(axis=-1)
+            matches += int((predicted == cont).sum())
+            total += len(cont)
+        ppl_src = perplexity(model, tokenizer, texts, max_length=max_length, rule="rolling").ppl
+        ppl_gguf = backend.perplexity(texts, max_length=max_length, rule="rolling").ppl
+    finally:
+        backend.close()
+    return Validation(qtype, matches / max(total, 1), total, ppl_src, ppl_gguf, GATES.get(qtype))
