@@ -147,3 +147,24 @@ def test_speed_and_stdout_rows(random_llama, tmp_path, tasks_file, capsys):
     speed = json.loads(summary.read_text())["models"][0]["speed"]
     assert speed["prefill_tok_s"] > 0 and speed["decode_tok_s"] > 0 and speed["load_s"] > 0
     assert speed["peak_rss_mb"] > 50 and speed["size_bytes"] > 1_000_000
+
+
+def test_gguf_and_hf_side_by_side(random_llama, tmp_path, tasks_file, capsys):
+    pytest.importorskip("llama_cpp")
+    from orstack.gguf.export import export_gguf
+    from orstack.io.checkpoint import load_model
+
+    model, tokenizer = load_model(random_llama)
+    gguf = tmp_path / "m.gguf"
+    export_gguf(model, tokenizer, gguf, "f32", progress=False)
+    out, summary = tmp_path / "r.jsonl", tmp_path / "s.json"
+    run_ok(["bench", str(random_llama), str(gguf), "--tasks", str(tasks_file), "--max-new-tokens", "6",
+            "-o", str(out), "--summary", str(summary)], capsys)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    hf_rows, gguf_rows = rows[: len(TASKS)], rows[len(TASKS):]
+    assert {r["model"] for r in gguf_rows} == {str(gguf)}
+    assert [r["output"] for r in hf_rows] == [r["output"] for r in gguf_rows]
+    for a, b in zip(hf_rows[:2], gguf_rows[:2]):
+        assert b["mean_logprob"] == pytest.approx(a["mean_logprob"], abs=1e-3)
+    sizes = [m["size_mb"] for m in json.loads(summary.read_text())["models"]]
+    assert sizes[1] == pytest.approx(gguf.stat().st_size / 1e6)

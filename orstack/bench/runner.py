@@ -46,6 +46,7 @@ class BenchConfig:
     batch_size: int = 16
     limit: int | None = None
     fail_under: float | None = None
+    threads: int | None = None  # torch CPU threads (None: torch's default)
 
 
 def load_tasks(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
@@ -221,6 +222,10 @@ def bench_model(spec: str, config: BenchConfig, tasks: Sequence[dict[str, Any]] 
     from orstack.bench.report import lineage
     from orstack.bench.speed import measure_speed, peak_rss_mb, reset_peak_rss
 
+    if config.threads:
+        import torch
+
+        torch.set_num_threads(config.threads)
     reset_peak_rss()
     began = time.perf_counter()
     backend = open_backend(spec, device=device, batch_size=config.batch_size)
@@ -245,7 +250,10 @@ def bench_model(spec: str, config: BenchConfig, tasks: Sequence[dict[str, Any]] 
         summary["size_mb"] = size / 1e6
         if config.speed:
             speed = measure_speed(backend, runs=config.speed_runs, max_positions=context_length(backend))
-            summary["speed"] = {"load_s": load_s, **speed, "peak_rss_mb": peak_rss_mb(), "size_bytes": size}
+            import torch
+
+            summary["speed"] = {"load_s": load_s, **speed, "peak_rss_mb": peak_rss_mb(), "size_bytes": size,
+                                "threads": torch.get_num_threads()}
         return rows, summary
     finally:
         backend.close()

