@@ -138,6 +138,7 @@ def run_prune(
     info(f"perplexity before pruning: {ppl_before:.3f} ({ppl_on})")
     spec = config.spec()
     grid_rows = None
+    prune_start = time.perf_counter()
     if config.grid:
         outcome, grid_rows = grid_search(model, calib_ids, spec, schedule, config.grid, evaluate,
                                          compress=config.compress, size_weight=config.size_weight,
@@ -148,6 +149,7 @@ def run_prune(
         outcome = prune_with_schedule(model, calib_ids, spec, schedule, recover_ids=recover_ids,
                                       evaluate=evaluate if config.gradual > 1 else None)
         ppl_after = outcome.stages[-1]["ppl"] if "ppl" in outcome.stages[-1] else evaluate(model)
+    prune_seconds = time.perf_counter() - prune_start
     stored, dense = stored_bytes(model, config.compress)
     info(f"sparsity {outcome.report.sparsity:.4f}, perplexity {ppl_before:.3f} -> {ppl_after:.3f}")
     metrics: dict[str, Any] = {
@@ -163,6 +165,7 @@ def run_prune(
         "seqlen": seqlen,
         "weight_bytes": stored,
         "dense_weight_bytes": dense,
+        "prune_seconds": round(prune_seconds, 2),  # pruning (and recovery, grid), without load and ppl
         "seconds": round(time.perf_counter() - start, 2),
     }
     if config.gradual > 1 or schedule.recover_steps:
