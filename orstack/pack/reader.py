@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import time
 from collections import deque
@@ -46,6 +47,9 @@ class Pack:
         self._fh: BinaryIO = self.path.open("rb")
         try:
             self.index, self.digest = read_index(self._fh, str(self.path))
+            # Frames are read through a memory map: stored planes are then used in place.
+            self._map = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
+            self._view = memoryview(self._map)
             self.codec = Codec(int(self.index["config"].get("level", 3)), self._read_dictionary())
         except BaseException:
             self._fh.close()
@@ -59,13 +63,18 @@ class Pack:
         self.close()
 
     def close(self) -> None:
+        self._view.release()
+        try:
+            self._map.close()
+        except BufferError:  # a caller still holds a chunk that points into the map: the GC closes it
+            pass
         self._fh.close()
 
     def _read_dictionary(self) -> bytes | None:
         loc = self.index.get("dict")
         if not loc:
             return None
-        data = os.pread(self._fh.fileno(), loc["length"], loc["offset"])
+        data = bytes(self._view[loc["offset"] : loc["offset"] + loc["length"]])
         if hashlib.sha256(data).hexdigest() != loc["sha256"]:
             raise BadInput(f"{self.path}: corrupted pack (dictionary checksum mismatch)")
         return data
@@ -78,7 +87,7 @@ class Pack:
 
     def _decode_chunk(self, blob: dict[str, Any], chunk: dict[str, Any]) -> memoryview | bytes:
         stored_total = sum(n for _, n in chunk["frames"])
-        data = memoryview(os.pread(self._fh.fileno(), stored_total, chunk["offset"]))
+        data = self._view[chunk["offset"] : chunk["offset"] + stored_total]
         if len(data) != stored_total:
             raise ValueError("pack is shorter than its index says")
         sizes = plane_sizes(chunk["size"], blob["transform"])
@@ -144,17 +153,32 @@ class Pack:
 
     # -- whole files ------------------------------------------------------------------------
 
+    def iter_file(self, path: str, verify: bool = True, pool: ThreadPoolExecutor | None = None) -> Iterator[bytes]:
+        """The bytes of one packed file, chunk by chunk, decoded `threads` at a time; with
+        `verify`, its SHA-256 is checked at the end (BadInput on mismatch)."""
+        record = next((f for f in self.files if f["path"] == path), None)
+        if record is None:
+            raise BadInput(f"{self.path}: no file named '{path}' in the pack")
+        own = pool is None
+        pool = pool or ThreadPoolExecutor(self.threads)
+        try:
+            h = hashlib.sha256() if verify else None
+            for chunk in self._chunks([s["blob"] for s in record["segments"]], pool, f"file {path}"):
+                if h is not None:
+                    h.update(chunk)
+                yield chunk
+            if h is not None and h.hexdigest() != record["sha256"]:
+                raise BadInput(f"{self.path}: corrupted pack: {path} fails its SHA-256 check")
+        finally:
+            if own:
+                pool.shutdown(cancel_futures=True)
+
     def _stream_file(self, record: dict[str, Any], sink: Callable[[bytes], Any] | None, pool: ThreadPoolExecutor,
                      on_progress: Callable[[int], None]) -> None:
-        h = hashlib.sha256()
-        blob_ids = [s["blob"] for s in record["segments"]]
-        for chunk in self._chunks(blob_ids, pool, f"file {record['path']}"):
-            h.update(chunk)
+        for chunk in self.iter_file(record["path"], True, pool):
             if sink is not None:
                 sink(chunk)
             on_progress(len(chunk))
-        if h.hexdigest() != record["sha256"]:
-            raise BadInput(f"{self.path}: corrupted pack: {record['path']} fails its SHA-256 check")
 
     def _each_file(self, open_sink: Callable[[dict[str, Any]], Any] | None,
                    on_progress: Callable[[int], None] | None) -> UnpackSummary:
