@@ -1,0 +1,138 @@
+"""`orstack vocab-trim`: shrink a model's vocabulary to the tokens a corpus uses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from orstack import console
+from orstack.commands.options import Force, RequiredOutput
+from orstack.errors import BadInput, GateFailed
+from orstack.runtime import settings
+
+HELP = """Shrink a model's vocabulary to the tokens a corpus uses, without changing tokenization.
+
+Counts token frequencies over --corpus (text or JSONL, streamed), keeps the fewest tokens
+covering --coverage of the occurrences (or the --max-vocab most frequent), plus special
+tokens, the 256 byte tokens (any input still encodes), --keep tokens and every token a
+kept token's BPE merges need. Rebuilds tokenizer.json (vocabulary, merges, special ids),
+slices the embedding and output rows (tied or not) and stores the old->new id map in
+orstack.json. With --validate HELDOUT it checks that every line still decodes to itself,
+tokens per word rise at most 5% and bits per byte at most 3%; otherwise it exits 3 and
+writes nothing, unless --force. Byte-level BPE tokenizers only (GPT-2, Llama-3, SmolLM, Qwen).
+
+Example:
+
+\b
+    orstack vocab-trim tiny/model --corpus tasks/corpus.txt \\
+        --validate tasks/heldout.txt -o trimmed
+"""
+
+
+def check_file(path: Path, option: str) -> None:
+    if str(path) != "-" and not path.is_file():
+        raise BadInput(f"{option} {path}: no such file")
+
+
+def vocab_trim(
+    model: Annotated[str, typer.Argument(help="Checkpoint directory (or hub id) with a byte-level BPE tokenizer.")],
+    corpus: Annotated[list[Path], typer.Option("--corpus", help="Corpus: .txt or .jsonl. Repeatable.")],
+    output: RequiredOutput,
+    coverage: Annotated[
+        float | None, typer.Option("--coverage", help="Share of corpus token occurrences to keep [default: 0.995].")
+    ] = None,
+    max_vocab: Annotated[
+        int | None, typer.Option("--max-vocab", min=1, help="Keep at most N tokens instead of --coverage.")
+    ] = None,
+    keep: Annotated[
+        Path | None, typer.Option("--keep", help="Tokens or words to keep, one per line (e.g. code keywords).")
+    ] = None,
+    validate: Annotated[
+        Path | None, typer.Option("--validate", help="Held-out text (.txt/.jsonl) for the quality gate.")
+    ] = None,
+    force: Force = False,
+    max_length: Annotated[int, typer.Option("--max-length", min=16, help="Perplexity window in tokens.")] = 512,
+) -> None:
+    if coverage is not None and max_vocab is not None:
+        raise BadInput("--coverage and --max-vocab are exclusive: give one")
+    if coverage is not None and not 0.0 < coverage <= 1.0:
+        raise BadInput(f"--coverage: expected a share in (0, 1], got {coverage}")
+    if not corpus:
+        raise BadInput("--corpus: at least one file is required")
+    from orstack.io.checkpoint import resolve_checkpoint
+
+    resolve_checkpoint(model)
+    for path in corpus:
+        check_file(path, "--corpus")
+    if keep is not None:
+        check_file(keep, "--keep")
+    if validate is not None:
+        check_file(validate, "--validate")
+    if Path(model).resolve() == output.resolve():
+        raise BadInput("-o: the output must not replace the input checkpoint")
+
+    import time
+
+    from orstack.io.checkpoint import load_config, load_model, load_tokenizer, save_checkpoint
+    from orstack.runtime import device
+    from orstack.vocab import VocabTrimConfig, plan_trim
+    from orstack.vocab import vocab_trim as run
+
+    start = time.perf_counter()
+    config = VocabTrimConfig(corpus=[str(p) for p in corpus], coverage=None if max_vocab else (coverage or 0.995),
+                             max_vocab=max_vocab, keep=str(keep) if keep else None,
+                             validate=str(validate) if validate else None, force=force, max_length=max_length)
+    # Tokenizer and corpus first: a tokenizer that cannot be trimmed, or an impossible
+    # --max-vocab, is reported before the weights are read.
+    tokenizer = load_tokenizer(model)
+    plan = plan_trim(tokenizer, [load_config(model), _generation_config(model)], config)
+    loaded, _ = load_model(model, device=device(), trust_pickle=settings.trust_pickle, with_tokenizer=False)
+    result = run(loaded, tokenizer, config, plan=plan)
+    _report(result.metrics)
+    if result.gate_failures:
+        message = "; ".join(result.gate_failures)
+        if not force:
+            raise GateFailed(f"vocab-trim: quality gate failed ({message}); nothing written (use --force to keep it)")
+        console.warn(f"quality gate failed ({message}); writing anyway (--force)")
+    metrics = {**result.metrics, "seconds": round(time.perf_counter() - start, 1)}
+    save_checkpoint(result.model, result.tokenizer, output, stage="vocab-trim", args=config, parent=model,
+                    metrics=metrics, extra={"vocab_map": {"old_to_new": result.plan.old_to_new}})
+    before, after = _weights_bytes(Path(model)), _weights_bytes(output)
+    if before and after:
+        console.info(f"weights on disk: {before / 1e6:,.1f} MB -> {after / 1e6:,.1f} MB "
+                     f"({1 - after / before:.1%} smaller); wrote {output}")
+
+
+def _generation_config(model: str):  # noqa: ANN202 - GenerationConfig or None
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(model)
+    except (OSError, ValueError):
+        return None
+
+
+def _weights_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors")) if path.is_dir() else 0
+
+
+def _report(m: dict) -> None:
+    tbl = console.new_table("measure", "before", "after", title="vocab-trim")
+    tbl.add_row("vocabulary", f"{m['vocab_before']:,}", f"{m['vocab_after']:,}")
+    tbl.add_row("merges", f"{m['merges_before']:,}", f"{m['merges_after']:,}")
+    tbl.add_row("parameters", f"{m['params_before']:,}",
+                f"{m['params_after']:,} (-{1 - m['params_after'] / m['params_before']:.1%})")
+    tbl.add_row("corpus coverage", "", f"{m['coverage']:.4f}")
+    tbl.add_row("same tokens on corpus", "", f"{m['corpus_agreement']:.2%}")
+    if "round_trip" in m:
+        tbl.add_row("held-out round trip", "", f"{m['round_trip']:.2%}")
+        tbl.add_row("same tokens on held-out", "", f"{m['heldout_agreement']:.2%}")
+        tbl.add_row("tokens per word", f"{m['tokens_per_word_before']:.3f}", f"{m['tokens_per_word_after']:.3f}")
+        tbl.add_row("bits per byte", f"{m['bits_per_byte_before']:.4f}", f"{m['bits_per_byte_after']:.4f}")
+    console.table(tbl)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("vocab-trim", help=HELP)(vocab_trim)

@@ -1,0 +1,214 @@
+"""vocab-trim: the trimmed model loads, computes the same logits, and tokenizes the same."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from orstack.cli import main
+from orstack.console import set_quiet
+
+CORPUS = "rev abc=cba\nsort dcba=abcd\n3*4=12\ncmp 17 9=>\n12+345=357\n" * 30
+MIXED = ["The quick brown fox jumps over the lazy dog.", "rev abc=cba 12+345=357",
+         "naïve café — 日本語 🙂 ünïcödé", "tabs\tand  double  spaces\n", "~`!@#$%^&*()_+{}|:\"<>?"]
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    p.write_text(CORPUS, encoding="utf-8")
+    return p
+
+
+@pytest.fixture(scope="module")
+def trimmed(random_llama, corpus_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("trimmed") / "model"
+    code, _, err = run_cli(["vocab-trim", str(random_llama), "--corpus", str(corpus_file), "-o", str(out)], None)
+    assert code == 0, err
+    return out
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """`orstack --quiet ARGS` in this process (subprocesses spend 10-20 s importing on a loaded machine)."""
+    if capsys is not None:
+        capsys.readouterr()
+    code = 0
+    try:
+        main(["--quiet", *args])
+    except SystemExit as e:
+        code = e.code
+    finally:
+        set_quiet(False)
+    out, err = capsys.readouterr() if capsys is not None else ("", "")
+    return code, out, err
+
+
+def load(path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def manifest(path: Path) -> dict:
+    return json.loads((path / "orstack.json").read_text())
+
+
+def test_trimmed_model_is_smaller_and_loads_in_transformers(random_llama, trimmed):
+    model, tok = load(trimmed)
+    original, _ = load(random_llama)
+    assert model.config.vocab_size == len(tok) < original.config.vocab_size
+    assert model.get_input_embeddings().weight.shape[0] == model.get_output_embeddings().weight.shape[0] == len(tok)
+    m = manifest(trimmed)
+    assert m["stage"] == "vocab-trim" and m["metrics"]["vocab_after"] == len(tok)
+    old_to_new = m["vocab_map"]["old_to_new"]
+    assert len(old_to_new) == original.config.vocab_size
+    assert sorted(i for i in old_to_new if i is not None) == list(range(len(tok)))
+    # special tokens and their config ids follow the map
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        assert getattr(model.config, name) == old_to_new[getattr(original.config, name)]
+    assert tok.convert_ids_to_tokens(model.config.eos_token_id) == "<|eos|>"
+
+
+def test_logits_over_kept_tokens_equal_the_original_slice(random_llama, trimmed):
+    import torch
+
+    torch.set_num_threads(1)
+    model, tok = load(trimmed)
+    original, old_tok = load(random_llama)
+    old_to_new = manifest(trimmed)["vocab_map"]["old_to_new"]
+    kept = [old for old, new in enumerate(old_to_new) if new is not None]
+    text = "rev abc=cba\n3*4=12\ncmp 17 9=>"
+    old_ids = old_tok(text, add_special_tokens=False)["input_ids"]
+    new_ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert new_ids == [old_to_new[i] for i in old_ids]  # corpus-like text: same tokens
+    with torch.no_grad():
+        a = original(torch.tensor([old_ids])).logits[..., kept]
+        b = model(torch.tensor([new_ids])).logits
+    assert torch.equal(a, b)
+
+
+def test_round_trip_on_mixed_text_and_unseen_characters(trimmed):
+    _, tok = load(trimmed)
+    for text in MIXED:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert ids and tok.decode(ids) == text
+    # characters absent from the corpus fall back to byte tokens: nothing is unknown
+    ids = tok("日本語🙂", add_special_tokens=False)["input_ids"]
+    assert len(ids) == len("日本語🙂".encode()) and tok.decode(ids) == "日本語🙂"
+
+
+def test_tied_embeddings_stay_tied(tmp_path, corpus_file, capsys):
+    import torch
+    from conftest import build_random_llama
+
+    src = build_random_llama(tmp_path / "tied", tie=True, hidden=64)
+    out = tmp_path / "out"
+    code, _, err = run_cli(["vocab-trim", str(src), "--corpus", str(corpus_file), "--coverage", "0.9",
+                            "-o", str(out)], capsys)
+    assert code == 0, err
+    model, tok = load(out)
+    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    original, _ = load(src)
+    kept = [o for o, n in enumerate(manifest(out)["vocab_map"]["old_to_new"]) if n is not None]
+    assert torch.equal(original.get_input_embeddings().weight[kept], model.get_input_embeddings().weight)
+
+
+def test_plan_keeps_bytes_specials_keep_tokens_and_merge_closure(random_llama, corpus_file, tmp_path):
+    from orstack.io.checkpoint import load_tokenizer
+    from orstack.vocab import VocabTrimConfig, plan_trim
+    from orstack.vocab.bpe import byte_alphabet, parse_tokenizer_json
+
+    tok = load_tokenizer(random_llama)
+    keep = tmp_path / "keep.txt"
+    keep.write_text("quick\n", encoding="utf-8")
+    plan = plan_trim(tok, [], VocabTrimConfig(corpus=[str(corpus_file)], coverage=1.0, keep=str(keep)))
+    bpe = parse_tokenizer_json(tok.backend_tokenizer.to_str())
+    kept_tokens = {t for t, i in bpe.vocab.items() if i in set(plan.kept)}
+    assert set(byte_alphabet()) <= kept_tokens
+    assert {"<|bos|>", "<|eos|>", "<|pad|>"} <= kept_tokens
+    assert plan.coverage == 1.0
+    for token in tok.tokenize(" quick") + tok.tokenize("quick"):
+        assert token in kept_tokens
+    for a, b in bpe.merges:  # closure: every kept merged token's inputs are kept
+        if a + b in kept_tokens:
+            assert a in kept_tokens and b in kept_tokens
+
+
+def test_max_vocab_and_validation_gate(random_llama, corpus_file, tmp_path, capsys):
+    heldout = tmp_path / "heldout.txt"
+    heldout.write_text("The quick brown fox jumps over the lazy dog.\nPack my box with five dozen liquor jugs.\n" * 5)
+    out = tmp_path / "gated"
+    # 262 tokens: bytes + specials + 3 more: English text splits into far more tokens -> gate fails
+    code, stdout, err = run_cli(["vocab-trim", str(random_llama), "--corpus", str(corpus_file), "--max-vocab", "262",
+                                 "--validate", str(heldout), "--max-length", "64", "-o", str(out)], capsys)
+    assert code == 3, err
+    assert "tokens per word rose" in err and not out.exists() and stdout == ""
+    code, _, err = run_cli(["vocab-trim", str(random_llama), "--corpus", str(corpus_file), "--max-vocab", "262",
+                            "--validate", str(heldout), "--max-length", "64", "--force", "-o", str(out)], capsys)
+    assert code == 0, err
+    m = manifest(out)["metrics"]
+    assert m["vocab_after"] <= 262 and m["round_trip"] == 1.0
+    assert m["tokens_per_word_after"] > m["tokens_per_word_before"]
+
+
+def test_validation_passes_on_corpus_like_text(random_llama, corpus_file, tmp_path, capsys):
+    heldout = tmp_path / "heldout.txt"
+    heldout.write_text("rev xyz=zyx\n3*4=12\n12+345=357\ncmp 9 17=<\n" * 5)
+    out = tmp_path / "ok"
+    code, _, err = run_cli(["vocab-trim", str(random_llama), "--corpus", str(corpus_file), "--validate", str(heldout),
+                            "--max-length", "64", "-o", str(out)], capsys)
+    assert code == 0, err
+    m = manifest(out)["metrics"]
+    assert m["round_trip"] == 1.0 and m["corpus_agreement"] == 1.0 and m["corpus_agreement_kept"] == 1.0
+    assert m["bits_per_byte_after"] <= m["bits_per_byte_before"] * 1.03
+
+
+def wordpiece_checkpoint(path: Path) -> Path:
+    from conftest import build_random_llama
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    build_random_llama(path, hidden=64)
+    tk = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.train_from_iterator(CORPUS.splitlines(), trainers.WordPieceTrainer(vocab_size=100, special_tokens=["[UNK]"]))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (path / f).unlink(missing_ok=True)
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]").save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("case", ["no-model", "no-corpus", "bad-coverage", "both-limits", "too-small", "wordpiece"])
+def test_bad_input_exit_2_one_line_nothing_written(case, random_llama, corpus_file, tmp_path, capsys):
+    model, corpus, extra = str(random_llama), str(corpus_file), []
+    if case == "no-model":
+        model = str(tmp_path / "missing")
+    elif case == "no-corpus":
+        corpus = str(tmp_path / "missing.txt")
+    elif case == "bad-coverage":
+        extra = ["--coverage", "1.5"]
+    elif case == "both-limits":
+        extra = ["--coverage", "0.9", "--max-vocab", "280"]
+    elif case == "too-small":
+        extra = ["--max-vocab", "10"]
+    elif case == "wordpiece":
+        model = str(wordpiece_checkpoint(tmp_path / "wp"))
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(["vocab-trim", model, "--corpus", corpus, "-o", str(out), *extra], capsys)
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and stdout == ""
+    assert not out.exists()
+    if case == "wordpiece":
+        assert "byte-level BPE" in err
+
+
+def test_library_refuses_byte_fallback_bpe():
+    from orstack.errors import BadInput
+    from orstack.vocab.bpe import parse_tokenizer_json
+
+    sp_like = {"model": {"type": "BPE", "vocab": {"a": 0}, "merges": [], "byte_fallback": True},
+               "pre_tokenizer": {"type": "Metaspace"}, "decoder": {"type": "Sequence", "decoders": []}}
+    with pytest.raises(BadInput, match="byte fallback"):
+        parse_tokenizer_json(json.dumps(sp_like))
