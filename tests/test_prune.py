@@ -254,6 +254,20 @@ def test_cli_prunes_compresses_and_every_stage_can_load(random_llama, sample_tex
                      & ~masks_of(sparse_model)["model.layers.0.mlp.up_proj.weight"]).any())
 
 
+def test_cli_gradual_with_recovery_reports_each_stage(random_llama, sample_text_file, tmp_path):
+    out = tmp_path / "gradual"
+    assert run_cli("prune", random_llama, "--calib", sample_text_file, "--method", "wanda", "--nsamples", "4",
+                   "--seqlen", "32", "--sparsity", "0.6", "--gradual", "2", "--recover", sample_text_file,
+                   "--steps", "3", "--heldout", sample_text_file, "--eval-length", "64", "-o", out) == 0
+    metrics = json.loads((out / "orstack.json").read_text())["metrics"]
+    stages = metrics["stages"]
+    assert [s["stage"] for s in stages] == [1, 2] and all(s["ppl"] > 0 for s in stages)
+    assert all("recover_loss_last" in s for s in stages)
+    assert stages[0]["sparsity"] == pytest.approx(0.3, abs=3e-3)
+    assert metrics["sparsity"] == pytest.approx(0.6, abs=3e-3) and metrics["ppl_on"] == "heldout"
+    assert metrics["ppl_after"] == stages[-1]["ppl"]
+
+
 def test_cli_grid_keeps_best_by_score(random_llama, sample_text_file, tmp_path):
     out = tmp_path / "grid"
     assert run_cli("prune", random_llama, "--calib", sample_text_file, "--method", "magnitude",
