@@ -30,7 +30,7 @@ class GGUFTeacher(Teacher):
             from orstack.runtime import settings
 
             try:
-                self.llm = Llama(model_path=self.path, n_ctx=2048, n_threads=2, seed=settings.seed, verbose=False)
+                self.llm = Llama(model_path=self.path, n_ctx=0, n_threads=2, seed=settings.seed, verbose=False)
             except (ValueError, RuntimeError) as e:
                 raise BadInput(f"--teacher {self.spec}: llama.cpp cannot load it ({e})") from None
 
