@@ -71,6 +71,7 @@ def test_bad_task_files(random_llama, tmp_path, capsys, lines, message):
     (["bench", "--score", "{tasks}"], "missing required field 'output'"),
     (["bench", "{model}", "--ppl", "{tasks}", "--fail-under", "0.5"], "--fail-under needs"),
     (["bench", "{model}", "--tasks", "{tasks}", "--fail-under", "1.5"], "--fail-under"),
+    (["bench", "{model}", "--ppl", "{tasks}", "--plot", "{tmp}/p.png"], "--plot needs --tasks"),
 ])
 def test_bad_usage_is_one_line_exit_2(random_llama, tmp_path, tasks_file, capsys, argv, message):
     argv = [a.format(tmp=tmp_path, tasks=tasks_file, model=random_llama) for a in argv]

@@ -74,6 +74,7 @@ class HFBackend:
         logprobs: list[list[float]] = [[] for _ in range(n)]
         entropies: list[list[float]] = [[] for _ in range(n)]
         texts: list[str | None] = [None] * n  # set when a row stops
+        active = list(range(n))  # batch position -> original row, for rows still generating
         with torch.inference_mode():
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                              past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -82,16 +83,21 @@ class HFBackend:
                 next_ids = logp.argmax(dim=-1)
                 chosen = logp.gather(-1, next_ids[:, None])[:, 0].tolist()
                 entropy = (-(logp.exp() * logp).sum(-1)).tolist()
-                for row, tok in enumerate(next_ids.tolist()):
-                    if texts[row] is not None:
-                        continue
+                for pos, tok in enumerate(next_ids.tolist()):
+                    row = active[pos]
                     tokens[row].append(tok)
-                    logprobs[row].append(chosen[row])
-                    entropies[row].append(entropy[row])
+                    logprobs[row].append(chosen[pos])
+                    entropies[row].append(entropy[pos])
                     texts[row] = self._finished_text(tokens[row], stop)
-                if all(t is not None for t in texts):
+                keep = [pos for pos, row in enumerate(active) if texts[row] is None]
+                if not keep:
                     break
-                mask = torch.cat([mask, mask.new_ones((n, 1))], dim=-1)
+                if len(keep) < len(active):  # drop finished rows so they cost nothing more
+                    index = torch.tensor(keep, device=self.device)
+                    cache.batch_select_indices(index)
+                    mask, positions, next_ids = mask[index], positions[index], next_ids[index]
+                    active = [active[pos] for pos in keep]
+                mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=-1)
                 positions = positions[:, -1:] + 1
                 out = self.model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=positions,
                                  past_key_values=cache, use_cache=True)

@@ -13,6 +13,8 @@ from orstack.io.manifest import read_manifest
 METRICS = [
     (("accuracy",), "accuracy", "{:.3f}", True),
     (("pass@1",), "pass@1", "{:.3f}", True),
+    (("pass@5",), "pass@5", "{:.3f}", True),
+    (("pass@10",), "pass@10", "{:.3f}", True),
     (("mean_output_tokens",), "output tokens (mean)", "{:.1f}", False),
     (("tasks_per_s",), "tasks/s", "{:.1f}", True),
     (("ppl", "ppl"), "perplexity", "{:.3f}", False),

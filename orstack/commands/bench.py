@@ -67,7 +67,7 @@ def bench(
                          ppl_rule=ppl_rule, ppl_max_length=ppl_max_length, speed=speed, speed_runs=speed_runs,
                          threads=threads, max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit,
                          fail_under=fail_under)
-    _check_usage(config, score, [output, summary, plot])
+    _check_usage(config, score, output, summary, plot)
     if score is not None:
         rows, summaries = _score_mode(score, code_timeout, code_memory_mb)
     else:
@@ -93,7 +93,8 @@ def bench(
         raise GateFailed(failure)
 
 
-def _check_usage(config, score: Path | None, outputs: list[Path | None]) -> None:  # noqa: ANN001
+def _check_usage(config, score: Path | None, output: Path | None, summary: Path | None,  # noqa: ANN001
+                 plot: Path | None) -> None:
     """Every check that needs no model, before anything heavy is imported or loaded."""
     from orstack.bench.perplexity import RULES
 
@@ -105,11 +106,13 @@ def _check_usage(config, score: Path | None, outputs: list[Path | None]) -> None
         raise BadInput(f"--ppl-rule: expected {' or '.join(RULES)}, got '{config.ppl_rule}'")
     if config.fail_under is not None and not (config.tasks or score):
         raise BadInput("--fail-under needs --tasks or --score (it gates task accuracy)")
+    if plot is not None and not config.tasks:
+        raise BadInput("--plot needs --tasks (it plots task accuracy against size)")
     for spec in config.models:
         _check_model(spec)
     if score is None and not (config.tasks or config.ppl or config.speed):
         raise BadInput("nothing to measure: give --tasks, --ppl and/or --speed")
-    for path in outputs:
+    for path in (output, summary, plot):
         if path is not None and str(path) != "-" and not path.resolve().parent.is_dir():
             raise BadInput(f"{path}: output directory {path.parent} does not exist")
 
