@@ -216,6 +216,25 @@ def test_sparse_storage_round_trips_exactly_and_is_smaller(model_and_ids, tmp_pa
     assert sizes["stored_bytes"] < 0.8 * sizes["dense_bytes"]
 
 
+def test_sparse_storage_of_a_tied_model_loads_through_load_model(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from orstack.io.checkpoint import load_model
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval()
+    prune_model(model, None, PruneSpec(method="magnitude", pattern=(2, 4)))
+    save_sparse(model, tmp_path, set(masks_of(model)))
+    config.save_pretrained(tmp_path)
+    loaded, _ = load_model(tmp_path, with_tokenizer=False)
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    ids = torch.randint(0, 64, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
 # --- the command --------------------------------------------------------------------------------
 
 def test_cli_prunes_compresses_and_every_stage_can_load(random_llama, sample_text_file, tmp_path):
