@@ -63,10 +63,10 @@ class Pack:
         self.close()
 
     def close(self) -> None:
-        self._view.release()
         try:
+            self._view.release()
             self._map.close()
-        except BufferError:  # a caller still holds a chunk that points into the map: the GC closes it
+        except BufferError:  # a caller or a finishing worker still holds a view into the map: GC closes it
             pass
         self._fh.close()
 

@@ -105,7 +105,7 @@ def _mapped(path: Path) -> Iterator[memoryview]:
                 view.release()
 
 
-def _encode_chunk(codec: Codec, chunk: memoryview, transform: str, use_dict: bool = False) -> list[tuple[int, bytes]]:
+def _encode_chunk(codec: Codec, chunk: bytes, transform: str, use_dict: bool = False) -> list[tuple[int, bytes]]:
     return [codec.compress_plane(plane, use_dict) for plane in split_planes(chunk, transform)]
 
 
@@ -116,7 +116,7 @@ class _FrameWriter:
         self.fh, self.pool, self.codec, self.window = fh, pool, codec, window
         self.pending: deque[tuple[Future, dict[str, Any], int, Callable[[int], None]]] = deque()
 
-    def submit(self, blob: dict[str, Any], chunk: memoryview, on_done: Callable[[int], None]) -> None:
+    def submit(self, blob: dict[str, Any], chunk: bytes, on_done: Callable[[int], None]) -> None:
         future = self.pool.submit(_encode_chunk, self.codec, chunk, blob["transform"])
         self.pending.append((future, blob, len(chunk), on_done))
         while len(self.pending) > self.window:
@@ -162,11 +162,14 @@ def pack(paths: Path | str | list[Path | str], out: Path | str, config: PackConf
         writer = _FrameWriter(fh, pool, codec, window=2 * config.workers() + 2)
         for name, path in entries:
             with _mapped(path) as data:
-                file_hash = pool.submit(lambda d: hashlib.sha256(d).hexdigest(), data)
+                # Worker threads only ever see copies: a view of the map still held by a
+                # finishing worker would keep the map from closing.
+                file_hash = hashlib.sha256()
                 kind, segments = file_layout(data)
                 record = {"path": name, "size": len(data), "kind": kind, "segments": []}
                 for seg in segments:
                     buf = data[seg.offset : seg.offset + seg.size]
+                    file_hash.update(buf)  # segments tile the file in order
                     digest = hashlib.sha256(buf).hexdigest()
                     if digest in blob_ids:
                         duplicate += seg.size
@@ -181,12 +184,12 @@ def pack(paths: Path | str | list[Path | str], out: Path | str, config: PackConf
                             progress(seg.size)
                         else:
                             for a in range(0, seg.size, config.chunk_size):
-                                writer.submit(blob, buf[a : a + config.chunk_size], progress)
+                                writer.submit(blob, bytes(buf[a : a + config.chunk_size]), progress)
                     record["segments"].append({"name": seg.name, "offset": seg.offset, "size": seg.size,
                                                "dtype": seg.dtype, "shape": seg.shape, "blob": blob_ids[digest]})
-                    del buf
+                    buf.release()
                 writer.drain()
-                record["sha256"] = file_hash.result()
+                record["sha256"] = file_hash.hexdigest()
             files.append(record)
         dict_trial = _write_small_blobs(writer, pool, small, config)
         index = {"format": "orstack-pack", "version": 1, "root": root, "config": asdict(config),
