@@ -134,6 +134,33 @@ def test_training_is_bit_identical_for_the_same_seed():
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
+def test_micro_batches_give_the_whole_batch_gradient():
+    import torch
+
+    from orstack.tiny.model import IGNORE, TinyConfig, batch_loss_backward, build_model, collate, encode_example
+    from orstack.tiny.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    model = build_model(TinyConfig(seed=1), tok)
+    rng = random.Random(0)
+    batch = [encode_example(tok, *GENERATORS[f](rng, lv)) for f, lv in CELLS for _ in range(2)]
+
+    # Reference: one padded batch, the mean over every scored token.
+    input_ids, labels = collate(batch, tok.pad_token_id)
+    logits = model(input_ids=input_ids).logits
+    reference = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
+                                                  ignore_index=IGNORE)
+    model.zero_grad()
+    reference.backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+
+    model.zero_grad()
+    loss = batch_loss_backward(model, batch, tok.pad_token_id, micro_batches=4)
+    assert loss == pytest.approx(reference.item(), rel=1e-5)
+    for p, g in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+
+
 def test_untrained_cli_writes_checkpoint_and_tasks(tmp_path, capsys):
     out, tasks = tmp_path / "tiny", tmp_path / "tasks"
     assert run_cli(["--seed", "2", "tiny", "-o", str(out), "--untrained", "--tasks-out", str(tasks)]) == 0
