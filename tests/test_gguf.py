@@ -308,3 +308,50 @@ def test_bad_inputs_exit_2_and_write_nothing(random_llama, tmp_path):
         assert r.stdout == "" and len(r.stderr.strip().splitlines()) == 1
         assert not out.exists()
     assert "unsupported architecture 'gpt2'" in _run(gpt2, "-o", out).stderr
+
+
+# -- packed AWQ -> Q4_1 -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_packed_awq_maps_onto_q4_1_exactly(random_llama, tmp_path, symmetric):
+    import gguf
+    import torch
+
+    from orstack.gguf import GgufConfig, convert
+    from orstack.gguf.export import _permute_rotary
+    from orstack.quant.grid import QuantSpec
+    from orstack.quant.grid import quantize as rtn
+    from orstack.quant.packed import write_packed
+
+    model, tok = _load(random_llama)
+    spec = QuantSpec(bits=4, group_size=64, symmetric=symmetric)
+    quantized = {name: rtn(m.weight.data, spec) for name, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and name != "lm_head"}
+    expected = {f"{name}.weight": q.dequantize(torch.float32).numpy() for name, q in quantized.items()}
+    packed = tmp_path / "awq"
+    write_packed(model, quantized, packed)
+    tok.save_pretrained(packed)
+
+    out = tmp_path / "awq.gguf"
+    result = convert(str(packed), out, GgufConfig(type="q4_1", validate=False)).export
+    mapped = [t for t in result.tensors if "AWQ" in t.note]
+    assert len(mapped) == 2 * 7
+    tensors = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
+    for hf_name, gg_name, n_heads in [("model.layers.0.self_attn.q_proj.weight", "blk.0.attn_q.weight", 4),
+                                      ("model.layers.1.self_attn.k_proj.weight", "blk.1.attn_k.weight", 2),
+                                      ("model.layers.1.mlp.down_proj.weight", "blk.1.ffn_down.weight", 0)]:
+        want = expected[hf_name]
+        if n_heads:
+            want = _permute_rotary(want, n_heads)
+        got = gguf.quants.dequantize(np.asarray(tensors[gg_name].data), gguf.GGMLQuantizationType.Q4_1)
+        got = got.reshape(want.shape)
+        # exact up to the fp16 rounding of each block's d and m
+        scale = np.abs(want).reshape(want.shape[0], -1, 32).max(-1, keepdims=True)
+        err = np.abs(got - want).reshape(want.shape[0], -1, 32) / np.maximum(scale, 1e-12)
+        assert err.max() < 4e-3, hf_name
+        requantized = gguf.quants.dequantize(gguf.quants.quantize(want, gguf.GGMLQuantizationType.Q4_1),
+                                             gguf.GGMLQuantizationType.Q4_1)
+        assert np.abs(got - want).max() <= np.abs(requantized - want).max()
+    llm = _llama(out)
+    assert llm.tokenize(b"abc", add_bos=False)
+    llm.close()

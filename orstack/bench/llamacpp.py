@@ -11,7 +11,10 @@ by ~1e-2).
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,6 +38,22 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 def _cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     cuts = [c for c in (text.find(s) for s in stop if s) if c >= 0]
     return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+@contextmanager
+def _quiet_llama_cpp() -> Iterator[None]:
+    """Silence llama.cpp's log while a model loads.
+
+    With verbose=False llama-cpp-python still lets warnings through, e.g. "n_ctx_seq > n_ctx_train"
+    for every model trained on fewer than 256 positions (llama.cpp pads contexts to 256)."""
+    import llama_cpp.llama as module
+
+    original = module.set_verbose
+    module.set_verbose = lambda _verbose: logging.getLogger("llama-cpp-python").setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        module.set_verbose = original
 
 
 def _context_length(path: Path) -> int:
@@ -83,10 +102,11 @@ class LlamaCppBackend:
         if self.llm is not None:
             self.llm.close()
         try:
-            self.llm = Llama(model_path=str(self.path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=True,
-                             type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, verbose=False,
-                             seed=settings.seed if self.seed is None else self.seed,
-                             n_threads=self.n_threads)
+            with _quiet_llama_cpp():
+                self.llm = Llama(model_path=str(self.path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=True,
+                                 type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, verbose=False,
+                                 seed=settings.seed if self.seed is None else self.seed,
+                                 n_threads=self.n_threads)
         except (ValueError, RuntimeError) as e:
             raise BadInput(f"{self.name}: llama.cpp cannot load it ({e})") from None
         self._n_ctx = n_ctx

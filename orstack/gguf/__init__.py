@@ -64,6 +64,21 @@ def _prompts(path: str | None) -> list[str] | None:
     return prompts[:16]
 
 
+def _awq_blocks(spec: str):
+    """Q4_1 blocks taken straight from a packed 4-bit AWQ checkpoint (None for other formats)."""
+    from orstack.io.checkpoint import detect_format
+
+    path = Path(str(spec))
+    if not path.is_dir() or detect_format(path) != "compressed-tensors-pack-quantized":
+        return None
+    from orstack.console import info
+    from orstack.gguf.awq import awq_q4_1_weights
+
+    blocks = awq_q4_1_weights(path)
+    info(f"{spec}: {len(blocks)} packed 4-bit weights mapped straight onto Q4_1 (group sizes multiples of 32)")
+    return blocks
+
+
 def convert(spec: str, out: str | Path, config: GgufConfig) -> ConvertResult:
     """Load `spec` (any orstack checkpoint), write `out` as GGUF, validate, commit atomically."""
     from orstack.console import warn
@@ -79,9 +94,10 @@ def convert(spec: str, out: str | Path, config: GgufConfig) -> ConvertResult:
     do_validate = llama_cpp_available() if config.validate is None else config.validate
     model, tokenizer = load_model(spec, dtype="float32", trust_pickle=settings.trust_pickle,
                                   architectures=tuple(ARCHITECTURES))
+    blocks = _awq_blocks(spec) if config.type == "q4_1" else None
     validation = None
     with atomic_path(out) as tmp:
-        result = export_gguf(model, tokenizer, tmp, config.type, name=Path(str(spec)).name)
+        result = export_gguf(model, tokenizer, tmp, config.type, name=Path(str(spec)).name, q4_1_blocks=blocks)
         if do_validate:
             from orstack.gguf.validate import validate
 

