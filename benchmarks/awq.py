@@ -1,0 +1,128 @@
+"""AWQ vs round-to-nearest vs the original model, at 4 bits, on the tiny default and SmolLM2-135M.
+
+Each method runs as its own `orstack awq` process (so peak memory is per method) with the
+same calibration and held-out text; perplexity comes from the output's manifest.
+
+    python benchmarks/awq.py            # tiny default (g128) and SmolLM2-135M (g64)
+    python benchmarks/awq.py --quick    # fewer/shorter calibration windows, tiny only
+
+Text: the tiny default's own corpus.txt / heldout.txt (it only knows its tasks); for
+SmolLM2, calibration on /usr/share/common-licenses/{GPL-3,GFDL-1.3} (16 windows of 512
+tokens) and held-out perplexity on Apache-2.0 in 512-token windows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LICENSES = Path("/usr/share/common-licenses")
+
+
+def tiny_default():
+    """The tiny default architecture as the `tiny_trained` test fixture builds it (cached)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import TINY_TEST_STEPS, build_tiny_cached
+
+    build = build_tiny_cached(steps=TINY_TEST_STEPS)
+    return build.model, [build.tasks / "corpus.txt"], [build.tasks / "heldout.txt"]
+
+
+def smollm2():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from smollm2 import smollm2_checkpoint
+
+    return smollm2_checkpoint(), [LICENSES / "GPL-3", LICENSES / "GFDL-1.3"], [LICENSES / "Apache-2.0"]
+
+
+def run(model: Path, out: Path, calib: list[Path], heldout: list[Path], extra: list[str],
+        eval_length: int) -> dict:
+    """One `orstack awq` process: wall time, its own peak RSS, the manifest's metrics, sizes."""
+    cmd = [sys.executable, "-m", "orstack", "--quiet", "awq", str(model), "-o", str(out),
+           "--eval-length", str(eval_length), *extra]
+    for p in calib:
+        cmd += ["--calib", str(p)]
+    for p in heldout:
+        cmd += ["--heldout", str(p)]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    err = proc.stderr.read()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{err}")
+    metrics = json.loads((out / "orstack.json").read_text())["metrics"]
+    return {"metrics": metrics, "seconds": seconds, "peak_mb": usage.ru_maxrss / 1024,
+            "bytes": sum(f.stat().st_size for f in out.glob("*.safetensors")), "linear_bytes": linear_bytes(out)}
+
+
+def linear_bytes(path: Path) -> int:
+    """Bytes of the decoder layers' Linear tensors (packed codes, scales, zero points)."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in path.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            for key in st.keys():
+                if ".layers." in key and "_proj." in key:
+                    t = st.get_slice(key)
+                    n = 1
+                    for d in t.get_shape():
+                        n *= d
+                    total += n * {"F32": 4, "F16": 2, "BF16": 2, "I32": 4, "I64": 8, "I8": 1}[t.get_dtype()]
+    return total
+
+
+def bench(name: str, model: Path, calib: list[Path], heldout: list[Path], group: int, calib_args: list[str],
+          eval_length: int, work: Path, mixed: bool) -> list[list[str]]:
+    common = ["--bits", "4", "--group-size", str(group), *calib_args]
+    runs = {"RTN": run(model, work / f"{name}-rtn", [], heldout, ["--rtn", *common], eval_length),
+            "AWQ (orstack)": run(model, work / f"{name}-awq", calib, heldout, common, eval_length)}
+    if mixed:
+        runs["AWQ mixed 3/4/5"] = run(model, work / f"{name}-mixed", calib, heldout, [*common, "--mixed-precision"],
+                                      eval_length)
+    dense = runs["RTN"]["metrics"]["ppl_before"]
+    dense_bytes = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+    rows = [[name, "original (fp32)", f"{dense:.3f}", "", f"{dense_bytes / 1e6:.1f}", "", "", ""]]
+    rtn = runs["RTN"]["metrics"]["ppl_after"]
+    for method, r in runs.items():
+        ppl = r["metrics"]["ppl_after"]
+        gap = "" if method == "RTN" else f"{(rtn - ppl) / (rtn - dense):.0%}" if rtn > dense else "n/a"
+        bits = r["metrics"].get("average_bits", 4)
+        rows.append([name, f"{method} {bits:g}b g{group}", f"{ppl:.3f}", gap, f"{r['bytes'] / 1e6:.1f}",
+                     f"{r['linear_bytes'] / 1e6:.2f}", f"{r['seconds']:.0f}", f"{r['peak_mb']:.0f}"])
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny default only, 8 calibration windows")
+    ap.add_argument("--only", choices=["tiny", "smollm2"], help="run one model")
+    ap.add_argument("--no-mixed", action="store_true", help="skip the --mixed-precision run")
+    args = ap.parse_args()
+    header = ["model", "method", "held-out ppl", "RTN gap closed", "weights MB", "linears MB", "time s", "peak MB"]
+    rows: list[list[str]] = []
+    with tempfile.TemporaryDirectory(prefix="awq-bench-") as tmp:
+        work = Path(tmp)
+        if args.only in (None, "tiny"):
+            model, calib, heldout = tiny_default()
+            n = ["--nsamples", "8" if args.quick else "64", "--seqlen", "64" if args.quick else "128"]
+            rows += bench("tiny", model, calib, heldout, 128, n, 128, work, not args.no_mixed)
+        if args.only in (None, "smollm2") and not args.quick:
+            model, calib, heldout = smollm2()
+            rows += bench("SmolLM2-135M", model, calib, heldout, 64, ["--nsamples", "16", "--seqlen", "512"], 512,
+                          work, not args.no_mixed)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, ["-" * w for w in widths], *rows]:
+        print(" | ".join(c.ljust(w) for c, w in zip(r, widths)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""`orstack awq`: group-wise quantization, AWQ scale search, packed checkpoints, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from orstack.quant.grid import QuantSpec, fake_quantize, largest_divisor, quantize  # noqa: E402
+
+
+def _orstack(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orstack", *args], capture_output=True, text=True,
+                          env={"NO_COLOR": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+                               "OMP_NUM_THREADS": "1"})
+
+
+# --- the grid ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits,symmetric", [(3, False), (4, False), (8, False), (4, True)])
+def test_codes_in_range_and_zero_exact(bits, symmetric):
+    w = torch.randn(16, 256, generator=torch.Generator().manual_seed(0))
+    w[:, :40] = 0  # pruned weights, and a fully zero group
+    w[3] = 0
+    spec = QuantSpec(bits, 64, symmetric)
+    q = quantize(w, spec)
+    assert q.codes.dtype == torch.int8
+    assert int(q.codes.min()) >= spec.qmin and int(q.codes.max()) <= spec.qmax
+    w_hat = q.dequantize()
+    assert bool((w_hat[w == 0] == 0).all())
+    # error bounded by half a step per group (no clipping)
+    step = q.scale.repeat_interleave(64, dim=1)
+    assert bool(((w_hat - w).abs() <= step / 2 + 1e-6).all())
+    assert (q.zero_point is None) == symmetric
+
+
+def test_more_bits_less_error():
+    w = torch.randn(32, 128, generator=torch.Generator().manual_seed(1))
+    errors = [float((fake_quantize(w, QuantSpec(b, 128)) - w).pow(2).mean()) for b in (3, 4, 8)]
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_largest_divisor():
+    assert largest_divisor(576, 128) == 96
+    assert largest_divisor(1536, 128) == 128
+    assert largest_divisor(256, 128) == 128
+
+
+# --- AWQ on a layer with outlier input channels --------------------------------------------
+
+def test_awq_beats_rtn_with_outlier_channels(random_llama):
+    """Scale outlier input channels of one layer's norm: AWQ's scaled grid must lower the
+    block output error against RTN, and the per-layer report must say so."""
+    from transformers import AutoModelForCausalLM
+
+    from orstack.quant.awq import AWQConfig, group_sizes, quantize_awq
+
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLM.from_pretrained(random_llama)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[:8] = 30.0
+            layer.post_attention_layernorm.weight[::50] = 20.0
+    ids = torch.randint(3, 290, (4, 48), generator=torch.Generator().manual_seed(0))
+    cfg = AWQConfig(nsamples=4, seqlen=48, alpha_steps=10, clip_steps=10)
+    result = quantize_awq(model, ids, cfg, group_sizes(model, cfg))
+    for report in result.layers:
+        assert report.folds == {"self_attn.q_proj": "input_layernorm", "self_attn.o_proj": "self_attn.v_proj",
+                                "mlp.gate_proj": "post_attention_layernorm", "mlp.down_proj": "mlp.up_proj"}
+        assert report.alphas["self_attn.q_proj"] > 0
+        assert report.error_awq < 0.8 * report.error_rtn
+
+
+def test_folds_keep_the_function(random_llama):
+    """Folding arbitrary scales into the discovered producers leaves the layer's output unchanged."""
+    from transformers import AutoModelForCausalLM
+
+    from orstack.layerwise import capture_layer_inputs, run_layer
+    from orstack.quant.awq import _apply_fold
+    from orstack.quant.structure import discover
+
+    model = AutoModelForCausalLM.from_pretrained(random_llama)
+    ids = torch.randint(3, 290, (1, 32), generator=torch.Generator().manual_seed(2))
+    inputs = capture_layer_inputs(model, ids)
+    layer = model.model.layers[0]
+    before = run_layer(layer, inputs).hidden[0]
+    groups = discover(layer, *next(inputs.batches()))
+    gen = torch.Generator().manual_seed(3)
+    cols = {n: torch.ones(m.in_features) for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    rows = {n: torch.ones(m.out_features) for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    with torch.no_grad():
+        for g in groups:
+            _apply_fold(layer, g, torch.rand(g.fold.n_source, generator=gen) + 0.5, cols, rows)
+    after = run_layer(layer, inputs).hidden[0]
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+
+
+def test_same_result_at_one_and_two_threads(random_llama):
+    from transformers import AutoModelForCausalLM
+
+    from orstack.quant.awq import AWQConfig, group_sizes, quantize_awq
+
+    ids = torch.randint(3, 290, (4, 48), generator=torch.Generator().manual_seed(0))
+    cfg = AWQConfig(nsamples=4, seqlen=48, alpha_steps=8, clip_steps=8)
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        model = AutoModelForCausalLM.from_pretrained(random_llama)
+        results.append(quantize_awq(model, ids, cfg, group_sizes(model, cfg)))
+    torch.set_num_threads(1)
+    a, b = results
+    assert [r.alphas for r in a.layers] == [r.alphas for r in b.layers]
+    for name, q in a.quantized.items():
+        assert torch.equal(q.codes, b.quantized[name].codes)
+        assert torch.equal(q.scale, b.quantized[name].scale)
+
+
+def test_mixed_precision_allocation_averages_the_target():
+    from orstack.quant.awq import allocate_bits
+
+    sens = {f"m{i}": {3: 1.0 + i, 4: 0.5 + i / 2, 5: 0.25 + i / 4} for i in range(10)}
+    params = {f"m{i}": 100 for i in range(10)}
+    bits = allocate_bits(sens, params, 4, 0.1)
+    assert sorted(bits.values()) == [3] + [4] * 8 + [5]
+    assert bits["m9"] == 5 and bits["m0"] == 3  # most sensitive gains, least sensitive gives
+
+
+# --- packed checkpoints through the CLI ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def packed_pair(random_llama, sample_text_file, tmp_path_factory):
+    """The same AWQ run written packed and as fake-quant, from a model with pruned weights."""
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path_factory.mktemp("awq")
+    pruned = base / "pruned"
+    model = AutoModelForCausalLM.from_pretrained(random_llama)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for m in (layer.self_attn.q_proj, layer.mlp.down_proj):
+                m.weight[:, ::2] = 0
+    model.save_pretrained(pruned)
+    (pruned / "tokenizer.json").write_bytes((random_llama / "tokenizer.json").read_bytes())
+    (pruned / "tokenizer_config.json").write_bytes((random_llama / "tokenizer_config.json").read_bytes())
+    args = ["awq", str(pruned), "--calib", str(sample_text_file), "--nsamples", "4", "--seqlen", "48"]
+    for out, extra in (("packed", []), ("fake", ["--fake-quant"])):
+        r = _orstack(*args, "-o", str(base / out), *extra)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == ""
+    return pruned, base / "packed", base / "fake"
+
+
+def test_packed_round_trip_equals_fake_quant(packed_pair):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    from orstack.io.checkpoint import detect_format, load_model
+
+    _, packed, fake = packed_pair
+    assert detect_format(packed) == "compressed-tensors-pack-quantized"
+    with safe_open(str(packed / "model.safetensors"), "pt") as st:
+        keys = set(st.keys())
+        assert "model.layers.0.self_attn.q_proj.weight_packed" in keys
+        assert "model.layers.0.self_attn.q_proj.weight" not in keys
+        assert st.get_tensor("model.layers.0.self_attn.q_proj.weight_packed").dtype == torch.int32
+    config = json.loads((packed / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "pack-quantized" and config["quant_method"] == "compressed-tensors"
+    ours, _ = load_model(packed, with_tokenizer=False)
+    reference = AutoModelForCausalLM.from_pretrained(fake)
+    theirs = AutoModelForCausalLM.from_pretrained(packed, quantization_config=CompressedTensorsConfig(dequantize=True))
+    for name, param in reference.state_dict().items():
+        assert torch.equal(ours.state_dict()[name], param), name
+        assert torch.equal(theirs.state_dict()[name], param), name
+    packed_bytes = (packed / "model.safetensors").stat().st_size
+    assert packed_bytes < 0.6 * (fake / "model.safetensors").stat().st_size
+
+
+def test_pruned_zeros_stay_zero(packed_pair):
+    from orstack.io.checkpoint import load_model
+
+    pruned, packed, _ = packed_pair
+    model, _ = load_model(packed, with_tokenizer=False)
+    for layer in model.model.layers:
+        for m in (layer.self_attn.q_proj, layer.mlp.down_proj):
+            assert bool((m.weight[:, ::2] == 0).all())
+    manifest = json.loads((packed / "orstack.json").read_text())
+    assert manifest["metrics"]["zeros_kept"] >= 2 * (256 * 128 + 256 * 256)
+    assert manifest["metrics"]["error_reduction_vs_rtn"] > 0
+
+
+def test_rtn_and_symmetric_and_auto_group(random_llama, tmp_path):
+    out = tmp_path / "rtn"
+    r = _orstack("awq", str(random_llama), "--rtn", "--symmetric", "--bits", "8", "--group-size", "auto",
+                 "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    (group,) = config["config_groups"].values()
+    assert group["weights"]["num_bits"] == 8 and group["weights"]["symmetric"] is True
+    assert group["weights"]["group_size"] == 128
+    assert "group sizes (auto)" in r.stderr
+
+
+# --- bad input: exit 2, one line, nothing written -------------------------------------------------
+
+@pytest.mark.parametrize("extra,message", [
+    (["--calib", "/nonexistent/calib.txt"], "no such file"),
+    ([], "--calib"),
+    (["--calib", "{text}", "--bits", "5"], "--bits 5"),
+    (["--calib", "{text}", "--group-size", "100"], "does not divide"),
+    (["--calib", "{text}", "--group-size", "zero"], "--group-size"),
+])
+def test_bad_input(random_llama, sample_text_file, tmp_path, extra, message):
+    out = tmp_path / "out"
+    extra = [str(sample_text_file) if a == "{text}" else a for a in extra]
+    r = _orstack("awq", str(random_llama), "-o", str(out), *extra)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.stdout == "" and not out.exists()
+    assert not list(tmp_path.glob(".*"))
+
+
+def test_non_llama_model_refused(tmp_path, sample_text_file):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    src = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=100)).save_pretrained(src)
+    r = _orstack("awq", str(src), "--calib", str(sample_text_file), "-o", str(tmp_path / "out"))
+    assert r.returncode == 2 and "unsupported architecture" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_group_size_error_names_layers(tmp_path, sample_text_file):
+    """SmolLM2's case: width 576 does not take group 128."""
+    from conftest import build_random_llama
+
+    src = build_random_llama(tmp_path / "w192", hidden=192)
+    r = _orstack("awq", str(src), "--rtn", "--group-size", "128", "-o", str(tmp_path / "out"))
+    assert r.returncode == 2
+    assert "q_proj (width 192)" in r.stderr and "down_proj" not in r.stderr
+    assert not (tmp_path / "out").exists()
+    assert Path(src).exists()
