@@ -1,6 +1,6 @@
 """Running untrusted programs (model-written code) outside the calling process.
 
-A reusable pool of worker processes (spawned, so they carry no torch state) each run one
+A reusable pool of worker processes (fresh interpreters, so they carry no torch state) each run one
 program at a time in a freshly forked child:
 - the child gets its own session (so the whole process group can be killed), a throw-away
   working directory, RLIMIT_AS (memory), RLIMIT_CPU and RLIMIT_FSIZE, and closed stdin;
@@ -27,8 +27,6 @@ import signal
 import tempfile
 import time
 from collections.abc import Iterable
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 # Exit codes the child uses to tell the worker what happened.
@@ -66,10 +64,42 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 
+_empty_netns: int | None = None  # fd of an empty network namespace this process made once
+
+
 def _cut_network(libc: ctypes.CDLL) -> bool:
+    """Move this process into an empty network namespace (only loopback, down)."""
+    if _empty_netns is not None and libc.setns(_empty_netns, CLONE_NEWNET) == 0:
+        return True  # joining one is much cheaper than creating (and tearing down) one per program
     if libc.unshare(CLONE_NEWNET) == 0:
         return True
     return libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) == 0
+
+
+def _make_empty_netns() -> None:
+    """Create one empty network namespace for every program this worker runs (needs the right
+    to setns, i.e. root; otherwise each program unshares its own)."""
+    global _empty_netns
+    libc = _libc()
+    ready_r, ready_w = os.pipe()
+    done_r, done_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(ready_r)
+        os.close(done_w)
+        ok = libc.unshare(CLONE_NEWNET) == 0
+        os.write(ready_w, b"1" if ok else b"0")
+        os.read(done_r, 1)  # stay alive until the parent holds the namespace
+        os._exit(0)
+    os.close(ready_w)
+    os.close(done_r)
+    try:
+        if os.read(ready_r, 1) == b"1":
+            _empty_netns = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
+    finally:
+        os.close(ready_r)
+        os.close(done_w)
+        os.waitpid(pid, 0)
 
 
 class _RulesetAttr(ctypes.Structure):
@@ -236,50 +266,107 @@ def _last_line(path: str) -> str:
     return lines[-1][:500] if lines else ""
 
 
-def _run_job(job: tuple[str, Limits]) -> RunResult:
-    return run_program(*job)
-
-
 # -- the pool ----------------------------------------------------------------------------------
+class WorkerDied(Exception):
+    pass
+
+
+class _Worker:
+    """One `python -m orstack.bench.sandbox` process, fed programs as JSON lines on stdin.
+
+    A fresh interpreter rather than a multiprocessing child: it carries none of the caller's
+    state (torch, threads) and works whatever the caller's __main__ is (stdin, -c, notebooks)."""
+
+    def __init__(self) -> None:
+        import subprocess
+        import sys
+
+        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+        self.proc = subprocess.Popen([sys.executable, "-m", "orstack.bench.sandbox"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, env=env, text=True, bufsize=1)
+
+    def run(self, program: str, limits: Limits) -> RunResult:
+        import json
+        from dataclasses import asdict
+
+        try:
+            self.proc.stdin.write(json.dumps({"program": program, "limits": asdict(limits)}) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        except (BrokenPipeError, OSError):
+            line = ""
+        if not line:
+            raise WorkerDied
+        return RunResult(**json.loads(line))
+
+    def close(self) -> None:
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _serve() -> None:
+    """The worker's loop: one JSON job per line in, one JSON result per line out."""
+    import json
+    import sys
+    from dataclasses import asdict
+
+    _make_empty_netns()
+    for line in sys.stdin:
+        job = json.loads(line)
+        result = run_program(job["program"], Limits(**job["limits"]))
+        sys.stdout.write(json.dumps(asdict(result)) + "\n")
+        sys.stdout.flush()
+
+
 class Sandbox:
-    """A reusable pool of workers; use as a context manager or call close()."""
+    """A reusable pool of worker processes; use as a context manager or call close()."""
 
     def __init__(self, workers: int | None = None, limits: Limits = Limits()) -> None:  # noqa: B008
-        import multiprocessing
+        import queue
+        from concurrent.futures import ThreadPoolExecutor
 
         self.limits = limits
         self.workers = workers or max(2, os.cpu_count() or 1)
-        self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+        self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
+        self._all = [_Worker() for _ in range(self.workers)]
+        for worker in self._all:
+            self._idle.put(worker)
+        self._threads = ThreadPoolExecutor(self.workers)
 
     def run(self, program: str, limits: Limits | None = None) -> RunResult:
         return self.run_many([program], limits)[0]
 
     def run_many(self, programs: Iterable[str], limits: Limits | None = None) -> list[RunResult]:
         """Run programs in parallel across the pool; results in input order."""
-        jobs = [(p, limits or self.limits) for p in programs]
-        try:
-            return list(self._pool.map(_run_job, jobs))
-        except BrokenProcessPool:
-            # A program got past the confinement and killed its worker: start a new pool and
-            # run the jobs one by one, so only the culprit is reported as crashed.
-            self._restart()
-            return [self._run_alone(job) for job in jobs]
+        job_limits = limits or self.limits
+        return list(self._threads.map(lambda p: self._dispatch(p, job_limits), programs))
 
-    def _run_alone(self, job: tuple[str, Limits]) -> RunResult:
+    def _dispatch(self, program: str, limits: Limits) -> RunResult:
+        worker = self._idle.get()
         try:
-            return self._pool.submit(_run_job, job).result()
-        except BrokenProcessPool:
-            self._restart()
+            return worker.run(program, limits)
+        except WorkerDied:
+            # The program got past the confinement and killed its worker: replace the worker.
+            worker.close()
+            self._all.remove(worker)
+            worker = _Worker()
+            self._all.append(worker)
             return RunResult("crashed", "the program killed its sandbox worker", 0.0)
-
-    def _restart(self) -> None:
-        import multiprocessing
-
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+        finally:
+            self._idle.put(worker)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._threads.shutdown(wait=True)
+        for worker in self._all:
+            worker.close()
 
     def __enter__(self) -> Sandbox:
         return self
@@ -318,3 +405,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     for i in range(n - c + 1, n + 1):
         product *= 1.0 - k / i
     return 1.0 - product
+
+
+if __name__ == "__main__":
+    _serve()
