@@ -355,3 +355,18 @@ def test_packed_awq_maps_onto_q4_1_exactly(random_llama, tmp_path, symmetric):
     llm = _llama(out)
     assert llm.tokenize(b"abc", add_bos=False)
     llm.close()
+
+
+def test_vocab_trimmed_checkpoint_converts_and_tokenizes_identically(random_llama, sample_text_file, tmp_path):
+    trimmed = tmp_path / "trimmed"
+    r = subprocess.run([sys.executable, "-m", "orstack", "vocab-trim", str(random_llama), "--corpus",
+                        str(sample_text_file), "--coverage", "0.9", "-o", str(trimmed), "--force"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    model, tok = _load(trimmed)
+    assert len(tok) < 300
+    out = tmp_path / "trimmed.gguf"
+    export_gguf(model, tok, out, "f32", progress=False)
+    diff, agree = _logits_vs_transformers(model, tok, out)
+    assert diff < 1e-4 and agree == 1.0
+    _tokenizer_agrees(tok, out)
