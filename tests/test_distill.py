@@ -302,3 +302,27 @@ def test_train_cli_adapter_and_bad_input(tmp_path, random_llama):
     done = run_cli("distill", "train", str(random_llama), "--data", str(data), "-o", str(tmp_path / "o3"), "--full",
                    "--merge")
     assert done.returncode == 2 and "--merge" in done.stderr
+
+
+@pytest.mark.slow
+def test_train_runs_under_torchrun_with_two_gloo_processes(tmp_path, random_llama):
+    import os
+    import shutil
+
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    orstack_bin = shutil.which("orstack") or str(Path(sys.executable).parent / "orstack")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "response": str(i + 1)}) + "\n" for i in range(8)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "log.jsonl"
+    env = dict(os.environ, ORSTACK_LOG=str(log))  # torchrun's own parser would take --log
+    done = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(port), orstack_bin, "distill",
+                           "train", str(random_llama), "--data", str(data), "-o", str(tmp_path / "out"),
+                           "--max-steps", "2", "--batch-size", "2"], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "adapter_config.json").exists()
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["tokens"] > 0 for r in rows)

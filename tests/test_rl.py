@@ -141,3 +141,29 @@ def test_grpo_steps_on_a_tiny_model(tmp_path, random_llama):
 
     model, _ = load_model(out)  # base + adapter, as bench loads it
     assert model.config.model_type == "llama"
+
+
+@pytest.mark.slow
+def test_rl_runs_under_torchrun_with_two_gloo_processes(tmp_path, random_llama):
+    import os
+    import shutil
+    import socket
+    from pathlib import Path
+
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    orstack_bin = shutil.which("orstack") or str(Path(sys.executable).parent / "orstack")
+    tasks = tmp_path / "t.jsonl"
+    tasks.write_text("".join(json.dumps({"id": f"a{i}", "prompt": f"{i}+{i}=", "answer": str(2 * i),
+                                         "kind": "numeric"}) + "\n" for i in range(4)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "rl.jsonl"
+    env = dict(os.environ, ORSTACK_LOG=str(log))
+    done = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(port), orstack_bin, "rl",
+                           str(random_llama), "--tasks", str(tasks), "-o", str(tmp_path / "out"), "--max-steps", "2",
+                           "--num-generations", "2", "--max-new-tokens", "4"], capture_output=True, text=True,
+                          env=env, timeout=900)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "adapter_config.json").exists()
+    assert len(log.read_text().splitlines()) == 2

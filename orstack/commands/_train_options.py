@@ -23,5 +23,9 @@ TargetModules = Annotated[
 ]
 Merge = Annotated[bool, typer.Option("--merge", help="Fold the adapter into the weights and save a full checkpoint.")]
 Full = Annotated[bool, typer.Option("--full", help="Full fine-tuning instead of LoRA.")]
-Log = Annotated[Path | None, typer.Option("--log", help="Write one JSONL row per logging step to this file.")]
+Log = Annotated[
+    Path | None,
+    typer.Option("--log", envvar="ORSTACK_LOG", help="Write one JSONL row per logging step to this file "
+                 "(or set ORSTACK_LOG: torchrun's own parser claims --log).")
+]
 LogEvery = Annotated[int, typer.Option("--log-every", min=1, help="Optimizer steps between log rows.")]

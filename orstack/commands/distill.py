@@ -172,14 +172,18 @@ def train(
 
     config = DistillTrainConfig(train=tc, logits_teacher=logits, recover_fraction=recover_fraction if recover else None,
                                 distill=DistillLoss(kd_beta, kd_temperature, kd_alpha, t2_scale) if logits else None)
-    if log is not None:
-        with atomic_path(log) as tmp_log:
-            tc.log = str(tmp_log)
-            model, tokenizer, result, metrics = fine_tune(student, rows, config, device=_device(),
-                                                          trust_pickle=settings.trust_pickle, where=str(data))
-    else:
+    from contextlib import nullcontext
+
+    from orstack.train.sft import is_main_process
+
+    # Under torchrun every process trains; only rank 0 logs and writes.
+    main = is_main_process()
+    with atomic_path(log) if log is not None and main else nullcontext(None) as tmp_log:
+        tc.log = str(tmp_log) if tmp_log is not None else None
         model, tokenizer, result, metrics = fine_tune(student, rows, config, device=_device(),
                                                       trust_pickle=settings.trust_pickle, where=str(data))
+    if not main:
+        return
     tc.log = str(log) if log else None
     args = {**as_args(tc), "data": str(data), "logits": logits,
             "distill": as_args(config.distill) if config.distill else None,

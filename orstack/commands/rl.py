@@ -102,19 +102,22 @@ def rl(
                       rewards=RewardConfig(rewards=rewards, efficiency_weight=efficiency_weight,
                                            target_length=target_length, format_regex=format_regex, clip=clip_reward))
 
+    from contextlib import nullcontext
+
     from orstack.io.atomic import atomic_path
     from orstack.io.manifest import as_args
     from orstack.runtime import device
     from orstack.train.lora import save_trained
+    from orstack.train.sft import is_main_process
 
-    if log is not None:
-        with atomic_path(log) as tmp_log:
-            tc.log = str(tmp_log)
-            trained, tokenizer, result = run_rl(model, task_rows, config, device=device(),
-                                                trust_pickle=settings.trust_pickle)
-    else:
+    # Under torchrun / accelerate launch every process trains; only rank 0 logs and writes.
+    main = is_main_process()
+    with atomic_path(log) if log is not None and main else nullcontext(None) as tmp_log:
+        tc.log = str(tmp_log) if tmp_log is not None else None
         trained, tokenizer, result = run_rl(model, task_rows, config, device=device(),
                                             trust_pickle=settings.trust_pickle)
+    if not main:
+        return
     tc.log = str(log) if log else None
     for note in result.notes:
         console.warn(note)

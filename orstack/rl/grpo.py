@@ -201,6 +201,12 @@ def run_rl(model_spec: str, tasks: list[dict[str, Any]], config: RLConfig, *, de
 
     # transformers 5 deprecation notices raised by trl/peft internals: not the user's concern.
     warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v6.*", category=FutureWarning)
+    from orstack.train.sft import is_main_process
+
+    if not is_main_process():
+        from orstack.console import set_quiet
+
+        set_quiet(True)
     tc = config.train
     shape = choose_batch(tc.batch_size, tc.grad_accum, config.num_generations, world_size())
     notes = [shape.note] if shape.note else []

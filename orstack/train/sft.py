@@ -59,6 +59,29 @@ def batches(data: list[Encoded], batch_size: int, seed: int):
             yield [data[j] for j in order[i:i + batch_size]]
 
 
+def distributed() -> tuple[int, int]:
+    """(rank, world size); under torchrun / accelerate launch (WORLD_SIZE > 1) the process group is
+    started here (gloo on CPU, nccl on GPU)."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def is_main_process() -> bool:
+    """Rank 0, or not distributed: the process that logs and writes outputs."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
 def lr_at(step: int, total: int, config: TrainConfig) -> float:
     if config.warmup_steps and step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
@@ -77,15 +100,28 @@ def train_sft(model: Any, tokenizer: Any, data: list[Encoded], config: TrainConf
 
     if not data:
         raise BadInput("no training rows")
-    steps = total_steps(len(data), config)
+    rank, world = distributed()
+    if rank != 0:
+        from orstack.console import set_quiet
+
+        set_quiet(True)
+    # Each optimizer step consumes batch_size x grad_accum x world rows; every process draws the
+    # same global batches (same seed) and takes its own slice, and DDP averages the gradients.
+    steps = total_steps(len(data), config) if config.max_steps else max(1, math.ceil(
+        total_steps(len(data), config) / world))
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise BadInput("nothing to train: no parameter requires a gradient")
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    stream = batches(data, config.batch_size, config.seed)
-    log_file = Path(config.log).open("w", encoding="utf-8") if config.log else None
+    stream = batches(data, config.batch_size * world, config.seed)
+    forward = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(model)
+    log_file = Path(config.log).open("w", encoding="utf-8") if config.log and rank == 0 else None
     history: list[dict[str, Any]] = []
     model.train()
     start = time.perf_counter()
@@ -98,8 +134,9 @@ def train_sft(model: Any, tokenizer: Any, data: list[Encoded], config: TrainConf
                     group["lr"] = lr_at(step, steps, config)
                 sums = {"loss": 0.0, "ce": 0.0, "kd": 0.0, "tokens": 0}
                 for _ in range(config.grad_accum):
-                    batch = {k: v.to(device) for k, v in collate(next(stream), pad_id).items()}
-                    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                    rows = next(stream)[rank::world] or [Encoded([pad_id], [-100], 0.0)]
+                    batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
+                    out = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                     ce = masked_ce(out.logits, batch["labels"], batch["weights"])
                     loss = ce
                     if teacher is not None and distill is not None:
@@ -117,6 +154,13 @@ def train_sft(model: Any, tokenizer: Any, data: list[Encoded], config: TrainConf
                     sums["loss"] += loss.item() / config.grad_accum
                     sums["ce"] += ce.item() / config.grad_accum
                     sums["tokens"] += int((batch["labels"][:, 1:] != -100).sum())
+                if world > 1:  # log the global figures, not rank 0's slice
+                    import torch.distributed as dist
+
+                    t = torch.tensor([sums["loss"], sums["ce"], sums["kd"], float(sums["tokens"])])
+                    dist.all_reduce(t)
+                    sums.update(loss=t[0].item() / world, ce=t[1].item() / world, kd=t[2].item() / world,
+                                tokens=int(t[3].item()))
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
