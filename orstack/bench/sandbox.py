@@ -18,14 +18,17 @@ jail against a determined attacker (no seccomp filter, shared PID namespace).
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import os
 import resource
 import select
 import shutil
 import signal
+import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -60,7 +63,9 @@ class RunResult:
 
 
 # -- the child: confine, then run ------------------------------------------------------------
+@functools.cache
 def _libc() -> ctypes.CDLL:
+    """Loaded once per worker; forked children inherit it."""
     return ctypes.CDLL(None, use_errno=True)
 
 
@@ -186,9 +191,6 @@ def _child(program: str, workdir: str, limits: Limits) -> None:
 
 
 def _execute(program: str) -> int:
-    import sys
-    import traceback
-
     try:
         compiled = compile(program, "<program>", "exec")
     except (SyntaxError, ValueError) as e:
@@ -279,7 +281,6 @@ class _Worker:
 
     def __init__(self) -> None:
         import subprocess
-        import sys
 
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
@@ -315,10 +316,10 @@ class _Worker:
 def _serve() -> None:
     """The worker's loop: one JSON job per line in, one JSON result per line out."""
     import json
-    import sys
     from dataclasses import asdict
 
     _make_empty_netns()
+    _libc()
     for line in sys.stdin:
         job = json.loads(line)
         result = run_program(job["program"], Limits(**job["limits"]))
