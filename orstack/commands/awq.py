@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from orstack import console
-from orstack.commands.options import Calib, Dtype, NSamples, RequiredOutput, SeqLen
+from orstack.commands.options import Calib, NSamples, RequiredOutput, SeqLen
 from orstack.errors import BadInput
 from orstack.runtime import settings
 
@@ -66,7 +66,6 @@ def awq(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Calibration sequences per forward.")] = 8,
     heldout: Annotated[list[Path] | None, typer.Option("--heldout", help="Held-out text for perplexity.")] = None,
     eval_length: Annotated[int, typer.Option("--eval-length", min=8, help="Perplexity window, tokens.")] = 512,
-    dtype: Dtype = "float32",
 ) -> None:
     from orstack.io.checkpoint import resolve_checkpoint
     from orstack.io.text import check_text_files
@@ -84,10 +83,10 @@ def awq(
                        batch_size=batch_size, seed=settings.seed, calib=[str(p) for p in calib_files],
                        heldout=",".join(str(p) for p in heldout_files) or None)
     check_config(config)
-    _run(source, output, config, heldout_files, eval_length, dtype)
+    _run(source, output, config, heldout_files, eval_length)
 
 
-def _run(source: Path, output: Path, config, heldout: list[Path], eval_length: int, dtype: str) -> None:  # noqa: ANN001
+def _run(source: Path, output: Path, config, heldout: list[Path], eval_length: int) -> None:  # noqa: ANN001
     from orstack.io.checkpoint import check_architecture, load_config, load_model, save_checkpoint
     from orstack.io.text import read_texts
     from orstack.layerwise import decoder_layers
@@ -99,7 +98,8 @@ def _run(source: Path, output: Path, config, heldout: list[Path], eval_length: i
     seed_everything()
     calib_texts = list(read_texts(config.calib)) if config.calib else None
     heldout_texts = list(read_texts(heldout)) if heldout else None
-    model, tokenizer = load_model(source, device=device(), dtype=dtype, trust_pickle=settings.trust_pickle)
+    # float32 throughout: the scales are stored in it, so packed and fake-quant weights agree bit for bit.
+    model, tokenizer = load_model(source, device=device(), dtype="float32", trust_pickle=settings.trust_pickle)
     decoder_layers(model)
     result, metrics = run_awq(model, tokenizer, config, calib_texts, heldout_texts, eval_length)
     _report(result, metrics)

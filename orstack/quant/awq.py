@@ -204,8 +204,9 @@ def _quantize_layer(layer: nn.Module, groups: list[LinearGroup], stats: dict, sp
     weights = {name: layer.get_submodule(name).weight.data.float().clone() for name in specs}
     grams = {name: stats[name].hessian().float() for name in specs}
     rtn_error = sum(output_error(fake_quantize(weights[n], specs[n]) - weights[n], grams[n]) for n in specs)
-    col_scale = {name: torch.ones(weights[name].shape[1]) for name in specs}
-    row_scale = {name: torch.ones(weights[name].shape[0]) for name in specs}
+    device = next(iter(weights.values())).device
+    col_scale = {name: torch.ones(weights[name].shape[1], device=device) for name in specs}
+    row_scale = {name: torch.ones(weights[name].shape[0], device=device) for name in specs}
     alphas: dict[str, float | None] = {}
     folds: dict[str, str | None] = {}
     # Scales are all searched on the unmodified layer, then folded together.
@@ -245,8 +246,9 @@ def _source_mean_abs(group: LinearGroup, stats: dict) -> torch.Tensor:
 
     fold = group.fold
     x = stats[group.names[0]].mean_abs.double()
-    total = torch.zeros(fold.n_source, dtype=torch.float64).index_add_(0, fold.source, x)
-    count = torch.zeros(fold.n_source, dtype=torch.float64).index_add_(0, fold.source, torch.ones_like(x))
+    source = fold.source.to(x.device)
+    total = torch.zeros(fold.n_source, dtype=torch.float64, device=x.device).index_add_(0, source, x)
+    count = torch.zeros(fold.n_source, dtype=torch.float64, device=x.device).index_add_(0, source, torch.ones_like(x))
     return torch.where(count > 0, total / count.clamp_min(1), torch.ones_like(total))
 
 

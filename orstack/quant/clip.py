@@ -49,7 +49,7 @@ def search_clip(w: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, steps: int
     import torch
 
     blocks = diagonal_blocks(gram.float(), spec.group_size)
-    best_ratio = torch.ones(w.shape[0], w.shape[1] // spec.group_size, dtype=w.dtype)
+    best_ratio = torch.ones(w.shape[0], w.shape[1] // spec.group_size, dtype=w.dtype, device=w.device)
     best_err = torch.full_like(best_ratio, float("inf"))
     n_candidates = int(round(max_shrink * steps))
     for i in range(n_candidates + 1):

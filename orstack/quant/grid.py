@@ -63,7 +63,7 @@ def group_params(w: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | float = 
     import torch
 
     g = w.reshape(w.shape[0], -1, spec.group_size)
-    clip = torch.as_tensor(clip, dtype=w.dtype)
+    clip = torch.as_tensor(clip, dtype=w.dtype, device=w.device)
     lo = g.amin(-1).clamp(max=0) * clip
     hi = g.amax(-1).clamp(min=0) * clip
     if spec.symmetric:

@@ -135,7 +135,7 @@ def find_fold(layer: nn.Module, group: list[str], hidden: torch.Tensor, kwargs: 
     for name, kind in _fold_candidates(layer, group):
         module = layer.get_submodule(name)
         n = module.weight.shape[0]
-        r = _probe_factors(n)  # output channel k is multiplied by r[k]
+        r = _probe_factors(n).to(x.device)  # output channel k is multiplied by r[k]
         saved = {p: getattr(module, p).data.clone() for p in ("weight", "bias") if getattr(module, p, None) is not None}
         try:
             for p in saved:
