@@ -11,9 +11,9 @@ and its 2:4 pattern checked on every decoder matrix of the reloaded weights.
     python benchmarks/prune.py --models smollm2
 
 Texts: the tiny default uses its own corpus.txt (calibration) and heldout.txt (held-out);
-SmolLM2 uses licence texts shipped in the environment: calibration = the transformers,
-typing_extensions and hypothesis licences, held-out = the first 8,000 characters of
-ruff's licence file.
+SmolLM2 uses licence texts shipped in the environment: calibration = the licence files of
+transformers (Apache-2.0), hypothesis (MPL-2.0) and pillow; held-out = the first 8,000
+characters of matplotlib's licence agreement (a different, non-repetitive text).
 """
 
 from __future__ import annotations
@@ -31,8 +31,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-CACHE = Path(os.environ.get("ORSTACK_CACHE", Path.home() / ".cache" / "orstack"))
-TINY = CACHE / "tiny-default-seed0"
 RUNS = [("magnitude", None), ("wanda", None), ("sparsegpt", None),
         ("magnitude", "2:4"), ("wanda", "2:4"), ("sparsegpt", "2:4")]
 HELDOUT_CHARS = 8000
@@ -48,31 +46,33 @@ def site_file(pattern: str) -> Path:
     raise SystemExit(f"no file matches {pattern} in site-packages")
 
 
-def tiny_checkpoint() -> Path:
-    """The tiny default (`orstack --seed 0 tiny`, default steps), built once and cached."""
-    if not (TINY / "model" / "orstack.json").exists():
-        from orstack.io.atomic import atomic_path
-        from orstack.tiny import TinyConfig, build
+def tiny_checkpoint() -> tuple[Path, Path]:
+    """The tiny default (seed 0, the default 1000 steps) and its task directory, built once
+    through the tests' cache (tests/conftest.py: ~/.cache/orstack/tiny-<digest>-seed0-steps1000)."""
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from conftest import build_tiny_cached
 
-        with atomic_path(TINY, directory=True) as tmp:
-            build(TinyConfig(seed=0), tmp / "model", tmp / "tasks")
-    return TINY / "model"
+    from orstack.tiny import TinyConfig
+
+    built = build_tiny_cached(steps=TinyConfig().steps, seed=0)
+    return built.model, built.tasks
 
 
 def model_setups(quick: bool, models: list[str]) -> list[dict]:
     setups = []
     if "tiny" in models:
-        setups.append({"name": "tiny default", "model": str(tiny_checkpoint()),
-                       "calib": [str(TINY / "tasks" / "corpus.txt")], "heldout": str(TINY / "tasks" / "heldout.txt"),
+        model, tasks = tiny_checkpoint()
+        setups.append({"name": "tiny default", "model": str(model),
+                       "calib": [str(tasks / "corpus.txt")], "heldout": str(tasks / "heldout.txt"),
                        "nsamples": 8 if quick else 64, "seqlen": 64, "eval_length": 128})
     if "smollm2" in models and not quick:
         from smollm2 import smollm2_checkpoint
 
         setups.append({"name": "SmolLM2-135M", "model": str(smollm2_checkpoint()),
                        "calib": [str(site_file("transformers-*.dist-info/licenses/LICENSE")),
-                                 str(site_file("typing_extensions-*.dist-info/licenses/LICENSE")),
-                                 str(site_file("hypothesis-*.dist-info/licenses/LICENSE.txt"))],
-                       "heldout": str(site_file("ruff-*.dist-info/licenses/LICENSE")),
+                                 str(site_file("hypothesis-*.dist-info/licenses/LICENSE.txt")),
+                                 str(site_file("pillow-*.dist-info/licenses/LICENSE"))],
+                       "heldout": str(site_file("matplotlib-*.dist-info/LICENSE")),
                        "nsamples": 16, "seqlen": 256, "eval_length": 512})
     return setups
 
