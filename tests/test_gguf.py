@@ -172,15 +172,18 @@ def test_rows_not_fitting_a_block_fall_back_and_are_listed(tmp_path):
 # -- tokenizer --------------------------------------------------------------------------------
 
 def _tokenizer_agrees(tok, out: Path) -> None:
-    llm = _llama(out, vocab_only=True)
+    from orstack.bench.llamacpp import LlamaCppBackend
+
+    backend = LlamaCppBackend(str(out), n_ctx=64)
     try:
         for text in [SAMPLE, *SAMPLE.splitlines(), " leading space", "trailing space ", "a  b   c"]:
             hf = tok(text, add_special_tokens=False)["input_ids"]
-            ours = llm.tokenize(text.encode(), add_bos=False, special=True)
+            ours = backend.encode(text)
             assert ours == hf, text
-            assert llm.detokenize(ours).decode() == tok.decode(hf)
+            assert backend.decode(ours) == tok.decode(hf, skip_special_tokens=True)
+        assert backend.encode_prompt("12+3=") == tok("12+3=")["input_ids"]
     finally:
-        llm.close()
+        backend.close()
 
 
 def test_tokenizer_gpt2_pre_tokenizer_agrees(random_llama, tmp_path):
@@ -220,6 +223,43 @@ def test_tiny_default_tokenizer_agrees(tmp_path):
     out = tmp_path / "tiny-tok.gguf"
     result = export_gguf(model, tok, out, "f16", progress=False)
     assert any("user-defined" in n for n in result.vocab_notes)
+    _tokenizer_agrees(tok, out)
+
+
+def _sentencepiece_style_tokenizer():
+    """A Llama-2-style tokenizer.json: BPE with byte fallback, '▁' for spaces, <0xXX> byte tokens."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    trained = Tokenizer(models.BPE())
+    trained.normalizer = normalizer
+    trained.train_from_iterator(SAMPLE.splitlines(), trainers.BpeTrainer(vocab_size=200))
+    spec = json.loads(trained.to_str())["model"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for token, _ in sorted(spec["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(token, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in spec["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizer
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_sentencepiece_style_tokenizer_agrees(random_llama, tmp_path):
+    import gguf
+
+    tok = _sentencepiece_style_tokenizer()
+    model, _ = _load(random_llama)
+    model.resize_token_embeddings(len(tok))
+    out = tmp_path / "spm.gguf"
+    export_gguf(model, tok, out, "f16", progress=False)
+    fields = gguf.GGUFReader(str(out)).fields
+    assert bytes(fields["tokenizer.ggml.model"].parts[-1]).decode() == "llama"
     _tokenizer_agrees(tok, out)
 
 

@@ -90,6 +90,9 @@ class LlamaCppBackend:
         self.load_seconds = time.perf_counter() - started
         self.bos = self.llm.token_bos() if self.llm._model.add_bos_token() and self.llm.token_bos() >= 0 else None
         self.eos_ids = {t for t in (self.llm.token_eos(), self.llm._model.token_eot()) if t >= 0}
+        meta = self.llm.metadata
+        self._space_prefix = (meta.get("tokenizer.ggml.model") == "llama"
+                              and meta.get("tokenizer.ggml.add_space_prefix", "true") == "true")
 
     def _open(self, n_ctx: int) -> None:
         """(Re)create the llama.cpp context with room for `n_ctx` tokens."""
@@ -133,7 +136,28 @@ class LlamaCppBackend:
         return [self.bos] + ids if self.bos is not None else ids
 
     def decode(self, tokens: list[int]) -> str:
-        return self.llm.detokenize(tokens).decode("utf-8", errors="replace")
+        """Text of `tokens` as transformers decodes it (special tokens skipped).
+
+        llama-cpp-python's detokenize uses a 32-byte buffer per token and garbles longer
+        pieces, so pieces are read here with a buffer that grows as needed."""
+        import ctypes
+
+        import llama_cpp
+
+        vocab = self.llm._model.vocab
+        out = b""
+        size = 64
+        buffer = ctypes.create_string_buffer(size)
+        for tok in tokens:
+            n = llama_cpp.llama_token_to_piece(vocab, tok, buffer, size, 0, False)
+            if n < 0:
+                size = -n
+                buffer = ctypes.create_string_buffer(size)
+                n = llama_cpp.llama_token_to_piece(vocab, tok, buffer, size, 0, False)
+            out += buffer.raw[:n]
+        text = out.decode("utf-8", errors="replace")
+        # SentencePiece vocabularies: the decoder drops the space that encoding prepended.
+        return text[1:] if self._space_prefix and text.startswith(" ") else text
 
     # -- generation --------------------------------------------------------------------------
     def generate(self, prompts: list[str], *, max_new_tokens: int, stop: list[str]) -> list[Generation]:

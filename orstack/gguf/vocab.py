@@ -11,6 +11,10 @@ single characters (orstack's tiny default) has no llama.cpp regex; it is reprodu
 exactly by marking each keyword token USER_DEFINED (llama.cpp matches those literally
 before any regex) and keeping only merges inside one character, which no regex can split.
 Anything else is refused with a message saying which regex has no llama.cpp counterpart.
+
+SentencePiece-style BPE (byte fallback, '▁' for spaces, <0xXX> byte tokens: Llama 2,
+Mistral) becomes llama.cpp's "llama" vocabulary, each token scored by minus the rank of
+the merge that creates it, so llama.cpp's highest-score-first merging follows the BPE.
 """
 
 from __future__ import annotations
@@ -42,11 +46,13 @@ ANY_CHAR = {r"[\s\S]", r"[\S\s]", r"(?s:.)", r"(?s).", r"\X"}
 
 @dataclass
 class GgufVocab:
-    model: str  # "gpt2" (byte-level BPE)
-    pre: str
+    model: str  # "gpt2" (byte-level BPE) or "llama" (SentencePiece-style BPE with byte fallback)
+    pre: str | None
     tokens: list[str]
     types: list[int]
     merges: list[str]
+    scores: list[float] | None = None
+    add_space_prefix: bool = False
     bos_id: int | None = None
     eos_id: int | None = None
     unk_id: int | None = None
@@ -58,10 +64,16 @@ class GgufVocab:
 
     def write(self, writer) -> None:
         writer.add_tokenizer_model(self.model)
-        writer.add_tokenizer_pre(self.pre)
+        if self.pre is not None:
+            writer.add_tokenizer_pre(self.pre)
         writer.add_token_list(self.tokens)
         writer.add_token_types(self.types)
-        writer.add_token_merges(self.merges)
+        if self.scores is not None:
+            writer.add_token_scores(self.scores)
+        if self.merges:
+            writer.add_token_merges(self.merges)
+        if self.model == "llama":
+            writer.add_add_space_prefix(self.add_space_prefix)
         for setter, value in ((writer.add_bos_token_id, self.bos_id), (writer.add_eos_token_id, self.eos_id),
                               (writer.add_unk_token_id, self.unk_id), (writer.add_pad_token_id, self.pad_id)):
             if value is not None:
@@ -194,8 +206,7 @@ def build_vocab(tokenizer, n_vocab: int, where: str = "tokenizer") -> GgufVocab:
     if model.get("type") != "BPE":
         raise BadInput(f"{where}: tokenizer model '{model.get('type')}' is not supported (byte-level BPE only)")
     if model.get("byte_fallback"):
-        raise BadInput(f"{where}: SentencePiece-style BPE (byte_fallback) tokenizers are not supported yet; "
-                       "only byte-level BPE")
+        return _sentencepiece_vocab(tokenizer, spec, n_vocab, where)
     decoder = _byte_decoder()
     regexes = _split_regexes(spec.get("pre_tokenizer"), where)
     added = {t["id"]: t for t in spec.get("added_tokens", [])}
@@ -250,3 +261,69 @@ def build_vocab(tokenizer, n_vocab: int, where: str = "tokenizer") -> GgufVocab:
 def _overlap(a: str, b: str) -> bool:
     """A proper suffix of `a` is a prefix of `b`, or `b` occurs inside `a`."""
     return b in a or any(a.endswith(b[:k]) for k in range(1, min(len(a), len(b))))
+
+
+def _space_prefix(spec: dict[str, Any], where: str) -> bool:
+    """Whether a SentencePiece-style tokenizer prepends '▁' (llama.cpp's add_space_prefix).
+
+    Accepted: Metaspace (pre-tokenizer), or a normalizer of Prepend('▁') and Replace(' ', '▁')."""
+    pre = spec.get("pre_tokenizer")
+    norm = spec.get("normalizer")
+    steps = norm.get("normalizers", []) if norm and norm.get("type") == "Sequence" else [norm] if norm else []
+    kinds = [st.get("type") for st in steps]
+    if pre and pre.get("type") == "Metaspace":
+        return pre.get("prepend_scheme", "always") != "never" and pre.get("add_prefix_space", True)
+    if pre is None and set(kinds) <= {"Prepend", "Replace"} and "Replace" in kinds:
+        return "Prepend" in kinds
+    raise BadInput(f"{where}: SentencePiece-style tokenizer with normalizer {kinds} and pre-tokenizer "
+                   f"{pre.get('type') if pre else None} has no llama.cpp equivalent")
+
+
+def _sentencepiece_vocab(tokenizer, spec: dict[str, Any], n_vocab: int, where: str) -> GgufVocab:
+    """llama.cpp's "llama" (SentencePiece) vocabulary for a BPE with byte fallback.
+
+    llama.cpp merges the adjacent pair whose concatenation is the vocabulary token with the
+    highest score; scoring each token by minus the rank of the merge that creates it makes
+    that the same order as the BPE merges."""
+    model = spec["model"]
+    added = {t["id"]: t for t in spec.get("added_tokens", [])}
+    by_id = {i: t for t, i in model["vocab"].items()}
+    for i, t in added.items():
+        by_id[i] = t["content"]
+    size = max(by_id) + 1
+    if size > n_vocab:
+        raise BadInput(f"{where}: tokenizer has {size} tokens but the model's embedding only {n_vocab} rows")
+    rank: dict[str, int] = {}
+    for r, merge in enumerate(_merge_strings(model.get("merges", []))):
+        left, right = merge.split(" ", 1)
+        rank.setdefault(left + right, r)
+    never = -1e9  # multi-character tokens no merge creates: merged last, if ever
+    tokens, types, scores = [], [], []
+    for i in range(n_vocab):
+        text = by_id.get(i)
+        if text is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(UNUSED)
+            scores.append(never)
+            continue
+        tokens.append(text)
+        if i in added:
+            types.append(CONTROL if added[i].get("special") else USER_DEFINED)
+        elif text == model.get("unk_token"):
+            types.append(UNKNOWN)
+        elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", text):
+            types.append(BYTE)
+        else:
+            types.append(NORMAL)
+        scores.append(-float(rank[text]) if text in rank else (0.0 if len(text) == 1 else never))
+    return GgufVocab(
+        model="llama", pre=None, tokens=tokens, types=types, merges=[], scores=scores,
+        add_space_prefix=_space_prefix(spec, where),
+        bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id, unk_id=tokenizer.unk_token_id,
+        pad_id=tokenizer.pad_token_id,
+        add_bos=_adds_token(tokenizer, tokenizer.bos_token_id, 0),
+        add_eos=_adds_token(tokenizer, tokenizer.eos_token_id, -1),
+        chat_template=tokenizer.chat_template if isinstance(getattr(tokenizer, "chat_template", None), str) else None,
+        notes=["SentencePiece-style BPE with byte fallback: written as llama.cpp's 'llama' vocabulary, "
+               "scores from merge ranks"],
+    )
