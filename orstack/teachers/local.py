@@ -1,0 +1,43 @@
+"""Local teachers (checkpoint directories and .gguf files) generate through bench's backends,
+so a teacher answers exactly as `orstack bench` would run that model (greedy, prompt as-is,
+stopping at EOS and stop sequences)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from orstack.teachers.base import Teacher, TeacherOptions
+
+
+class LocalTeacher(Teacher):
+    def __init__(self, spec: str, options: TeacherOptions, path: str) -> None:
+        super().__init__(spec, options)
+        self.path = path
+        self.backend = None
+
+    def _open(self) -> Any:
+        if self.backend is None:
+            from orstack.bench.backend import open_backend
+
+            self.backend = open_backend(self.path, device=self.options.device, batch_size=self.options.batch_size)
+        return self.backend
+
+    def answer(self, tasks: list[dict[str, Any]]) -> list[str | None]:
+        backend = self._open()
+        out: list[str | None] = [None] * len(tasks)
+        by_stop: dict[tuple[str, ...], list[int]] = defaultdict(list)
+        for i, task in enumerate(tasks):
+            by_stop[tuple(self.stop_for(task))].append(i)
+        for stop, rows in by_stop.items():
+            self.requests += 1
+            gens = backend.generate([tasks[i]["prompt"] for i in rows], max_new_tokens=self.options.max_new_tokens,
+                                    stop=list(stop))
+            for i, g in zip(rows, gens):
+                out[i] = g.text
+        return out
+
+    def close(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+        self.backend = None
