@@ -301,3 +301,11 @@ def test_load_model_reads_an_orz_checkpoint(random_llama, tmp_path, monkeypatch)
     assert len(entries) == 1 and (entries[0] / "config.json").is_file()
     load_model(packed, with_tokenizer=False)  # second load reuses the cache entry
     assert list((tmp_path / "cache" / "orz").iterdir()) == entries
+
+
+def test_unpack_refuses_to_turn_a_directory_into_a_file(st_files, tmp_path, capsys) -> None:
+    packed = tmp_path / "w.orz"
+    pack(st_files["fp32"], packed)
+    (tmp_path / "somedir").mkdir()
+    code, _, err = run(["zstd-pack", "-d", str(packed), "-o", str(tmp_path / "somedir")], capsys)
+    assert code == 2 and "is a directory" in err and list((tmp_path / "somedir").iterdir()) == []

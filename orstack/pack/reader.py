@@ -203,6 +203,10 @@ class Pack:
         nothing is left at `out` (an existing `out` is only replaced by a complete one)."""
         out = Path(out)
         directory = self.index["root"] == "dir"
+        if out.exists() and out.is_dir() != directory:
+            what = "a directory" if out.is_dir() else "a file"
+            holds = "a directory of files" if directory else f"one file ({self.files[0]['path']})"
+            raise BadInput(f"{out}: is {what}, but the pack holds {holds}; choose another -o")
         with atomic_path(out, directory=directory) as tmp:
             def open_sink(record: dict[str, Any]) -> BinaryIO:
                 target = tmp / record["path"] if directory else tmp
