@@ -94,9 +94,11 @@ def distill_part(args: argparse.Namespace, tiny: Path, tasks: Path, work: Path) 
     targeted = read(work / "targeted.jsonl")
     n = len(targeted)
     # The same number of examples, drawn at random from all families, answered by the same teacher.
-    write([dict(r, correct=False) for r in rest[:n]], work / "random_tasks.jsonl")
+    # (A few more rows are drawn because duplicate prompts are dropped; the set is then cut to n.)
+    write([dict(r, correct=False) for r in rest[:n + n // 10]], work / "random_tasks.jsonl")
     orstack("distill", "generate", "--failures", str(work / "random_tasks.jsonl"), "--teacher", ORACLE,
             "-o", str(work / "random.jsonl"))
+    write(read(work / "random.jsonl")[:n], work / "random.jsonl")
 
     heldout = tasks / "heldout.jsonl"
     base = bench(tiny, heldout, work / "base_heldout.jsonl")
