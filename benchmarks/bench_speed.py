@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -54,19 +55,29 @@ def humaneval_programs() -> list[str]:
                          p["canonical_solution"]) for p in problems]
 
 
-def sandbox_rate(programs: list[str]) -> tuple[float, int]:
+def cpu_seconds() -> float:
+    """CPU time of this process and of its reaped children (workers and the programs they ran)."""
+    import resource
+
+    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
+def sandbox_rate(programs: list[str]) -> tuple[float, int, float]:
+    """(programs/s wall, passed, CPU ms per program including worker start-up)."""
     from orstack.bench.sandbox import Limits, Sandbox
 
+    cpu = cpu_seconds()
     with Sandbox(limits=Limits(timeout=10.0)) as sandbox:
-        sandbox.run_many(["pass"] * 4)  # workers up
         began = time.perf_counter()
         results = sandbox.run_many(programs)
         seconds = time.perf_counter() - began
-    return len(programs) / seconds, sum(r.passed for r in results)
+    return len(programs) / seconds, sum(r.passed for r in results), (cpu_seconds() - cpu) * 1000 / len(programs)
 
 
-def fresh_interpreter_rate(programs: list[str]) -> tuple[float, int]:
+def fresh_interpreter_rate(programs: list[str]) -> tuple[float, int, float]:
     """The naive way: one `python -c` per program, one at a time, with a timeout."""
+    cpu = cpu_seconds()
     began = time.perf_counter()
     passed = 0
     for program in programs:
@@ -76,16 +87,22 @@ def fresh_interpreter_rate(programs: list[str]) -> tuple[float, int]:
                                          timeout=10).returncode == 0
             except subprocess.TimeoutExpired:
                 pass
-    return len(programs) / (time.perf_counter() - began), passed
+    return len(programs) / (time.perf_counter() - began), passed, (cpu_seconds() - cpu) * 1000 / len(programs)
 
 
-def help_seconds(args: list[str], runs: int = 5) -> float:
-    times = []
+def help_seconds(args: list[str], runs: int = 5) -> tuple[float, float]:
+    """Median wall and CPU seconds of `orstack ARGS` (CPU time does not grow with machine load)."""
+    import resource
+
+    walls, cpus = [], []
     for _ in range(runs):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         began = time.perf_counter()
         subprocess.run([sys.executable, "-m", "orstack", *args], capture_output=True, check=True)
-        times.append(time.perf_counter() - began)
-    return statistics.median(times)
+        walls.append(time.perf_counter() - began)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpus.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def main() -> None:
@@ -111,9 +128,9 @@ def main() -> None:
 
     trivial = ["assert sum(range(10)) == 45\n"] * (100 if args.quick else 500)
     humaneval = humaneval_programs()
-    sandbox_trivial, _ = sandbox_rate(trivial)
-    sandbox_he, he_passed = sandbox_rate(humaneval)
-    naive_he, naive_passed = fresh_interpreter_rate(humaneval[: 40 if args.quick else 164])
+    sandbox_trivial, _, trivial_cpu = sandbox_rate(trivial)
+    sandbox_he, he_passed, he_cpu = sandbox_rate(humaneval)
+    naive_he, naive_passed, naive_cpu = fresh_interpreter_rate(humaneval[: 40 if args.quick else 164])
     help_top = help_seconds(["--help"])
     help_bench = help_seconds(["bench", "--help"])
 
@@ -123,15 +140,18 @@ def main() -> None:
         ("  accuracy / identical outputs", f"{batched['accuracy']:.3f}", f"{unbatched['accuracy']:.3f}",
          f"{same:.1%} same"),
         ("sandbox programs/s, trivial", f"{sandbox_trivial:.0f} (pool)", "-", "-"),
+        ("  CPU ms per program, trivial", f"{trivial_cpu:.1f}", "-", "-"),
         ("sandbox programs/s, HumanEval canonical", f"{sandbox_he:.0f} (pool, {he_passed}/164 pass)",
          f"{naive_he:.1f} (python -c each, {naive_passed} pass)", f"{sandbox_he / naive_he:.1f}x"),
-        ("`orstack --help` wall s (median of 5)", f"{help_top:.2f}", "-", "-"),
-        ("`orstack bench --help` wall s", f"{help_bench:.2f}", "-", "-"),
+        ("  CPU ms per program, HumanEval", f"{he_cpu:.1f}", f"{naive_cpu:.1f}", f"{naive_cpu / he_cpu:.1f}x less"),
+        ("`orstack --help` s wall / CPU (median of 5)", f"{help_top[0]:.2f} / {help_top[1]:.2f}", "-", "-"),
+        ("`orstack bench --help` s wall / CPU", f"{help_bench[0]:.2f} / {help_bench[1]:.2f}", "-", "-"),
     ]
     widths = [max(len(r[i]) for r in rows + [("measure", "orstack", "baseline", "ratio")]) for i in range(4)]
     for row in [("measure", "orstack", "baseline", "ratio"), tuple("-" * w for w in widths), *rows]:
         print(" | ".join(cell.ljust(w) for cell, w in zip(row, widths)))
     print(f"\n{n_tasks} tasks from {tasks}, max 16 new tokens; model {model}")
+    print(f"load average during the run: {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
 
 
 if __name__ == "__main__":

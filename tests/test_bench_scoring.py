@@ -116,6 +116,7 @@ def test_code_scoring_runs_in_the_sandbox():
     ({"id": "x", "prompt": "p", "kind": "choice", "choices": ["a", "b"], "answer": 5}, "out of range"),
     ({"id": "x", "prompt": "p", "kind": "code"}, "missing required field 'tests'"),
     ({"id": "x", "prompt": "p", "kind": "exact", "answer": "a", "stop": "\n"}, "field 'stop'"),
+    ({"id": "x", "prompt": "p", "kind": "exact", "answer": "a", "max_new_tokens": 0}, "field 'max_new_tokens'"),
 ])
 def test_invalid_tasks_name_the_line_and_field(task, message):
     with pytest.raises(BadInput, match=message) as e:

@@ -60,6 +60,9 @@ def validate_task(task: dict[str, Any], where: str, fields: Sequence[str] = ("id
             answer_index(task)
         except ValueError as e:
             raise BadInput(f"{where}: field 'answer': {e}") from None
+    budget = task.get("max_new_tokens")
+    if budget is not None and not (isinstance(budget, int) and not isinstance(budget, bool) and budget > 0):
+        raise BadInput(f"{where}: field 'max_new_tokens': expected a positive integer")
     if "stop" in task and not (isinstance(task["stop"], list) and all(isinstance(s, str) for s in task["stop"])):
         raise BadInput(f"{where}: field 'stop': expected a list of strings")
 
