@@ -295,7 +295,7 @@ class _Worker:
             self.proc.stdin.write(json.dumps({"program": program, "limits": asdict(limits)}) + "\n")
             self.proc.stdin.flush()
             line = self.proc.stdout.readline()
-        except (BrokenPipeError, OSError):
+        except (OSError, ValueError):  # a broken pipe, or the pool closing under us
             line = ""
         if not line:
             raise WorkerDied
@@ -307,7 +307,7 @@ class _Worker:
         if self.proc.poll() is None:
             self.proc.stdin.close()
             try:
-                self.proc.wait(timeout=5)
+                self.proc.wait(timeout=60)  # the running program ends within its own limits
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
@@ -341,6 +341,7 @@ class Sandbox:
         for worker in self._all:
             self._idle.put(worker)
         self._threads = ThreadPoolExecutor(self.workers)
+        self._closed = False
 
     def run(self, program: str, limits: Limits | None = None) -> RunResult:
         return self.run_many([program], limits)[0]
@@ -355,6 +356,8 @@ class Sandbox:
         try:
             return worker.run(program, limits)
         except WorkerDied:
+            if self._closed:
+                return RunResult("crashed", "the sandbox was closed", 0.0)
             # The program got past the confinement and killed its worker: replace the worker.
             worker.close()
             self._all.remove(worker)
@@ -365,8 +368,11 @@ class Sandbox:
             self._idle.put(worker)
 
     def close(self) -> None:
-        self._threads.shutdown(wait=True)
-        for worker in self._all:
+        """Cancel queued programs (Ctrl-C must not wait for them all), let running ones end
+        within their limits, and stop the workers."""
+        self._closed = True
+        self._threads.shutdown(wait=False, cancel_futures=True)
+        for worker in list(self._all):
             worker.close()
 
     def __enter__(self) -> Sandbox:
