@@ -47,14 +47,13 @@ def site_file(pattern: str) -> Path:
 
 
 def tiny_checkpoint() -> tuple[Path, Path]:
-    """The tiny default (seed 0, the default 1000 steps) and its task directory, built once
-    through the tests' cache (tests/conftest.py: ~/.cache/orstack/tiny-<digest>-seed0-steps1000)."""
+    """The trained tiny default as the tests build it (seed 0, 400 steps: the same model the
+    other compression benchmarks use) and its task directory, from the shared cache
+    (tests/conftest.py: ~/.cache/orstack/tiny-<source digest>-seed0-steps400)."""
     sys.path.insert(0, str(HERE.parent / "tests"))
-    from conftest import build_tiny_cached
+    from conftest import TINY_TEST_STEPS, build_tiny_cached
 
-    from orstack.tiny import TinyConfig
-
-    built = build_tiny_cached(steps=TinyConfig().steps, seed=0)
+    built = build_tiny_cached(steps=TINY_TEST_STEPS, seed=0)
     return built.model, built.tasks
 
 
