@@ -56,6 +56,17 @@ def _quiet_llama_cpp() -> Iterator[None]:
         module.set_verbose = original
 
 
+def _default_threads() -> int:
+    """torch's thread count when torch is loaded (so `bench --threads` applies to both
+    runtimes), else every core (llama-cpp-python's own default is half of them)."""
+    import os
+    import sys
+
+    if "torch" in sys.modules:
+        return sys.modules["torch"].get_num_threads()
+    return os.cpu_count() or 1
+
+
 def _context_length(path: Path) -> int:
     """The training context length written in the GGUF header (0 if absent)."""
     import gguf
@@ -80,7 +91,7 @@ class LlamaCppBackend:
                 raise BadInput(f"{spec}: not a GGUF file (bad magic)")
         self.name = str(spec)
         self.path = path
-        self.n_threads = n_threads
+        self.n_threads = n_threads or _default_threads()
         self.seed = seed
         self.llm = None
         self._n_ctx = 0
