@@ -220,13 +220,15 @@ def bench_model(spec: str, config: BenchConfig, tasks: Sequence[dict[str, Any]] 
     """Everything asked of one model: (Result rows, summary)."""
     from orstack.bench.backend import open_backend
     from orstack.bench.report import lineage
-    from orstack.bench.speed import measure_speed, peak_rss_mb, reset_peak_rss
+    from orstack.bench.speed import measure_speed, peak_rss_mb, reset_peak_rss, rss_mb
 
     if config.threads:
         import torch
 
         torch.set_num_threads(config.threads)
+    _import_runtime(spec)
     reset_peak_rss()
+    rss_before = rss_mb()
     began = time.perf_counter()
     backend = open_backend(spec, device=device, batch_size=config.batch_size)
     load_s = time.perf_counter() - began
@@ -252,11 +254,28 @@ def bench_model(spec: str, config: BenchConfig, tasks: Sequence[dict[str, Any]] 
             speed = measure_speed(backend, runs=config.speed_runs, max_positions=context_length(backend))
             import torch
 
-            summary["speed"] = {"load_s": load_s, **speed, "peak_rss_mb": peak_rss_mb(), "size_bytes": size,
+            summary["speed"] = {"load_s": load_s, **speed, "peak_rss_mb": peak_rss_mb(),
+                                "rss_before_load_mb": rss_before, "size_bytes": size,
                                 "threads": torch.get_num_threads()}
         return rows, summary
     finally:
         backend.close()
+
+
+def _import_runtime(spec: str) -> None:
+    """Import the model runtime before the load clock starts, so the first model's load time
+    is not charged with library imports the later ones skip."""
+    try:
+        if str(spec).lower().endswith(".gguf"):
+            import llama_cpp  # noqa: F401
+        else:
+            from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+            from orstack.io.checkpoint import load_config
+
+            AutoModelForCausalLM._model_mapping[type(load_config(spec))]  # imports the modeling module
+    except Exception:  # noqa: BLE001 - open_backend reports whatever is wrong with the model
+        pass
 
 
 def context_length(backend: Backend) -> int | None:

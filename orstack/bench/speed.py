@@ -27,15 +27,27 @@ def reset_peak_rss() -> bool:
 
 def peak_rss_mb() -> float:
     """Peak resident memory of this process since the last reset, in MB."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
+    value = _status_mb("VmHWM:")
+    if value is not None:
+        return value
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mb() -> float | None:
+    """Resident memory of this process now, in MB (Linux)."""
+    return _status_mb("VmRSS:")
+
+
+def _status_mb(field: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 def measure_speed(backend: Backend, *, runs: int = 5, prompt_tokens: int = 128, new_tokens: int = 32,
