@@ -125,7 +125,8 @@ def _report(m: dict) -> None:
     tbl.add_row("parameters", f"{m['params_before']:,}",
                 f"{m['params_after']:,} (-{1 - m['params_after'] / m['params_before']:.1%})")
     tbl.add_row("corpus coverage", "", f"{m['coverage']:.4f}")
-    tbl.add_row("same tokens on corpus", "", f"{m['corpus_agreement']:.2%}")
+    tbl.add_row("same tokens on corpus lines", "", f"{m['corpus_agreement']:.2%}")
+    tbl.add_row("  ... lines with all tokens kept", "", f"{m['corpus_agreement_kept']:.2%}")
     if "round_trip" in m:
         tbl.add_row("held-out round trip", "", f"{m['round_trip']:.2%}")
         tbl.add_row("same tokens on held-out", "", f"{m['heldout_agreement']:.2%}")
