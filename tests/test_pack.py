@@ -109,6 +109,11 @@ def test_byte_grouping_beats_plain_zstd_on_bf16(tmp_path) -> None:
     # Gaussian bf16: 7 random mantissa bits + sign per value, exponent ~2.7 bits -> ~1.5x bound.
     assert ours > 1.4
     assert ours > plain + 0.1
+    # --level 1 takes the fast path for exponent planes: still well above plain zstd, a bit below level 3.
+    fast = pack(src, tmp_path / "fast.orz", PackConfig(level=1)).ratio
+    assert plain + 0.05 < fast < ours
+    unpack(tmp_path / "fast.orz", tmp_path / "fast.safetensors")
+    assert sha(tmp_path / "fast.safetensors") == sha(src)
 
 
 def test_single_tensor_reads_match_and_touch_only_their_frames(st_files, tmp_path) -> None:
