@@ -122,10 +122,13 @@ def test_grpo_steps_on_a_tiny_model(tmp_path, random_llama):
     tasks = tmp_path / "t.jsonl"
     tasks.write_text("".join(json.dumps({"id": f"a{i}", "prompt": f"{i}+{i}=", "answer": str(2 * i),
                                          "kind": "numeric"}) + "\n" for i in range(6)))
+    traj = tmp_path / "traj.jsonl"
+    traj.write_text(json.dumps({"prompt": "1+1=", "steps": [{"action": "2", "reasoning": "one and one", "reward": 1}]})
+                    + "\n")
     out, log = tmp_path / "rl", tmp_path / "rl.jsonl"
     done = run_cli("rl", str(random_llama), "--tasks", str(tasks), "-o", str(out), "--max-steps", "2",
                    "--num-generations", "2", "--batch-size", "3", "--max-new-tokens", "4", "--log", str(log),
-                   "--reward", "correct", "--reward", "format", "--target-kl", "0.01")
+                   "--reward", "correct", "--reward", "format", "--target-kl", "0.01", "--srl", str(traj))
     assert done.returncode == 0, done.stderr
     assert done.stdout == ""  # trl's own log printing is off: stdout is for data
     assert "using --batch-size 4" in done.stderr
@@ -136,6 +139,7 @@ def test_grpo_steps_on_a_tiny_model(tmp_path, random_llama):
     manifest = json.loads((out / "orstack.json").read_text())
     assert manifest["stage"] == "rl" and manifest["base"] == str(random_llama)
     assert manifest["args"]["beta"] == 0.02 and manifest["metrics"]["steps"] == 2
+    assert manifest["metrics"]["srl_rows"] == 1 and manifest["metrics"]["srl_steps"] == 1  # SRL ran first
 
     from orstack.io.checkpoint import load_model
 
