@@ -111,3 +111,15 @@ def test_read_texts_and_windows(random_llama, tmp_path):
     assert (windows == token_windows(tokenizer, texts, n=4, seqlen=16, seed=3)).all()
     with pytest.raises(BadInput, match="only"):
         token_windows(tokenizer, ["hi"], n=1, seqlen=64)
+
+
+def test_special_formats_load_with_their_tokenizer(random_llama, tmp_path, monkeypatch):
+    from conftest import run_orstack
+
+    monkeypatch.setenv("ORSTACK_CACHE", str(tmp_path / "cache"))
+    packed = tmp_path / "model.orz"
+    assert run_orstack("zstd-pack", random_llama, "-o", packed).returncode == 0
+    model, tokenizer = load_model(packed)
+    original, original_tokenizer = load_model(random_llama)
+    assert tokenizer("12+345=")["input_ids"] == original_tokenizer("12+345=")["input_ids"]
+    assert all((a == b).all() for a, b in zip(model.state_dict().values(), original.state_dict().values()))

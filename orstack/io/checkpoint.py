@@ -32,11 +32,21 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 FORMAT_LOADERS: dict[str, str] = {}
 # format name -> predicate on a checkpoint directory; checked in order, first match wins.
 FORMAT_DETECTORS: list[tuple[str, Callable[[Path], bool]]] = []
+# format name -> "module:function" giving the directory that holds the tokenizer, for formats
+# whose path is not itself a tokenizer directory (a .orz pack, say).
+FORMAT_TOKENIZERS: dict[str, str] = {}
 
 
-def register_format(name: str, loader: str, detect: Callable[[Path], bool]) -> None:
+def register_format(name: str, loader: str, detect: Callable[[Path], bool], tokenizer: str | None = None) -> None:
     FORMAT_LOADERS[name] = loader
     FORMAT_DETECTORS.append((name, detect))
+    if tokenizer is not None:
+        FORMAT_TOKENIZERS[name] = tokenizer
+
+
+def _call(ref: str, *args: Any) -> Any:
+    module, func = ref.split(":")
+    return getattr(importlib.import_module(module), func)(*args)
 
 
 def detect_format(path: Path) -> str:
@@ -133,7 +143,12 @@ def load_tokenizer(spec: str | Path) -> PreTrainedTokenizerBase:
 
 
 def _tokenizer_source(source: Path | str) -> Path | str:
-    """Adapters and other derived checkpoints may keep the tokenizer with their base."""
+    """Packs keep the tokenizer inside; adapters and other derived checkpoints may keep it
+    with their base."""
+    if isinstance(source, Path):
+        fmt = detect_format(source)
+        if fmt in FORMAT_TOKENIZERS:
+            return Path(_call(FORMAT_TOKENIZERS[fmt], source))
     if isinstance(source, Path) and source.is_dir():
         has_tok = any((source / n).exists() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
         manifest = read_manifest(source)
@@ -157,8 +172,7 @@ def load_model(
     torch_dtype = resolve_dtype(dtype)
     fmt = detect_format(source) if isinstance(source, Path) else "hf"
     if fmt != "hf":
-        module, func = FORMAT_LOADERS[fmt].split(":")
-        model = getattr(importlib.import_module(module), func)(source, device, torch_dtype)
+        model = _call(FORMAT_LOADERS[fmt], source, device, torch_dtype)
         if architectures:
             check_architecture(model.config, architectures, str(spec))
     else:

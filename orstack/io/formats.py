@@ -37,4 +37,4 @@ register_format("lora-adapter", "orstack.train.lora:load_adapter",
 
 # zstd-pack: a .orz pack of a checkpoint directory, unpacked once into a digest-keyed cache (docs/zstd-pack.md)
 register_format("orz-pack", "orstack.pack.load:load_packed_model",
-                lambda path: path.is_file() and path.suffix == ".orz")
+                lambda path: path.is_file() and path.suffix == ".orz", tokenizer="orstack.pack.load:cached_unpack")
