@@ -52,13 +52,18 @@ def run(model: Path, out: Path, calib: list[Path], heldout: list[Path], extra: l
     for p in heldout:
         cmd += ["--heldout", str(p)]
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    # One thread: on a shared, loaded machine OpenMP's second thread mostly waits (results are
+    # identical at 1 and 2 threads; tests/test_awq.py checks it).
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
     err = proc.stderr.read()
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{err}")
     metrics = json.loads((out / "orstack.json").read_text())["metrics"]
+    print(f"done: {out.name} ppl {metrics.get('ppl_before')} -> {metrics.get('ppl_after')} in {seconds:.0f} s, "
+          f"peak {usage.ru_maxrss / 1024:.0f} MB", file=sys.stderr, flush=True)
     return {"metrics": metrics, "seconds": seconds, "peak_mb": usage.ru_maxrss / 1024,
             "bytes": sum(f.stat().st_size for f in out.glob("*.safetensors")), "linear_bytes": linear_bytes(out)}
 

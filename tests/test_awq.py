@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,10 +12,35 @@ torch = pytest.importorskip("torch")
 from orstack.quant.grid import QuantSpec, fake_quantize, largest_divisor, quantize  # noqa: E402
 
 
-def _orstack(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "orstack", *args], capture_output=True, text=True,
-                          env={"NO_COLOR": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
-                               "OMP_NUM_THREADS": "1"})
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One thread keeps this file fast on a shared machine (results do not depend on it)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class Run:
+    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def _orstack(*args: str) -> Run:
+    """The CLI in-process (torch is already imported here; a subprocess would re-import it)."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from orstack.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            main(list(args))
+        except SystemExit as e:
+            code = e.code or 0
+    return Run(code, out.getvalue(), err.getvalue())
 
 
 # --- the grid ----------------------------------------------------------------------------
@@ -60,7 +83,6 @@ def test_awq_beats_rtn_with_outlier_channels(random_llama):
 
     from orstack.quant.awq import AWQConfig, group_sizes, quantize_awq
 
-    torch.set_num_threads(1)
     model = AutoModelForCausalLM.from_pretrained(random_llama)
     with torch.no_grad():
         for layer in model.model.layers:
@@ -234,7 +256,7 @@ def test_non_llama_model_refused(tmp_path, sample_text_file):
     assert not (tmp_path / "out").exists()
 
 
-def test_group_size_error_names_layers(tmp_path, sample_text_file):
+def test_group_size_error_names_layers(tmp_path):
     """SmolLM2's case: width 576 does not take group 128."""
     from conftest import build_random_llama
 
