@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import subprocess
 import sys
@@ -29,9 +30,12 @@ ORACLE = f"cmd:{sys.executable} {ROOT / 'benchmarks' / 'tiny_oracle.py'}"
 
 
 def orstack(*args: str) -> float:
-    """Run an orstack command (quiet), fail loudly, return its wall time."""
+    """Run an orstack command (quiet), fail loudly, return its wall time. One thread each: on this
+    shared, loaded 2-core machine, 1 thread runs faster than 2."""
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "orstack", "--quiet", *args], capture_output=True, text=True)
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    done = subprocess.run([sys.executable, "-m", "orstack", "--quiet", *args], capture_output=True, text=True,
+                          env=env)
     if done.returncode != 0:
         sys.exit(f"orstack {' '.join(args)} failed ({done.returncode}):\n{done.stderr}")
     return time.perf_counter() - start
@@ -62,12 +66,16 @@ def accuracy(rows: list[dict], cells: set | None = None) -> float:
 
 
 def bench(model: Path, tasks: Path, out: Path) -> list[dict]:
+    if out.exists():  # resume: outputs are written atomically, so an existing one is complete
+        return read(out)
     orstack("bench", str(model), "--tasks", str(tasks), "-o", str(out), "--max-new-tokens", "16",
             "--batch-size", "64")
     return read(out)
 
 
-def train(data: Path, out: Path, tiny: Path, steps: int, merge: bool = True) -> float:
+def train(data: Path, out: Path, tiny: Path, steps: int, merge: bool = True) -> float | None:
+    if out.exists():  # resume
+        return json.loads((out / "orstack.json").read_text())["metrics"].get("train_seconds")
     extra = ["--merge"] if merge else []
     return orstack("distill", "train", str(tiny), "--data", str(data), "-o", str(out), "--max-steps", str(steps),
                    "--batch-size", "32", "--lr", "2e-3", "--lora-rank", "16", *extra)
@@ -85,20 +93,24 @@ def distill_part(args: argparse.Namespace, tiny: Path, tasks: Path, work: Path) 
         by_cell[(r["family"], r["level"])].append(bool(r["correct"]))
     failing = {c for c, v in by_cell.items() if sum(v) / len(v) < 0.5}
 
-    orstack("cluster-failures", str(work / "probe_results.jsonl"), "-o", str(work / "clusters.jsonl"),
-            "--annotate", str(work / "failures.jsonl"), "--embedder", "tfidf", "-k", "auto")
+    if not (work / "failures.jsonl").exists():
+        orstack("cluster-failures", str(work / "probe_results.jsonl"), "-o", str(work / "clusters.jsonl"),
+                "--annotate", str(work / "failures.jsonl"), "--embedder", "tfidf", "-k", "auto")
     n_clusters = len(read(work / "clusters.jsonl"))
-    t_gen = orstack("distill", "generate", "--failures", str(work / "failures.jsonl"), "--teacher", ORACLE,
-                    "--per-cluster", str(args.per_cluster), "-o", str(work / "targeted.jsonl"),
-                    "--report", str(work / "targeted_report.json"))
+    t_gen = None
+    if not (work / "targeted.jsonl").exists():
+        t_gen = orstack("distill", "generate", "--failures", str(work / "failures.jsonl"), "--teacher", ORACLE,
+                        "--per-cluster", str(args.per_cluster), "-o", str(work / "targeted.jsonl"),
+                        "--report", str(work / "targeted_report.json"))
     targeted = read(work / "targeted.jsonl")
     n = len(targeted)
     # The same number of examples, drawn at random from all families, answered by the same teacher.
     # (A few more rows are drawn because duplicate prompts are dropped; the set is then cut to n.)
-    write([dict(r, correct=False) for r in rest[:n + n // 10]], work / "random_tasks.jsonl")
-    orstack("distill", "generate", "--failures", str(work / "random_tasks.jsonl"), "--teacher", ORACLE,
-            "-o", str(work / "random.jsonl"))
-    write(read(work / "random.jsonl")[:n], work / "random.jsonl")
+    if not (work / "random.jsonl").exists():
+        write([dict(r, correct=False) for r in rest[:n + n // 10]], work / "random_tasks.jsonl")
+        orstack("distill", "generate", "--failures", str(work / "random_tasks.jsonl"), "--teacher", ORACLE,
+                "-o", str(work / "random.jsonl"))
+        write(read(work / "random.jsonl")[:n], work / "random.jsonl")
 
     heldout = tasks / "heldout.jsonl"
     base = bench(tiny, heldout, work / "base_heldout.jsonl")
@@ -108,13 +120,16 @@ def distill_part(args: argparse.Namespace, tiny: Path, tasks: Path, work: Path) 
         results.append((name, "oracle", n, bench(work / f"student-{data[:-6]}", heldout,
                                                  work / f"{data[:-6]}_heldout.jsonl"), seconds))
 
-    # A GGUF teacher: the oracle-distilled student exported with `orstack gguf`, as tier 1 in front of
-    # the oracle; and alone (only what it gets right survives verification).
+    # A GGUF teacher: a stronger tiny model (--gguf-teacher, default the tiny default trained for 1000
+    # steps) exported with `orstack gguf`, as tier 1 in front of the oracle; and alone (only what it
+    # gets right survives verification).
     gguf = work / "teacher.gguf"
-    orstack("gguf", str(work / "student-targeted"), "-o", str(gguf), "--no-validate")
-    orstack("distill", "generate", "--failures", str(work / "failures.jsonl"), "--teacher", str(gguf),
-            "--teacher", ORACLE, "--per-cluster", str(args.per_cluster), "-o", str(work / "tiered.jsonl"),
-            "--report", str(work / "tiered_report.json"), "--max-new-tokens", "16")
+    if not gguf.exists():
+        orstack("gguf", str(args.gguf_teacher or work / "student-targeted"), "-o", str(gguf), "--no-validate")
+    if not (work / "tiered.jsonl").exists():
+        orstack("distill", "generate", "--failures", str(work / "failures.jsonl"), "--teacher", str(gguf),
+                "--teacher", ORACLE, "--per-cluster", str(args.per_cluster), "-o", str(work / "tiered.jsonl"),
+                "--report", str(work / "tiered_report.json"), "--max-new-tokens", "16")
     tier_report = json.loads((work / "tiered_report.json").read_text())["rows"]
     by_tier = defaultdict(lambda: defaultdict(int))
     for row in tier_report:
@@ -126,14 +141,16 @@ def distill_part(args: argparse.Namespace, tiny: Path, tasks: Path, work: Path) 
     results.append(("targeted, GGUF teacher only", "gguf", len(gguf_only),
                     bench(work / "student-gguf", heldout, work / "gguf_heldout.jsonl"), seconds))
 
+    gen_time = "" if t_gen is None else f"; generate with the oracle: {t_gen:.1f} s"
     print(f"\n## distill (probe {len(probe)} train-split tasks, {len(failing)} failing family/level cells, "
-          f"{n_clusters} failure clusters; generate with the oracle: {t_gen:.1f} s; "
+          f"{n_clusters} failure clusters{gen_time}; GGUF teacher: {args.gguf_teacher or 'the targeted student'}; "
           f"{args.distill_steps} LoRA steps x 32 rows, merged)\n")
     print("| data | teacher | examples | held-out acc (failing cells) | held-out acc (overall) | train s |")
     print("|---|---|---:|---:|---:|---:|")
     for name, teacher, count, rows, secs in results:
         print(f"| {name} | {teacher} | {count} | {accuracy(rows, failing):.3f} | {accuracy(rows):.3f} | "
               f"{'-' if secs is None else f'{secs:.0f}'} |")
+    print(f"\nrandom rows: {len(read(work / 'random.jsonl'))}; targeted rows: {n}.")
     print(f"\nTiers (GGUF -> oracle) on the same failures: tier 1 asked {by_tier[1]['asked']}, accepted "
           f"{by_tier[1]['accepted']}, escalated {by_tier[1]['escalated']}; tier 2 asked {by_tier[2]['asked']}, "
           f"accepted {by_tier[2]['accepted']}.")
@@ -210,6 +227,8 @@ def main() -> None:
     parser.add_argument("--tasks", help="Its task directory (train.jsonl, heldout.jsonl).")
     parser.add_argument("--work", default="/tmp/orstack-bench-train")
     parser.add_argument("--only", choices=("distill", "rl"))
+    parser.add_argument("--gguf-teacher", help="Checkpoint exported as the GGUF teacher (default: the tiny "
+                        "default trained 1000 steps when cached, else the targeted student).")
     args = parser.parse_args()
     args.probe = 600 if args.quick else 2000
     args.per_cluster = 40 if args.quick else 100
@@ -219,6 +238,9 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     tiny, tasks = find_tiny(args, work)
+    if args.gguf_teacher is None:
+        stronger = tiny.parent.parent / tiny.parent.name.replace("steps400", "steps1000") / "model"
+        args.gguf_teacher = str(stronger) if (stronger / "config.json").exists() else None
     start = time.perf_counter()
     if args.only != "rl":
         distill_part(args, tiny, tasks, work)
