@@ -99,7 +99,14 @@ def as_task(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def teacher_view(task: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in task.items() if k not in HIDDEN_FIELDS}
+    """What a teacher is asked: the task without its ground truth, with bench's stop sequences for
+    its kind unless it names its own (so a teacher answers the way bench runs the task)."""
+    from orstack.bench.scoring import DEFAULT_STOP
+
+    view = {k: v for k, v in task.items() if k not in HIDDEN_FIELDS and not k.startswith("_")}
+    if "stop" not in view and task["kind"] in DEFAULT_STOP:
+        view["stop"] = list(DEFAULT_STOP[task["kind"]])
+    return view
 
 
 def verifiable(task: dict[str, Any]) -> bool:
