@@ -92,6 +92,10 @@ def convert(spec: str, out: str | Path, config: GgufConfig) -> ConvertResult:
     prompts = _prompts(config.prompts)
     texts = list(read_texts(config.text)) if config.text else None
     do_validate = llama_cpp_available() if config.validate is None else config.validate
+    if config.validate is None and not do_validate:
+        from orstack.console import warn
+
+        warn("llama-cpp-python is not installed: the GGUF file is not validated")
     model, tokenizer = load_model(spec, dtype="float32", trust_pickle=settings.trust_pickle,
                                   architectures=tuple(ARCHITECTURES))
     blocks = _awq_blocks(spec) if config.type == "q4_1" else None
