@@ -14,10 +14,13 @@ from orstack.errors import BadInput
 HELP = """Export a Llama-family checkpoint (llama, mistral, qwen2) to GGUF for llama.cpp.
 
 Reads every checkpoint orstack writes (vocab-trimmed, pruned, fake-quant, packed AWQ).
-Writes architecture metadata, the byte-level BPE tokenizer (pre-tokenizer chosen from
-what tokenizer.json does, so custom and trimmed tokenizers convert), special tokens and
-the chat template. --type names the type of every 2-D weight; q4_k, q5_k and q6_k are
-K-quants made by orstack itself (byte-identical to llama.cpp's reference quantizers);
+Writes architecture metadata, the tokenizer (byte-level BPE with its pre-tokenizer chosen
+from what tokenizer.json does, so custom and trimmed tokenizers convert; or
+SentencePiece-style BPE with byte fallback), special tokens and the chat template. For a
+packed 4-bit AWQ checkpoint, --type q4_1 keeps AWQ's scales, zero points and codes.
+
+--type names the type of every 2-D weight; q4_k, q5_k and q6_k are K-quants made by
+orstack itself (byte-identical to llama.cpp's reference quantizers);
 q5_k_m follows llama.cpp's Q5_K_M mix (Q6_K for output and some attn_v / ffn_down).
 Tensors whose rows do not fit a type's block fall back (Q4_K->Q5_0, Q5_K->Q5_1,
 Q6_K->Q8_0, else F16), listed per tensor. Norms and biases stay F32.
