@@ -169,3 +169,24 @@ def test_gguf_and_hf_side_by_side(random_llama, tmp_path, tasks_file, capsys):
         assert b["mean_logprob"] == pytest.approx(a["mean_logprob"], abs=1e-3)
     sizes = [m["size_mb"] for m in json.loads(summary.read_text())["models"]]
     assert sizes[1] == pytest.approx(gguf.stat().st_size / 1e6)
+
+
+def test_tasks_from_stdin_and_both_perplexity_rules(random_llama, tmp_path, sample_text_file, capsys, monkeypatch):
+    import io
+    import sys
+
+    payload = "".join(json.dumps(t) + "\n" for t in TASKS[:2]).encode()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(payload), encoding="utf-8"))
+    summary = tmp_path / "s.json"
+    stdout, _ = run_ok(["bench", str(random_llama), "--tasks", "-", "--max-new-tokens", "2", "--ppl",
+                        str(sample_text_file), "--ppl-rule", "llama.cpp", "--ppl-max-length", "32",
+                        "--summary", str(summary)], capsys)
+    assert [json.loads(line)["id"] for line in stdout.splitlines()] == ["a1", "r1"]
+    ppl = json.loads(summary.read_text())["models"][0]["ppl"]
+    assert ppl["rule"] == "llama.cpp" and ppl["ppl"] > 1 and ppl["bits_per_byte"] > 0
+    # a text shorter than one llama.cpp chunk is bad input, not a crash
+    short = tmp_path / "short.txt"
+    short.write_text("tiny text")
+    code, _, stderr = run(["bench", str(random_llama), "--ppl", str(short), "--ppl-rule", "llama.cpp",
+                           "--ppl-max-length", "64"], capsys)
+    assert code == 2 and "too short" in stderr
