@@ -10,7 +10,9 @@ and its 2:4 pattern checked on every decoder matrix of the reloaded weights.
     python benchmarks/prune.py --quick    # tiny default only, fewer calibration windows
     python benchmarks/prune.py --models smollm2
 
-Texts: the tiny default uses its own corpus.txt (calibration) and heldout.txt (held-out);
+Texts: the tiny default calibrates on its own corpus.txt and is scored by answer perplexity
+on the first 1,000 rows of its heldout.jsonl (answer + EOS tokens given the prompt: the only
+tokens it was trained to predict; text perplexity on heldout.txt is also recorded);
 SmolLM2 uses licence texts shipped in the environment: calibration = the licence files of
 transformers (Apache-2.0), hypothesis (MPL-2.0) and pillow; held-out = the first 8,000
 characters of matplotlib's licence agreement (a different, non-repetitive text).
@@ -63,6 +65,7 @@ def model_setups(quick: bool, models: list[str]) -> list[dict]:
         model, tasks = tiny_checkpoint()
         setups.append({"name": "tiny default", "model": str(model),
                        "calib": [str(tasks / "corpus.txt")], "heldout": str(tasks / "heldout.txt"),
+                       "answers": str(tasks / "heldout.jsonl"),
                        "nsamples": 8 if quick else 64, "seqlen": 64, "eval_length": 128})
     if "smollm2" in models and not quick:
         from smollm2 import smollm2_checkpoint
@@ -74,6 +77,31 @@ def model_setups(quick: bool, models: list[str]) -> list[dict]:
                        "heldout": str(site_file("matplotlib-*.dist-info/LICENSE")),
                        "nsamples": 16, "seqlen": 256, "eval_length": 512})
     return setups
+
+
+def answer_ppl(model, tok, path: str, limit: int = 1000) -> float:  # noqa: ANN001 - HF model, tokenizer
+    """exp(mean NLL) of answer + EOS tokens given BOS + prompt, over held-out task rows: what the
+    tiny default was trained to predict (its loss covers answers only, so it never learned to
+    predict prompts, and plain text perplexity on them is in the thousands)."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    from orstack.io.jsonl import read_jsonl
+    from orstack.tiny.model import IGNORE, collate, encode_example
+
+    rows = [r for _, r in zip(range(limit), read_jsonl(path, required=("prompt", "answer")))]
+    examples = [encode_example(tok, r["prompt"], str(r["answer"])) for r in rows]
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(examples), 100):
+            ids, labels = collate(examples[start:start + 100], tok.pad_token_id)
+            logits = model(input_ids=ids).logits
+            nll += float(F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
+                                         ignore_index=IGNORE, reduction="sum"))
+            count += int((labels[:, 1:] != IGNORE).sum())
+    return math.exp(nll / count)
 
 
 def one_run(setup: dict, method: str | None, pattern: str | None) -> dict:
@@ -114,7 +142,8 @@ def one_run(setup: dict, method: str | None, pattern: str | None) -> dict:
         result["size_fraction"] = sizes["stored_bytes"] / sizes["dense_bytes"]
         result["pattern_verified"] = bool(pattern)
     result["seconds"] = seconds
-    result["ppl"] = perplexity(model, tok, heldout, max_length=setup["eval_length"]).ppl
+    result["text_ppl"] = perplexity(model, tok, heldout, max_length=setup["eval_length"]).ppl
+    result["ppl"] = answer_ppl(model, tok, setup["answers"]) if "answers" in setup else result["text_ppl"]
     return result
 
 
