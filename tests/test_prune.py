@@ -157,6 +157,23 @@ def test_prune_model_leaves_embeddings_and_head_dense(model_and_ids):
     assert torch.equal(model.lm_head.weight, head)
 
 
+def test_lm_head_is_pruned_only_when_asked_and_untied(model_and_ids, tmp_path):
+    from orstack.io.checkpoint import load_model
+
+    model, _, ids = model_and_ids
+    report = prune_model(model, ids, PruneSpec(method="sparsegpt", pattern=(2, 4), lm_head=True))
+    assert report.layers["lm_head.weight"] == pytest.approx(0.5)
+    check_nm(model.lm_head.weight.detach(), 2, 4)
+    assert "lm_head.weight" in masks_of(model)
+    save_sparse(model, tmp_path, set(masks_of(model)))
+    model.config.save_pretrained(tmp_path)
+    loaded, _ = load_model(tmp_path, with_tokenizer=False)
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied: refused
+    with pytest.raises(BadInput, match="tied"):
+        prune_model(model, ids, PruneSpec(method="wanda", lm_head=True))
+
+
 def test_recovery_keeps_pruned_weights_exactly_zero(model_and_ids):
     from orstack.prune.recover import recover
 

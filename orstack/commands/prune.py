@@ -19,7 +19,8 @@ and sparsegpt (column blocks with the inverse-Hessian update). Either --sparsity
 (unstructured: every output row loses the fraction S; --attn-sparsity / --mlp-sparsity
 override it per module type) or --pattern N:M (exactly N zeros in every group of M
 consecutive input weights, e.g. 2:4). Layers are pruned one at a time on calibration
-inputs propagated through the already-pruned layers. Embeddings and lm_head stay dense.
+inputs propagated through the already-pruned layers. Embeddings stay dense, and lm_head
+too unless --prune-lm-head (refused when it is tied to the embeddings).
 
 --gradual K reaches the target in K equal stages; --recover DATA --steps N fine-tunes
 after each stage with pruned weights kept exactly zero. --grid 0.5,0.6,0.7 tries each
@@ -70,6 +71,9 @@ def prune(
     = 1.0,
     compress: Annotated[bool, typer.Option("--compress/--no-compress", help="Store pruned matrices sparsely.")]
     = True,
+    prune_lm_head: Annotated[
+        bool, typer.Option("--prune-lm-head", help="Also prune lm_head (not when tied to the embeddings).")
+    ] = False,
     heldout: Annotated[list[Path] | None, typer.Option("--heldout", help="Held-out text for perplexity.")] = None,
     eval_length: Annotated[int, typer.Option("--eval-length", min=8, help="Perplexity window, tokens.")] = 512,
     dtype: Dtype = "float32",
@@ -89,7 +93,7 @@ def prune(
         nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, blocksize=blocksize, damp=damp, gradual=gradual,
         steps=(50 if recover is not None else 0) if steps is None else steps, lr=lr,
         grid=parse_grid(grid) if grid is not None else None, size_weight=size_weight, compress=compress,
-        eval_length=eval_length, seed=settings.seed, calib=[str(p) for p in calib_files],
+        eval_length=eval_length, prune_lm_head=prune_lm_head, seed=settings.seed, calib=[str(p) for p in calib_files],
         recover=str(recover_file) if recover_file else None,
         heldout=[str(p) for p in heldout_files] if heldout_files else None,
     )
@@ -106,7 +110,11 @@ def _run(source: Path, output: Path, config, dtype: str) -> None:  # noqa: ANN00
     from orstack.prune.storage import FORMAT, save_sparse
     from orstack.runtime import device, seed_everything
 
-    check_architecture(load_config(source), where=str(source))
+    model_config = load_config(source)
+    check_architecture(model_config, where=str(source))
+    if config.prune_lm_head and getattr(model_config, "tie_word_embeddings", False):
+        raise BadInput(f"--prune-lm-head: {source}: lm_head is tied to the input embeddings; "
+                       "pruning it would prune them too")
     seed_everything()
     calib_texts = list(read_texts(config.calib))
     heldout_texts = list(read_texts(config.heldout)) if config.heldout else None

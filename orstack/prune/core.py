@@ -2,8 +2,8 @@
 
 Calibration inputs are captured at the first decoder layer and propagated through the
 already-pruned layers (orstack.layerwise), so each layer is pruned for the inputs it will
-see, and memory stays at about one layer's activations. Embeddings and lm_head are left
-dense.
+see, and memory stays at about one layer's activations. Embeddings stay dense; lm_head
+too unless asked (`lm_head=True`, only when it is not tied to the embeddings).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ class PruneSpec:
     blocksize: int = 128  # SparseGPT column block
     damp: float = 0.01  # SparseGPT dampening, fraction of mean diag(H)
     batch_size: int = 8  # calibration sequences per forward
+    lm_head: bool = False  # also prune lm_head (refused when it is tied to the embeddings)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -95,6 +96,8 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: PruneSpe
     if spec.pattern is not None:
         _check_pattern_fits(layers, spec)
     needs_data = spec.method != "magnitude"
+    if spec.lm_head:
+        lm_head_of(model)  # refuse a tied lm_head before any work
     if needs_data and calib_ids is None:
         raise BadInput(f"--method {spec.method} needs calibration data (--calib)")
     inputs = capture_layer_inputs(model, calib_ids, spec.batch_size) if needs_data else None
@@ -123,7 +126,41 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: PruneSpe
             if needs_data:
                 inputs = run_layer(layer, inputs)
             bar.advance(task)
+    if spec.lm_head:
+        _prune_lm_head(model, inputs, spec, report)
     return report
+
+
+def lm_head_of(model: nn.Module) -> nn.Linear:
+    """The output projection, if it may be pruned on its own (not tied to the embeddings)."""
+    head = model.get_output_embeddings()
+    embed = model.get_input_embeddings()
+    if head is None or head.weight.data_ptr() == embed.weight.data_ptr():
+        raise BadInput("--prune-lm-head: lm_head is tied to the input embeddings; pruning it would prune them too")
+    return head
+
+
+def _prune_lm_head(model: nn.Module, inputs, spec: PruneSpec, report: PruneReport) -> None:  # noqa: ANN001
+    """lm_head sees the final norm of the last layer's output; prune it like any Linear."""
+    import torch
+
+    from orstack.layerwise import record_input_stats
+
+    head = lm_head_of(model)
+    stats = None
+    if inputs is not None:
+        with torch.no_grad(), record_input_stats({"lm_head": head}, hessian=spec.method == "sparsegpt") as stats:
+            for hidden, _ in inputs.batches():
+                head(model.model.norm(hidden))
+    with torch.no_grad():
+        new = prune_matrix(head.weight.data, spec, spec.sparsity, stats["lm_head"] if stats else None)
+        if spec.pattern is not None:
+            check_nm(new, *spec.pattern, name="lm_head.weight")
+        head.weight.data.copy_(new)
+    zeros = int((new == 0).sum())
+    report.layers["lm_head.weight"] = zeros / new.numel()
+    report.zeros += zeros
+    report.total += new.numel()
 
 
 def _check_pattern_fits(layers: nn.ModuleList, spec: PruneSpec) -> None:
@@ -136,13 +173,17 @@ def _check_pattern_fits(layers: nn.ModuleList, spec: PruneSpec) -> None:
 
 
 def masks_of(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Keep-masks (weight != 0) of every decoder-layer Linear, by parameter name."""
+    """Keep-masks (weight != 0) of every decoder-layer Linear (and of an untied lm_head that
+    holds zeros, i.e. was pruned), by parameter name."""
     from orstack.layerwise import decoder_layers, linear_modules
 
     masks = {}
     for index, layer in enumerate(decoder_layers(model)):
         for name, module in linear_modules(layer).items():
             masks[f"model.layers.{index}.{name}.weight"] = module.weight.detach() != 0
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and head.weight.data_ptr() != embed.weight.data_ptr() and bool((head.weight == 0).any()):
+        masks["lm_head.weight"] = head.weight.detach() != 0  # pruned with --prune-lm-head
     return masks
 
 

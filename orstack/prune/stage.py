@@ -41,6 +41,7 @@ class PruneConfig:
     grid: list[float] | None = None
     size_weight: float = 1.0
     compress: bool = True
+    prune_lm_head: bool = False
     eval_length: int = 512
     seed: int = 0
     calib: list[str] = field(default_factory=list)
@@ -79,7 +80,8 @@ class PruneConfig:
         return PruneSpec(method=self.method, sparsity=self.sparsity,
                          pattern=parse_pattern(self.pattern) if self.pattern else None,
                          attn_sparsity=self.attn_sparsity, mlp_sparsity=self.mlp_sparsity,
-                         blocksize=self.blocksize, damp=self.damp, batch_size=self.batch_size)
+                         blocksize=self.blocksize, damp=self.damp, batch_size=self.batch_size,
+                         lm_head=self.prune_lm_head)
 
 
 def parse_grid(text: str) -> list[float]:
