@@ -127,8 +127,10 @@ def distill_part(args: argparse.Namespace, tiny: Path, tasks: Path, work: Path) 
     if not gguf.exists():
         orstack("gguf", str(args.gguf_teacher or work / "student-targeted"), "-o", str(gguf), "--no-validate")
     if not (work / "tiered.jsonl").exists():
+        # The failures only (no new problems): llama.cpp answers one prompt at a time, and the quick run
+        # must stay short on this loaded machine.
         orstack("distill", "generate", "--failures", str(work / "failures.jsonl"), "--teacher", str(gguf),
-                "--teacher", ORACLE, "--per-cluster", str(args.per_cluster), "-o", str(work / "tiered.jsonl"),
+                "--teacher", ORACLE, "-o", str(work / "tiered.jsonl"),
                 "--report", str(work / "tiered_report.json"), "--max-new-tokens", "16")
     tier_report = json.loads((work / "tiered_report.json").read_text())["rows"]
     by_tier = defaultdict(lambda: defaultdict(int))
