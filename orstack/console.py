@@ -33,9 +33,14 @@ def stderr() -> Console:
     """The shared stderr console (created on first use: rich is not imported at start-up)."""
     global _console
     if _console is None:
+        import os
+        import sys
+
         from rich.console import Console
 
-        _console = Console(stderr=True, highlight=False, soft_wrap=True)
+        # A log file or CI log has no width of its own: give tables room rather than 80 columns.
+        width = None if sys.stderr.isatty() else int(os.environ.get("COLUMNS", "160"))
+        _console = Console(stderr=True, highlight=False, soft_wrap=True, width=width)
     return _console
 
 

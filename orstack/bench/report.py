@@ -68,22 +68,36 @@ def group_rows(summaries: Sequence[dict[str, Any]]) -> list[tuple[str, list[floa
     return rows
 
 
+# Beyond this many models the table turns: one row per model, the headline metrics across.
+MAX_MODEL_COLUMNS = 3
+
+
+def _cell(values: list[float | None], i: int, fmt: str) -> str:
+    """A value, with its delta to the first model's for every model after the first."""
+    v = values[i]
+    if v is None:
+        return "-"
+    if i == 0 or values[0] is None:
+        return fmt.format(v)
+    return f"{fmt.format(v)} ({'+' if v - values[0] >= 0 else '-'}{fmt.format(abs(v - values[0]))})"
+
+
 def comparison_table(summaries: Sequence[dict[str, Any]]):  # noqa: ANN201 - rich Table
-    """Metrics down, models across; every model after the first shows its delta to the first."""
+    """Metrics down and models across (with per-family accuracy) for a few models; for many,
+    one row per model with the headline metrics. Deltas are against the first model."""
     from orstack.console import new_table
 
     names = [s["model"] for s in summaries]
-    tbl = new_table("metric", *names, title="orstack bench")
-    for label, values, fmt in group_rows(summaries):
-        cells = []
-        for i, v in enumerate(values):
-            if v is None:
-                cells.append("-")
-            elif i == 0 or values[0] is None:
-                cells.append(fmt.format(v))
-            else:
-                cells.append(f"{fmt.format(v)} ({'+' if v - values[0] >= 0 else '-'}{fmt.format(abs(v - values[0]))})")
-        tbl.add_row(label, *cells)
+    rows = group_rows(summaries)
+    if len(summaries) <= MAX_MODEL_COLUMNS:
+        tbl = new_table("metric", *names, title="orstack bench")
+        for label, values, fmt in rows:
+            tbl.add_row(label, *(_cell(values, i, fmt) for i in range(len(values))))
+        return tbl
+    headline = [r for r in rows if not r[0].startswith("  ") and r[0] not in ("load s", "prefill tok/s")]
+    tbl = new_table("model", *(label for label, _, _ in headline), title="orstack bench")
+    for i, name in enumerate(names):
+        tbl.add_row(Path(name).name or name, *(_cell(values, i, fmt) for _, values, fmt in headline))
     return tbl
 
 
