@@ -213,7 +213,7 @@ def rl_part(args: argparse.Namespace, tiny: Path, tasks: Path, work: Path) -> No
     print("|---|---:|---:|---:|---:|")
     for name, res, m in rows:
         tokens = sum(r["output_tokens"] for r in res) / len(res)
-        kl = "-" if not m or m.get("kl_last") is None else f"{m['kl_last']:.4f}"
+        kl = "-" if not m or m.get("kl_last") is None else f"{m['kl_last']:.1e}"
         sps = "-" if not m else f"{m['steps_per_s']:.3f}"
         print(f"| {name} | {accuracy(res):.3f} | {tokens:.2f} | {kl} | {sps} |")
     ours = rows[1][2]["steps_per_s"]
