@@ -26,7 +26,7 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ORACLE = f"cmd:{sys.executable} {ROOT / 'benchmarks' / 'tiny_oracle.py'}"
+ORACLE = f"cmd:{sys.executable} {ROOT / 'examples' / 'oracle.py'}"
 
 
 def orstack(*args: str) -> float:
