@@ -8,12 +8,14 @@ the base's results over the training-distribution tasks and judged on the held-o
 
     python benchmarks/route.py                 # builds everything under .orstack-cache/bench-route
     python benchmarks/route.py --quick         # smaller model budget and fewer tasks
+    python benchmarks/route.py --tiny DIR      # start from an existing tiny build (DIR/model, DIR/tasks)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -34,9 +36,12 @@ def read(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def build(work: Path, steps: int, sft_steps: int, per_cluster: int) -> None:
+def build(work: Path, steps: int, sft_steps: int, per_cluster: int, tiny_from: Path | None) -> None:
     """The artefacts, each made once (a re-run reuses what exists)."""
     tiny, tasks, modifier = work / "tiny", work / "tasks", work / "modifier"
+    if tiny_from is not None and not tiny.exists():
+        shutil.copytree(tiny_from / "model", tiny)
+        shutil.copytree(tiny_from / "tasks", tasks)
 
     def bench(model: Path, split: str, out: str):
         return lambda: orstack("bench", str(model), "--tasks", str(tasks / f"{split}.jsonl"), "-o", str(work / out))
@@ -103,12 +108,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=ROOT / ".orstack-cache" / "bench-route")
     parser.add_argument("--quick", action="store_true", help="400 training steps, 100 SFT steps")
+    parser.add_argument("--tiny", type=Path, help="an existing tiny build (DIR/model, DIR/tasks) to start from")
     args = parser.parse_args()
     work = args.work / ("quick" if args.quick else "full")
     work.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
     build(work, steps=400 if args.quick else 1000, sft_steps=100 if args.quick else 300,
-          per_cluster=10 if args.quick else 30)
+          per_cluster=10 if args.quick else 30, tiny_from=args.tiny)
     rows = evaluate(work)
     width = max(len(k) for k, _ in rows)
     print(f"{'route benchmark (' + str(work) + ')':<{width}}  value")
