@@ -3,7 +3,7 @@
 
     python benchmarks/data.py            # everything (~15-25 min on 2 loaded cores)
     python benchmarks/data.py --quick    # one coverage for SmolLM2, MiniLM skipped at 10k rows
-    python benchmarks/data.py --only vocab|cluster
+    python benchmarks/data.py --only vocab|cluster [--coverages 0.995,1.0]
 
 Corpora (all on disk, nothing downloaded):
 - tiny default: its own tasks/corpus.txt (training distribution) and tasks/heldout.txt.
@@ -78,7 +78,7 @@ def trim_once(name: str, model: Path, corpus: Path, heldout: Path, out: Path, co
             "bytes_before": weights_bytes(model), "bytes_after": weights_bytes(out)}
 
 
-def vocab_rows(quick: bool, workdir: Path) -> list[dict]:
+def vocab_rows(quick: bool, workdir: Path, coverages: list[str]) -> list[dict]:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from smollm2 import smollm2_checkpoint
 
@@ -87,7 +87,7 @@ def vocab_rows(quick: bool, workdir: Path) -> list[dict]:
                       workdir / "tiny-trim", "0.995", 128)]
     smol = smollm2_checkpoint()
     corpus, heldout = english_corpus(workdir)
-    for coverage in ("0.995",) if quick else ("0.995", "0.9995", "1.0"):
+    for coverage in coverages[:1] if quick else coverages:
         out = workdir / f"smol-trim-{coverage}"
         rows.append(trim_once("SmolLM2-135M", smol, corpus, heldout, out, coverage, 256 if quick else 512))
         import shutil
@@ -205,22 +205,27 @@ def print_cluster(rows: list[dict], n: int, source: str) -> None:
                           str(r["flagged"]), str(r["outliers"]), f"{r['seconds']:.1f} s"]))
 
 
-def timing_rows(quick: bool) -> list[dict]:
+def timing_rows(quick: bool, n: int) -> list[dict]:
+    """Wall and CPU time of the whole pipeline (embed, choose k, k-means, silhouettes, labels);
+    CPU time is what a busy shared machine does not distort."""
     from orstack.cluster import ClusterConfig, cluster_failures
 
-    rows = synthetic_failures(10_000)
+    rows = synthetic_failures(n)
     out = []
     for embedder in ("tfidf",) if quick else ("tfidf", "minilm"):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         result = cluster_failures(rows, ClusterConfig(embedder=embedder, k=None))
-        out.append({"embedder": embedder, "k": len(result.clusters), "seconds": time.perf_counter() - start})
+        out.append({"embedder": embedder, "k": len(result.clusters), "seconds": time.perf_counter() - start,
+                    "cpu": time.process_time() - cpu})
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", choices=("vocab", "cluster"))
+    parser.add_argument("--only", choices=("vocab", "cluster", "timing"))
+    parser.add_argument("--timing-rows", type=int, default=10_000)
+    parser.add_argument("--coverages", default="0.995,0.9995,1.0", help="SmolLM2 coverages to trim at")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from orstack.console import set_quiet
@@ -231,13 +236,15 @@ def main() -> None:
         if args.only in (None, "cluster"):
             failures = tiny_failures(workdir)
             print_cluster(cluster_rows(failures, args.quick), len(failures), "real failures of the tiny default")
-            print("\ntime to cluster 10,000 failure-like rows (tiny task generators, -k auto, whole pipeline)")
-            print("embedder | k chosen | time")
-            print("--- | --- | ---")
-            for r in timing_rows(args.quick):
-                print(f"{r['embedder']} | {r['k']} | {r['seconds']:.1f} s")
+        if args.only in (None, "cluster", "timing"):
+            print(f"\ntime to cluster {args.timing_rows:,} failure-like rows (tiny task generators, -k auto, "
+                  "whole pipeline)")
+            print("embedder | k chosen | wall | CPU")
+            print("--- | --- | --- | ---")
+            for r in timing_rows(args.quick, args.timing_rows):
+                print(f"{r['embedder']} | {r['k']} | {r['seconds']:.1f} s | {r['cpu']:.1f} s", flush=True)
         if args.only in (None, "vocab"):
-            print_vocab(vocab_rows(args.quick, workdir))
+            print_vocab(vocab_rows(args.quick, workdir, args.coverages.split(",")))
 
 
 if __name__ == "__main__":
