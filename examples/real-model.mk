@@ -42,6 +42,8 @@ SEQLEN ?= 256
 GROUP ?= 64
 EVAL_LEN ?= 256
 SPEED_RUNS ?= 2
+# extra vocab-trim options, e.g. --force (its quality gate fails on this small corpus: docs/real-model.md)
+TRIM_ARGS ?=
 
 O := $(ORSTACK) --seed $(SEED)
 T := $(OUT)/tasks
@@ -97,7 +99,7 @@ $(OUT)/distilled/orstack.json: $(BASE)/config.json $(OUT)/distill-train.jsonl
 
 # 4. the compression chain
 $(OUT)/trimmed/orstack.json: $(OUT)/distilled/orstack.json $(T)/corpus.txt $(T)/heldout.txt
-	$(O) vocab-trim $(OUT)/distilled --corpus $(T)/corpus.txt --validate $(T)/heldout.txt --max-length $(EVAL_LEN) \
+	$(O) vocab-trim $(OUT)/distilled --corpus $(T)/corpus.txt --validate $(T)/heldout.txt --max-length $(EVAL_LEN) $(TRIM_ARGS) \
 		-o $(OUT)/trimmed
 
 $(OUT)/pruned/orstack.json: $(OUT)/trimmed/orstack.json $(T)/calib.txt
