@@ -1,0 +1,1 @@
+complete --command orstack --no-files --arguments "(env _ORSTACK_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) orstack)" --condition "env _ORSTACK_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) orstack"
