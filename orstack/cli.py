@@ -93,7 +93,13 @@ def _one_line(message: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv, prog_name="orstack", standalone_mode=False)
+        code = command.main(args=argv, prog_name="orstack", standalone_mode=False)
+        # Outside standalone mode typer hands back exit codes instead of exiting; Ctrl-C
+        # arrives here as 130 (typer turns KeyboardInterrupt into Exit(130) itself).
+        if isinstance(code, int) and not isinstance(code, bool) and code != 0:
+            if code == 130:
+                console.error("interrupted")
+            sys.exit(code)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except click_exceptions.NoArgsIsHelpError as e:
