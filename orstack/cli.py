@@ -86,11 +86,27 @@ def _register_commands() -> None:
 _register_commands()
 
 
+def threading_is_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
 def _one_line(message: str) -> str:
     return " ".join(message.split())
 
 
+def _terminated(signum: int, frame: object) -> None:
+    # SIGTERM (kill, make being stopped, a CI timeout) unwinds like Ctrl-C, so atomic
+    # outputs remove their temporary siblings instead of leaving them behind.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> None:
+    import signal
+
+    if threading_is_main():
+        signal.signal(signal.SIGTERM, _terminated)
     command = typer.main.get_command(app)
     try:
         code = command.main(args=argv, prog_name="orstack", standalone_mode=False)

@@ -101,3 +101,15 @@ def test_ctrl_c_during_training_leaves_no_output(tmp_path):
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_leaves_no_output(tmp_path):
+    out = tmp_path / "model"
+    proc = subprocess.Popen([sys.executable, "-m", "orstack", "tiny", "-o", str(out), "--steps", "100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    time.sleep(10)
+    proc.terminate()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
