@@ -8,6 +8,7 @@ on disk. The transformers backend lives in hf.py, the llama.cpp one in llamacpp.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -50,6 +51,26 @@ class Backend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def split_pair(encode: Callable[[str], list[int]], context: str, continuation: str, *, bos: int | None,
+               start_token: Callable[[], int], max_len: int | None) -> tuple[list[int], list[int]]:
+    """(context tokens, continuation tokens) as lm-evaluation-harness tokenizes a pair: trailing
+    context whitespace moves onto the continuation, the pair is encoded whole and the context's
+    tokens split off (so a continuation that merges with the context's end is scored on the
+    tokens the model would see). BOS leads when the tokenizer adds one; an empty context with
+    no BOS starts from `start_token()`. Too long a pair keeps its end, as lm-eval does."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation, context = context[-n_spaces:] + continuation, context[:-n_spaces]
+    whole = encode(context + continuation)
+    n_ctx = len(encode(context))
+    cont = whole[n_ctx:]
+    prefix = bos if bos is not None else (start_token() if n_ctx == 0 else None)
+    ctx = ([prefix] if prefix is not None else []) + whole[:n_ctx]
+    if max_len and len(ctx) + len(cont) - 1 > max_len:
+        ctx = ctx[-(max_len + 1 - len(cont)) :]
+    return ctx, cont
 
 
 def open_backend(spec: str, *, device: str = "cpu", batch_size: int = 16) -> Backend:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from orstack.bench.backend import Generation
+from orstack.bench.backend import Generation, split_pair
 
 if TYPE_CHECKING:
     import torch
@@ -152,24 +152,10 @@ class HFBackend:
         return scores
 
     def _split_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        n_spaces = len(context) - len(context.rstrip())
-        if n_spaces:  # lm-eval moves trailing context whitespace onto the continuation
-            continuation, context = context[-n_spaces:] + continuation, context[:-n_spaces]
-        whole = self.encode(context + continuation)
-        ctx = self.encode(context)
-        cont = whole[len(ctx) :]
-        prefix = self.bos if self.bos is not None else self._prefix_when_empty(ctx)
-        ctx = ([prefix] if prefix is not None else []) + whole[: len(ctx)]
-        max_len = getattr(self.model.config, "max_position_embeddings", None)
-        if max_len and len(ctx) + len(cont) - 1 > max_len:  # keep the end, as lm-eval does
-            ctx = ctx[-(max_len + 1 - len(cont)) :]
-        return ctx, cont
-
-    def _prefix_when_empty(self, ctx: list[int]) -> int | None:
-        if ctx:
-            return None
         tok = self.tokenizer
-        return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        return split_pair(self.encode, context, continuation, bos=self.bos,
+                          start_token=lambda: tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id,
+                          max_len=getattr(self.model.config, "max_position_embeddings", None))
 
     def _score_batch(self, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
         import torch

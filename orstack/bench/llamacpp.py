@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from orstack.bench.backend import Generation
+from orstack.bench.backend import Generation, split_pair
 from orstack.errors import BadInput
 
 if TYPE_CHECKING:
@@ -218,19 +218,8 @@ class LlamaCppBackend:
         return scores
 
     def _split_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        n_spaces = len(context) - len(context.rstrip())
-        if n_spaces:  # lm-eval moves trailing context whitespace onto the continuation
-            continuation, context = context[-n_spaces:] + continuation, context[:-n_spaces]
-        whole = self.encode(context + continuation)
-        ctx = self.encode(context)
-        cont = whole[len(ctx) :]
-        prefix = self.bos
-        if prefix is None and not ctx:
-            prefix = self._prefix_token()
-        ctx = ([prefix] if prefix is not None else []) + whole[: len(ctx)]
-        if self.n_ctx_train and len(ctx) + len(cont) - 1 > self.n_ctx_train:
-            ctx = ctx[-(self.n_ctx_train + 1 - len(cont)) :]
-        return ctx, cont
+        return split_pair(self.encode, context, continuation, bos=self.bos, start_token=self._prefix_token,
+                          max_len=self.n_ctx_train)
 
     def _prefix_token(self) -> int:
         bos, eos = self.llm.token_bos(), self.llm.token_eos()
