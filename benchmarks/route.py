@@ -3,12 +3,13 @@ routing at the same accurate share, with RouteLLM's APGR and CPT, calibration (E
 and decision latency. One table.
 
 The fast path is the tiny default; the accurate path is the same base with a LoRA modifier
-distilled (with an exact `cmd:` teacher) on the base's failures. The router is trained on
+distilled (with an exact `cmd:` teacher) on the base's failures, or `--accurate MODEL`. The router is trained on
 the base's results over the training-distribution tasks and judged on the held-out tasks.
 
     python benchmarks/route.py                 # builds everything under .orstack-cache/bench-route
     python benchmarks/route.py --quick         # smaller model budget and fewer tasks
     python benchmarks/route.py --tiny DIR      # start from an existing tiny build (DIR/model, DIR/tasks)
+    python benchmarks/route.py --tiny DIR --accurate MODEL   # a stronger model as the accurate path
 """
 
 from __future__ import annotations
@@ -36,9 +37,11 @@ def read(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def build(work: Path, steps: int, sft_steps: int, per_cluster: int, tiny_from: Path | None) -> None:
+def build(work: Path, steps: int, sft_steps: int, per_cluster: int, tiny_from: Path | None,
+          accurate: Path | None) -> None:
     """The artefacts, each made once (a re-run reuses what exists)."""
     tiny, tasks, modifier = work / "tiny", work / "tasks", work / "modifier"
+    strong = accurate or modifier
     if tiny_from is not None and not tiny.exists():
         shutil.copytree(tiny_from / "model", tiny)
         shutil.copytree(tiny_from / "tasks", tasks)
@@ -57,9 +60,9 @@ def build(work: Path, steps: int, sft_steps: int, per_cluster: int, tiny_from: P
                                                 "-o", str(work / "distill.jsonl")),
         modifier: lambda: orstack("distill", "train", str(tiny), "--data", str(work / "distill.jsonl"),
                                   "--max-steps", str(sft_steps), "--lr", "1e-3", "-o", str(modifier)),
-        work / "acc-train.jsonl": bench(modifier, "train", "acc-train.jsonl"),
+        work / "acc-train.jsonl": bench(strong, "train", "acc-train.jsonl"),
         work / "base-heldout.jsonl": bench(tiny, "heldout", "base-heldout.jsonl"),
-        work / "acc-heldout.jsonl": bench(modifier, "heldout", "acc-heldout.jsonl"),
+        work / "acc-heldout.jsonl": bench(strong, "heldout", "acc-heldout.jsonl"),
         work / "router": lambda: orstack("route", "train", "--results", str(work / "base-train.jsonl"),
                                          "--results-accurate", str(work / "acc-train.jsonl"), "--optimize",
                                          "-o", str(work / "router")),
@@ -109,12 +112,13 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=ROOT / ".orstack-cache" / "bench-route")
     parser.add_argument("--quick", action="store_true", help="400 training steps, 100 SFT steps")
     parser.add_argument("--tiny", type=Path, help="an existing tiny build (DIR/model, DIR/tasks) to start from")
+    parser.add_argument("--accurate", type=Path, help="the accurate path: a model (default: the distilled modifier)")
     args = parser.parse_args()
-    work = args.work / ("quick" if args.quick else "full")
+    work = args.work / (("quick" if args.quick else "full") + ("-" + args.accurate.name if args.accurate else ""))
     work.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
     build(work, steps=400 if args.quick else 1000, sft_steps=100 if args.quick else 300,
-          per_cluster=10 if args.quick else 30, tiny_from=args.tiny)
+          per_cluster=10 if args.quick else 30, tiny_from=args.tiny, accurate=args.accurate)
     rows = evaluate(work)
     width = max(len(k) for k, _ in rows)
     print(f"{'route benchmark (' + str(work) + ')':<{width}}  value")
