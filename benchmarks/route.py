@@ -67,6 +67,9 @@ def build(work: Path, steps: int, sft_steps: int, per_cluster: int, tiny_from: P
                                          "--results-accurate", str(work / "acc-train.jsonl"), "--optimize",
                                          "-o", str(work / "router")),
     }
+    if accurate is not None:  # no modifier needed
+        for step in (work / "failures.jsonl", work / "distill.jsonl", modifier):
+            del recipe[step]
     for target, make in recipe.items():
         if not target.exists():
             make()
