@@ -196,6 +196,18 @@ def _adds_token(tokenizer, token_id: int | None, position: int) -> bool:
     return len(ids) > 1 and ids[position] == token_id
 
 
+def _tokens_by_id(spec: dict, n_vocab: int, where: str) -> tuple[dict[int, dict], dict[int, str]]:
+    """(added tokens by id, every token's text by id), checked against the embedding's rows."""
+    added = {t["id"]: t for t in spec.get("added_tokens", [])}
+    by_id = {i: t for t, i in spec["model"]["vocab"].items()}
+    for i, t in added.items():
+        by_id[i] = t["content"]
+    size = max(by_id) + 1
+    if size > n_vocab:
+        raise BadInput(f"{where}: tokenizer has {size} tokens but the model's embedding only {n_vocab} rows")
+    return added, by_id
+
+
 def build_vocab(tokenizer, n_vocab: int, where: str = "tokenizer") -> GgufVocab:
     """GGUF vocabulary for a fast Hugging Face tokenizer, padded to the model's `n_vocab` rows."""
     backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
@@ -209,13 +221,7 @@ def build_vocab(tokenizer, n_vocab: int, where: str = "tokenizer") -> GgufVocab:
         return _sentencepiece_vocab(tokenizer, spec, n_vocab, where)
     decoder = _byte_decoder()
     regexes = _split_regexes(spec.get("pre_tokenizer"), where)
-    added = {t["id"]: t for t in spec.get("added_tokens", [])}
-    by_id = {i: t for t, i in model["vocab"].items()}
-    for i, t in added.items():
-        by_id[i] = t["content"]
-    size = max(by_id) + 1
-    if size > n_vocab:
-        raise BadInput(f"{where}: tokenizer has {size} tokens but the model's embedding only {n_vocab} rows")
+    added, by_id = _tokens_by_id(spec, n_vocab, where)
     tokens = [by_id.get(i, f"[PAD{i}]") for i in range(n_vocab)]
     types = [NORMAL if i in by_id else UNUSED for i in range(n_vocab)]
     for i, t in added.items():
@@ -286,13 +292,7 @@ def _sentencepiece_vocab(tokenizer, spec: dict[str, Any], n_vocab: int, where: s
     highest score; scoring each token by minus the rank of the merge that creates it makes
     that the same order as the BPE merges."""
     model = spec["model"]
-    added = {t["id"]: t for t in spec.get("added_tokens", [])}
-    by_id = {i: t for t, i in model["vocab"].items()}
-    for i, t in added.items():
-        by_id[i] = t["content"]
-    size = max(by_id) + 1
-    if size > n_vocab:
-        raise BadInput(f"{where}: tokenizer has {size} tokens but the model's embedding only {n_vocab} rows")
+    added, by_id = _tokens_by_id(spec, n_vocab, where)
     rank: dict[str, int] = {}
     for r, merge in enumerate(_merge_strings(model.get("merges", []))):
         left, right = merge.split(" ", 1)
