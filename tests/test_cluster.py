@@ -9,8 +9,8 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
+from conftest import run_orstack
 
-from orstack.cli import main
 from orstack.cluster import ClusterConfig, annotated_rows, cluster_failures
 from orstack.cluster.ctfidf import class_tfidf
 from orstack.console import set_quiet
@@ -140,17 +140,11 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = 0
-    try:
-        main(["--quiet", *args])
-    except SystemExit as e:
-        code = e.code
-    finally:
-        set_quiet(False)
-    out, err = capsys.readouterr()
-    return code, out, err
+def run_cli(args: list[str], capsys=None) -> tuple[int, str, str]:
+    """`orstack --quiet ARGS` in this process (subprocesses spend 10-20 s importing on a loaded machine)."""
+    result = run_orstack("--quiet", *args)
+    set_quiet(False)
+    return result.returncode, result.stdout, result.stderr
 
 
 def test_cli_writes_clusters_annotations_and_plot(tmp_path, capsys):

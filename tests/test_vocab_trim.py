@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import run_orstack
 
-from orstack.cli import main
 from orstack.console import set_quiet
 
 CORPUS = "rev abc=cba\nsort dcba=abcd\n3*4=12\ncmp 17 9=>\n12+345=357\n" * 30
@@ -30,19 +30,11 @@ def trimmed(random_llama, corpus_file, tmp_path_factory) -> Path:
     return out
 
 
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+def run_cli(args: list[str], capsys=None) -> tuple[int, str, str]:
     """`orstack --quiet ARGS` in this process (subprocesses spend 10-20 s importing on a loaded machine)."""
-    if capsys is not None:
-        capsys.readouterr()
-    code = 0
-    try:
-        main(["--quiet", *args])
-    except SystemExit as e:
-        code = e.code
-    finally:
-        set_quiet(False)
-    out, err = capsys.readouterr() if capsys is not None else ("", "")
-    return code, out, err
+    result = run_orstack("--quiet", *args)
+    set_quiet(False)
+    return result.returncode, result.stdout, result.stderr
 
 
 def load(path: Path):
