@@ -102,11 +102,11 @@ def bench(model: Path, tasks: Path, out: Path, max_new_tokens: str = "16") -> li
 
 
 def train(data: Path, out: Path, tiny: Path, steps: int, rank: int = 32) -> float | None:
-    """LoRA, merged: the same settings for every data set."""
-    if out.exists():  # resume
-        return json.loads((out / "orstack.json").read_text())["metrics"].get("train_seconds")
-    return orstack("distill", "train", str(tiny), "--data", str(data), "-o", str(out), "--max-steps", str(steps),
-                   "--batch-size", "32", "--lr", "2e-3", "--lora-rank", str(rank), "--merge")
+    """LoRA, merged: the same settings for every data set. Returns the training loop's seconds."""
+    if not out.exists():  # else resume
+        orstack("distill", "train", str(tiny), "--data", str(data), "-o", str(out), "--max-steps", str(steps),
+                "--batch-size", "32", "--lr", "2e-3", "--lora-rank", str(rank), "--merge")
+    return json.loads((out / "orstack.json").read_text())["metrics"].get("train_seconds")
 
 
 def fresh_tasks(tasks: Path, n: int, seed: int, exclude: set[str], keep=lambda r: True) -> list[dict]:
@@ -188,7 +188,7 @@ def distill_part(args: argparse.Namespace, tiny: Path, tasks: Path, work: Path) 
     print(f"\n## distill (probe {len(probe)} train-split tasks, {len(failing)} failing family/level cells, "
           f"{n_clusters} failure clusters, {args.per_cluster} new problems per cluster{gen_time}; "
           f"{args.distill_steps} LoRA r32 steps x 32 rows, merged)\n")
-    print("| data | teacher | examples | held-out acc (failing cells) | held-out acc (overall) | train s |")
+    print("| data | teacher | examples | held-out acc (failing cells) | held-out acc (overall) | train loop s |")
     print("|---|---|---:|---:|---:|---:|")
     for name, teacher, count, rows, secs in results:
         print(f"| {name} | {teacher} | {count} | {accuracy(rows, failing):.3f} | {accuracy(rows):.3f} | "
