@@ -75,14 +75,22 @@ def test_bad_device_is_exit_2():
         assert result.returncode == 2 and "--device" in result.stderr
 
 
+def interruptible(args: list[str], **kwargs) -> subprocess.Popen:
+    """Start orstack with SIGINT at its default even when the test runner was started in the background
+    of a non-interactive shell (which makes its children ignore SIGINT; Python then installs no
+    KeyboardInterrupt handler, and a Ctrl-C test would measure the shell, not orstack)."""
+    return subprocess.Popen([sys.executable, "-m", "orstack", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=ENV, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+                            **kwargs)
+
+
 def test_ctrl_c_exits_130_without_traceback(tmp_path):
     # A command that waits on stdin is interrupted with SIGINT.
     names = subcommands()
     target = "cluster-failures" if "cluster-failures" in names else None
     if target is None:
         pytest.skip("no stdin-reading command registered yet")
-    proc = subprocess.Popen([sys.executable, "-m", "orstack", target, "-", "-o", str(tmp_path / "o.jsonl")],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    proc = interruptible([target, "-", "-o", str(tmp_path / "o.jsonl")], stdin=subprocess.PIPE)
     time.sleep(3)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
@@ -92,9 +100,7 @@ def test_ctrl_c_exits_130_without_traceback(tmp_path):
 
 
 def test_ctrl_c_during_training_leaves_no_output(tmp_path):
-    out = tmp_path / "model"
-    proc = subprocess.Popen([sys.executable, "-m", "orstack", "tiny", "-o", str(out), "--steps", "100000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    proc = interruptible(["tiny", "-o", str(tmp_path / "model"), "--steps", "100000"])
     time.sleep(10)  # well into training (it would run for hours)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
