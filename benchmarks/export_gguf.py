@@ -1,6 +1,8 @@
 """`orstack gguf` on the tiny default and SmolLM2-135M: for each --type, file size, export
 time, greedy-token agreement and perplexity in llama.cpp against the transformers source,
-and decode speed (llama.cpp vs transformers on the same prompt). One table.
+and decode speed (llama.cpp vs transformers on the same prompt); beside each quantized type,
+llama.cpp's own quantizer (llama_model_quantize, the library behind llama-quantize) run on our
+f32 export and measured the same way. One table.
 
     python benchmarks/export_gguf.py                 # every type, both models
     python benchmarks/export_gguf.py --quick         # f32, q8_0, q4_k, q5_k_m; 32 tokens
@@ -60,13 +62,46 @@ def decode_speed(backend, n_prompt: int = 64, n_new: int = 64, repeats: int = 3)
     return max(n_new / backend.speed_sample(n_prompt, n_new)[1] for _ in range(repeats))
 
 
-def run_model(label: str, spec: Path, types: list[str], prompts, texts, n_tokens: int, threads: int) -> list[dict]:
+# llama.cpp's own quantizer on our f32 export, for the same-run baseline: the closest ftype to each of ours.
+LLAMA_FTYPES = {"q8_0": "Q8_0", "q6_k": "Q6_K", "q5_k_m": "Q5_K_M", "q5_k": "Q5_K_S", "q4_k": "Q4_K_S",
+                "q4_1": "Q4_1", "q4_0": "Q4_0"}
+
+
+def llama_quantize(src: Path, out: Path, qtype: str, threads: int) -> None:
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{LLAMA_FTYPES[qtype]}")
+    params.nthread = threads
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params)) != 0:
+        sys.exit(f"llama.cpp could not quantize {src} to {LLAMA_FTYPES[qtype]}")
+
+
+def measure(model, tokenizer, gguf: Path, qtype: str, ref, threads: int) -> dict:
+    """Agreement and perplexity against the transformers source, and decode speed, of one GGUF file."""
+    from orstack.bench.llamacpp import LlamaCppBackend
+    from orstack.gguf.validate import validate
+
+    v = validate(model, tokenizer, gguf, qtype, reference=ref)
+    ll = LlamaCppBackend(str(gguf), n_threads=threads)
+    try:
+        speed = decode_speed(ll)
+    finally:
+        ll.close()
+    return {"MB": gguf.stat().st_size / 1e6, "agreement": v.agreement, "tokens": v.n_compared,
+            "ppl_src": v.ppl_source, "ppl_gguf": v.ppl_gguf, "ppl_change": v.ppl_change, "tok/s": speed,
+            "gate": ("pass" if v.passed else "FAIL") if v.gated else "-"}
+
+
+def run_model(label: str, spec: Path, types: list[str], prompts, texts, n_tokens: int, threads: int,
+              baseline: bool) -> list[dict]:
     import torch
 
     from orstack.bench.hf import HFBackend
-    from orstack.bench.llamacpp import LlamaCppBackend
     from orstack.gguf.export import export_gguf
-    from orstack.gguf.validate import source_reference, validate
+    from orstack.gguf.validate import source_reference
 
     torch.set_num_threads(threads)
     hf = HFBackend(str(spec))
@@ -76,23 +111,26 @@ def run_model(label: str, spec: Path, types: list[str], prompts, texts, n_tokens
     rows = [{"model": label, "type": "source (HF fp32)", "MB": src_size / 1e6, "tok/s": hf_speed}]
     ref = source_reference(model, tokenizer, prompts=prompts, texts=texts, n_tokens=n_tokens)
     with tempfile.TemporaryDirectory() as tmp:
+        f32 = Path(tmp) / "baseline-source-f32.gguf"
+        if baseline:
+            export_gguf(model, tokenizer, f32, "f32", name=label, progress=False)
         for qtype in types:
             out = Path(tmp) / f"{qtype}.gguf"
             began = time.perf_counter()
             result = export_gguf(model, tokenizer, out, qtype, name=label, progress=False)
             seconds = time.perf_counter() - began
-            v = validate(model, tokenizer, out, qtype, reference=ref)
-            ll = LlamaCppBackend(str(out), n_threads=threads)
-            try:
-                speed = decode_speed(ll)
-            finally:
-                ll.close()
             fallbacks = sum(1 for t in result.tensors if "not a multiple" in t.note)
-            rows.append({"model": label, "type": qtype, "MB": result.size_bytes / 1e6, "export_s": seconds,
-                         "agreement": v.agreement, "tokens": v.n_compared, "ppl_src": v.ppl_source,
-                         "ppl_gguf": v.ppl_gguf, "ppl_change": v.ppl_change, "tok/s": speed,
-                         "gate": ("pass" if v.passed else "FAIL") if v.gated else "-", "fallbacks": fallbacks})
+            rows.append({"model": label, "type": qtype, "export_s": seconds, "fallbacks": fallbacks,
+                         **measure(model, tokenizer, out, qtype, ref, threads)})
             print(f"{label} {qtype}: {rows[-1]}", file=sys.stderr)
+            if baseline and qtype in LLAMA_FTYPES:
+                theirs = Path(tmp) / f"llama-{qtype}.gguf"
+                began = time.perf_counter()
+                llama_quantize(f32, theirs, qtype, threads)
+                seconds = time.perf_counter() - began
+                rows.append({"model": label, "type": f"llama.cpp {LLAMA_FTYPES[qtype]}", "export_s": seconds,
+                             **measure(model, tokenizer, theirs, qtype, ref, threads)})
+                print(f"{label} {rows[-1]['type']}: {rows[-1]}", file=sys.stderr)
     hf.close()
     return rows
 
@@ -120,6 +158,8 @@ def main() -> None:
     parser.add_argument("--types", help="comma-separated --type values (default: all, or four with --quick)")
     parser.add_argument("--tokens", type=int, help="greedy tokens compared per prompt (default 100, 32 with --quick)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip llama.cpp's own quantizer (run on our f32 export) beside each quantized type")
     args = parser.parse_args()
     from orstack.io.checkpoint import quiet_transformers
     from orstack.io.jsonl import read_jsonl
@@ -134,12 +174,12 @@ def main() -> None:
         tasks = tiny.parent / "tasks"
         prompts = [r["prompt"] for r in read_jsonl(tasks / "heldout.jsonl", required=("prompt",))][:16]
         texts = [(tasks / "heldout.txt").read_text(encoding="utf-8")[:4000]]
-        rows += run_model("tiny", tiny, types, prompts, texts, n_tokens, args.threads)
+        rows += run_model("tiny", tiny, types, prompts, texts, n_tokens, args.threads, not args.no_baseline)
     if "smollm2" in args.models:
         from smollm2 import smollm2_checkpoint
 
         rows += run_model("SmolLM2-135M", smollm2_checkpoint(), types, None, [heldout_licence()], n_tokens,
-                          args.threads)
+                          args.threads, not args.no_baseline)
     print_table(rows)
     print(f"\n({time.perf_counter() - began:.0f} s in all; threads={args.threads}; "
           f"{'--quick' if args.quick else 'full'} run)")
