@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 CACHE = Path(os.environ.get("ORSTACK_CACHE", Path.home() / ".cache" / "orstack"))
-ALL_TYPES = ["f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k", "q4_k", "q4_1", "q4_0"]
+ALL_TYPES = ["f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k", "q4_k_m", "q4_k", "q4_1", "q4_0"]
 QUICK_TYPES = ["f32", "q8_0", "q5_k_m", "q4_k"]
 
 
@@ -63,8 +63,8 @@ def decode_speed(backend, n_prompt: int = 64, n_new: int = 64, repeats: int = 3)
 
 
 # llama.cpp's own quantizer on our f32 export, for the same-run baseline: the closest ftype to each of ours.
-LLAMA_FTYPES = {"q8_0": "Q8_0", "q6_k": "Q6_K", "q5_k_m": "Q5_K_M", "q5_k": "Q5_K_S", "q4_k": "Q4_K_S",
-                "q4_1": "Q4_1", "q4_0": "Q4_0"}
+LLAMA_FTYPES = {"q8_0": "Q8_0", "q6_k": "Q6_K", "q5_k_m": "Q5_K_M", "q5_k": "Q5_K_S", "q4_k_m": "Q4_K_M",
+                "q4_k": "Q4_K_S", "q4_1": "Q4_1", "q4_0": "Q4_0"}
 
 
 def llama_quantize(src: Path, out: Path, qtype: str, threads: int) -> None:

@@ -126,8 +126,10 @@ def test_every_type_loads_in_llama_cpp(random_llama, tmp_path, qtype):
     planned = {t.name: t.ggml_type for t in result.tensors}
     assert stored == planned
     assert stored["blk.0.attn_norm.weight"] == "F32"
-    if qtype == "q5_k_m":  # 2 layers: layer 1 gets the Q6_K treatment; output Q6_K
-        assert stored["blk.0.attn_v.weight"] == "Q5_K" and stored["blk.1.attn_v.weight"] == "Q6_K"
+    if qtype.endswith("_m"):  # 2 layers: layer 1 gets the Q6_K treatment; output Q6_K
+        base = qtype[:4].upper()
+        assert stored["blk.0.attn_v.weight"] == base and stored["blk.1.attn_v.weight"] == "Q6_K"
+        assert stored["blk.0.attn_q.weight"] == base
         assert stored["blk.1.ffn_down.weight"] == "Q6_K" and stored["output.weight"] == "Q6_K"
     else:
         assert stored["blk.0.attn_q.weight"] == {"f32": "F32"}.get(qtype, qtype.upper())
@@ -410,3 +412,25 @@ def test_vocab_trimmed_checkpoint_converts_and_tokenizes_identically(random_llam
     diff, agree = _logits_vs_transformers(model, tok, out)
     assert diff < 1e-4 and agree == 1.0
     _tokenizer_agrees(tok, out)
+
+
+@pytest.mark.parametrize("qtype", ["q4_k_m", "q5_k_m"])
+def test_mixes_are_byte_identical_to_llama_cpps_own_quantizer(random_llama, tmp_path, qtype):
+    # llama.cpp's quantizer (the library behind llama-quantize) run on our f32 export must choose the
+    # same type for every tensor and write the same bytes as our own mix.
+    import gguf
+
+    model, tok = _load(random_llama)
+    f32, ours, theirs = tmp_path / "f32.gguf", tmp_path / "ours.gguf", tmp_path / "theirs.gguf"
+    export_gguf(model, tok, f32, "f32", progress=False)
+    export_gguf(model, tok, ours, qtype, progress=False)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype.upper()}")
+    params.nthread = 1
+    assert llama_cpp.llama_model_quantize(str(f32).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
+    ours_t = {t.name: t for t in gguf.GGUFReader(str(ours)).tensors}
+    theirs_t = {t.name: t for t in gguf.GGUFReader(str(theirs)).tensors}
+    assert {n: t.tensor_type.name for n, t in ours_t.items()} == {n: t.tensor_type.name for n, t in theirs_t.items()}
+    assert "Q6_K" in {t.tensor_type.name for t in ours_t.values()}
+    for name, tensor in ours_t.items():
+        assert np.array_equal(np.asarray(tensor.data), np.asarray(theirs_t[name].data)), name

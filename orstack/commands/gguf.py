@@ -21,7 +21,9 @@ packed 4-bit AWQ checkpoint, --type q4_1 keeps AWQ's scales, zero points and cod
 
 --type names the type of every 2-D weight; q4_k, q5_k and q6_k are K-quants made by
 orstack itself (byte-identical to llama.cpp's reference quantizers);
-q5_k_m follows llama.cpp's Q5_K_M mix (Q6_K for output and some attn_v / ffn_down).
+q4_k_m and q5_k_m follow llama.cpp's Q4_K_M / Q5_K_M mixes (Q6_K for the output and
+for attn_v / ffn_down in some layers); their tensors and bytes match llama.cpp's own
+quantizer (benchmarks/export_gguf.py puts it beside ours).
 Tensors whose rows do not fit a type's block fall back (Q4_K->Q5_0, Q5_K->Q5_1,
 Q6_K->Q8_0, else F16), listed per tensor. Norms and biases stay F32.
 
@@ -41,8 +43,8 @@ Example:
 def gguf(
     model: Annotated[str, typer.Argument(help="Checkpoint directory (any format orstack writes).")],
     output: RequiredOutput,
-    qtype: Annotated[str, typer.Option("--type", "-t", help="f32, f16, bf16, q8_0, q4_0, q4_1, q4_k, q5_k, q6_k or "
-                                                           "q5_k_m.")] = "f16",
+    qtype: Annotated[str, typer.Option("--type", "-t", help="f32, f16, bf16, q8_0, q4_0, q4_1, q4_k, q5_k, q6_k, "
+                                                           "q4_k_m or q5_k_m.")] = "f16",
     validate: Annotated[bool | None, typer.Option("--validate/--no-validate",
                                                    help="Check the file in llama.cpp against the source "
                                                         "(default: when llama-cpp-python is installed).")] = None,

@@ -7,7 +7,8 @@ i + head_dim/2: q and k projections are permuted so the two agree. Qwen2 is writ
 q/k/v biases.
 
 Tensor types: `--type` names one type for every 2-D weight (like llama-quantize
---pure), except q5_k_m, which follows llama.cpp's Q5_K_M mix. Norms and biases stay F32.
+--pure), except q4_k_m and q5_k_m, which follow llama.cpp's Q4_K_M / Q5_K_M mixes. Norms and
+biases stay F32.
 A tensor whose row length does not fit the type's block falls back as llama.cpp does
 (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, then F16), and the plan says so per tensor.
 """
@@ -24,7 +25,9 @@ from orstack.errors import BadInput
 if TYPE_CHECKING:
     import numpy as np
 
-TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k", "q5_k_m")
+TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k", "q4_k_m", "q5_k_m")
+# llama.cpp's *_M mixes: Q6_K for the output and for attn_v / ffn_down in the layers _use_more_bits picks.
+MIXES = ("q4_k_m", "q5_k_m")
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")
 FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
@@ -33,7 +36,7 @@ TYPE_INFO = {
     "f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
     "q8_0": ("Q8_0", "MOSTLY_Q8_0"), "q4_0": ("Q4_0", "MOSTLY_Q4_0"), "q4_1": ("Q4_1", "MOSTLY_Q4_1"),
     "q4_k": ("Q4_K", "MOSTLY_Q4_K_S"), "q5_k": ("Q5_K", "MOSTLY_Q5_K_S"), "q6_k": ("Q6_K", "MOSTLY_Q6_K"),
-    "q5_k_m": ("Q5_K", "MOSTLY_Q5_K_M"),
+    "q4_k_m": ("Q4_K", "MOSTLY_Q4_K_M"), "q5_k_m": ("Q5_K", "MOSTLY_Q5_K_M"),
 }
 
 
@@ -80,17 +83,17 @@ def _is_quantizable(name: str, shape: tuple[int, ...]) -> bool:
 
 
 def plan_tensor(name: str, shape: tuple[int, ...], qtype: str, n_layers: int, tied: bool) -> TensorPlan:
-    """The GGML type of one tensor under `qtype` (llama.cpp's rules for q5_k_m), with fallbacks."""
+    """The GGML type of one tensor under `qtype` (llama.cpp's rules for the *_M mixes), with fallbacks."""
     if not _is_quantizable(name, shape):
         return TensorPlan(name, shape, "F32")
     wanted, _ = TYPE_INFO[qtype]
     note = ""
-    if qtype == "q5_k_m":
+    if qtype in MIXES:
         layer = int(name.split(".")[1]) if name.startswith("blk.") else -1
         if name == "output.weight" or (tied and name == "token_embd.weight"):
             wanted, note = ("Q6_K", "output: Q6_K") if shape[-1] % 256 == 0 else ("Q8_0", "output: Q8_0")
         elif (".attn_v." in name or ".ffn_down." in name) and _use_more_bits(layer, n_layers):
-            wanted, note = "Q6_K", "more bits (Q5_K_M rule)"
+            wanted, note = "Q6_K", f"more bits ({qtype.upper()} rule)"
     if shape[-1] % _block_size(wanted):
         original = wanted
         wanted = FALLBACK.get(wanted, "F16")
