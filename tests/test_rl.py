@@ -128,7 +128,8 @@ def test_grpo_steps_on_a_tiny_model(tmp_path, random_llama):
     out, log = tmp_path / "rl", tmp_path / "rl.jsonl"
     done = run_cli("rl", str(random_llama), "--tasks", str(tasks), "-o", str(out), "--max-steps", "2",
                    "--num-generations", "2", "--batch-size", "3", "--max-new-tokens", "4", "--log", str(log),
-                   "--reward", "correct", "--reward", "format", "--target-kl", "0.01", "--srl", str(traj))
+                   "--reward", "correct", "--reward", "format", "--target-kl", "0.01", "--srl", str(traj),
+                   "--top-p", "0.9", "--min-p", "0.05")
     assert done.returncode == 0, done.stderr
     assert done.stdout == ""  # trl's own log printing is off: stdout is for data
     assert "using --batch-size 4" in done.stderr
@@ -139,6 +140,7 @@ def test_grpo_steps_on_a_tiny_model(tmp_path, random_llama):
     manifest = json.loads((out / "orstack.json").read_text())
     assert manifest["stage"] == "rl" and manifest["base"] == str(random_llama)
     assert manifest["args"]["beta"] == 0.02 and manifest["metrics"]["steps"] == 2
+    assert manifest["args"]["top_p"] == 0.9 and manifest["args"]["min_p"] == 0.05
     assert manifest["metrics"]["srl_rows"] == 1 and manifest["metrics"]["srl_steps"] == 1  # SRL ran first
 
     from orstack.io.checkpoint import load_model

@@ -48,6 +48,10 @@ def rl(
     num_generations: Annotated[int, typer.Option("--num-generations", help="Completions per prompt.")] = 4,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Completion budget.")] = 32,
     temperature: Annotated[float, typer.Option("--temperature", min=0.01, help="Sampling temperature.")] = 1.0,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.01, max=1.0, help="Nucleus sampling: keep the most "
+                                         "likely tokens up to this probability mass.")] = 1.0,
+    min_p: Annotated[float | None, typer.Option("--min-p", min=0.0, max=1.0, help="Drop tokens less likely than "
+                                                "this fraction of the most likely one.")] = None,
     srl: Annotated[Path | None, typer.Option("--srl", help="Trajectory JSONL for a step-wise SFT stage.")] = None,
     epochs: T.Epochs = 1.0,
     max_steps: T.MaxSteps = None,
@@ -98,7 +102,8 @@ def rl(
     if srl is not None:
         srl_examples(str(srl))
     config = RLConfig(train=tc, num_generations=num_generations, max_new_tokens=max_new_tokens,
-                      temperature=temperature, beta=beta, target_kl=target_kl, srl=str(srl) if srl else None,
+                      temperature=temperature, top_p=top_p, min_p=min_p, beta=beta, target_kl=target_kl,
+                      srl=str(srl) if srl else None,
                       rewards=RewardConfig(rewards=rewards, efficiency_weight=efficiency_weight,
                                            target_length=target_length, format_regex=format_regex, clip=clip_reward))
 

@@ -24,6 +24,8 @@ class RLConfig:
     num_generations: int = 4
     max_new_tokens: int = 32
     temperature: float = 1.0
+    top_p: float = 1.0  # nucleus sampling; < 1 keeps small models' stray tokens out of the samples
+    min_p: float | None = None  # drop tokens below min_p x the top token's probability
     beta: float = 0.02
     target_kl: float | None = None  # adaptive beta toward this KL
     kl_horizon: int = 100  # steps over which the adaptive controller moves beta by its full error
@@ -246,7 +248,8 @@ def run_rl(model_spec: str, tasks: list[dict[str, Any]], config: RLConfig, *, de
         output_dir=workdir.name,
         use_cpu=device == "cpu", report_to=[], beta=config.beta, num_generations=config.num_generations,
         per_device_train_batch_size=shape.batch_size, gradient_accumulation_steps=shape.grad_accum,
-        max_completion_length=config.max_new_tokens, temperature=config.temperature, learning_rate=tc.lr,
+        max_completion_length=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
+        min_p=config.min_p, learning_rate=tc.lr,
         max_steps=steps, logging_steps=1, save_strategy="no", seed=tc.seed, disable_tqdm=True,
         max_grad_norm=tc.max_grad_norm, weight_decay=tc.weight_decay, warmup_steps=tc.warmup_steps,
         lr_scheduler_type="linear",
