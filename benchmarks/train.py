@@ -173,11 +173,18 @@ def distill_part(args: argparse.Namespace, tiny: Path, tasks: Path, work: Path) 
     t_tiered = generate(work, work / "failures.jsonl", "tiered.jsonl", [str(gguf), ORACLE], args.per_cluster)
     tiers = tier_counts(work / "tiered_report.json")
     write([r for r in read(work / "tiered.jsonl") if r["source"].startswith("tier1:")], work / "gguf_only.jsonl")
+    # Forgetting guard: a fifth of the targeted rows swapped for random ones (same total), as a user
+    # would do with `cat targeted.jsonl replay.jsonl`.
+    if not (work / "replay.jsonl").exists():
+        kept = read(work / "targeted.jsonl")
+        random.Random(1).shuffle(kept)
+        write(kept[:n - n // 5] + read(work / "random.jsonl")[:n // 5], work / "replay.jsonl")
 
     heldout = tasks / "heldout.jsonl"
     results = [("base (tiny default)", "-", 0, bench(tiny, heldout, work / "base_heldout.jsonl"), None)]
     arms = (("random, all families", "oracle", "random"), ("targeted", "oracle", "targeted"),
-            ("targeted, tiered", "GGUF -> oracle", "tiered"), ("targeted, GGUF answers only", "GGUF", "gguf_only"))
+            ("targeted + 20% random replay", "oracle", "replay"), ("targeted, tiered", "GGUF -> oracle", "tiered"),
+            ("targeted, GGUF answers only", "GGUF", "gguf_only"))
     for name, teacher, data in arms:
         seconds = train(work / f"{data}.jsonl", work / f"student-{data}", tiny, args.distill_steps)
         results.append((name, teacher, len(read(work / f"{data}.jsonl")),
