@@ -62,21 +62,8 @@ def decode_speed(backend, n_prompt: int = 64, n_new: int = 64, repeats: int = 3)
     return max(n_new / backend.speed_sample(n_prompt, n_new)[1] for _ in range(repeats))
 
 
-# llama.cpp's own quantizer on our f32 export, for the same-run baseline: the closest ftype to each of ours.
-LLAMA_FTYPES = {"q8_0": "Q8_0", "q6_k": "Q6_K", "q5_k_m": "Q5_K_M", "q5_k": "Q5_K_S", "q4_k_m": "Q4_K_M",
-                "q4_k": "Q4_K_S", "q4_1": "Q4_1", "q4_0": "Q4_0"}
-
-
-def llama_quantize(src: Path, out: Path, qtype: str, threads: int) -> None:
-    import ctypes
-
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{LLAMA_FTYPES[qtype]}")
-    params.nthread = threads
-    if llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params)) != 0:
-        sys.exit(f"llama.cpp could not quantize {src} to {LLAMA_FTYPES[qtype]}")
+# Types llama.cpp's own quantizer also makes (llama_cpp_quantize), for the same-run baseline.
+BASELINE_TYPES = ("q8_0", "q6_k", "q5_k_m", "q5_k", "q4_k_m", "q4_k", "q4_1", "q4_0")
 
 
 def measure(model, tokenizer, gguf: Path, qtype: str, ref, threads: int) -> dict:
@@ -101,7 +88,7 @@ def run_model(label: str, spec: Path, types: list[str], prompts, texts, n_tokens
 
     from orstack.bench.hf import HFBackend
     from orstack.gguf.export import export_gguf
-    from orstack.gguf.validate import source_reference
+    from orstack.gguf.validate import llama_cpp_quantize, source_reference
 
     torch.set_num_threads(threads)
     hf = HFBackend(str(spec))
@@ -123,12 +110,12 @@ def run_model(label: str, spec: Path, types: list[str], prompts, texts, n_tokens
             rows.append({"model": label, "type": qtype, "export_s": seconds, "fallbacks": fallbacks,
                          **measure(model, tokenizer, out, qtype, ref, threads)})
             print(f"{label} {qtype}: {rows[-1]}", file=sys.stderr)
-            if baseline and qtype in LLAMA_FTYPES:
+            if baseline and qtype in BASELINE_TYPES:
                 theirs = Path(tmp) / f"llama-{qtype}.gguf"
                 began = time.perf_counter()
-                llama_quantize(f32, theirs, qtype, threads)
+                ftype = llama_cpp_quantize(f32, theirs, qtype, threads)
                 seconds = time.perf_counter() - began
-                rows.append({"model": label, "type": f"llama.cpp {LLAMA_FTYPES[qtype]}", "export_s": seconds,
+                rows.append({"model": label, "type": f"llama.cpp {ftype}", "export_s": seconds,
                              **measure(model, tokenizer, theirs, qtype, ref, threads)})
                 print(f"{label} {rows[-1]['type']}: {rows[-1]}", file=sys.stderr)
     hf.close()

@@ -215,7 +215,7 @@ def plain_trl_grpo(model_dir: Path, tasks_path: Path, steps: int) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
-    from orstack.bench.scoring import score_output
+    from orstack.bench.scoring import score_output, stop_sequences
     from orstack.teachers.base import cut_at_stop
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # as the orstack subprocesses
@@ -223,7 +223,7 @@ def plain_trl_grpo(model_dir: Path, tasks_path: Path, steps: int) -> float:
     by_prompt = {t["prompt"]: t for t in tasks}
 
     def correct(prompts, completions, **kwargs):  # noqa: ANN001, ANN202
-        return [float(bool(score_output(by_prompt[p], cut_at_stop(c, ["\n\n"]))[0]))
+        return [float(bool(score_output(by_prompt[p], cut_at_stop(c, stop_sequences(by_prompt[p])))[0]))
                 for p, c in zip(prompts, completions)]
 
     torch.manual_seed(0)
@@ -244,7 +244,8 @@ def plain_trl_grpo(model_dir: Path, tasks_path: Path, steps: int) -> float:
 
 
 def small_arithmetic(row: dict) -> bool:
-    """Levels 1-2 of add, sub, mul: numeric answers (so a restated problem still scores) the tiny can learn."""
+    """Levels 1-2 of add, sub, mul: numeric answers (so a digit-free tail after them still scores) the tiny
+    can learn."""
     return row["family"] in ("add", "sub", "mul") and row["level"] <= 2
 
 

@@ -420,14 +420,13 @@ def test_mixes_are_byte_identical_to_llama_cpps_own_quantizer(random_llama, tmp_
     # same type for every tensor and write the same bytes as our own mix.
     import gguf
 
+    from orstack.gguf.validate import llama_cpp_quantize
+
     model, tok = _load(random_llama)
     f32, ours, theirs = tmp_path / "f32.gguf", tmp_path / "ours.gguf", tmp_path / "theirs.gguf"
     export_gguf(model, tok, f32, "f32", progress=False)
     export_gguf(model, tok, ours, qtype, progress=False)
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype.upper()}")
-    params.nthread = 1
-    assert llama_cpp.llama_model_quantize(str(f32).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
+    assert llama_cpp_quantize(f32, theirs, qtype) == qtype.upper()
     ours_t = {t.name: t for t in gguf.GGUFReader(str(ours)).tensors}
     theirs_t = {t.name: t for t in gguf.GGUFReader(str(theirs)).tensors}
     assert {n: t.tensor_type.name for n, t in ours_t.items()} == {n: t.tensor_type.name for n, t in theirs_t.items()}

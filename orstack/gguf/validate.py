@@ -136,3 +136,22 @@ def validate(model, tokenizer, gguf_path, qtype: str, *, prompts: list[str] | No
     finally:
         backend.close()
     return Validation(qtype, matches / max(total, 1), total, ref.ppl, ppl_gguf, GATES.get(qtype))
+
+
+def llama_cpp_quantize(source_gguf, out, qtype: str, threads: int = 1) -> str:
+    """Quantize an (f32) GGUF file with llama.cpp's own quantizer (the library behind llama-quantize)
+    to the file type `qtype` declares, the reference our exporter is compared with; returns that
+    file type's llama.cpp name (e.g. Q4_K_M)."""
+    import ctypes
+
+    import llama_cpp
+
+    from orstack.gguf.export import TYPE_INFO, check_type
+
+    name = TYPE_INFO[check_type(qtype)][1].removeprefix("MOSTLY_")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name}")
+    params.nthread = threads
+    if llama_cpp.llama_model_quantize(str(source_gguf).encode(), str(out).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama.cpp could not quantize {source_gguf} to {name}")
+    return name
