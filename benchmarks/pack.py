@@ -88,7 +88,7 @@ def timed(fn) -> tuple[float, float]:  # noqa: ANN001 - a thunk
 
 
 def run_orstack(path: Path, work: Path, level: int, check_sha: bool = True) -> dict:
-    from orstack.pack import Pack, PackConfig, pack
+    from orstack.zstd_pack import Pack, PackConfig, pack
 
     out = work / f"{path.name}.l{level}.orz"
     c = timed(lambda: pack(path, out, PackConfig(level=level)))

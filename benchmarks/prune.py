@@ -108,7 +108,7 @@ def one_run(setup: dict, method: str | None, pattern: str | None) -> dict:
     """In the child process: prune (or not, for the dense row), score, store, reload, verify."""
     import torch
 
-    from orstack.bench.perplexity import perplexity
+    from orstack.backends.perplexity import perplexity
     from orstack.console import set_quiet
     from orstack.io.checkpoint import load_model
     from orstack.io.text import read_texts, token_windows

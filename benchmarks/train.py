@@ -215,15 +215,15 @@ def plain_trl_grpo(model_dir: Path, tasks_path: Path, steps: int) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
-    from orstack.bench.scoring import score_output, stop_sequences
-    from orstack.teachers.base import cut_at_stop
+    from orstack.tasks.stops import cut_at_stop, stop_sequences
+    from orstack.tasks.verify import score_output
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # as the orstack subprocesses
     tasks = read(tasks_path)
     by_prompt = {t["prompt"]: t for t in tasks}
 
     def correct(prompts, completions, **kwargs):  # noqa: ANN001, ANN202
-        return [float(bool(score_output(by_prompt[p], cut_at_stop(c, stop_sequences(by_prompt[p])))[0]))
+        return [float(bool(score_output(by_prompt[p], cut_at_stop(c, stop_sequences(by_prompt[p]))[0])[0]))
                 for p, c in zip(prompts, completions)]
 
     torch.manual_seed(0)

@@ -16,7 +16,7 @@ import typer
 
 from orstack import __version__, console
 from orstack.errors import BadInput, GateFailed
-from orstack.runtime import settings
+from orstack.runtime import Runtime, check_device_name
 
 try:  # typer >= 0.20 vendors click
     from typer._click import exceptions as click_exceptions
@@ -51,11 +51,17 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def global_options(
+    ctx: typer.Context,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or messages on stderr.")] = False,
     seed: Annotated[int, typer.Option("--seed", envvar="ORSTACK_SEED", help="Seed for every random choice.")] = 0,
     device: Annotated[
-        str, typer.Option("--device", envvar="ORSTACK_DEVICE", help="auto, cpu or cuda (auto: cuda when present).")
+        str, typer.Option("--device", envvar="ORSTACK_DEVICE", help="auto, cpu, cuda or cuda:N (auto: cuda when "
+                          "present).")
     ] = "auto",
+    threads: Annotated[
+        int | None, typer.Option("--threads", envvar="ORSTACK_THREADS", min=1,
+                                 help="CPU threads for torch (default: torch's choice).")
+    ] = None,
     trust_pickle: Annotated[
         bool, typer.Option("--trust-pickle", help="Allow loading pickle (.bin) weights; they can run code.")
     ] = False,
@@ -63,10 +69,9 @@ def global_options(
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
-    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
-        raise BadInput(f"--device: expected auto, cpu or cuda, got '{device}'")
     console.set_quiet(quiet)
-    settings.seed, settings.device, settings.trust_pickle = seed, device, trust_pickle
+    # The one place flags and environment become settings; stages receive them as this Runtime.
+    ctx.obj = Runtime(device=check_device_name(device), threads=threads, seed=seed, trust_pickle=trust_pickle)
 
 
 def _command_modules() -> list[str]:

@@ -1,38 +1,65 @@
-"""Run-wide settings from the global options (--seed, --device, --trust-pickle)."""
+"""The Runtime: where and how a run computes (device, threads, seed, pickle trust).
+
+Only `orstack/cli.py` builds one from flags and environment; every stage takes it as an
+argument, so the library never reads global settings.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from orstack.errors import BadInput
 
-@dataclass
-class Settings:
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def check_device_name(name: str) -> str:
+    """A device name the user may give: auto, cpu, cuda or cuda:N (checked without importing torch)."""
+    if name not in DEVICES and not (name.startswith("cuda:") and name[5:].isdigit()):
+        raise BadInput(f"--device: expected auto, cpu, cuda or cuda:N, got '{name}'")
+    return name
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: str = "auto"  # auto, cpu, cuda or cuda:N
+    threads: int | None = None  # torch CPU threads (None: torch's default)
     seed: int = 0
-    device: str = "auto"
     trust_pickle: bool = False
 
+    def torch_device(self) -> str:
+        """The device to compute on: `auto` is cuda when present; asking for cuda on a machine
+        without it is bad input (one line, before any work)."""
+        check_device_name(self.device)
+        if self.device == "cpu":
+            return "cpu"
+        import torch
 
-settings = Settings()
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if not torch.cuda.is_available():
+            raise BadInput(f"--device {self.device}: no CUDA device is available (torch {torch.__version__} "
+                           f"{'has no CUDA support' if torch.version.cuda is None else 'sees none'}); use --device cpu")
+        index = int(self.device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise BadInput(f"--device {self.device}: only {torch.cuda.device_count()} CUDA device(s) present")
+        return self.device
+
+    def apply_threads(self) -> None:
+        if self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)
 
 
-def seed_everything(seed: int | None = None) -> int:
-    """Seed python, numpy and torch; returns the seed used."""
+def seed_everything(seed: int) -> int:
+    """Seed python, numpy and torch; returns the seed."""
     import random
 
     import numpy as np
     import torch
 
-    seed = settings.seed if seed is None else seed
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
     return seed
-
-
-def device() -> str:
-    """The torch device to use: --device, with `auto` meaning cuda when present."""
-    if settings.device != "auto":
-        return settings.device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"

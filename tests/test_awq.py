@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from orstack.quant.grid import QuantSpec, fake_quantize, largest_divisor, quantize  # noqa: E402
+from orstack.awq.grid import QuantSpec, fake_quantize, largest_divisor, quantize  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -81,7 +81,7 @@ def test_awq_beats_rtn_with_outlier_channels(random_llama):
     block output error against RTN, and the per-layer report must say so."""
     from transformers import AutoModelForCausalLM
 
-    from orstack.quant.awq import AWQConfig, group_sizes, quantize_awq
+    from orstack.awq.search import AWQConfig, group_sizes, quantize_awq
 
     model = AutoModelForCausalLM.from_pretrained(random_llama)
     with torch.no_grad():
@@ -102,9 +102,9 @@ def test_folds_keep_the_function(random_llama):
     """Folding arbitrary scales into the discovered producers leaves the layer's output unchanged."""
     from transformers import AutoModelForCausalLM
 
+    from orstack.awq.search import _apply_fold
+    from orstack.awq.structure import discover
     from orstack.layerwise import capture_layer_inputs, run_layer
-    from orstack.quant.awq import _apply_fold
-    from orstack.quant.structure import discover
 
     model = AutoModelForCausalLM.from_pretrained(random_llama)
     ids = torch.randint(3, 290, (1, 32), generator=torch.Generator().manual_seed(2))
@@ -125,7 +125,7 @@ def test_folds_keep_the_function(random_llama):
 def test_same_result_at_one_and_two_threads(random_llama):
     from transformers import AutoModelForCausalLM
 
-    from orstack.quant.awq import AWQConfig, group_sizes, quantize_awq
+    from orstack.awq.search import AWQConfig, group_sizes, quantize_awq
 
     ids = torch.randint(3, 290, (4, 48), generator=torch.Generator().manual_seed(0))
     cfg = AWQConfig(nsamples=4, seqlen=48, alpha_steps=8, clip_steps=8)
@@ -143,7 +143,7 @@ def test_same_result_at_one_and_two_threads(random_llama):
 
 
 def test_mixed_precision_allocation_averages_the_target():
-    from orstack.quant.awq import allocate_bits
+    from orstack.awq.search import allocate_bits
 
     sens = {f"m{i}": {3: 1.0 + i, 4: 0.5 + i / 2, 5: 0.25 + i / 4} for i in range(10)}
     params = {f"m{i}": 100 for i in range(10)}

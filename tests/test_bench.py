@@ -8,15 +8,18 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from orstack.bench.backend import Generation, open_backend  # noqa: E402
-from orstack.bench.runner import RESULT_FIELDS, accuracy_summary, load_tasks, run_tasks  # noqa: E402
+from orstack.backends.base import Generation, open_backend  # noqa: E402
 from orstack.errors import BadInput  # noqa: E402
+from orstack.runtime import Runtime  # noqa: E402
+from orstack.tasks.contract import RESULT_ORDER as RESULT_FIELDS  # noqa: E402
+from orstack.tasks.contract import load_tasks  # noqa: E402
+from orstack.tasks.results import accuracy_summary, run_tasks  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def backend(random_llama):
     torch.set_num_threads(1)
-    b = open_backend(str(random_llama), batch_size=16)
+    b = open_backend(str(random_llama), Runtime(device="cpu"), batch_size=16)
     yield b
     b.close()
 
@@ -150,7 +153,7 @@ def test_load_tasks_reports_file_and_line(tmp_path):
 
 def test_gguf_without_file_is_bad_input(tmp_path):
     with pytest.raises(BadInput, match="no such GGUF file"):
-        open_backend(str(tmp_path / "missing.gguf"))
+        open_backend(str(tmp_path / "missing.gguf"), Runtime())
 
 
 def test_generation_dataclass_defaults():
@@ -161,7 +164,7 @@ def test_generation_dataclass_defaults():
 def test_tiny_trained_accuracy_is_non_trivial_and_clusters(tiny_trained):
     torch.set_num_threads(1)
     tasks = load_tasks(tiny_trained.tasks / "heldout.jsonl")
-    backend = open_backend(str(tiny_trained.model), batch_size=64)
+    backend = open_backend(str(tiny_trained.model), Runtime(device="cpu"), batch_size=64)
     try:
         rows = run_tasks(backend, tasks, max_new_tokens=16, batch_size=64)
     finally:

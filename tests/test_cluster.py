@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import run_orstack
 
-from orstack.cluster import ClusterConfig, annotated_rows, cluster_failures
-from orstack.cluster.ctfidf import class_tfidf
+from orstack.cluster_failures import ClusterConfig, annotated_rows, cluster_failures
+from orstack.cluster_failures.ctfidf import class_tfidf
 from orstack.console import set_quiet
 from orstack.errors import BadInput
 
@@ -85,7 +85,7 @@ def test_shuffled_input_gives_the_same_clusters():
 
 def test_minilm_clusters_by_meaning_and_ignores_order():
     pytest.importorskip("sentence_transformers")
-    from orstack.cluster.embed import find_minilm
+    from orstack.cluster_failures.embed import find_minilm
 
     try:
         find_minilm()

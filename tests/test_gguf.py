@@ -174,7 +174,7 @@ def test_rows_not_fitting_a_block_fall_back_and_are_listed(tmp_path):
 # -- tokenizer --------------------------------------------------------------------------------
 
 def _tokenizer_agrees(tok, out: Path) -> None:
-    from orstack.bench.llamacpp import LlamaCppBackend
+    from orstack.backends.llamacpp import LlamaCppBackend
 
     backend = LlamaCppBackend(str(out), n_ctx=64)
     try:
@@ -281,8 +281,8 @@ def test_unreproducible_pre_tokenizer_is_refused(random_llama, tmp_path):
 
 def test_llama_cpp_backend_matches_transformers_backend(random_llama, tmp_path):
     _torch()
-    from orstack.bench.hf import HFBackend
-    from orstack.bench.llamacpp import LlamaCppBackend
+    from orstack.backends.hf import HFBackend
+    from orstack.backends.llamacpp import LlamaCppBackend
 
     model, tok = _load(random_llama)
     out = tmp_path / "m.gguf"
@@ -359,11 +359,11 @@ def test_packed_awq_maps_onto_q4_1_exactly(random_llama, tmp_path, symmetric):
     import gguf
     import torch
 
+    from orstack.awq.grid import QuantSpec
+    from orstack.awq.grid import quantize as rtn
+    from orstack.awq.packed import write_packed
     from orstack.gguf import GgufConfig, convert
     from orstack.gguf.export import _permute_rotary
-    from orstack.quant.grid import QuantSpec
-    from orstack.quant.grid import quantize as rtn
-    from orstack.quant.packed import write_packed
 
     model, tok = _load(random_llama)
     spec = QuantSpec(bits=4, group_size=64, symmetric=symmetric)

@@ -14,8 +14,8 @@ import torch
 import zstandard
 
 from orstack.cli import main
-from orstack.pack import Pack, PackConfig, list_contents, pack, read_tensor, unpack, verify
-from orstack.pack.layout import file_layout
+from orstack.zstd_pack import Pack, PackConfig, list_contents, pack, read_tensor, unpack, verify
+from orstack.zstd_pack.layout import file_layout
 
 SMALL_CHUNKS = PackConfig(chunk_size=4096, threads=2)
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from orstack.bench.perplexity import llama_cpp_windows, perplexity, rolling_windows
+from orstack.backends.perplexity import llama_cpp_windows, perplexity, rolling_windows
 from orstack.io.checkpoint import load_model
 
 TEXT = "The quick brown fox jumps over the lazy dog. 12+345=357 and rev abc=cba.\n" * 3

@@ -12,6 +12,7 @@ from conftest import run_orstack
 from orstack.route.calibration import Platt, ece, log_loss
 from orstack.route.router import Router, RouterConfig, train_router
 from orstack.route.sweep import Outcome, apgr, cpt
+from orstack.runtime import Runtime
 
 
 def synthetic_results(n: int = 400, seed: int = 0) -> list[dict]:
@@ -141,10 +142,10 @@ def small_tasks(n: int = 6) -> list[dict]:
 
 
 def test_adapters_hot_swap_on_the_resident_base(random_llama, adapters):
-    from orstack.bench.backend import open_backend
+    from orstack.backends.base import open_backend
     from orstack.route.run import AccuratePaths
 
-    base = open_backend(str(random_llama), batch_size=4)
+    base = open_backend(str(random_llama), Runtime(device="cpu"), batch_size=4)
     weight = base.model.model.layers[0].self_attn.q_proj.weight
     pointer, before = weight.data_ptr(), weight.detach().clone()
     prompts = ["1+1=", "abc"]

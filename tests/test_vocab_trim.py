@@ -109,8 +109,8 @@ def test_tied_embeddings_stay_tied(tmp_path, corpus_file, capsys):
 
 def test_plan_keeps_bytes_specials_keep_tokens_and_merge_closure(random_llama, corpus_file, tmp_path):
     from orstack.io.checkpoint import load_tokenizer
-    from orstack.vocab import VocabTrimConfig, plan_trim
-    from orstack.vocab.bpe import byte_alphabet, parse_tokenizer_json
+    from orstack.vocab_trim import VocabTrimConfig, plan_trim
+    from orstack.vocab_trim.bpe import byte_alphabet, parse_tokenizer_json
 
     tok = load_tokenizer(random_llama)
     keep = tmp_path / "keep.txt"
@@ -198,7 +198,7 @@ def test_bad_input_exit_2_one_line_nothing_written(case, random_llama, corpus_fi
 
 def test_library_refuses_byte_fallback_bpe():
     from orstack.errors import BadInput
-    from orstack.vocab.bpe import parse_tokenizer_json
+    from orstack.vocab_trim.bpe import parse_tokenizer_json
 
     sp_like = {"model": {"type": "BPE", "vocab": {"a": 0}, "merges": [], "byte_fallback": True},
                "pre_tokenizer": {"type": "Metaspace"}, "decoder": {"type": "Sequence", "decoders": []}}

@@ -1,6 +1,6 @@
 """`orstack bench`: task accuracy, perplexity, speed, memory and size of models, side by side.
 
-backend.py is the interface every model runtime implements (hf.py: transformers;
-llamacpp.py: GGUF through llama.cpp); scoring.py and sandbox.py are the verifiers,
-shared with rl and distill; runner.py turns tasks into Result rows.
+runner.py asks each model (through orstack.backends) for the tasks, perplexity and speed;
+report.py prints the side-by-side table and lineage; speed.py times prefill and decode.
+The task contract and verifiers live in orstack/tasks/, the model runtimes in orstack/backends/.
 """

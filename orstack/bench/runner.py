@@ -1,34 +1,19 @@
-"""Tasks in, Result rows out (DESIGN.md's Result contract), through any backend."""
+"""One `orstack bench` run: every model asked for tasks, perplexity and speed."""
 
 from __future__ import annotations
 
-import math
 import time
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orstack.bench.backend import Backend, Generation
-from orstack.bench.scoring import (
-    choice_continuations,
-    pass_at_k_by_task,
-    pick_choice,
-    run_code,
-    score_outputs,
-    stop_sequences,
-    validate_task,
-)
 from orstack.errors import BadInput
-from orstack.io.jsonl import display_name, read_jsonl_numbered
+from orstack.tasks.results import accuracy_summary, run_tasks
 
 if TYPE_CHECKING:
-    from orstack.bench.sandbox import Sandbox
-
-RESULT_FIELDS = ("id", "model", "prompt", "output", "answer", "correct", "score", "kind", "domain",
-                 "prompt_tokens", "output_tokens", "mean_logprob", "min_logprob", "mean_entropy",
-                 "latency_ms", "error")
+    from orstack.backends.base import Backend
+    from orstack.runtime import Runtime
+    from orstack.tasks.sandbox import Sandbox
 
 
 @dataclass
@@ -49,176 +34,11 @@ class BenchConfig:
     threads: int | None = None  # torch CPU threads (None: torch's default)
 
 
-def load_tasks(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
-    """Read and check every task before any model is loaded (errors name file:line)."""
-    name = display_name(path)
-    tasks = []
-    for lineno, task in read_jsonl_numbered(path):
-        validate_task(task, f"{name}:{lineno}")
-        tasks.append(task)
-        if limit is not None and len(tasks) >= limit:
-            break
-    if not tasks:
-        raise BadInput(f"{name}: no tasks")
-    return tasks
-
-
-def run_tasks(backend: Backend, tasks: Sequence[dict[str, Any]], *, max_new_tokens: int = 32,
-              batch_size: int = 16, sandbox: Sandbox | None = None) -> list[dict[str, Any]]:
-    """Generate (or score choices) for every task and score it; rows in task order."""
-    from orstack.console import progress as progress_bar
-
-    outputs: dict[int, tuple[str, Generation | None]] = {}
-    extras: dict[int, dict[str, Any]] = defaultdict(dict)
-    generated = [i for i, t in enumerate(tasks) if t["kind"] != "choice"]
-    chosen = [i for i, t in enumerate(tasks) if t["kind"] == "choice"]
-    with progress_bar() as bar:
-        job = bar.add_task(f"bench {backend.name}", total=len(tasks), unit="tasks")
-        for batch in _generation_batches(tasks, generated, batch_size):
-            stop = stop_sequences(tasks[batch[0]])
-            new_tokens = int(tasks[batch[0]].get("max_new_tokens", max_new_tokens))
-            gens = backend.generate([tasks[i]["prompt"] for i in batch], max_new_tokens=new_tokens, stop=stop)
-            for i, gen in zip(batch, gens):
-                outputs[i] = (gen.text, gen)
-            bar.advance(job, len(batch))
-        for start in range(0, len(chosen), batch_size):
-            batch = chosen[start : start + batch_size]
-            _score_choices(backend, tasks, batch, outputs, extras)
-            bar.advance(job, len(batch))
-    ordered = [outputs[i][0] for i in range(len(tasks))]
-    rows = [result_row(task, backend.name, outputs[i][0], outputs[i][1]) | extras[i] for i, task in enumerate(tasks)]
-    score_rows(rows, tasks, ordered, sandbox)
-    return rows
-
-
-def _generation_batches(tasks: Sequence[dict], indices: list[int], batch_size: int) -> list[list[int]]:
-    """Batches of tasks that share stop sequences and token budget, similar prompt lengths together."""
-    groups: dict[tuple, list[int]] = defaultdict(list)
-    for i in indices:
-        groups[(tuple(stop_sequences(tasks[i])), tasks[i].get("max_new_tokens"))].append(i)
-    batches = []
-    for members in groups.values():
-        members.sort(key=lambda i: len(tasks[i]["prompt"]))
-        batches.extend(members[s : s + batch_size] for s in range(0, len(members), batch_size))
-    return batches
-
-
-def _score_choices(backend: Backend, tasks: Sequence[dict], batch: list[int],
-                   outputs: dict[int, tuple[str, Generation | None]], extras: dict[int, dict]) -> None:
-    contexts, continuations, owners = [], [], []
-    for i in batch:
-        for cont in choice_continuations(tasks[i]):
-            contexts.append(tasks[i]["prompt"])
-            continuations.append(cont)
-            owners.append(i)
-    began = time.perf_counter()
-    scores = backend.loglikelihoods(contexts, continuations)
-    per_task_ms = (time.perf_counter() - began) * 1000 / len(batch)
-    by_task: dict[int, list[float]] = defaultdict(list)
-    for i, s in zip(owners, scores):
-        by_task[i].append(s)
-    for i in batch:
-        best, _ = pick_choice(tasks[i], by_task[i])
-        outputs[i] = (tasks[i]["choices"][best], None)
-        extras[i] = {"choice_loglikelihoods": by_task[i], "latency_ms": per_task_ms}
-
-
-def result_row(task: dict[str, Any], model: str, output: str, gen: Generation | None) -> dict[str, Any]:
-    """One row of the Result contract; task fields outside it (family, level, ...) follow."""
-    logprobs = gen.token_logprobs if gen else []
-    entropies = gen.token_entropies if gen else []
-    row = {
-        "id": task["id"], "model": model, "prompt": task["prompt"], "output": output,
-        "answer": task.get("answer"), "correct": None, "score": None, "kind": task["kind"],
-        "domain": task.get("domain"),
-        "prompt_tokens": gen.prompt_tokens if gen else None,
-        "output_tokens": gen.output_tokens if gen else None,
-        "mean_logprob": _finite(sum(logprobs) / len(logprobs)) if logprobs else None,
-        "min_logprob": _finite(min(logprobs)) if logprobs else None,
-        "mean_entropy": _finite(sum(entropies) / len(entropies)) if entropies else None,
-        "latency_ms": round(gen.latency_ms, 3) if gen else None,
-        "error": None,
-    }
-    row.update({k: v for k, v in task.items() if k not in row})
-    return row
-
-
-def _finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None  # JSON has no -inf
-
-
-def score_rows(rows: list[dict[str, Any]], tasks: Sequence[dict[str, Any]], outputs: Sequence[str],
-               sandbox: Sandbox | None = None) -> None:
-    """Fill `correct`, `score` (and `error` for code that did not pass) in place."""
-    code = [i for i, t in enumerate(tasks) if t["kind"] == "code"]
-    plain = [i for i, t in enumerate(tasks) if t["kind"] != "code"]
-    for i, (ok, score) in zip(plain, score_outputs([tasks[i] for i in plain], [outputs[i] for i in plain])):
-        rows[i]["correct"], rows[i]["score"] = ok, score
-    if code:
-        runs = run_code([tasks[i] for i in code], [outputs[i] for i in code], sandbox)
-        for i, run in zip(code, runs):
-            rows[i]["correct"], rows[i]["score"] = run.passed, float(run.passed)
-            rows[i]["error"] = None if run.passed else f"{run.status}: {run.detail}".rstrip(": ")
-
-
-def load_scored_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Rows that already carry `output` (from anywhere), checked like tasks."""
-    name = display_name(path)
-    rows = []
-    for lineno, row in read_jsonl_numbered(path):
-        where = f"{name}:{lineno}"
-        if row.get("output") is None:
-            raise BadInput(f"{where}: missing required field 'output'")
-        if not isinstance(row["output"], str):
-            raise BadInput(f"{where}: field 'output': expected a string")
-        # the prompt is needed only to assemble code programs
-        validate_task(row, where, fields=("id", "kind", "prompt") if row.get("kind") == "code" else ("id", "kind"))
-        rows.append(row)
-    if not rows:
-        raise BadInput(f"{name}: no rows")
-    return rows
-
-
-def rescore(rows: list[dict[str, Any]], sandbox: Sandbox | None = None) -> list[dict[str, Any]]:
-    """`--score`: the same rules, applied to outputs produced elsewhere; other fields kept."""
-    out = [dict(r) for r in rows]
-    for r in out:
-        r.setdefault("error", None)
-    score_rows(out, rows, [r["output"] for r in rows], sandbox)
-    return out
-
-
-def accuracy_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Accuracy overall and by kind / family / level / domain, over rows that can be scored."""
-    scored = [r for r in rows if r.get("correct") is not None]
-    summary: dict[str, Any] = {"tasks": len(rows), "scored": len(scored),
-                               "accuracy": _mean(r["correct"] for r in scored)}
-    for key in ("kind", "family", "level", "domain"):
-        groups: dict[str, list[bool]] = defaultdict(list)
-        for r in scored:
-            if r.get(key) is not None:
-                groups[str(r[key])].append(bool(r["correct"]))
-        if len(groups) > 1 or (groups and key in ("family",)):
-            summary[f"by_{key}"] = {k: sum(v) / len(v) for k, v in sorted(groups.items())}
-    tokens = [r["output_tokens"] for r in rows if r.get("output_tokens") is not None]
-    if tokens:
-        summary["mean_output_tokens"] = sum(tokens) / len(tokens)
-    code_rows = [r for r in scored if r.get("kind") == "code"]
-    if code_rows:
-        summary.update(pass_at_k_by_task(code_rows))
-    return summary
-
-
-def _mean(values) -> float | None:  # noqa: ANN001
-    values = [float(v) for v in values]
-    return sum(values) / len(values) if values else None
-
-
 def bench_model(spec: str, config: BenchConfig, tasks: Sequence[dict[str, Any]] | None = None,
-                texts: Sequence[str] | None = None, *, device: str = "cpu",
+                texts: Sequence[str] | None = None, *, runtime: Runtime,
                 sandbox: Sandbox | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Everything asked of one model: (Result rows, summary)."""
-    from orstack.bench.backend import open_backend
+    from orstack.backends.base import open_backend
     from orstack.bench.report import lineage
     from orstack.bench.speed import measure_speed, peak_rss_mb, reset_peak_rss, rss_mb
 
@@ -230,7 +50,7 @@ def bench_model(spec: str, config: BenchConfig, tasks: Sequence[dict[str, Any]] 
     reset_peak_rss()
     rss_before = rss_mb()
     began = time.perf_counter()
-    backend = open_backend(spec, device=device, batch_size=config.batch_size)
+    backend = open_backend(spec, runtime, batch_size=config.batch_size)
     load_s = time.perf_counter() - began
     try:
         summary: dict[str, Any] = {"model": spec, "lineage": lineage(spec)}

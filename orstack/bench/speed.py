@@ -11,7 +11,7 @@ import statistics
 import time
 from pathlib import Path
 
-from orstack.bench.backend import Backend
+from orstack.backends.base import Backend
 
 FILLER = "The quick brown fox jumps over the lazy dog. " * 64
 

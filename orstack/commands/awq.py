@@ -8,9 +8,8 @@ from typing import Annotated
 import typer
 
 from orstack import console
-from orstack.commands.options import Calib, NSamples, RequiredOutput, SeqLen
+from orstack.commands.options import Calib, NSamples, RequiredOutput, SeqLen, current_runtime
 from orstack.errors import BadInput
-from orstack.runtime import settings
 
 HELP = """Quantize the decoder-layer linear weights of a Llama-family checkpoint to 3, 4 or 8 bits.
 
@@ -67,9 +66,9 @@ def awq(
     heldout: Annotated[list[Path] | None, typer.Option("--heldout", help="Held-out text for perplexity.")] = None,
     eval_length: Annotated[int, typer.Option("--eval-length", min=8, help="Perplexity window, tokens.")] = 512,
 ) -> None:
+    from orstack.awq.search import AWQConfig, check_config
     from orstack.io.checkpoint import resolve_checkpoint
     from orstack.io.text import check_text_files
-    from orstack.quant.awq import AWQConfig, check_config
 
     source = resolve_checkpoint(model)
     if not isinstance(source, Path):
@@ -80,26 +79,26 @@ def awq(
     heldout_files = check_text_files(heldout, "--heldout") if heldout else []
     config = AWQConfig(bits=bits, group_size=_group_size(group_size), symmetric=symmetric, rtn=rtn,
                        mixed_precision=mixed_precision, fake_quant=fake_quant, nsamples=nsamples, seqlen=seqlen,
-                       batch_size=batch_size, seed=settings.seed, calib=[str(p) for p in calib_files],
+                       batch_size=batch_size, seed=current_runtime().seed, calib=[str(p) for p in calib_files],
                        heldout=",".join(str(p) for p in heldout_files) or None)
     check_config(config)
     _run(source, output, config, heldout_files, eval_length)
 
 
 def _run(source: Path, output: Path, config, heldout: list[Path], eval_length: int) -> None:  # noqa: ANN001
+    from orstack.awq.packed import write_packed
+    from orstack.awq.stage import run_awq
     from orstack.io.checkpoint import check_architecture, load_config, load_model, save_checkpoint
     from orstack.io.text import read_texts
     from orstack.layerwise import decoder_layers
-    from orstack.quant.packed import write_packed
-    from orstack.quant.stage import run_awq
-    from orstack.runtime import device, seed_everything
+    from orstack.runtime import seed_everything
 
     check_architecture(load_config(source), where=str(source))
-    seed_everything()
+    seed_everything(current_runtime().seed)
     calib_texts = list(read_texts(config.calib)) if config.calib else None
     heldout_texts = list(read_texts(heldout)) if heldout else None
     # float32 throughout: the scales are stored in it, so packed and fake-quant weights agree bit for bit.
-    model, tokenizer = load_model(source, device=device(), dtype="float32", trust_pickle=settings.trust_pickle)
+    model, tokenizer = load_model(source, device=current_runtime().torch_device(), dtype="float32", trust_pickle=current_runtime().trust_pickle)
     decoder_layers(model)
     result, metrics = run_awq(model, tokenizer, config, calib_texts, heldout_texts, eval_length)
     _report(result, metrics)

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from orstack import console
-from orstack.commands.options import Force, Output
+from orstack.commands.options import Force, Output, current_runtime
 from orstack.errors import BadInput, GateFailed
 
 HELP = """Benchmark models: task accuracy, perplexity, speed, memory and size, side by side.
@@ -96,7 +96,7 @@ def bench(
 def _check_usage(config, score: Path | None, output: Path | None, summary: Path | None,  # noqa: ANN001
                  plot: Path | None) -> None:
     """Every check that needs no model, before anything heavy is imported or loaded."""
-    from orstack.bench.perplexity import RULES
+    from orstack.backends.perplexity import RULES
 
     if score is not None and (config.models or config.tasks or config.ppl or config.speed):
         raise BadInput("--score scores existing outputs: give no MODEL, --tasks, --ppl or --speed with it")
@@ -128,10 +128,10 @@ def _check_model(spec: str) -> None:
 
 
 def _bench_mode(config, code_timeout: float, code_memory_mb: int) -> tuple[list[dict], list[dict]]:  # noqa: ANN001
-    from orstack.bench.runner import bench_model, load_tasks
-    from orstack.bench.sandbox import Limits, Sandbox
+    from orstack.bench.runner import bench_model
     from orstack.io.text import read_texts
-    from orstack.runtime import device
+    from orstack.tasks.contract import load_tasks
+    from orstack.tasks.sandbox import Limits, Sandbox
 
     task_rows = load_tasks(config.tasks, config.limit) if config.tasks else None
     texts = list(read_texts(config.ppl)) if config.ppl else None
@@ -142,7 +142,7 @@ def _bench_mode(config, code_timeout: float, code_memory_mb: int) -> tuple[list[
     rows, summaries = [], []
     try:
         for spec in config.models:
-            model_rows, model_summary = bench_model(spec, config, task_rows, texts, device=device(), sandbox=sandbox)
+            model_rows, model_summary = bench_model(spec, config, task_rows, texts, runtime=current_runtime(), sandbox=sandbox)
             rows.extend(model_rows)
             summaries.append(model_summary)
     finally:
@@ -153,8 +153,8 @@ def _bench_mode(config, code_timeout: float, code_memory_mb: int) -> tuple[list[
 
 def _score_mode(path: Path, code_timeout: float, code_memory_mb: int) -> tuple[list[dict], list[dict]]:
     from orstack.bench.report import lineage
-    from orstack.bench.runner import accuracy_summary, load_scored_rows, rescore
-    from orstack.bench.sandbox import Limits, Sandbox
+    from orstack.tasks.results import accuracy_summary, load_scored_rows, rescore
+    from orstack.tasks.sandbox import Limits, Sandbox
 
     rows = load_scored_rows(path)
     with Sandbox(limits=Limits(timeout=code_timeout, memory_mb=code_memory_mb)) as sandbox:

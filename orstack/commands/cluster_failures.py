@@ -8,9 +8,8 @@ from typing import Annotated
 import typer
 
 from orstack import console
-from orstack.commands.options import Output
+from orstack.commands.options import Output, current_runtime
 from orstack.errors import BadInput
-from orstack.runtime import settings
 
 HELP = """Group failed examples (bench Result rows with correct=false, or any JSONL) into clusters.
 
@@ -83,14 +82,14 @@ def cluster_failures(
     field_list = parse_fields(fields)
     check_embedder(embedder)
     if labeler:
-        from orstack.cluster.labeler import parse_labeler
+        from orstack.cluster_failures.labeler import parse_labeler
 
         parse_labeler(labeler)
     if annotate is not None and str(annotate) == STDIO and (output is None or str(output) == STDIO):
         raise BadInput("--annotate -: standard output already carries the clusters; give -o a file")
 
-    from orstack.cluster import ClusterConfig, annotated_rows, plot_clusters
-    from orstack.cluster import cluster_failures as run
+    from orstack.cluster_failures import ClusterConfig, annotated_rows, plot_clusters
+    from orstack.cluster_failures import cluster_failures as run
     from orstack.io.jsonl import read_jsonl_numbered, write_jsonl
 
     name = display_name(failures)
@@ -98,7 +97,7 @@ def cluster_failures(
     rows = [row for _, row in numbered]
     where = [f"{name}:{lineno}" for lineno, _ in numbered]
     config = ClusterConfig(fields=field_list, k=config_k, k_max=k_max, n_init=n_init, embedder=embedder,
-                           labeler=labeler, only_failures=only_failures, seed=settings.seed)
+                           labeler=labeler, only_failures=only_failures, seed=current_runtime().seed)
     result = run(rows, config, where, source=name)
     _summary(result)
     write_jsonl(result.clusters, output)

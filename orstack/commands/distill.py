@@ -9,9 +9,8 @@ import typer
 
 from orstack import console
 from orstack.commands import _train_options as T
-from orstack.commands.options import Output, RequiredOutput
+from orstack.commands.options import Output, RequiredOutput, current_runtime
 from orstack.errors import BadInput
-from orstack.runtime import settings
 
 distill_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None)
 
@@ -64,14 +63,14 @@ def generate(
     options = TeacherOptions(max_new_tokens=max_new_tokens, stop=list(stop), timeout=timeout, retries=retries,
                              concurrency=concurrency, rate_limit=rate_limit, api_key_env=api_key_env,
                              api=teacher_api)
-    teachers = [open_teacher(spec, options) for spec in teacher]
+    teachers = [open_teacher(spec, options, current_runtime()) for spec in teacher]
     from orstack.distill.generate import GenerateConfig, load_failures
     from orstack.distill.generate import generate as run
 
     clusters = load_failures(list(read_jsonl_numbered(failures)), str(failures))
     for t in teachers:
         t.check()
-    config = GenerateConfig(teachers=list(teacher), per_cluster=per_cluster, seed=settings.seed)
+    config = GenerateConfig(teachers=list(teacher), per_cluster=per_cluster, seed=current_runtime().seed)
     try:
         examples, rep = run(clusters, teachers, config)
     finally:
@@ -160,7 +159,7 @@ def train(
     tc = TrainConfig(epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
                      lora_rank=lora_rank, lora_alpha=lora_alpha, target_modules=target_modules, merge=merge,
                      full=full, log=str(log) if log else None, log_every=log_every, max_length=max_length,
-                     seed=settings.seed)
+                     seed=current_runtime().seed)
     tc.check()
     rows = read_jsonl_list(data)
 
@@ -180,8 +179,8 @@ def train(
     main = is_main_process()
     with atomic_path(log) if log is not None and main else nullcontext(None) as tmp_log:
         tc.log = str(tmp_log) if tmp_log is not None else None
-        model, tokenizer, result, metrics = fine_tune(student, rows, config, device=_device(),
-                                                      trust_pickle=settings.trust_pickle, where=str(data))
+        model, tokenizer, result, metrics = fine_tune(student, rows, config, device=current_runtime().torch_device(),
+                                                      trust_pickle=current_runtime().trust_pickle, where=str(data))
     if not main:
         return
     tc.log = str(log) if log else None
@@ -192,12 +191,6 @@ def train(
                         metrics=metrics)
     console.info(f"{result.steps} steps on {metrics['trained_rows']} rows, loss {result.loss_first:.4f} -> "
                  f"{result.loss_last:.4f}; wrote {kind} to {output}")
-
-
-def _device() -> str:
-    from orstack.runtime import device
-
-    return device()
 
 
 GROUP_HELP = """Failure-targeted distillation: generate verified examples, then train a student.

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from orstack import console
-from orstack.commands.options import Force, RequiredOutput
+from orstack.commands.options import Force, RequiredOutput, current_runtime
 from orstack.errors import BadInput
 
 HELP = """Export a Llama-family checkpoint (llama, mistral, qwen2) to GGUF for llama.cpp.
@@ -68,7 +68,7 @@ def gguf(
 
     from orstack.gguf import convert
 
-    result = convert(model, output, config)
+    result = convert(model, output, config, current_runtime())
     _report(result, config.type)
 
 

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from orstack.runtime import Runtime
+
 Output = Annotated[
     Path | None,
     typer.Option("-o", "--output", help="Output path (JSONL goes to standard output when omitted)."),
@@ -20,3 +22,15 @@ Calib = Annotated[
 NSamples = Annotated[int, typer.Option("--nsamples", min=1, help="Number of calibration sequences.")]
 SeqLen = Annotated[int, typer.Option("--seqlen", min=8, help="Tokens per calibration sequence.")]
 Dtype = Annotated[str, typer.Option("--dtype", help="Load/compute dtype: float32, bfloat16 or float16.")]
+
+
+def current_runtime() -> Runtime:
+    """The Runtime the global options built (orstack/cli.py), for the command being run."""
+    try:  # typer >= 0.20 vendors click
+        from typer._click.globals import get_current_context
+    except ImportError:  # pragma: no cover - older typer
+        from click import get_current_context
+
+    ctx = get_current_context(silent=True)
+    obj = ctx.find_root().obj if ctx is not None else None
+    return obj if isinstance(obj, Runtime) else Runtime()

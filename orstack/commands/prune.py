@@ -8,9 +8,8 @@ from typing import Annotated
 import typer
 
 from orstack import console
-from orstack.commands.options import Calib, Dtype, NSamples, RequiredOutput
+from orstack.commands.options import Calib, Dtype, NSamples, RequiredOutput, current_runtime
 from orstack.errors import BadInput
-from orstack.runtime import settings
 
 HELP = """Prune the decoder-layer linear weights of a Llama-family checkpoint.
 
@@ -93,7 +92,7 @@ def prune(
         nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, blocksize=blocksize, damp=damp, gradual=gradual,
         steps=(50 if recover is not None else 0) if steps is None else steps, lr=lr,
         grid=parse_grid(grid) if grid is not None else None, size_weight=size_weight, compress=compress,
-        eval_length=eval_length, prune_lm_head=prune_lm_head, seed=settings.seed, calib=[str(p) for p in calib_files],
+        eval_length=eval_length, prune_lm_head=prune_lm_head, seed=current_runtime().seed, calib=[str(p) for p in calib_files],
         recover=str(recover_file) if recover_file else None,
         heldout=[str(p) for p in heldout_files] if heldout_files else None,
     )
@@ -108,18 +107,18 @@ def _run(source: Path, output: Path, config, dtype: str) -> None:  # noqa: ANN00
     from orstack.prune.core import masks_of
     from orstack.prune.stage import run_prune
     from orstack.prune.storage import FORMAT, save_sparse
-    from orstack.runtime import device, seed_everything
+    from orstack.runtime import seed_everything
 
     model_config = load_config(source)
     check_architecture(model_config, where=str(source))
     if config.prune_lm_head and getattr(model_config, "tie_word_embeddings", False):
         raise BadInput(f"--prune-lm-head: {source}: lm_head is tied to the input embeddings; "
                        "pruning it would prune them too")
-    seed_everything()
+    seed_everything(current_runtime().seed)
     calib_texts = list(read_texts(config.calib))
     heldout_texts = list(read_texts(config.heldout)) if config.heldout else None
     recover_texts = list(read_texts(config.recover)) if config.recover else None
-    model, tokenizer = load_model(source, device=device(), dtype=dtype, trust_pickle=settings.trust_pickle)
+    model, tokenizer = load_model(source, device=current_runtime().torch_device(), dtype=dtype, trust_pickle=current_runtime().trust_pickle)
     decoder_layers(model)
     metrics = run_prune(model, tokenizer, config, calib_texts=calib_texts, heldout_texts=heldout_texts,
                         recover_texts=recover_texts)

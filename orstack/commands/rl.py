@@ -9,9 +9,8 @@ import typer
 
 from orstack import console
 from orstack.commands import _train_options as T
-from orstack.commands.options import RequiredOutput
+from orstack.commands.options import RequiredOutput, current_runtime
 from orstack.errors import BadInput
-from orstack.runtime import settings
 
 HELP = """Train MODEL with GRPO (trl) on tasks whose answers can be checked.
 
@@ -91,7 +90,7 @@ def rl(
             raise BadInput(f"--format-regex: {e}") from None
     tc = TrainConfig(epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
                      lora_rank=lora_rank, lora_alpha=lora_alpha, target_modules=target_modules, merge=merge, full=full,
-                     log=str(log) if log else None, seed=settings.seed)
+                     log=str(log) if log else None, seed=current_runtime().seed)
     tc.check()
 
     from orstack.rl.grpo import RLConfig, choose_batch, load_tasks, run_rl, srl_examples, world_size
@@ -111,7 +110,6 @@ def rl(
 
     from orstack.io.atomic import atomic_path
     from orstack.io.manifest import as_args
-    from orstack.runtime import device
     from orstack.train.lora import save_trained
     from orstack.train.sft import is_main_process
 
@@ -119,8 +117,8 @@ def rl(
     main = is_main_process()
     with atomic_path(log) if log is not None and main else nullcontext(None) as tmp_log:
         tc.log = str(tmp_log) if tmp_log is not None else None
-        trained, tokenizer, result = run_rl(model, task_rows, config, device=device(),
-                                            trust_pickle=settings.trust_pickle)
+        trained, tokenizer, result = run_rl(model, task_rows, config, device=current_runtime().torch_device(),
+                                            trust_pickle=current_runtime().trust_pickle)
     if not main:
         return
     tc.log = str(log) if log else None

@@ -56,6 +56,7 @@ def train(
         orstack route train --results base.jsonl --results-accurate acc.jsonl --optimize --plot rel.png -o router
     """
     from orstack import console
+    from orstack.commands.options import current_runtime
     from orstack.io.atomic import atomic_path
     from orstack.io.jsonl import read_jsonl_list
     from orstack.io.manifest import build_manifest, write_manifest
@@ -67,10 +68,9 @@ def train(
         optimise_threshold,
         train_router,
     )
-    from orstack.runtime import settings
 
     if embedder not in ("tfidf", "none"):
-        from orstack.cluster.embed import resolve_embedder
+        from orstack.cluster_failures.embed import resolve_embedder
 
         resolve_embedder(embedder)
     if optimize and results_accurate is None:
@@ -82,7 +82,7 @@ def train(
         accurate = join_accurate(rows, read_jsonl_list(results_accurate, required=("id", "correct")),
                                  str(results_accurate))
     config = RouterConfig(embedder=embedder, threshold=threshold, optimize=optimize, cost_weight=cost_weight,
-                          seed=settings.seed)
+                          seed=current_runtime().seed)
     router = train_router(rows, config)
     router.base = base_identity(rows, str(results))
     if accurate is not None:
@@ -131,11 +131,11 @@ def run(
         orstack route run --router router --base tiny --modifier arith=adapter tasks.jsonl -o routed.jsonl
     """
     from orstack import console
-    from orstack.bench.runner import load_tasks
+    from orstack.commands.options import current_runtime
     from orstack.io.jsonl import write_json, write_jsonl
     from orstack.route.router import Router
     from orstack.route.run import RouteRunConfig, check_plan, parse_modifiers, route_tasks
-    from orstack.runtime import settings
+    from orstack.tasks.contract import load_tasks
 
     rows = load_tasks(tasks)
     if mode == "auto" and router is None:
@@ -148,7 +148,7 @@ def run(
     from orstack.io.checkpoint import resolve_checkpoint
 
     resolve_checkpoint(base)
-    routed, stats = route_tasks(config, loaded, rows, seed=settings.seed)
+    routed, stats = route_tasks(config, loaded, rows, current_runtime())
     write_jsonl(routed, output)
     if summary is not None:
         write_json(stats, summary)

@@ -8,9 +8,8 @@ from typing import Annotated
 import typer
 
 from orstack import console
-from orstack.commands.options import RequiredOutput
+from orstack.commands.options import RequiredOutput, current_runtime
 from orstack.errors import BadInput
-from orstack.runtime import settings
 
 HELP = """Build the embedded default: a tiny Llama trained on synthetic, verifiable tasks.
 
@@ -49,7 +48,7 @@ def tiny(
 
     from orstack.tiny import TinyConfig, build
 
-    config = TinyConfig(seed=settings.seed, steps=steps, untrained=untrained, threads=threads)
+    config = TinyConfig(seed=current_runtime().seed, steps=steps, untrained=untrained, threads=threads)
     metrics = build(config, output, tasks_out)
     if untrained:
         console.info(f"wrote an untrained tiny model to {output}")

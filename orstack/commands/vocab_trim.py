@@ -8,9 +8,8 @@ from typing import Annotated
 import typer
 
 from orstack import console
-from orstack.commands.options import Force, RequiredOutput
+from orstack.commands.options import Force, RequiredOutput, current_runtime
 from orstack.errors import BadInput, GateFailed
-from orstack.runtime import settings
 
 HELP = """Shrink a model's vocabulary to the tokens a corpus uses, without changing tokenization.
 
@@ -76,9 +75,8 @@ def vocab_trim(
     import time
 
     from orstack.io.checkpoint import load_config, load_model, load_tokenizer, save_checkpoint
-    from orstack.runtime import device
-    from orstack.vocab import VocabTrimConfig, plan_trim
-    from orstack.vocab import vocab_trim as run
+    from orstack.vocab_trim import VocabTrimConfig, plan_trim
+    from orstack.vocab_trim import vocab_trim as run
 
     start = time.perf_counter()
     config = VocabTrimConfig(corpus=[str(p) for p in corpus], coverage=None if max_vocab else (coverage or 0.995),
@@ -88,7 +86,7 @@ def vocab_trim(
     # --max-vocab, is reported before the weights are read.
     tokenizer = load_tokenizer(model)
     plan = plan_trim(tokenizer, [load_config(model), _generation_config(model)], config)
-    loaded, _ = load_model(model, device=device(), trust_pickle=settings.trust_pickle, with_tokenizer=False)
+    loaded, _ = load_model(model, device=current_runtime().torch_device(), trust_pickle=current_runtime().trust_pickle, with_tokenizer=False)
     result = run(loaded, tokenizer, config, plan=plan)
     _report(result.metrics)
     if result.gate_failures:

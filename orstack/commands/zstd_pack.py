@@ -1,4 +1,4 @@
-"""`orstack zstd-pack`: lossless, seekable packing of a checkpoint (library: orstack/pack/)."""
+"""`orstack zstd-pack`: lossless, seekable packing of a checkpoint (library: orstack/zstd_pack/)."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def zstd_pack(
         raise BadInput("-o/--output: required when packing (e.g. -o model.orz)")
     if output.resolve() == input.resolve():
         raise BadInput(f"-o {output}: would overwrite the input")
-    from orstack.pack import PackConfig, pack
+    from orstack.zstd_pack import PackConfig, pack
 
     config = PackConfig(level=level, threads=threads, dict_size=parse_size(dict_size, "--dict-size"),
                         use_dict=not no_dict, chunk_size=parse_size(chunk_size, "--chunk-size"))
@@ -83,8 +83,8 @@ def zstd_pack(
 
 
 def _read_pack(pack_path: Path, output: Path | None, mode: str, threads: int) -> None:
-    from orstack.pack import Pack
-    from orstack.pack.container import is_pack
+    from orstack.zstd_pack import Pack
+    from orstack.zstd_pack.container import is_pack
 
     if not pack_path.is_file() or not is_pack(pack_path):
         raise BadInput(f"{pack_path}: not an orstack pack (.orz)")
@@ -107,7 +107,7 @@ def _read_pack(pack_path: Path, output: Path | None, mode: str, threads: int) ->
                  f"({summary.seconds:.1f} s, {rate:,.0f} MB/s)")
 
 
-def _list(p) -> None:  # noqa: ANN001 - orstack.pack.Pack, imported lazily
+def _list(p) -> None:  # noqa: ANN001 - orstack.zstd_pack.Pack, imported lazily
     from orstack.io.jsonl import write_jsonl
 
     rows = p.list_segments()
@@ -132,7 +132,7 @@ def _dict_line(trial: dict) -> str:
             f"({trial['bytes']:,} bytes); measured gain {trial['gain_bytes']:+,} bytes after its own size: {verdict}")
 
 
-def _report_pack(s) -> None:  # noqa: ANN001 - orstack.pack.PackSummary
+def _report_pack(s) -> None:  # noqa: ANN001 - orstack.zstd_pack.PackSummary
     kinds = ", ".join(f"{n} {k}" for k, n in sorted(s.kinds.items()))
     tbl = console.new_table("files", "input B", "packed B", "ratio", "dedup B", "time", "MB/s",
                             title=f"packed {s.path}: {kinds}")

@@ -22,10 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orstack.errors import BadInput
+from orstack.tasks.contract import as_task, infer_kind, is_verifiable
 
-# Result fields bench adds to a task: not part of the problem.
-RESULT_FIELDS = {"model", "output", "correct", "score", "prompt_tokens", "output_tokens", "mean_logprob",
-                 "min_logprob", "mean_entropy", "latency_ms", "error", "route"}
 HIDDEN_FIELDS = {"answer", "tests"}  # what the verifier knows and the teacher must not see
 
 VARIANT_TEMPLATE = (
@@ -78,41 +76,15 @@ class GenerateReport:
         return out
 
 
-def infer_kind(task: dict[str, Any]) -> str:
-    """The verifier kind: the task's own, else from its fields (tests -> code, answer -> numeric/exact)."""
-    if task.get("kind"):
-        return str(task["kind"])
-    if task.get("tests"):
-        return "code"
-    if task.get("answer") is None:
-        return "text"
-    from orstack.bench.scoring import parse_number
-
-    return "numeric" if parse_number(str(task["answer"])) is not None else "exact"
-
-
-def as_task(row: dict[str, Any]) -> dict[str, Any]:
-    """A failure (bench Result row) back as a Task: result fields dropped, unknown fields kept."""
-    task = {k: v for k, v in row.items() if k not in RESULT_FIELDS}
-    task["kind"] = infer_kind(task)
-    return task
-
-
 def teacher_view(task: dict[str, Any]) -> dict[str, Any]:
     """What a teacher is asked: the task without its ground truth, with bench's stop sequences for
     its kind unless it names its own (so a teacher answers the way bench runs the task)."""
-    from orstack.bench.scoring import DEFAULT_STOP
+    from orstack.tasks.stops import DEFAULT_STOP
 
     view = {k: v for k, v in task.items() if k not in HIDDEN_FIELDS and not k.startswith("_")}
     if "stop" not in view and task["kind"] in DEFAULT_STOP:
         view["stop"] = list(DEFAULT_STOP[task["kind"]])
     return view
-
-
-def verifiable(task: dict[str, Any]) -> bool:
-    kind = task["kind"]
-    return (kind == "code" and bool(task.get("tests"))) or (kind != "code" and kind != "text"
-                                                            and task.get("answer") is not None)
 
 
 def load_failures(rows: list[tuple[int, dict[str, Any]]], where: str) -> dict[Any, list[dict[str, Any]]]:
@@ -170,7 +142,7 @@ def solve_through_tiers(teachers: list[Any], tasks: list[dict[str, Any]], report
                         ) -> list[tuple[dict[str, Any], str, int, str] | None]:
     """For each task: (task, response, tier, check) from the first tier whose response the
     verifier accepts; None when every tier failed. Unverifiable tasks take the first answer."""
-    from orstack.bench.scoring import score_outputs
+    from orstack.tasks.verify import score_outputs
 
     results: list[tuple[dict[str, Any], str, int, str] | None] = [None] * len(tasks)
     pending = list(range(len(tasks)))
@@ -179,7 +151,7 @@ def solve_through_tiers(teachers: list[Any], tasks: list[dict[str, Any]], report
             break
         last = tier == len(teachers) - 1
         responses = teacher.answer([teacher_view(tasks[i]) for i in pending])
-        scored_idx = [j for j, r in enumerate(responses) if r is not None and verifiable(tasks[pending[j]])]
+        scored_idx = [j for j, r in enumerate(responses) if r is not None and is_verifiable(tasks[pending[j]])]
         scores = score_outputs([tasks[pending[j]] for j in scored_idx], [responses[j] for j in scored_idx])
         verdict = dict(zip(scored_idx, (ok for ok, _ in scores)))
         still = []
@@ -191,7 +163,7 @@ def solve_through_tiers(teachers: list[Any], tasks: list[dict[str, Any]], report
             if response is None:
                 ok, check = False, None
                 report.add(cluster, tier, what, errors=1)
-            elif verifiable(tasks[i]):
+            elif is_verifiable(tasks[i]):
                 ok, check = bool(verdict[j]), tasks[i].get("_check", "tests" if tasks[i]["kind"] == "code"
                                                            else "answer")
             else:

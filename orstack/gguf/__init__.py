@@ -11,9 +11,13 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from orstack.errors import BadInput, GateFailed
 from orstack.gguf.export import TYPES, ExportResult, check_type
+
+if TYPE_CHECKING:
+    from orstack.runtime import Runtime
 
 
 @dataclass
@@ -79,14 +83,13 @@ def _awq_blocks(spec: str):
     return blocks
 
 
-def convert(spec: str, out: str | Path, config: GgufConfig) -> ConvertResult:
+def convert(spec: str, out: str | Path, config: GgufConfig, runtime: Runtime) -> ConvertResult:
     """Load `spec` (any orstack checkpoint), write `out` as GGUF, validate, commit atomically."""
     from orstack.console import warn
     from orstack.gguf.export import ARCHITECTURES, export_gguf
     from orstack.io.atomic import atomic_path
     from orstack.io.checkpoint import load_model
     from orstack.io.text import read_texts
-    from orstack.runtime import settings
 
     config = check_config(config)
     prompts = _prompts(config.prompts)
@@ -96,7 +99,7 @@ def convert(spec: str, out: str | Path, config: GgufConfig) -> ConvertResult:
         from orstack.console import warn
 
         warn("llama-cpp-python is not installed: the GGUF file is not validated")
-    model, tokenizer = load_model(spec, dtype="float32", trust_pickle=settings.trust_pickle,
+    model, tokenizer = load_model(spec, dtype="float32", trust_pickle=runtime.trust_pickle,
                                   architectures=tuple(ARCHITECTURES))
     blocks = _awq_blocks(spec) if config.type == "q4_1" else None
     validation = None

@@ -6,7 +6,7 @@ Two measures, on held-out prompts and text:
   reads the same prompt + continuation and we count the positions where its argmax is
   the source's token (teacher-forced, so one early flip does not hide the rest).
 - perplexity of both on the same text, same windows (lm-eval rolling rule), through
-  orstack.bench.perplexity and the llama.cpp bench backend.
+  orstack.backends.perplexity and the llama.cpp bench backend.
 Gates (issue 3): f32/f16 agreement >= 99%, q8_0 (and bf16) >= 95%, and perplexity within
 2% for all of these; lower-bit types are reported, not gated.
 """
@@ -98,7 +98,7 @@ class Reference:
 def source_reference(model, tokenizer, *, prompts: list[str] | None = None, texts: list[str] | None = None,
                      n_tokens: int = 100, max_length: int = 512) -> Reference:
     """Greedy continuations and perplexity of the source model, computed once per model."""
-    from orstack.bench.perplexity import perplexity
+    from orstack.backends.perplexity import perplexity
 
     prompts = list(prompts or DEFAULT_PROMPTS)
     texts = list(texts or [DEFAULT_TEXT])
@@ -120,7 +120,7 @@ def validate(model, tokenizer, gguf_path, qtype: str, *, prompts: list[str] | No
              texts: list[str] | None = None, n_tokens: int = 100, max_length: int = 512,
              reference: Reference | None = None) -> Validation:
     """Compare the GGUF file at `gguf_path` (in llama.cpp) with the loaded source model."""
-    from orstack.bench.llamacpp import LlamaCppBackend
+    from orstack.backends.llamacpp import LlamaCppBackend
 
     ref = reference or source_reference(model, tokenizer, prompts=prompts, texts=texts, n_tokens=n_tokens,
                                         max_length=max_length)

@@ -47,6 +47,13 @@ def atomic_path(path: str | os.PathLike, *, directory: bool = False) -> Iterator
 
 
 def _replace(tmp: Path, final: Path) -> None:
+    # The last line of defence of the output policy (orstack/io/output.py): never swap a
+    # directory for a file or a file for a directory, even when a caller did not check.
+    if final.exists() and final.is_dir() != tmp.is_dir():
+        from orstack.errors import BadInput
+
+        found, wanted = ("a directory", "a file") if final.is_dir() else ("a file", "a directory")
+        raise BadInput(f"{final}: is {found} and this output is {wanted}; refusing to replace it")
     if final.is_dir() and not final.is_symlink():
         # os.replace cannot swap a non-empty directory: move the old one aside first,
         # so that at every instant either the old or the new output is complete.
@@ -55,8 +62,6 @@ def _replace(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
     else:
-        if final.exists() and tmp.is_dir():
-            final.unlink()
         os.replace(tmp, final)
 
 

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
-# format name -> "module:function"; the function takes (path, device, dtype) and returns a model.
+# format name -> "module:function"; the function takes (path, device, dtype, trust_pickle) and returns a model.
 # The module is imported only when a checkpoint of that format is loaded.
 FORMAT_LOADERS: dict[str, str] = {}
 # format name -> predicate on a checkpoint directory; checked in order, first match wins.
@@ -172,7 +172,7 @@ def load_model(
     torch_dtype = resolve_dtype(dtype)
     fmt = detect_format(source) if isinstance(source, Path) else "hf"
     if fmt != "hf":
-        model = _call(FORMAT_LOADERS[fmt], source, device, torch_dtype)
+        model = _call(FORMAT_LOADERS[fmt], source, device, torch_dtype, trust_pickle)
         if architectures:
             check_architecture(model.config, architectures, str(spec))
     else:

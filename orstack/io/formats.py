@@ -28,13 +28,13 @@ register_format("orstack-sparse-bitmask", "orstack.prune.storage:load_sparse",
                 lazy("orstack.prune.storage:is_sparse_checkpoint"))
 
 # awq: compressed-tensors "pack-quantized" int3/4/8 weights, dequantized on load (docs/awq.md)
-register_format("compressed-tensors-pack-quantized", "orstack.quant.packed:load_packed",
-                lazy("orstack.quant.packed:is_packed"))
+register_format("compressed-tensors-pack-quantized", "orstack.awq.packed:load_packed",
+                lazy("orstack.awq.packed:is_packed"))
 
 # distill/rl: a LoRA adapter directory (adapter_config.json): base from orstack.json "base" + the adapter
 register_format("lora-adapter", "orstack.train.lora:load_adapter",
                 lambda path: path.is_dir() and (path / "adapter_config.json").is_file())
 
 # zstd-pack: a .orz pack of a checkpoint directory, unpacked once into a digest-keyed cache (docs/zstd-pack.md)
-register_format("orz-pack", "orstack.pack.load:load_packed_model",
-                lambda path: path.is_file() and path.suffix == ".orz", tokenizer="orstack.pack.load:cached_unpack")
+register_format("orz-pack", "orstack.zstd_pack.load:load_packed_model",
+                lambda path: path.is_file() and path.suffix == ".orz", tokenizer="orstack.zstd_pack.load:cached_unpack")

@@ -50,7 +50,69 @@ def as_args(config: Any) -> dict[str, Any]:
     """A stage config (dataclass or dict) as JSON-ready arguments."""
     if dataclasses.is_dataclass(config):
         config = dataclasses.asdict(config)
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dict(config).items()}
+    return {k: _jsonable(v) for k, v in dict(config).items()}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def config_class_name(config: Any) -> str | None:
+    """"module:QualName" of a config dataclass, as the manifest records it."""
+    if not dataclasses.is_dataclass(config):
+        return None
+    cls = type(config)
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def config_from_args(cls: type, args: dict[str, Any]) -> Any:
+    """Rebuild a config dataclass (nested ones included) from a manifest's `args`: the inverse of
+    as_args, so that any output can be reproduced from its manifest alone."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in args:
+            continue
+        value = args[f.name]
+        nested = _dataclass_in(hints.get(f.name))
+        if nested is not None and isinstance(value, dict):
+            value = config_from_args(nested, value)
+        elif isinstance(value, list) and _is_tuple_type(hints.get(f.name)):
+            value = tuple(value)
+        values[f.name] = value
+    return cls(**values)
+
+
+def config_from_manifest(manifest: dict[str, Any]) -> Any:
+    """The config dataclass that made an output, from its manifest's `config_class` and `args`."""
+    import importlib
+
+    module, _, name = manifest["config_class"].partition(":")
+    return config_from_args(getattr(importlib.import_module(module), name), manifest.get("args", {}))
+
+
+def _dataclass_in(hint: Any) -> type | None:
+    import typing
+
+    candidates = typing.get_args(hint) or (hint,)
+    return next((c for c in candidates if dataclasses.is_dataclass(c) and isinstance(c, type)), None)
+
+
+def _is_tuple_type(hint: Any) -> bool:
+    import typing
+
+    return hint is tuple or typing.get_origin(hint) is tuple or any(
+        typing.get_origin(a) is tuple or a is tuple for a in typing.get_args(hint))
 
 
 def build_manifest(
@@ -86,6 +148,7 @@ def build_manifest(
         "stage": stage,
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "args": as_args(args),
+        "config_class": config_class_name(args),
         "parent": parent_entry,
         "lineage": lineage,
         "metrics": metrics or {},

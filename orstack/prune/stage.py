@@ -115,7 +115,7 @@ def run_prune(
     recover_texts: list[str] | None = None,
 ) -> dict[str, Any]:
     """Prune `model` in place as `config` says; returns the manifest metrics."""
-    from orstack.bench.perplexity import perplexity
+    from orstack.backends.perplexity import perplexity
     from orstack.console import info
     from orstack.io.text import token_windows
     from orstack.layerwise import decoder_layers

@@ -140,7 +140,7 @@ def read_sparse_state(path: Path) -> dict[str, torch.Tensor]:
     return decode(tensors, shapes)
 
 
-def load_sparse(path: Path, device: str, dtype: torch.dtype) -> PreTrainedModel:
+def load_sparse(path: Path, device: str, dtype: torch.dtype, trust_pickle: bool = False) -> PreTrainedModel:
     """orstack's loader for the sparse layout: build the model from config.json and fill in
     the reconstructed weights (registered in orstack/io/formats.py)."""
     from transformers import AutoModelForCausalLM

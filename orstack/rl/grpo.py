@@ -66,28 +66,24 @@ def choose_batch(batch_size: int, grad_accum: int, num_generations: int, process
 
 def load_tasks(path: str, need_answers: bool) -> list[dict[str, Any]]:
     """Tasks for RL: every row needs a prompt, and (for the correctness reward) what bench verifies."""
-    from orstack.bench.scoring import validate_task
     from orstack.io.jsonl import display_name, read_jsonl_numbered
+    from orstack.tasks.contract import infer_kind, validate_task
 
     tasks = []
     for lineno, row in read_jsonl_numbered(path, required=("prompt",)):
         where = f"{display_name(path)}:{lineno}"
         if need_answers:
-            row.setdefault("kind", "numeric" if _is_number(row.get("answer")) else "exact")
+            row["kind"] = infer_kind(row)
             validate_task(row, where, fields=("prompt", "kind"))
             if row["kind"] == "text":
                 raise BadInput(f"{where}: kind 'text' has no answer to verify; the correctness reward needs "
                                "answer (or tests for code)")
+        elif not isinstance(row["prompt"], str):
+            raise BadInput(f"{where}: field 'prompt': expected a string, got {type(row['prompt']).__name__}")
         tasks.append(row)
     if not tasks:
         raise BadInput(f"{display_name(path)}: no tasks")
     return tasks
-
-
-def _is_number(value: Any) -> bool:
-    from orstack.bench.scoring import parse_number
-
-    return value is not None and parse_number(str(value)) is not None
 
 
 def srl_examples(path: str) -> list[dict[str, Any]]:

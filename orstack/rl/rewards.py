@@ -58,10 +58,10 @@ class Scorer:
         self.cache: dict[tuple[str, str], bool] = {}
 
     def correct(self, tasks: list[dict[str, Any]], completions: list[str]) -> list[bool]:
-        from orstack.bench.scoring import score_outputs, stop_sequences
-        from orstack.teachers.base import cut_at_stop
+        from orstack.tasks.stops import cut_at_stop, stop_sequences
+        from orstack.tasks.verify import score_outputs
 
-        cut = [cut_at_stop(c, stop_sequences(t)) for t, c in zip(tasks, completions)]
+        cut = [cut_at_stop(c, stop_sequences(t))[0] for t, c in zip(tasks, completions)]
         keys = [(json.dumps(t, sort_keys=True), c) for t, c in zip(tasks, cut)]
         todo = [i for i, k in enumerate(keys) if k not in self.cache]
         if todo:
@@ -84,7 +84,7 @@ def _named(name: str, fn: Callable[..., list[float]]) -> Callable[..., list[floa
 
 def build_rewards(config: RewardConfig, eos_token_id: int | None) -> list[Callable[..., list[float]]]:
     """The trl reward functions for `config`, in a fixed order (correct, efficiency, format, cmd)."""
-    from orstack.bench.scoring import stop_sequences
+    from orstack.tasks.stops import stop_sequences
 
     scorer = Scorer()
     funcs = []
@@ -108,13 +108,13 @@ def build_rewards(config: RewardConfig, eos_token_id: int | None) -> list[Callab
             funcs.append(_named("efficiency", efficiency))
     if "format" in config.rewards:
         def format_(prompts, completions, completion_ids, **kwargs) -> list[float]:  # noqa: ANN001
-            from orstack.teachers.base import cut_at_stop
+            from orstack.tasks.stops import cut_at_stop
 
             out = []
             for task, text, ids in zip(tasks_of(kwargs), completions, completion_ids):
                 text = completion_text(text)
                 ended = bool(ids) and eos_token_id is not None and ids[-1] == eos_token_id
-                answer = cut_at_stop(text, stop_sequences(task))
+                answer = cut_at_stop(text, stop_sequences(task))[0]
                 clean = answer.strip() != "" and text.strip() == answer.strip()
                 matches = pattern is None or bool(pattern.fullmatch(answer.strip()))
                 out.append(float(ended and clean and matches))

@@ -82,7 +82,7 @@ class Featurizer:
         if self.embedder == "tfidf":
             tfidf = self._tfidf().transform(prompts)
             return np.asarray(tfidf @ self.svd_components.T)
-        from orstack.cluster.embed import resolve_embedder, sentence_embed  # shared with cluster-failures
+        from orstack.cluster_failures.embed import resolve_embedder, sentence_embed  # shared with cluster-failures
 
         return np.asarray(sentence_embed(prompts, resolve_embedder(self.embedder)))
 

@@ -12,10 +12,13 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orstack.errors import BadInput
 from orstack.route.router import Router
+
+if TYPE_CHECKING:
+    from orstack.runtime import Runtime
 
 MODES = ("auto", "fast", "accurate")
 
@@ -78,13 +81,15 @@ def check_router_base(router: Router, base: str) -> None:
 class AccuratePaths:
     """Modifiers hot-swapped on the resident base, or a separate accurate model."""
 
-    def __init__(self, base_backend, modifiers: dict[str, str], accurate: str | None, batch_size: int) -> None:
+    def __init__(self, base_backend, modifiers: dict[str, str], accurate: str | None, batch_size: int,
+                 runtime: Runtime) -> None:
         self.base = base_backend
         self.modifiers = modifiers
         self.loaded: list[str] = []
         self.accurate_backend = None
         self.accurate_spec = accurate
         self.batch_size = batch_size
+        self.runtime = runtime
         self.base_model = base_backend.model
 
     def backend_for(self, domain: str):
@@ -93,9 +98,9 @@ class AccuratePaths:
             self._activate(domain)
             return self.base, f"modifier:{domain}"
         if self.accurate_backend is None:
-            from orstack.bench.backend import open_backend
+            from orstack.backends.base import open_backend
 
-            self.accurate_backend = open_backend(self.accurate_spec, batch_size=self.batch_size)
+            self.accurate_backend = open_backend(self.accurate_spec, self.runtime, batch_size=self.batch_size)
         return self.accurate_backend, "accurate"
 
     def _activate(self, domain: str) -> None:
@@ -133,7 +138,7 @@ class _AdaptersOff:
 
 def answer_key(task: dict, text: str) -> str:
     """What two answers must share to count as the same vote."""
-    from orstack.bench.scoring import last_number, normalize
+    from orstack.tasks.verify import last_number, normalize
 
     if task.get("kind") == "numeric":
         value = last_number(text)
@@ -145,7 +150,7 @@ def vote_answers(backend, tasks: list[dict], n: int, temperature: float, max_new
     """Self-consistency: n sampled answers per task, the majority answer and its agreement."""
     import torch
 
-    from orstack.bench.scoring import stop_sequences
+    from orstack.tasks.stops import stop_sequences
 
     torch.manual_seed(seed)
     model, tok = backend.model, backend.tokenizer
@@ -166,13 +171,14 @@ def vote_answers(backend, tasks: list[dict], n: int, temperature: float, max_new
     return voted
 
 
-def route_tasks(config: RouteRunConfig, router: Router | None, tasks: list[dict], seed: int = 0) -> tuple[list, dict]:
+def route_tasks(config: RouteRunConfig, router: Router | None, tasks: list[dict], runtime: Runtime,
+                ) -> tuple[list, dict]:
     """Result rows with a `route` field, and a summary of the run."""
-    from orstack.bench.backend import open_backend
-    from orstack.bench.runner import run_tasks, score_rows
+    from orstack.backends.base import open_backend
+    from orstack.tasks.results import run_tasks, score_rows
 
-    base = open_backend(config.base, batch_size=config.batch_size)
-    paths = AccuratePaths(base, config.modifiers, config.accurate, config.batch_size)
+    base = open_backend(config.base, runtime, batch_size=config.batch_size)
+    paths = AccuratePaths(base, config.modifiers, config.accurate, config.batch_size, runtime)
     started = time.perf_counter()
     with paths.fast() as backend:
         fast_rows = run_tasks(backend, tasks, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
@@ -197,7 +203,7 @@ def route_tasks(config: RouteRunConfig, router: Router | None, tasks: list[dict]
         began = time.perf_counter()
         rows = run_tasks(backend, subset, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
         if config.vote > 1:
-            voted = vote_answers(backend, subset, config.vote, config.vote_temperature, config.max_new_tokens, seed)
+            voted = vote_answers(backend, subset, config.vote, config.vote_temperature, config.max_new_tokens, runtime.seed)
             for row, v in zip(rows, voted):
                 row["output"], row["vote_agreement"] = v["output"], v["agreement"]
             score_rows(rows, subset, [r["output"] for r in rows])

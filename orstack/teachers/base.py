@@ -7,9 +7,12 @@ import shutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orstack.errors import BadInput
+
+if TYPE_CHECKING:
+    from orstack.runtime import Runtime
 
 
 @dataclass
@@ -26,7 +29,6 @@ class TeacherOptions:
     api_key_env: str = "OPENAI_API_KEY"
     api: str = "chat"  # endpoint teachers: "chat" (/chat/completions) or "completions" (/completions)
     batch_size: int = 16  # prompts per batch for local teachers
-    device: str = "cpu"
 
 
 class Teacher(ABC):
@@ -104,9 +106,13 @@ def check_command(spec: str, command: str) -> None:
 _SHELL_BUILTINS = {"cat", "echo", "printf", "exec", "env", "true", "false"}
 
 
-def open_teacher(spec: str, options: TeacherOptions | None = None) -> Teacher:
-    """A teacher for SPEC (not yet loaded: `check()` probes it, the first `answer()` loads it)."""
+def open_teacher(spec: str, options: TeacherOptions | None = None, runtime: Runtime | None = None) -> Teacher:
+    """A teacher for SPEC (not yet loaded: `check()` probes it, the first `answer()` loads it);
+    local teachers compute on `runtime`'s device."""
+    from orstack.runtime import Runtime
+
     options = options or TeacherOptions()
+    runtime = runtime or Runtime()
     kind, target = parse_spec(spec)
     if kind == "cmd":
         from orstack.teachers.command import CommandTeacher
@@ -119,17 +125,7 @@ def open_teacher(spec: str, options: TeacherOptions | None = None) -> Teacher:
     if kind == "gguf":
         from orstack.teachers.gguf import GGUFTeacher
 
-        return GGUFTeacher(spec, options, target)
+        return GGUFTeacher(spec, options, target, runtime)
     from orstack.teachers.hf import HFTeacher
 
-    return HFTeacher(spec, options, target)
-
-
-def cut_at_stop(text: str, stop: list[str]) -> str:
-    """Text up to the first stop sequence (the sequence itself removed)."""
-    cut = len(text)
-    for s in stop:
-        i = text.find(s)
-        if s and 0 <= i < cut:
-            cut = i
-    return text[:cut]
+    return HFTeacher(spec, options, target, runtime)

@@ -18,7 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from orstack.errors import BadInput
-from orstack.teachers.base import Teacher, TeacherOptions, cut_at_stop
+from orstack.tasks.stops import cut_at_stop
+from orstack.teachers.base import Teacher, TeacherOptions
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 MAX_RETRY_AFTER = 30.0
@@ -139,7 +140,7 @@ class HTTPTeacher(Teacher):
         except (KeyError, IndexError, TypeError):
             raise RuntimeError("response has no choices[0] text") from None
         # Servers apply `stop` themselves; cut again for those that ignore it.
-        return cut_at_stop(text or "", stop)
+        return cut_at_stop(text or "", stop)[0]
 
     def answer(self, tasks: list[dict[str, Any]]) -> list[str | None]:
         if not tasks:

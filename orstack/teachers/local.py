@@ -5,22 +5,26 @@ stopping at EOS and stop sequences)."""
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orstack.teachers.base import Teacher, TeacherOptions
 
+if TYPE_CHECKING:
+    from orstack.runtime import Runtime
+
 
 class LocalTeacher(Teacher):
-    def __init__(self, spec: str, options: TeacherOptions, path: str) -> None:
+    def __init__(self, spec: str, options: TeacherOptions, path: str, runtime: Runtime) -> None:
         super().__init__(spec, options)
         self.path = path
+        self.runtime = runtime
         self.backend = None
 
     def _open(self) -> Any:
         if self.backend is None:
-            from orstack.bench.backend import open_backend
+            from orstack.backends.base import open_backend
 
-            self.backend = open_backend(self.path, device=self.options.device, batch_size=self.options.batch_size)
+            self.backend = open_backend(self.path, self.runtime, batch_size=self.options.batch_size)
         return self.backend
 
     def answer(self, tasks: list[dict[str, Any]]) -> list[str | None]:

@@ -54,7 +54,7 @@ def adapter_base(path: Path) -> str:
     return str(base)
 
 
-def load_adapter(path: Path, device: str, dtype: Any) -> Any:
+def load_adapter(path: Path, device: str, dtype: Any, trust_pickle: bool = False) -> Any:
     """The `lora-adapter` format loader: base loaded by load_model, adapter applied and folded in."""
     import warnings
 
@@ -62,10 +62,9 @@ def load_adapter(path: Path, device: str, dtype: Any) -> Any:
 
     warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v6.*", category=FutureWarning)
     from orstack.io.checkpoint import load_model
-    from orstack.runtime import settings
 
     base, _ = load_model(adapter_base(path), device=device, dtype=_dtype_name(dtype),
-                         trust_pickle=settings.trust_pickle, with_tokenizer=False)
+                         trust_pickle=trust_pickle, with_tokenizer=False)
     model = PeftModel.from_pretrained(base, str(path))
     return model.merge_and_unload().to(device)
 

@@ -3,7 +3,7 @@
 Every request is evaluated token by token through `Llama.eval` with all logits kept
 (`logits_all`), so greedy decoding, per-token log-probabilities and entropies, and
 perplexity are computed here in numpy from the raw logits, with the same windows and
-tokenization rules as the transformers backend (orstack/bench/hf.py, perplexity.py):
+tokenization rules as the transformers backend (orstack/backends/hf.py, perplexity.py):
 figures from the two backends are directly comparable. The KV cache is F32 so an F32
 GGUF reproduces transformers' float32 logits (the default F16 cache alone moves them
 by ~1e-2).
@@ -14,17 +14,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from orstack.bench.backend import Generation, split_pair
+from orstack.backends.base import Generation, split_pair
 from orstack.errors import BadInput
+from orstack.tasks.stops import cut_at_stop
 
 if TYPE_CHECKING:
-    from orstack.bench.perplexity import PerplexityResult
+    from orstack.backends.perplexity import PerplexityResult
 
 GGML_TYPE_F32 = 0
 
@@ -35,12 +35,6 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
-def _cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
-    cuts = [c for c in (text.find(s) for s in stop if s) if c >= 0]
-    return (text[: min(cuts)], True) if cuts else (text, False)
-
-
-@contextmanager
 def _quiet_llama_cpp() -> Iterator[None]:
     """Silence llama.cpp's log while a model loads.
 
@@ -82,7 +76,7 @@ def _context_length(path: Path) -> int:
 class LlamaCppBackend:
     """A GGUF model in llama.cpp (CPU), greedy and deterministic."""
 
-    def __init__(self, spec: str, *, n_ctx: int = 512, n_threads: int | None = None, seed: int | None = None) -> None:
+    def __init__(self, spec: str, *, n_ctx: int = 512, n_threads: int | None = None, seed: int = 0) -> None:
         path = Path(spec)
         if not path.is_file():
             raise BadInput(f"{spec}: no such GGUF file")
@@ -111,15 +105,13 @@ class LlamaCppBackend:
             from llama_cpp import Llama
         except ImportError:
             raise BadInput(f"{self.name}: running GGUF files needs llama-cpp-python") from None
-        from orstack.runtime import settings
-
         if self.llm is not None:
             self.llm.close()
         try:
             with _quiet_llama_cpp():
                 self.llm = Llama(model_path=str(self.path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=True,
                                  type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, verbose=False,
-                                 seed=settings.seed if self.seed is None else self.seed,
+                                 seed=self.seed,
                                  n_threads=self.n_threads)
         except (ValueError, RuntimeError) as e:
             raise BadInput(f"{self.name}: llama.cpp cannot load it ({e})") from None
@@ -192,10 +184,10 @@ class LlamaCppBackend:
             entropies.append(float(-(np.exp(logp) * logp).sum()))
             # llama.cpp's own generate() does not stop at EOS; this loop does.
             if tok in self.eos_ids:
-                text = _cut_at_stop(self.decode(tokens[:-1]), stop)[0]
+                text = cut_at_stop(self.decode(tokens[:-1]), stop)[0]
                 break
             if stop:
-                cut, stopped = _cut_at_stop(self.decode(tokens), stop)
+                cut, stopped = cut_at_stop(self.decode(tokens), stop)
                 if stopped:
                     text = cut
                     break
@@ -230,8 +222,8 @@ class LlamaCppBackend:
         raise BadInput(f"{self.name}: the vocabulary has neither BOS nor EOS to start a document")
 
     def perplexity(self, texts: list[str], *, max_length: int, rule: str) -> PerplexityResult:
-        """Same windows and definitions as orstack.bench.perplexity, scored by llama.cpp."""
-        from orstack.bench.perplexity import (
+        """Same windows and definitions as orstack.backends.perplexity, scored by llama.cpp."""
+        from orstack.backends.perplexity import (
             RULES,
             PerplexityResult,
             _scored_targets,

@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from orstack.quant.grid import Quantized
+from orstack.awq.grid import Quantized
 
 if TYPE_CHECKING:
     import torch
@@ -89,7 +89,8 @@ def is_packed(path: Path) -> bool:
     return FORMAT in formats
 
 
-def load_packed(path: Path, device: str = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+def load_packed(path: Path, device: str = "cpu", dtype: torch.dtype | None = None, trust_pickle: bool = False,
+                ) -> nn.Module:
     """Load a pack-quantized checkpoint as a plain model with dequantized Linear weights.
 
     transformers 5.23 loads uniform checkpoints only with CompressedTensorsConfig(dequantize=True)

@@ -1,6 +1,6 @@
 """cluster-failures: group failed examples into capability gaps (embed, k-means, c-TF-IDF)."""
 
-from orstack.cluster.failures import (
+from orstack.cluster_failures.failures import (
     ClusterConfig,
     ClusterResult,
     annotated_rows,

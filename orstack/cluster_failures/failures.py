@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from orstack.cluster.ctfidf import cluster_keywords, keyword_label
-from orstack.cluster.embed import embed, embedder_name, resolve_embedder, row_text
-from orstack.cluster.kmeans import kmeans_clusters
+from orstack.cluster_failures.ctfidf import cluster_keywords, keyword_label
+from orstack.cluster_failures.embed import embed, embedder_name, resolve_embedder, row_text
+from orstack.cluster_failures.kmeans import kmeans_clusters
 from orstack.errors import BadInput
 
 if TYPE_CHECKING:
@@ -104,7 +104,7 @@ def cluster_failures(rows: Sequence[dict[str, Any]], config: ClusterConfig,
         nearest = members[np.lexsort((members, dist))][: config.n_representatives]
         label = keyword_label(keywords[c])
         if ask_labeler:
-            from orstack.cluster.labeler import try_llm_label
+            from orstack.cluster_failures.labeler import try_llm_label
 
             llm = try_llm_label(config.labeler, [canon_texts[j] for j in nearest], keywords[c])
             ask_labeler = llm is not None  # an endpoint that failed once is not asked again

@@ -3,7 +3,7 @@
 For each decoder layer, with the calibration inputs it really receives (propagated through
 the already-quantized layers):
 1. find the Linear groups sharing an input and the op each group's input scale folds into
-   (orstack.quant.structure: by probing the layer, not from a per-architecture table);
+   (orstack.awq.structure: by probing the layer, not from a per-architecture table);
 2. per group, search s = mean|x|^α over α in {0, 1/n, ..., 1} minimising the group's summed
    output error tr(Δ G Δᵀ) with Δ = Q(W·diag(s))·diag(s)⁻¹ - W and G = XᵀX/n (α = 0 is RTN);
 3. fold the scales: the producing op's channel k is divided by s_k, the group's columns
@@ -18,15 +18,15 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from orstack.awq.clip import output_error, search_clip
+from orstack.awq.grid import BITS, Quantized, QuantSpec, fake_quantize, largest_divisor, quantize
 from orstack.errors import BadInput
-from orstack.quant.clip import output_error, search_clip
-from orstack.quant.grid import BITS, Quantized, QuantSpec, fake_quantize, largest_divisor, quantize
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from orstack.quant.structure import LinearGroup
+    from orstack.awq.structure import LinearGroup
 
 
 @dataclass
@@ -165,8 +165,8 @@ def quantize_awq(model: nn.Module, input_ids: torch.Tensor, cfg: AWQConfig, size
     """
     import torch
 
+    from orstack.awq.structure import discover
     from orstack.layerwise import capture_layer_inputs, decoder_layers, linear_modules, record_input_stats, run_layer
-    from orstack.quant.structure import discover
 
     start = time.perf_counter()
     layers = decoder_layers(model)

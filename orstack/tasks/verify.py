@@ -22,61 +22,17 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from orstack.bench.sandbox import pass_at_k
-from orstack.errors import BadInput
+from orstack.tasks.contract import NUMBER, answer_index, parse_number
+from orstack.tasks.sandbox import pass_at_k
 
 if TYPE_CHECKING:
-    from orstack.bench.sandbox import RunResult, Sandbox
+    from orstack.tasks.sandbox import RunResult, Sandbox
 
-KINDS = ("numeric", "exact", "choice", "code", "text")
-REQUIRED = {"numeric": ("answer",), "exact": ("answer",), "choice": ("choices", "answer"),
-            "code": ("tests",), "text": ()}
-NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\.\d+")
 FENCE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
 DEFAULT_TOLERANCE = 1e-6
-# Stop sequences when a task gives none: answers on one line; code stops where HumanEval's do.
-DEFAULT_STOP = {"numeric": ["\n\n"], "exact": ["\n"], "text": ["\n\n"], "choice": [],
-                "code": ["\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint(", "\n```"]}
-
-
-def validate_task(task: dict[str, Any], where: str, fields: Sequence[str] = ("id", "prompt", "kind")) -> None:
-    """Bad input (naming file:line and field) when a task cannot be run or scored."""
-    for field in fields:
-        if task.get(field) is None:
-            raise BadInput(f"{where}: missing required field '{field}'")
-    kind = task["kind"]
-    if kind not in KINDS:
-        raise BadInput(f"{where}: field 'kind': unknown kind '{kind}' (use {', '.join(KINDS)})")
-    for field in REQUIRED[kind]:
-        if task.get(field) is None:
-            raise BadInput(f"{where}: missing required field '{field}' (needed by kind '{kind}')")
-    if kind == "numeric" and parse_number(str(task["answer"])) is None:
-        raise BadInput(f"{where}: field 'answer': '{task['answer']}' is not a number")
-    if kind == "choice":
-        choices = task["choices"]
-        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
-            raise BadInput(f"{where}: field 'choices': expected a list of at least two strings")
-        try:
-            answer_index(task)
-        except ValueError as e:
-            raise BadInput(f"{where}: field 'answer': {e}") from None
-    budget = task.get("max_new_tokens")
-    if budget is not None and not (isinstance(budget, int) and not isinstance(budget, bool) and budget > 0):
-        raise BadInput(f"{where}: field 'max_new_tokens': expected a positive integer")
-    if "stop" in task and not (isinstance(task["stop"], list) and all(isinstance(s, str) for s in task["stop"])):
-        raise BadInput(f"{where}: field 'stop': expected a list of strings")
-
-
-def stop_sequences(task: dict[str, Any]) -> list[str]:
-    return list(task["stop"]) if "stop" in task else list(DEFAULT_STOP[task["kind"]])
 
 
 # -- numeric ----------------------------------------------------------------------------------
-def parse_number(text: str) -> float | None:
-    match = NUMBER.fullmatch(text.strip())
-    return float(match.group().replace(",", "")) if match else None
-
-
 def last_number(text: str) -> float | None:
     found = NUMBER.findall(text)
     return float(found[-1].replace(",", "")) if found else None
@@ -102,18 +58,6 @@ def score_exact(output: str, answer: Any, ignore_case: bool = False) -> bool:
 
 
 # -- choice -----------------------------------------------------------------------------------
-def answer_index(task: dict[str, Any]) -> int:
-    """The index of the right choice: `answer` is an index or the text of a choice."""
-    answer, choices = task["answer"], task["choices"]
-    if isinstance(answer, int) and not isinstance(answer, bool):
-        if 0 <= answer < len(choices):
-            return answer
-        raise ValueError(f"index {answer} is out of range for {len(choices)} choices")
-    if isinstance(answer, str) and answer in choices:
-        return choices.index(answer)
-    raise ValueError(f"'{answer}' is neither a choice nor a choice index")
-
-
 def choice_continuations(task: dict[str, Any]) -> list[str]:
     """What each choice is scored as after the prompt (lm-eval's default target delimiter ' ')."""
     delimiter = task.get("target_delimiter", " ")
@@ -156,7 +100,7 @@ def default_sandbox() -> Sandbox:
     if _default_sandbox is None:
         import atexit
 
-        from orstack.bench.sandbox import Sandbox
+        from orstack.tasks.sandbox import Sandbox
 
         _default_sandbox = Sandbox()
         atexit.register(_default_sandbox.close)

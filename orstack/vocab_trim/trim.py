@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orstack.errors import BadInput
-from orstack.vocab.bpe import (
+from orstack.vocab_trim.bpe import (
     ByteLevelBPE,
     MergeClosure,
     byte_alphabet,
@@ -277,7 +277,7 @@ def text_lines(texts: Iterable[str]) -> list[str]:
 
 def bits_per_byte(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
                   max_length: int) -> float:
-    from orstack.bench.perplexity import default_max_length, perplexity
+    from orstack.backends.perplexity import default_max_length, perplexity
 
     return perplexity(model, tokenizer, texts, max_length=min(max_length, default_max_length(model))).bits_per_byte
 

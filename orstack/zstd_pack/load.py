@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from orstack.errors import BadInput
-from orstack.pack.reader import Pack
+from orstack.zstd_pack.reader import Pack
 
 if TYPE_CHECKING:
     import torch
@@ -33,15 +33,14 @@ def cached_unpack(pack_path: str | Path) -> Path:
     return target
 
 
-def load_packed_model(path: Path, device: str, dtype: torch.dtype) -> PreTrainedModel:
+def load_packed_model(path: Path, device: str, dtype: torch.dtype, trust_pickle: bool = False) -> PreTrainedModel:
     """Loader for `.orz` checkpoints (registered in orstack/io/formats.py)."""
     from orstack.io.checkpoint import load_model
-    from orstack.runtime import settings
 
     directory = cached_unpack(path)
     if not directory.is_dir():
         raise BadInput(f"{path}: the pack holds a single file, not a checkpoint directory")
     name = str(dtype).removeprefix("torch.")
-    model, _ = load_model(directory, device=device, dtype=name, trust_pickle=settings.trust_pickle,
+    model, _ = load_model(directory, device=device, dtype=name, trust_pickle=trust_pickle,
                           with_tokenizer=False)
     return model

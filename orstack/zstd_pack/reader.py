@@ -17,8 +17,8 @@ import zstandard as zstd
 
 from orstack.errors import BadInput
 from orstack.io.atomic import atomic_path
-from orstack.pack.codec import Codec, join_planes, plane_sizes
-from orstack.pack.container import read_index
+from orstack.zstd_pack.codec import Codec, join_planes, plane_sizes
+from orstack.zstd_pack.container import read_index
 
 if TYPE_CHECKING:
     import torch

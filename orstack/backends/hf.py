@@ -11,25 +11,26 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from orstack.bench.backend import Generation, split_pair
+from orstack.backends.base import Generation, split_pair
+from orstack.tasks.stops import cut_at_stop
 
 if TYPE_CHECKING:
     import torch
 
-    from orstack.bench.perplexity import PerplexityResult
+    from orstack.backends.perplexity import PerplexityResult
 
 
 class HFBackend:
     """A causal LM loaded through orstack.io.checkpoint.load_model (every orstack format)."""
 
-    def __init__(self, spec: str, *, device: str = "cpu", batch_size: int = 16, dtype: str = "float32") -> None:
+    def __init__(self, spec: str, *, device: str = "cpu", batch_size: int = 16, dtype: str = "float32",
+                 trust_pickle: bool = False) -> None:
         from orstack.io.checkpoint import load_model
-        from orstack.runtime import settings
 
         self.name = str(spec)
         self.batch_size = batch_size
         started = time.perf_counter()
-        self.model, self.tokenizer = load_model(spec, device=device, dtype=dtype, trust_pickle=settings.trust_pickle)
+        self.model, self.tokenizer = load_model(spec, device=device, dtype=dtype, trust_pickle=trust_pickle)
         self.load_seconds = time.perf_counter() - started
         self.device = next(self.model.parameters()).device
         tok = self.tokenizer
@@ -116,9 +117,9 @@ class HFBackend:
         """The final text when this row has stopped (EOS or a stop sequence), else None."""
         if tokens[-1] in self.eos_ids:
             text = self._decode(tokens[:-1])
-            return _cut_at_stop(text, stop)[0]
+            return cut_at_stop(text, stop)[0]
         if stop:
-            text, stopped = _cut_at_stop(self._decode(tokens), stop)
+            text, stopped = cut_at_stop(self._decode(tokens), stop)
             if stopped:
                 return text
         return None
@@ -180,7 +181,7 @@ class HFBackend:
         return scores
 
     def perplexity(self, texts: list[str], *, max_length: int, rule: str) -> PerplexityResult:
-        from orstack.bench.perplexity import perplexity
+        from orstack.backends.perplexity import perplexity
 
         return perplexity(self.model, self.tokenizer, texts, max_length=max_length, rule=rule,
                           batch_size=self.batch_size)
@@ -223,12 +224,6 @@ def disk_size(path: Path) -> int:
     if path.is_dir():
         return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     return 0
-
-
-def _cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
-    cuts = [text.find(s) for s in stop if s]
-    cuts = [c for c in cuts if c >= 0]
-    return (text[: min(cuts)], True) if cuts else (text, False)
 
 
 def _tokenizer_adds_bos(tok) -> bool:  # noqa: ANN001 - any transformers tokenizer

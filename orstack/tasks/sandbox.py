@@ -274,7 +274,7 @@ class WorkerDied(Exception):
 
 
 class _Worker:
-    """One `python -m orstack.bench.sandbox` process, fed programs as JSON lines on stdin.
+    """One `python -m orstack.tasks.sandbox` process, fed programs as JSON lines on stdin.
 
     A fresh interpreter rather than a multiprocessing child: it carries none of the caller's
     state (torch, threads) and works whatever the caller's __main__ is (stdin, -c, notebooks)."""
@@ -284,7 +284,7 @@ class _Worker:
 
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
-        self.proc = subprocess.Popen([sys.executable, "-m", "orstack.bench.sandbox"], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-m", "orstack.tasks.sandbox"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, env=env, text=True, bufsize=1)
 
     def run(self, program: str, limits: Limits) -> RunResult:

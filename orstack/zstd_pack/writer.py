@@ -18,9 +18,9 @@ import zstandard as zstd
 
 from orstack.errors import BadInput
 from orstack.io.atomic import atomic_path
-from orstack.pack.codec import Codec, split_planes, transform_for
-from orstack.pack.container import write_header, write_index
-from orstack.pack.layout import file_layout
+from orstack.zstd_pack.codec import Codec, split_planes, transform_for
+from orstack.zstd_pack.container import write_header, write_index
+from orstack.zstd_pack.layout import file_layout
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from orstack import console
-from orstack.quant.awq import (
+from orstack.awq.search import (
     AWQConfig,
     AWQResult,
     allocate_bits,
@@ -78,7 +78,7 @@ def _zero_masks(model: nn.Module) -> dict[str, Any]:
 
 
 def _ppl(model: nn.Module, tokenizer: Any, texts: list[str], eval_length: int) -> float:
-    from orstack.bench.perplexity import default_max_length, perplexity
+    from orstack.backends.perplexity import default_max_length, perplexity
 
     length = min(eval_length, default_max_length(model))
     return round(perplexity(model, tokenizer, texts, max_length=length).ppl, 4)

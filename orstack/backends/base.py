@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from orstack.errors import BadInput
 
 if TYPE_CHECKING:
-    from orstack.bench.perplexity import PerplexityResult
+    from orstack.backends.perplexity import PerplexityResult
+    from orstack.runtime import Runtime
 
 
 @dataclass
@@ -73,26 +74,26 @@ def split_pair(encode: Callable[[str], list[int]], context: str, continuation: s
     return ctx, cont
 
 
-def open_backend(spec: str, *, device: str = "cpu", batch_size: int = 16) -> Backend:
+def open_backend(spec: str, runtime: Runtime, *, batch_size: int = 16) -> Backend:
     """A `.gguf` path opens the llama.cpp backend; anything else the transformers one
     (through orstack.io.checkpoint.load_model, so every format orstack writes loads)."""
     if str(spec).lower().endswith(".gguf"):
-        return _open_gguf(spec)
-    from orstack.bench.hf import HFBackend
+        return _open_gguf(spec, runtime)
+    from orstack.backends.hf import HFBackend
 
-    return HFBackend(spec, device=device, batch_size=batch_size)
+    return HFBackend(spec, device=runtime.torch_device(), batch_size=batch_size, trust_pickle=runtime.trust_pickle)
 
 
-def _open_gguf(spec: str) -> Backend:
+def _open_gguf(spec: str, runtime: Runtime) -> Backend:
     from pathlib import Path
 
     if not Path(spec).is_file():
         raise BadInput(f"{spec}: no such GGUF file")
     try:
-        module = importlib.import_module("orstack.bench.llamacpp")
+        module = importlib.import_module("orstack.backends.llamacpp")
     except ModuleNotFoundError as e:
-        if e.name in ("orstack.bench.llamacpp", "llama_cpp"):
+        if e.name in ("orstack.backends.llamacpp", "llama_cpp"):
             raise BadInput(f"{spec}: benchmarking GGUF files needs llama-cpp-python "
                            f"(module '{e.name}' is not available)") from None
         raise
-    return module.LlamaCppBackend(spec)
+    return module.LlamaCppBackend(spec, n_threads=runtime.threads, seed=runtime.seed)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from orstack.quant.grid import QuantSpec, fake_quantize
+from orstack.awq.grid import QuantSpec, fake_quantize
 
 if TYPE_CHECKING:
     import torch

@@ -1,0 +1,15 @@
+"""Lossless, seekable packing of checkpoints (`orstack zstd-pack`).
+
+    from orstack.zstd_pack import PackConfig, pack, unpack, verify, list_contents, read_tensor
+    pack("model_dir", "model.orz", PackConfig(level=3))
+    read_tensor("model.orz", "model.embed_tokens.weight")   # only that tensor is decoded
+
+The container layout is documented in orstack/zstd_pack/container.py and docs/zstd-pack.md.
+"""
+
+from orstack.zstd_pack.load import cached_unpack, load_packed_model
+from orstack.zstd_pack.reader import Pack, UnpackSummary, list_contents, read_tensor, unpack, verify
+from orstack.zstd_pack.writer import PackConfig, PackSummary, pack
+
+__all__ = ["Pack", "PackConfig", "PackSummary", "UnpackSummary", "cached_unpack", "list_contents",
+           "load_packed_model", "pack", "read_tensor", "unpack", "verify"]
