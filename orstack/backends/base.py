@@ -1,8 +1,10 @@
-"""The interface between `orstack bench` and a model runtime.
+"""The interface between orstack and a model runtime.
 
-A backend generates greedily, scores log-likelihoods and perplexity, and knows its size
-on disk. The transformers backend lives in hf.py, the llama.cpp one in llamacpp.py;
-`open_backend` picks one from the MODEL spec the user gave.
+A backend generates (greedily, or sampled), scores log-likelihoods and perplexity, gives
+raw next-token logits, and knows its size on disk. The transformers backend lives in hf.py,
+the llama.cpp one in llamacpp.py; `open_backend` picks one from the MODEL spec the user gave.
+Every caller that asks a model something goes through this interface, never the runtime's
+own objects, so any backend serves any caller.
 """
 
 from __future__ import annotations
@@ -15,13 +17,27 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from orstack.errors import BadInput
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from orstack.backends.perplexity import PerplexityResult
     from orstack.runtime import Runtime
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How `Backend.sample` draws: temperature, nucleus (top_p), top_k (0: off), n draws per
+    prompt, and the seed that makes a call reproducible."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    n: int = 1
+    seed: int = 0
+
+
 @dataclass
 class Generation:
-    """One greedy completion of one prompt."""
+    """One completion of one prompt."""
 
     text: str  # generated text, stop sequence removed
     prompt_tokens: int
@@ -37,6 +53,24 @@ class Backend(Protocol):
 
     def generate(self, prompts: list[str], *, max_new_tokens: int, stop: list[str]) -> list[Generation]:
         """Greedy completions; each stops at EOS, at any stop sequence, or after max_new_tokens."""
+        ...
+
+    def sample(self, prompts: list[str], *, max_new_tokens: int, stop: list[str],
+               sampling: Sampling) -> list[list[Generation]]:
+        """`sampling.n` sampled completions per prompt (stopping as `generate` does); the same
+        seed gives the same draws."""
+        ...
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """The prompt's token ids as the model sees them (BOS first when the tokenizer adds one)."""
+        ...
+
+    def logits(self, token_ids: list[int]) -> np.ndarray:
+        """Next-token logits [len(token_ids), vocab] (float32) after each position of one sequence."""
+        ...
+
+    def greedy_tokens(self, token_ids: list[int], n_tokens: int) -> list[int]:
+        """`n_tokens` greedy continuation tokens of `token_ids`, EOS not treated specially."""
         ...
 
     def loglikelihoods(self, contexts: list[str], continuations: list[str]) -> list[float]:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from orstack.backends.base import Generation, split_pair
+from orstack.backends.base import Generation, Sampling, split_pair
 from orstack.tasks.stops import cut_at_stop
 
 if TYPE_CHECKING:
@@ -27,11 +27,23 @@ class HFBackend:
                  trust_pickle: bool = False) -> None:
         from orstack.io.checkpoint import load_model
 
-        self.name = str(spec)
-        self.batch_size = batch_size
         started = time.perf_counter()
-        self.model, self.tokenizer = load_model(spec, device=device, dtype=dtype, trust_pickle=trust_pickle)
+        model, tokenizer = load_model(spec, device=device, dtype=dtype, trust_pickle=trust_pickle)
+        self._attach(str(spec), model, tokenizer, batch_size)
         self.load_seconds = time.perf_counter() - started
+
+    @classmethod
+    def from_model(cls, model, tokenizer, *, name: str = "<in memory>", batch_size: int = 16) -> HFBackend:  # noqa: ANN001
+        """A backend over a model already in memory (a stage's model before it is saved)."""
+        backend = cls.__new__(cls)
+        backend._attach(name, model, tokenizer, batch_size)
+        backend.load_seconds = 0.0
+        return backend
+
+    def _attach(self, name: str, model, tokenizer, batch_size: int) -> None:  # noqa: ANN001
+        self.name = name
+        self.batch_size = batch_size
+        self.model, self.tokenizer = model, tokenizer
         self.device = next(self.model.parameters()).device
         tok = self.tokenizer
         self.pad_id = next(t for t in (tok.pad_token_id, tok.eos_token_id, 0) if t is not None)
@@ -112,6 +124,57 @@ class HFBackend:
             )
             for row in range(n)
         ]
+
+    def sample(self, prompts: list[str], *, max_new_tokens: int, stop: list[str],
+               sampling: Sampling) -> list[list[Generation]]:
+        """transformers' own sampler (multinomial over the tempered, top-k/top-p filtered
+        distribution), one prompt at a time, seeded once per call."""
+        import torch
+
+        torch.manual_seed(sampling.seed)
+        out = []
+        for prompt in prompts:
+            began = time.perf_counter()
+            ids = torch.tensor([self.encode_prompt(prompt)], device=self.device)
+            with torch.inference_mode():
+                seqs = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                           temperature=sampling.temperature, top_k=sampling.top_k,
+                                           top_p=sampling.top_p, num_return_sequences=sampling.n,
+                                           max_new_tokens=max_new_tokens, pad_token_id=self.pad_id)
+            per_draw_ms = (time.perf_counter() - began) * 1000 / sampling.n
+            draws = []
+            for seq in seqs.tolist():
+                new = seq[ids.shape[1]:]
+                ended = next((i for i, t in enumerate(new) if t in self.eos_ids), None)
+                new = new if ended is None else new[: ended + 1]
+                text = self._finished_text(new, stop) if new else ""
+                draws.append(Generation(text=text if text is not None else self._decode(new),
+                                        prompt_tokens=ids.shape[1], output_tokens=len(new), latency_ms=per_draw_ms))
+            out.append(draws)
+        return out
+
+    def logits(self, token_ids: list[int]):  # noqa: ANN201 - numpy array
+        import torch
+
+        with torch.inference_mode():
+            out = self.model(input_ids=torch.tensor([token_ids], device=self.device))
+        return out.logits[0].float().cpu().numpy()
+
+    def greedy_tokens(self, token_ids: list[int], n_tokens: int) -> list[int]:
+        import torch
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        out_ids: list[int] = []
+        with torch.inference_mode():
+            out = self.model(input_ids=torch.tensor([token_ids], device=self.device), past_key_values=cache,
+                             use_cache=True, logits_to_keep=1)
+            for _ in range(n_tokens):
+                tok = int(out.logits[0, -1].argmax())
+                out_ids.append(tok)
+                out = self.model(input_ids=torch.tensor([[tok]], device=self.device), past_key_values=cache,
+                                 use_cache=True)
+        return out_ids
 
     def _finished_text(self, tokens: list[int], stop: list[str]) -> str | None:
         """The final text when this row has stopped (EOS or a stop sequence), else None."""

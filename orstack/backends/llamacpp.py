@@ -14,12 +14,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from orstack.backends.base import Generation, split_pair
+from orstack.backends.base import Generation, Sampling, split_pair
 from orstack.errors import BadInput
 from orstack.tasks.stops import cut_at_stop
 
@@ -35,6 +36,7 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
+@contextmanager
 def _quiet_llama_cpp() -> Iterator[None]:
     """Silence llama.cpp's log while a model loads.
 
@@ -71,6 +73,21 @@ def _context_length(path: Path) -> int:
         return 0
     key = f"{arch.contents()}.context_length"
     return int(fields[key].contents()) if key in fields else 0
+
+
+def sample_token(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
+    """One token from softmax(logits / temperature), keeping only the top_k most likely (0: all)
+    and the smallest set whose probability reaches top_p."""
+    z = logits.astype(np.float64) / max(sampling.temperature, 1e-6)
+    order = np.argsort(-z, kind="stable")
+    if sampling.top_k:
+        order = order[: sampling.top_k]
+    p = np.exp(z[order] - z[order[0]])
+    p /= p.sum()
+    if sampling.top_p < 1.0:
+        keep = int(np.searchsorted(np.cumsum(p), sampling.top_p) + 1)
+        order, p = order[:keep], p[:keep] / p[:keep].sum()
+    return int(order[rng.choice(len(order), p=p)])
 
 
 class LlamaCppBackend:
@@ -122,12 +139,24 @@ class LlamaCppBackend:
             grown = max(n_tokens, 2 * self._n_ctx)
             self._open(max(n_tokens, min(grown, self.n_ctx_train)) if self.n_ctx_train else grown)
 
-    def _eval(self, tokens: list[int]) -> np.ndarray:
-        """Logits [len(tokens), vocab] of a fresh sequence."""
-        self._ensure_ctx(len(tokens))
+    def logits(self, token_ids: list[int]) -> np.ndarray:
+        """Logits [len(token_ids), vocab] of a fresh sequence."""
+        self._ensure_ctx(len(token_ids))
         self.llm.reset()
-        self.llm.eval(tokens)
-        return self.llm.scores[: len(tokens)]
+        self.llm.eval(token_ids)
+        return self.llm.scores[: len(token_ids)]
+
+    def greedy_tokens(self, token_ids: list[int], n_tokens: int) -> list[int]:
+        self._ensure_ctx(len(token_ids) + n_tokens)
+        self.llm.reset()
+        self.llm.eval(token_ids)
+        out: list[int] = []
+        for i in range(n_tokens):
+            tok = int(self.llm.scores[self.llm.n_tokens - 1].argmax())
+            out.append(tok)
+            if i + 1 < n_tokens:
+                self.llm.eval([tok])
+        return out
 
     # -- tokenization ------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -198,6 +227,49 @@ class LlamaCppBackend:
         return Generation(text=text, prompt_tokens=len(ids), output_tokens=len(tokens), token_logprobs=logprobs,
                           token_entropies=entropies, latency_ms=(time.perf_counter() - began) * 1000)
 
+    def sample(self, prompts: list[str], *, max_new_tokens: int, stop: list[str],
+               sampling: Sampling) -> list[list[Generation]]:
+        """Draws from the tempered, top-k/top-p filtered distribution of llama.cpp's logits, with
+        numpy's generator seeded once per call; the prompt is evaluated once per prompt and each
+        draw continues from it (the KV cache past the prompt is discarded between draws)."""
+        rng = np.random.default_rng(sampling.seed)
+        out = []
+        for prompt in prompts:
+            ids = self.encode_prompt(prompt)
+            self._ensure_ctx(len(ids) + max_new_tokens)
+            self.llm.reset()
+            self.llm.eval(ids)
+            first = np.array(self.llm.scores[len(ids) - 1], dtype=np.float64)
+            draws = []
+            for _ in range(sampling.n):
+                began = time.perf_counter()
+                self.llm.n_tokens = len(ids)  # rewind to the end of the prompt
+                draws.append(self._draw(ids, first, max_new_tokens, stop, sampling, rng, began))
+            out.append(draws)
+        return out
+
+    def _draw(self, ids: list[int], first: np.ndarray, max_new_tokens: int, stop: list[str], sampling: Sampling,
+              rng: np.random.Generator, began: float) -> Generation:
+        tokens: list[int] = []
+        text = None
+        logits = first
+        for _ in range(max_new_tokens):
+            tok = sample_token(logits, sampling, rng)
+            tokens.append(tok)
+            if tok in self.eos_ids:
+                text = cut_at_stop(self.decode(tokens[:-1]), stop)[0]
+                break
+            if stop:
+                cut, stopped = cut_at_stop(self.decode(tokens), stop)
+                if stopped:
+                    text = cut
+                    break
+            if len(tokens) < max_new_tokens:
+                self.llm.eval([tok])
+                logits = np.array(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float64)
+        return Generation(text=self.decode(tokens) if text is None else text, prompt_tokens=len(ids),
+                          output_tokens=len(tokens), latency_ms=(time.perf_counter() - began) * 1000)
+
     # -- scoring -----------------------------------------------------------------------------
     def loglikelihoods(self, contexts: list[str], continuations: list[str]) -> list[float]:
         """Sum of log p(continuation | context), tokenized as the transformers backend does."""
@@ -205,7 +277,7 @@ class LlamaCppBackend:
         for context, continuation in zip(contexts, continuations):
             ctx, cont = self._split_pair(context, continuation)
             inputs = (ctx + cont)[:-1]
-            logp = _log_softmax(self._eval(inputs)[len(inputs) - len(cont) :])
+            logp = _log_softmax(self.logits(inputs)[len(inputs) - len(cont) :])
             scores.append(float(logp[np.arange(len(cont)), cont].sum()))
         return scores
 
@@ -250,7 +322,7 @@ class LlamaCppBackend:
             raise ValueError(f"text too short to score under the {rule} rule with max length {max_length}")
         nll = 0.0
         for w in track(windows, "ppl (llama.cpp)", unit="windows"):
-            logits = self._eval(w.input_ids)
+            logits = self.logits(w.input_ids)
             n_in = len(w.input_ids)
             logp = _log_softmax(logits[n_in - w.n_scored : n_in])
             nll -= float(logp[np.arange(w.n_scored), _scored_targets(w)].sum())

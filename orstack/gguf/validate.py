@@ -128,7 +128,7 @@ def validate(model, tokenizer, gguf_path, qtype: str, *, prompts: list[str] | No
     try:
         matches = total = 0
         for ids, cont in zip(ref.prompt_ids, ref.continuations):
-            logits = backend._eval(ids + cont[:-1])
+            logits = backend.logits(ids + cont[:-1])
             predicted = logits[len(ids) - 1 :].argmax(axis=-1)
             matches += int((predicted == cont).sum())
             total += len(cont)
