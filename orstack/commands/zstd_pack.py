@@ -55,73 +55,52 @@ def zstd_pack(
     modes = [name for name, on in (("-d", decompress), ("--list", list_), ("--verify", verify)) if on]
     if len(modes) > 1:
         raise BadInput(f"{' and '.join(modes)} cannot be combined")
-    if not input.exists():
-        raise BadInput(f"{input}: no such file or directory")
     if not 1 <= level <= 22:
         raise BadInput(f"--level: expected 1..22, got {level}")
     if threads < 0:
         raise BadInput(f"--threads: expected >= 0, got {threads}")
-    if modes:
-        _read_pack(input, output, modes[0], threads)
-        return
-    if output is None:
+    mode = modes[0] if modes else "pack"
+    if mode == "pack" and output is None:
         raise BadInput("-o/--output: required when packing (e.g. -o model.orz)")
-    if output.resolve() == input.resolve():
-        raise BadInput(f"-o {output}: would overwrite the input")
-    from orstack.zstd_pack import PackConfig, pack
-
-    config = PackConfig(level=level, threads=threads, dict_size=parse_size(dict_size, "--dict-size"),
-                        use_dict=not no_dict, chunk_size=parse_size(chunk_size, "--chunk-size"))
-    config.validate()
-    if output.suffix != ".orz":
-        console.warn(f"{output}: packs are recognised as checkpoints by the .orz suffix")
-    total = sum(f.stat().st_size for f in ([input] if input.is_file() else input.rglob("*")) if f.is_file())
-    with console.progress() as bar:
-        task = bar.add_task(f"packing {input.name}", total=max(total, 1) / 1e6, unit="MB")
-        summary = pack(input, output, config, on_progress=lambda n: bar.advance(task, n / 1e6))
-    _report_pack(summary)
-
-
-def _read_pack(pack_path: Path, output: Path | None, mode: str, threads: int) -> None:
-    from orstack.zstd_pack import Pack
-    from orstack.zstd_pack.container import is_pack
-
-    if not pack_path.is_file() or not is_pack(pack_path):
-        raise BadInput(f"{pack_path}: not an orstack pack (.orz)")
     if mode == "-d" and output is None:
         raise BadInput("-o/--output: required with -d (where to restore the packed files)")
     if mode == "--list" and output is not None:
         raise BadInput("--list prints to standard output; -o is not used")
-    with Pack(pack_path, threads) as p:
-        if mode == "--list":
-            _list(p)
-            return
-        total = sum(f["size"] for f in p.files)
-        with console.progress() as bar:
-            task = bar.add_task("unpacking" if mode == "-d" else "verifying", total=max(total, 1) / 1e6, unit="MB")
-            advance = lambda n: bar.advance(task, n / 1e6)  # noqa: E731 - a one-line callback
-            summary = p.extract(output, advance) if mode == "-d" else p.verify(advance)
+
+    from orstack import zstd_pack as stage
+
+    if mode == "pack":
+        config = stage.PackConfig(level=level, threads=threads, dict_size=parse_size(dict_size, "--dict-size"),
+                                  use_dict=not no_dict, chunk_size=parse_size(chunk_size, "--chunk-size"))
+        _report_pack(stage.run(input, output, config))
+    elif mode == "--list":
+        _report_list(stage.run_list(input))
+    elif mode == "-d":
+        _report_read(stage.run_unpack(input, output, threads), f"restored to {output}")
+    else:
+        _report_read(stage.run_verify(input, threads), "verified")
+
+
+def _report_read(summary, done: str) -> None:  # noqa: ANN001 - orstack.zstd_pack.UnpackSummary
     rate = summary.bytes / summary.seconds / 1e6 if summary.seconds else 0.0
-    done = f"restored to {output}" if mode == "-d" else "verified"
     console.info(f"{done}: {summary.files} file(s), {summary.bytes:,} bytes, every SHA-256 matches "
                  f"({summary.seconds:.1f} s, {rate:,.0f} MB/s)")
 
 
-def _list(p) -> None:  # noqa: ANN001 - orstack.zstd_pack.Pack, imported lazily
+def _report_list(listing) -> None:  # noqa: ANN001 - orstack.zstd_pack.PackListing
     from orstack.io.jsonl import write_jsonl
 
-    rows = p.list_segments()
-    write_jsonl(rows, None)
-    tbl = console.new_table("file", "kind", "segments", "size", "stored", "ratio", title=f"{p.path} ({p.digest[:12]})")
-    for f in p.files:
-        mine = [r for r in rows if r["file"] == f["path"]]
+    write_jsonl(listing.rows, None)
+    tbl = console.new_table("file", "kind", "segments", "size", "stored", "ratio",
+                            title=f"{listing.path} ({listing.digest[:12]})")
+    for f in listing.files:
+        mine = [r for r in listing.rows if r["file"] == f["path"]]
         stored = sum(r["stored"] for r in mine)
         ratio = f"{f['size'] / stored:.3f}x" if stored else "-"
         tbl.add_row(f["path"], f["kind"], str(len(mine)), f"{f['size']:,}", f"{stored:,}", ratio)
     console.table(tbl)
-    trial = p.index.get("dict_trial") or {}
-    if trial.get("candidates"):
-        console.info(_dict_line(trial))
+    if listing.dict_trial.get("candidates"):
+        console.info(_dict_line(listing.dict_trial))
 
 
 def _dict_line(trial: dict) -> str:

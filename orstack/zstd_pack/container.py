@@ -13,7 +13,8 @@ Layout (all integers little-endian):
 The index:
 
     {"format": "orstack-pack", "version": 1, "root": "file" | "dir",
-     "config": {...PackConfig...},
+     "config": {...PackConfig...}, "config_class": "orstack.zstd_pack.writer:PackConfig",
+     "data_sha256": SHA-256 of bytes [0, index_offset),
      "dict": null | {"offset", "length", "sha256", "gain_bytes"},
      "files": [{"path", "size", "sha256", "kind": "safetensors" | "gguf" | "opaque",
                 "segments": [{"name", "offset", "size", "dtype", "shape", "blob"}]}],
@@ -26,13 +27,18 @@ once. A blob is cut into chunks of `chunk_size` bytes; a chunk of a float blob i
 into byte planes (codec.py), one frame per plane; frame method 0 = stored, 1 = zstd,
 2 = zstd with the dictionary. Reading one tensor touches only its blob's frames.
 
-Integrity: the trailer's SHA-256 covers the index; zstd frames carry checksums; every
-blob's and every file's SHA-256 is checked when it is read back. Any mismatch, a
-truncated file or a missing trailer is BadInput (exit 2).
+Integrity: every byte of a pack is covered by a checksum, so one changed byte anywhere is
+found by every reader. The trailer's SHA-256 covers the index; the index's `data_sha256`
+covers everything before it (header, frames, dictionary); the trailer checks itself (magic,
+and an index that must end where the trailer starts). zstd frames carry checksums, and every
+blob's and every file's SHA-256 is checked when it is read back, so damage is named by the
+tensor and file it hits. Any mismatch, a truncated file or a missing trailer is BadInput
+(exit 2). Packs written before `data_sha256` existed get the per-tensor and per-file checks.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import struct
@@ -48,6 +54,8 @@ VERSION = 1
 HEADER = struct.Struct("<8sII")
 TRAILER_MAGIC = b"ORZINDEX"
 TRAILER = struct.Struct("<8sQQ32s")
+# Write errors that are the machine's state, not a bug: one line naming the output, nothing left behind.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 def write_header(fh: BinaryIO) -> None:
@@ -72,22 +80,26 @@ def is_pack(path: Path) -> bool:
         return False
 
 
-def read_index(fh: BinaryIO, where: str) -> tuple[dict[str, Any], str]:
-    """(index, digest) of an open pack, checked against the trailer; BadInput if damaged."""
+def read_index(fh: BinaryIO, where: str) -> tuple[dict[str, Any], str, int]:
+    """(index, digest, index_offset) of an open pack, checked against the trailer; BadInput if
+    damaged. The data section is [0, index_offset)."""
     fh.seek(0, 2)
     size = fh.tell()
     fh.seek(0)
     head = fh.read(HEADER.size)
     if len(head) < HEADER.size or head[: len(MAGIC)] != MAGIC:
         raise BadInput(f"{where}: not an orstack pack (no ORZPACK header)")
-    _, version, _ = HEADER.unpack(head)
+    _, version, flags = HEADER.unpack(head)
     if version != VERSION:
         raise BadInput(f"{where}: pack format version {version} is not supported (this orstack reads {VERSION})")
+    if flags != 0:
+        raise BadInput(f"{where}: corrupted pack (header flags {flags:#x}, expected 0)")
     if size < HEADER.size + TRAILER.size:
         raise BadInput(f"{where}: truncated pack (no trailer)")
     fh.seek(size - TRAILER.size)
     magic, offset, length, digest = TRAILER.unpack(fh.read(TRAILER.size))
-    if magic != TRAILER_MAGIC or not HEADER.size <= offset <= offset + length <= size - TRAILER.size:
+    # The index ends where the trailer starts: no byte of a pack lies outside a checksum.
+    if magic != TRAILER_MAGIC or not HEADER.size <= offset <= offset + length == size - TRAILER.size:
         raise BadInput(f"{where}: truncated or corrupted pack (bad trailer)")
     fh.seek(offset)
     blob = fh.read(length)
@@ -98,7 +110,7 @@ def read_index(fh: BinaryIO, where: str) -> tuple[dict[str, Any], str]:
     except (zstd.ZstdError, ValueError) as e:
         raise BadInput(f"{where}: corrupted pack index ({e})") from None
     _check_index(index, offset, where)
-    return index, digest.hex()
+    return index, digest.hex(), offset
 
 
 def _check_index(index: Any, data_end: int, where: str) -> None:
@@ -127,5 +139,7 @@ def _check_index(index: Any, data_end: int, where: str) -> None:
                 raise ValueError(f"size of {f['path']}")
         if index["root"] not in ("file", "dir") or (index["root"] == "file" and len(index["files"]) != 1):
             raise ValueError("root")
+        if not isinstance(index.get("data_sha256", ""), str):
+            raise ValueError("data_sha256")
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise BadInput(f"{where}: corrupted pack index ({e})") from None

@@ -10,7 +10,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -18,8 +18,9 @@ import zstandard as zstd
 
 from orstack.errors import BadInput
 from orstack.io.atomic import atomic_path
+from orstack.io.manifest import as_args, config_class_name
 from orstack.zstd_pack.codec import Codec, split_planes, transform_for
-from orstack.zstd_pack.container import write_header, write_index
+from orstack.zstd_pack.container import WRITE_ERRNOS, write_header, write_index
 from orstack.zstd_pack.layout import file_layout
 
 
@@ -97,12 +98,36 @@ def _mapped(path: Path) -> Iterator[memoryview]:
         if size == 0:
             yield memoryview(b"")
             return
-        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            view = memoryview(mm)
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        view = memoryview(mm)
+        unwinding = True
+        try:
+            yield view
+            unwinding = False
+        finally:
             try:
-                yield view
-            finally:
                 view.release()
+                mm.close()
+            except BufferError:
+                # Ctrl-C, SIGTERM or a full disk can strike while a slice of the map is alive in an
+                # unwinding frame, which keeps the map open until the frame goes (the garbage collector
+                # closes it then). Raising here would replace the real error with "exported pointers exist".
+                if not unwinding:
+                    raise
+
+
+class _HashedFile:
+    """The pack being written, hashing every byte that goes before the index (data_sha256)."""
+
+    def __init__(self, fh: BinaryIO) -> None:
+        self.fh, self.sha = fh, hashlib.sha256()
+
+    def write(self, data: bytes | memoryview) -> int:
+        self.sha.update(data)
+        return self.fh.write(data)
+
+    def tell(self) -> int:
+        return self.fh.tell()
 
 
 def _encode_chunk(codec: Codec, chunk: bytes, transform: str, use_dict: bool = False) -> list[tuple[int, bytes]]:
@@ -112,7 +137,7 @@ def _encode_chunk(codec: Codec, chunk: bytes, transform: str, use_dict: bool = F
 class _FrameWriter:
     """Encodes chunks on a thread pool and appends them to the pack in submission order."""
 
-    def __init__(self, fh: BinaryIO, pool: ThreadPoolExecutor, codec: Codec, window: int) -> None:
+    def __init__(self, fh: _HashedFile, pool: ThreadPoolExecutor, codec: Codec, window: int) -> None:
         self.fh, self.pool, self.codec, self.window = fh, pool, codec, window
         self.pending: deque[tuple[Future, dict[str, Any], int, Callable[[int], None]]] = deque()
 
@@ -142,7 +167,8 @@ def pack(paths: Path | str | list[Path | str], out: Path | str, config: PackConf
          on_progress: Callable[[int], None] | None = None) -> PackSummary:
     """Pack a file, a directory or several paths into `out` (atomically).
 
-    `on_progress(n)` is called with the number of input bytes each time a chunk is done.
+    `on_progress(n)` is called with the number of input bytes each time a chunk is done. A full
+    disk is BadInput naming `out`; whatever stops the run, nothing is left beside `out`.
     """
     config = config or PackConfig()
     config.validate()
@@ -155,53 +181,67 @@ def pack(paths: Path | str | list[Path | str], out: Path | str, config: PackConf
     blobs: list[dict[str, Any]] = []
     blob_ids: dict[str, int] = {}
     small: list[tuple[dict[str, Any], bytes]] = []
-    duplicate = 0
     codec = Codec(config.level)
-    with atomic_path(out) as tmp, tmp.open("wb") as fh, ThreadPoolExecutor(config.workers()) as pool:
-        write_header(fh)
-        writer = _FrameWriter(fh, pool, codec, window=2 * config.workers() + 2)
-        for name, path in entries:
-            with _mapped(path) as data:
-                # Worker threads only ever see copies: a view of the map still held by a
-                # finishing worker would keep the map from closing.
-                file_hash = hashlib.sha256()
-                kind, segments = file_layout(data)
-                record = {"path": name, "size": len(data), "kind": kind, "segments": []}
-                for seg in segments:
-                    buf = data[seg.offset : seg.offset + seg.size]
-                    file_hash.update(buf)  # segments tile the file in order
-                    digest = hashlib.sha256(buf).hexdigest()
-                    if digest in blob_ids:
-                        duplicate += seg.size
-                        progress(seg.size)
-                    else:
-                        blob_ids[digest] = len(blobs)
-                        blob = {"sha256": digest, "size": seg.size, "transform": transform_for(seg.dtype, seg.size),
-                                "chunks": []}
-                        blobs.append(blob)
-                        if config.use_dict and seg.size < config.small_blob:
-                            small.append((blob, bytes(buf)))
-                            progress(seg.size)
-                        else:
-                            for a in range(0, seg.size, config.chunk_size):
-                                writer.submit(blob, bytes(buf[a : a + config.chunk_size]), progress)
-                    record["segments"].append({"name": seg.name, "offset": seg.offset, "size": seg.size,
-                                               "dtype": seg.dtype, "shape": seg.shape, "blob": blob_ids[digest]})
-                    buf.release()
-                writer.drain()
-                record["sha256"] = file_hash.hexdigest()
-            files.append(record)
-        dict_trial = _write_small_blobs(writer, pool, small, config)
-        index = {"format": "orstack-pack", "version": 1, "root": root, "config": asdict(config),
-                 "dict": dict_trial.pop("location", None), "dict_trial": dict_trial, "files": files, "blobs": blobs}
-        digest = write_index(fh, index)
-        fh.flush()
-        pack_bytes = fh.tell()
+    with atomic_path(out) as tmp:
+        try:
+            with tmp.open("wb") as raw, ThreadPoolExecutor(config.workers()) as pool:
+                fh = _HashedFile(raw)
+                write_header(fh)
+                writer = _FrameWriter(fh, pool, codec, window=2 * config.workers() + 2)
+                for name, path in entries:
+                    files.append(_pack_file(name, path, writer, blobs, blob_ids, small, config, progress))
+                dict_trial = _write_small_blobs(writer, pool, small, config)
+                index = {"format": "orstack-pack", "version": 1, "root": root, "config": as_args(config),
+                         "config_class": config_class_name(config), "data_sha256": fh.sha.hexdigest(),
+                         "dict": dict_trial.pop("location", None), "dict_trial": dict_trial, "files": files,
+                         "blobs": blobs}
+                digest = write_index(raw, index)
+                raw.flush()
+                pack_bytes = raw.tell()
+        except OSError as e:
+            if e.errno not in WRITE_ERRNOS:
+                raise
+            raise BadInput(f"{out}: cannot write the pack ({e.strerror}); nothing written") from None
+    duplicate = sum(s["size"] for f in files for s in f["segments"]) - sum(b["size"] for b in blobs)
     kinds: dict[str, int] = {}
     for f in files:
         kinds[f["kind"]] = kinds.get(f["kind"], 0) + 1
     return PackSummary(str(out), len(files), sum(f["size"] for f in files), pack_bytes, duplicate, dict_trial,
                        time.perf_counter() - start, digest, kinds)
+
+
+def _pack_file(name: str, path: Path, writer: _FrameWriter, blobs: list[dict[str, Any]], blob_ids: dict[str, int],
+               small: list[tuple[dict[str, Any], bytes]], config: PackConfig,
+               progress: Callable[[int], None]) -> dict[str, Any]:
+    """Split one file into segments, queue the segments not stored yet, and return its record."""
+    with _mapped(path) as data:
+        # Worker threads only ever see copies, and every slice of the map is released on the way
+        # out (`with`): a view still held would keep the map from closing.
+        file_hash = hashlib.sha256()
+        kind, segments = file_layout(data)
+        record = {"path": name, "size": len(data), "kind": kind, "segments": []}
+        for seg in segments:
+            with data[seg.offset : seg.offset + seg.size] as buf:
+                file_hash.update(buf)  # segments tile the file in order
+                digest = hashlib.sha256(buf).hexdigest()
+                if digest in blob_ids:
+                    progress(seg.size)
+                else:
+                    blob_ids[digest] = len(blobs)
+                    blob = {"sha256": digest, "size": seg.size, "transform": transform_for(seg.dtype, seg.size),
+                            "chunks": []}
+                    blobs.append(blob)
+                    if config.use_dict and seg.size < config.small_blob:
+                        small.append((blob, bytes(buf)))
+                        progress(seg.size)
+                    else:
+                        for a in range(0, seg.size, config.chunk_size):
+                            writer.submit(blob, bytes(buf[a : a + config.chunk_size]), progress)
+            record["segments"].append({"name": seg.name, "offset": seg.offset, "size": seg.size,
+                                       "dtype": seg.dtype, "shape": seg.shape, "blob": blob_ids[digest]})
+        writer.drain()
+        record["sha256"] = file_hash.hexdigest()
+    return record
 
 
 def _write_small_blobs(writer: _FrameWriter, pool: ThreadPoolExecutor, small: list[tuple[dict[str, Any], bytes]],
