@@ -1,7 +1,8 @@
 """The orstack command line: global options, subcommand registration, exit codes.
 
-Exit codes (DESIGN.md): 0 success; 1 unexpected failure; 2 bad usage or bad input
-(one line, never a traceback); 3 a quality gate failed; 130 interrupted.
+Exit codes (docs/design.md): 0 success; 1 unexpected failure (or a full disk); 2 bad usage or
+bad input (one line, never a traceback); 3 a quality gate failed; 130 interrupted (SIGINT);
+143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Annotated
 import typer
 
 from orstack import __version__, console
-from orstack.errors import BadInput, GateFailed
+from orstack.errors import BadInput, DiskFull, GateFailed, Terminated, is_disk_full
 from orstack.runtime import Runtime, check_device_name
 
 try:  # typer >= 0.20 vendors click
@@ -103,15 +104,53 @@ def _one_line(message: str) -> str:
 
 def _terminated(signum: int, frame: object) -> None:
     # SIGTERM (kill, make being stopped, a CI timeout) unwinds like Ctrl-C, so atomic
-    # outputs remove their temporary siblings instead of leaving them behind.
-    raise SystemExit(128 + signum)
+    # outputs remove their temporary siblings and child process groups are killed.
+    raise Terminated()
 
 
-def main(argv: list[str] | None = None) -> None:
-    import signal
+def _quiet_known_warnings() -> None:
+    """Warnings about library internals the user cannot act on, so that stderr starts with
+    orstack's own words. transformers >= 5.24 renames the `past_key_values` argument of every
+    model's forward to `cache`; orstack passes `past_key_values`, the name every transformers
+    5 release accepts."""
+    import warnings
 
-    if threading_is_main():
-        signal.signal(signal.SIGTERM, _terminated)
+    warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+    """`e` and the exceptions it was raised from or while handling, innermost last."""
+    seen: list[BaseException] = []
+    while e is not None and all(e is not s for s in seen):
+        seen.append(e)
+        e = e.__cause__ or e.__context__
+    return seen
+
+
+def _report(e: BaseException) -> int:
+    """One line on stderr for a failure; its exit code. An error raised while an interrupt or
+    a full disk was unwinding (a library's cleanup failing, say) is reported as what it hides."""
+    chain = _chain(e)
+    for kind, code, message in ((Terminated, 143, "terminated"), (KeyboardInterrupt, 130, "interrupted"),
+                                (typer.Abort, 130, "interrupted")):
+        if any(isinstance(x, kind) for x in chain):
+            console.error(message)
+            return code
+    for x in chain:
+        if isinstance(x, (BadInput, GateFailed, DiskFull)):
+            console.error(_one_line(str(x)))
+            return x.exit_code
+        if is_disk_full(x):
+            where = getattr(x, "filename", None)
+            console.error(f"no space left on device writing {where}" if where else "no space left on device")
+            return 1
+    if os.environ.get("ORSTACK_DEBUG"):
+        raise e
+    console.error(f"unexpected {type(e).__name__}: {_one_line(str(e))[:500]} (set ORSTACK_DEBUG=1 for a traceback)")
+    return 1
+
+
+def _run(argv: list[str] | None) -> int:
     command = typer.main.get_command(app)
     try:
         code = command.main(args=argv, prog_name="orstack", standalone_mode=False)
@@ -120,31 +159,37 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(code, int) and not isinstance(code, bool) and code != 0:
             if code == 130:
                 console.error("interrupted")
-            sys.exit(code)
+            return code
+        return 0
     except typer.Exit as e:
-        sys.exit(e.exit_code)
+        return e.exit_code
     except click_exceptions.NoArgsIsHelpError as e:
         e.show()
-        sys.exit(0)
+        return 0
     except click_exceptions.UsageError as e:
         where = f"{e.ctx.command_path}: " if e.ctx is not None and e.ctx.parent is not None else ""
         console.error(f"{where}{_one_line(e.format_message())} (see --help)")
-        sys.exit(2)
-    except (BadInput, GateFailed) as e:
-        console.error(str(e))
-        sys.exit(e.exit_code)
-    except (KeyboardInterrupt, typer.Abort):
-        console.error("interrupted")
-        sys.exit(130)
+        return 2
     except BrokenPipeError:
         # The reader of our stdout went away (e.g. `| head`): not an error of ours.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(141)
-    except Exception as e:  # noqa: BLE001 - the last line of defence: one line, exit 1
-        if os.environ.get("ORSTACK_DEBUG"):
-            raise
-        console.error(f"unexpected {type(e).__name__}: {_one_line(str(e))[:500]} (set ORSTACK_DEBUG=1 for a traceback)")
-        sys.exit(1)
+        return 141
+    except (Exception, KeyboardInterrupt, Terminated) as e:  # noqa: BLE001 - the last line of defence: one line
+        return _report(e)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import signal
+
+    _quiet_known_warnings()
+    previous = signal.signal(signal.SIGTERM, _terminated) if threading_is_main() else None
+    try:
+        code = _run(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

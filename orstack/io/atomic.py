@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from orstack.errors import BadInput, DiskFull, is_disk_full
+
 
 def _temporary_sibling(path: Path, tag: str) -> Path:
     return path.parent / f".{path.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -31,7 +33,7 @@ def atomic_path(path: str | os.PathLike, *, directory: bool = False) -> Iterator
 
     With `directory=True` the temporary path is an (empty, created) directory. On any
     exception, KeyboardInterrupt included, the temporary output is removed and `path`
-    is left exactly as it was.
+    is left exactly as it was; a full disk becomes DiskFull naming `path`.
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -41,8 +43,10 @@ def atomic_path(path: str | os.PathLike, *, directory: bool = False) -> Iterator
     try:
         yield tmp
         _replace(tmp, final)
-    except BaseException:
+    except BaseException as e:
         _remove(tmp)
+        if is_disk_full(e):
+            raise DiskFull(final) from e
         raise
 
 
@@ -50,8 +54,6 @@ def _replace(tmp: Path, final: Path) -> None:
     # The last line of defence of the output policy (orstack/io/output.py): never swap a
     # directory for a file or a file for a directory, even when a caller did not check.
     if final.exists() and final.is_dir() != tmp.is_dir():
-        from orstack.errors import BadInput
-
         found, wanted = ("a directory", "a file") if final.is_dir() else ("a file", "a directory")
         raise BadInput(f"{final}: is {found} and this output is {wanted}; refusing to replace it")
     if final.is_dir() and not final.is_symlink():

@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 from orstack.errors import BadInput
 from orstack.io.atomic import atomic_path
+from orstack.io.gguf_file import check_gguf
 from orstack.io.manifest import build_manifest, read_manifest, write_manifest
+from orstack.io.safetensors_file import check_weight_files
 
 if TYPE_CHECKING:
     import torch
@@ -81,16 +83,47 @@ def is_hub_id(spec: str) -> bool:
 
 
 def resolve_checkpoint(spec: str | Path) -> Path | str:
-    """A local checkpoint path, or a hub id; a missing or non-checkpoint path is bad input."""
+    """A local checkpoint path, or a hub id; a missing or non-checkpoint path is bad input.
+
+    Local weights are checked cheaply here, before any work: every safetensors header against
+    its file's size (and a sharded index against its shards), a .gguf file's header and tensor
+    extents."""
     s = str(spec)
     p = Path(s)
     if p.exists():
-        if p.is_dir() and not (p / "config.json").exists() and detect_format(p) == "hf":
-            raise BadInput(f"{p}: not a checkpoint directory (no config.json)")
+        if p.is_dir():
+            if not (p / "config.json").exists() and detect_format(p) == "hf":
+                raise BadInput(f"{p}: not a checkpoint directory (no config.json)")
+            check_weight_files(p)
+        elif p.suffix.lower() == ".gguf":
+            check_gguf(p)
         return p
     if is_hub_id(s) and not s.startswith((".", "/")):
         return s
     raise BadInput(f"{s}: no such checkpoint")
+
+
+def checkpoint_directory(source: Path | str) -> Path | str:
+    """The directory that holds a checkpoint's config and tokenizer: a registered format's own
+    (a .orz pack's unpacked copy), the base of a derived checkpoint that keeps neither (a LoRA
+    adapter), else the checkpoint itself."""
+    if not isinstance(source, Path):
+        return source
+    fmt = detect_format(source)
+    if fmt in FORMAT_TOKENIZERS:
+        return Path(_call(FORMAT_TOKENIZERS[fmt], source))
+    if source.is_dir() and not (source / "config.json").exists():
+        base = (read_manifest(source) or {}).get("base")
+        if base:
+            return _base_checkpoint(source, str(base))
+    return source
+
+
+def _base_checkpoint(derived: Path, base: str) -> Path | str:
+    # A relative base that does not exist from here is tried relative to the derived checkpoint.
+    if not Path(base).exists() and (derived.parent / base).exists():
+        base = str(derived.parent / base)
+    return resolve_checkpoint(base)
 
 
 def _check_weights_are_safe(path: Path, trust_pickle: bool) -> None:
@@ -107,11 +140,54 @@ def _check_weights_are_safe(path: Path, trust_pickle: bool) -> None:
 def load_config(spec: str | Path) -> Any:
     from transformers import AutoConfig
 
-    source = resolve_checkpoint(spec)
+    source = checkpoint_directory(resolve_checkpoint(spec))
+    if isinstance(source, Path) and source.is_file():
+        raise BadInput(f"{spec}: expected a checkpoint directory, got a file")
     try:
         return AutoConfig.from_pretrained(str(source), trust_remote_code=False)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, KeyError) as e:
         raise BadInput(f"{spec}: cannot read config ({_first_line(e)})") from None
+
+
+def causal_lm_classes() -> set[str]:
+    """The class names transformers maps to AutoModelForCausalLM."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    names: set[str] = set()
+    for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        names.update(value if isinstance(value, (list, tuple)) else [value])
+    return names
+
+
+def check_causal_lm(config: Any, where: str) -> None:
+    """Refuse a model that is not a causal language model (an encoder such as BERT or MiniLM,
+    a classifier), from its config alone: its `architectures`, else its model_type."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = getattr(config, "model_type", None)
+    architectures = [str(a) for a in getattr(config, "architectures", None) or []]
+    if architectures:
+        causal = causal_lm_classes()
+        if any(a in causal or a.endswith("ForCausalLM") for a in architectures):
+            return
+        name = architectures[0]
+    elif model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return
+    else:
+        name = type(config).__name__.removesuffix("Config") + " model"
+    raise BadInput(f"{where}: {name} is not a causal language model (model_type '{model_type}')")
+
+
+def check_checkpoint(spec: str | Path, *, causal_lm: bool = True) -> Path | str:
+    """Everything about a model input that can be checked without loading weights: it exists,
+    its weight headers are sound, its config reads and (by default) it is a causal LM. For a
+    stage's up-front checks; returns what resolve_checkpoint returns."""
+    source = resolve_checkpoint(spec)
+    if not (isinstance(source, Path) and source.suffix.lower() == ".gguf"):
+        config = load_config(source)
+        if causal_lm:
+            check_causal_lm(config, str(spec))
+    return source
 
 
 def check_architecture(config: Any, supported: tuple[str, ...] = LLAMA_FAMILY, where: str = "") -> None:
@@ -134,8 +210,7 @@ def resolve_dtype(name: str | None) -> torch.dtype:
 def load_tokenizer(spec: str | Path) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
-    source = resolve_checkpoint(spec)
-    source = _tokenizer_source(source)
+    source = _tokenizer_source(resolve_checkpoint(spec))
     try:
         return AutoTokenizer.from_pretrained(str(source), trust_remote_code=False)
     except (OSError, ValueError) as e:
@@ -145,15 +220,12 @@ def load_tokenizer(spec: str | Path) -> PreTrainedTokenizerBase:
 def _tokenizer_source(source: Path | str) -> Path | str:
     """Packs keep the tokenizer inside; adapters and other derived checkpoints may keep it
     with their base."""
-    if isinstance(source, Path):
-        fmt = detect_format(source)
-        if fmt in FORMAT_TOKENIZERS:
-            return Path(_call(FORMAT_TOKENIZERS[fmt], source))
+    source = checkpoint_directory(source)
     if isinstance(source, Path) and source.is_dir():
         has_tok = any((source / n).exists() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
-        manifest = read_manifest(source)
-        if not has_tok and manifest and manifest.get("base"):
-            return resolve_checkpoint(manifest["base"])
+        base = (read_manifest(source) or {}).get("base")
+        if not has_tok and base:
+            return _base_checkpoint(source, str(base))
     return source
 
 
@@ -165,20 +237,24 @@ def load_model(
     trust_pickle: bool = False,
     architectures: tuple[str, ...] | None = None,
     with_tokenizer: bool = True,
+    causal_lm: bool = True,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Load a causal LM (and its tokenizer) from a checkpoint directory, a special orstack
-    format, or a hub id. `architectures` restricts the accepted model types."""
+    format, or a hub id. `architectures` restricts the accepted model types; a model that is
+    not a causal LM (an encoder) is refused before its weights are read unless `causal_lm=False`."""
     source = resolve_checkpoint(spec)
     torch_dtype = resolve_dtype(dtype)
     fmt = detect_format(source) if isinstance(source, Path) else "hf"
+    if fmt == "hf" and isinstance(source, Path) and source.is_file():
+        raise BadInput(f"{source}: expected a checkpoint directory, got a file")
+    config = load_config(source)
+    if causal_lm:
+        check_causal_lm(config, str(spec))
     if fmt != "hf":
         model = _call(FORMAT_LOADERS[fmt], source, device, torch_dtype, trust_pickle)
         if architectures:
             check_architecture(model.config, architectures, str(spec))
     else:
-        if isinstance(source, Path) and source.is_file():
-            raise BadInput(f"{source}: expected a checkpoint directory, got a file")
-        config = load_config(source)
         if architectures:
             check_architecture(config, architectures, str(spec))
         if isinstance(source, Path):

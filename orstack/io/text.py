@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from orstack.errors import BadInput
-from orstack.io.jsonl import display_name, open_text, read_jsonl_numbered
+from orstack.io.jsonl import check_input_file, display_name, read_jsonl_numbered, read_text
 
 if TYPE_CHECKING:
     import torch
@@ -33,32 +33,31 @@ def row_text(row: dict, where: str) -> str:
 
 
 def read_texts(paths: str | Path | Sequence[str | Path]) -> Iterator[str]:
-    """Stream the documents of one or more text / JSONL files (`-` is stdin)."""
+    """Stream the documents of one or more text / JSONL files (`-` is stdin). A file that
+    holds no text at all is bad input naming it."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
     if not paths:
         raise BadInput("no text file given")
     for path in paths:
+        name = display_name(path)
+        found = False
         if str(path).endswith(".jsonl"):
-            name = display_name(path)
             for lineno, row in read_jsonl_numbered(path):
-                yield row_text(row, f"{name}:{lineno}")
+                text = row_text(row, f"{name}:{lineno}")
+                found = found or bool(text.strip())
+                yield text
         else:
-            with open_text(path) as f:
-                try:
-                    yield f.read()
-                except UnicodeDecodeError as e:
-                    raise BadInput(f"{display_name(path)}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            text = read_text(path)
+            found = bool(text.strip())
+            yield text
+        if not found:
+            raise BadInput(f"{name}: holds no text")
 
 
 def check_text_files(paths: Iterable[str | Path], option: str) -> list[Path]:
-    """Fail early (before any model loads) when a text input is missing."""
-    checked = []
-    for p in paths:
-        path = Path(p)
-        if str(p) != "-" and not path.is_file():
-            raise BadInput(f"{option} {p}: no such file")
-        checked.append(path)
+    """Fail early (before any model loads) when a text input is missing, a directory or empty."""
+    checked = [Path(check_input_file(p, option)) for p in paths]
     if not checked:
         raise BadInput(f"{option}: at least one file is required")
     return checked
