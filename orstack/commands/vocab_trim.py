@@ -9,7 +9,8 @@ import typer
 
 from orstack import console
 from orstack.commands.options import Force, RequiredOutput, current_runtime
-from orstack.errors import BadInput, GateFailed
+from orstack.errors import BadInput
+from orstack.vocab_trim.trim import VocabTrimConfig
 
 HELP = """Shrink a model's vocabulary to the tokens a corpus uses, without changing tokenization.
 
@@ -30,18 +31,14 @@ Example:
 """
 
 
-def check_file(path: Path, option: str) -> None:
-    if str(path) != "-" and not path.is_file():
-        raise BadInput(f"{option} {path}: no such file")
-
-
 def vocab_trim(
+    ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="Checkpoint directory (or hub id) with a byte-level BPE tokenizer.")],
     corpus: Annotated[list[Path], typer.Option("--corpus", help="Corpus: .txt or .jsonl. Repeatable.")],
     output: RequiredOutput,
     coverage: Annotated[
-        float | None, typer.Option("--coverage", help="Share of corpus token occurrences to keep [default: 0.995].")
-    ] = None,
+        float, typer.Option("--coverage", help="Share of corpus token occurrences to keep.")
+    ] = VocabTrimConfig.coverage,
     max_vocab: Annotated[
         int | None, typer.Option("--max-vocab", min=1, help="Keep at most N tokens instead of --coverage.")
     ] = None,
@@ -54,66 +51,19 @@ def vocab_trim(
     force: Force = False,
     max_length: Annotated[int, typer.Option("--max-length", min=16, help="Perplexity window in tokens.")] = 512,
 ) -> None:
-    if coverage is not None and max_vocab is not None:
+    coverage_given = ctx.get_parameter_source("coverage").name != "DEFAULT"
+    if coverage_given and max_vocab is not None:
         raise BadInput("--coverage and --max-vocab are exclusive: give one")
-    if coverage is not None and not 0.0 < coverage <= 1.0:
-        raise BadInput(f"--coverage: expected a share in (0, 1], got {coverage}")
-    if not corpus:
-        raise BadInput("--corpus: at least one file is required")
-    from orstack.io.checkpoint import resolve_checkpoint
-
-    resolve_checkpoint(model)
-    for path in corpus:
-        check_file(path, "--corpus")
-    if keep is not None:
-        check_file(keep, "--keep")
-    if validate is not None:
-        check_file(validate, "--validate")
-    if Path(model).resolve() == output.resolve():
-        raise BadInput("-o: the output must not replace the input checkpoint")
-
-    import time
-
-    from orstack.io.checkpoint import load_config, load_model, load_tokenizer, save_checkpoint
-    from orstack.vocab_trim import VocabTrimConfig, plan_trim
-    from orstack.vocab_trim import vocab_trim as run
-
-    start = time.perf_counter()
-    config = VocabTrimConfig(corpus=[str(p) for p in corpus], coverage=None if max_vocab else (coverage or 0.995),
+    config = VocabTrimConfig(corpus=[str(p) for p in corpus], coverage=None if max_vocab else coverage,
                              max_vocab=max_vocab, keep=str(keep) if keep else None,
                              validate=str(validate) if validate else None, force=force, max_length=max_length)
-    # Tokenizer and corpus first: a tokenizer that cannot be trimmed, or an impossible
-    # --max-vocab, is reported before the weights are read.
-    tokenizer = load_tokenizer(model)
-    plan = plan_trim(tokenizer, [load_config(model), _generation_config(model)], config)
-    loaded, _ = load_model(model, device=current_runtime().torch_device(), trust_pickle=current_runtime().trust_pickle, with_tokenizer=False)
-    result = run(loaded, tokenizer, config, plan=plan)
-    _report(result.metrics)
-    if result.gate_failures:
-        message = "; ".join(result.gate_failures)
-        if not force:
-            raise GateFailed(f"vocab-trim: quality gate failed ({message}); nothing written (use --force to keep it)")
-        console.warn(f"quality gate failed ({message}); writing anyway (--force)")
-    metrics = {**result.metrics, "seconds": round(time.perf_counter() - start, 1)}
-    save_checkpoint(result.model, result.tokenizer, output, stage="vocab-trim", args=config, parent=model,
-                    metrics=metrics, extra={"vocab_map": {"old_to_new": result.plan.old_to_new}})
-    before, after = _weights_bytes(Path(model)), _weights_bytes(output)
-    if before and after:
+    from orstack.vocab_trim import run
+
+    result = run(model, output, config, current_runtime(), report=_report)
+    if result.weights_before and result.weights_after:
+        before, after = result.weights_before, result.weights_after
         console.info(f"weights on disk: {before / 1e6:,.1f} MB -> {after / 1e6:,.1f} MB "
                      f"({1 - after / before:.1%} smaller); wrote {output}")
-
-
-def _generation_config(model: str):  # noqa: ANN202 - GenerationConfig or None
-    from transformers import GenerationConfig
-
-    try:
-        return GenerationConfig.from_pretrained(model)
-    except (OSError, ValueError):
-        return None
-
-
-def _weights_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.glob("*.safetensors")) if path.is_dir() else 0
 
 
 def _report(m: dict) -> None:

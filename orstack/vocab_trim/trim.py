@@ -50,6 +50,21 @@ class VocabTrimConfig:
     force: bool = False
     max_length: int = 512  # perplexity window (tokens)
 
+    def check(self) -> None:
+        """The options alone make sense (BadInput naming the option otherwise)."""
+        if self.coverage is not None and self.max_vocab is not None:
+            raise BadInput("--coverage and --max-vocab are exclusive: give one")
+        if self.coverage is None and self.max_vocab is None:
+            raise BadInput("--coverage or --max-vocab: give one")
+        if self.coverage is not None and not 0.0 < self.coverage <= 1.0:
+            raise BadInput(f"--coverage: expected a share in (0, 1], got {self.coverage}")
+        if self.max_vocab is not None and self.max_vocab < 1:
+            raise BadInput(f"--max-vocab: expected at least 1, got {self.max_vocab}")
+        if self.max_length < 16:
+            raise BadInput(f"--max-length: expected at least 16, got {self.max_length}")
+        if not self.corpus:
+            raise BadInput("--corpus: at least one file is required")
+
 
 @dataclass
 class TrimPlan:

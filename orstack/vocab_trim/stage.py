@@ -1,0 +1,86 @@
+"""The vocab-trim stage: `run(source, output, config, runtime)` checks, loads, trims, gates and saves."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orstack import console
+from orstack.errors import GateFailed
+from orstack.io.jsonl import check_input_file
+from orstack.io.output import check_output
+from orstack.io.text import check_text_files
+from orstack.runtime import Runtime
+from orstack.vocab_trim.trim import VocabTrimConfig, plan_trim, vocab_trim
+
+
+@dataclass
+class VocabTrimResult:
+    output: Path
+    metrics: dict[str, Any]  # as written to the manifest
+    gate_failures: list[str] = field(default_factory=list)  # non-empty only when written with force
+    weights_before: int = 0  # bytes of *.safetensors in the source directory (0 for other sources)
+    weights_after: int = 0
+
+
+def run(source: str | Path, output: str | Path, config: VocabTrimConfig, runtime: Runtime,
+        report: Callable[[dict[str, Any]], None] | None = None) -> VocabTrimResult:
+    """Trim the vocabulary of `source` to the tokens config.corpus uses and write `output`.
+
+    `report(metrics)` is called once the trim is measured, before the quality gate decides,
+    so the numbers are shown even when the gate refuses the result (GateFailed, nothing
+    written, unless config.force)."""
+    from orstack.io.checkpoint import (
+        check_checkpoint,
+        checkpoint_directory,
+        load_config,
+        load_model,
+        load_tokenizer,
+        save_checkpoint,
+    )
+
+    start = time.perf_counter()
+    config.check()
+    check_text_files(config.corpus, "--corpus")
+    for path, option in ((config.keep, "--keep"), (config.validate, "--validate")):
+        if path is not None:
+            check_input_file(path, option)
+    check_output(output, "dir", inputs=[source, *config.corpus, config.keep, config.validate])
+    output = Path(output)
+    resolved = check_checkpoint(source)
+    # Tokenizer and corpus first: a tokenizer that cannot be trimmed, or an impossible
+    # --max-vocab, is reported before the weights are read.
+    tokenizer = load_tokenizer(source)
+    plan = plan_trim(tokenizer, [load_config(source), _generation_config(checkpoint_directory(resolved))], config)
+    model, _ = load_model(source, device=runtime.torch_device(), trust_pickle=runtime.trust_pickle,
+                          with_tokenizer=False)
+    result = vocab_trim(model, tokenizer, config, plan=plan)
+    if report is not None:
+        report(result.metrics)
+    if result.gate_failures:
+        message = "; ".join(result.gate_failures)
+        if not config.force:
+            raise GateFailed(f"vocab-trim: quality gate failed ({message}); nothing written (use --force to keep it)")
+        console.warn(f"quality gate failed ({message}); writing anyway (--force)")
+    metrics = {**result.metrics, "seconds": round(time.perf_counter() - start, 1)}
+    save_checkpoint(result.model, result.tokenizer, output, stage="vocab-trim", args=config, parent=source,
+                    metrics=metrics, extra={"vocab_map": {"old_to_new": result.plan.old_to_new}})
+    return VocabTrimResult(output=output, metrics=metrics, gate_failures=result.gate_failures,
+                           weights_before=_weights_bytes(Path(str(source))), weights_after=_weights_bytes(output))
+
+
+def _generation_config(directory: str | Path) -> Any:  # noqa: ANN401 - GenerationConfig or None
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(str(directory))
+    except (OSError, ValueError):
+        return None
+
+
+def _weights_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors")) if path.is_dir() else 0
+
