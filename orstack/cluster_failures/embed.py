@@ -68,6 +68,12 @@ def embedder_name(embedder: str | Path) -> str:
     return "tfidf" if embedder == "tfidf" else str(embedder)
 
 
+def check_embedder(spec: str) -> None:
+    """minilm, tfidf or a model directory (checked without loading anything)."""
+    if spec not in ("minilm", "tfidf") and not Path(spec).is_dir():
+        raise BadInput(f"--embedder: '{spec}' is not minilm, tfidf or a model directory")
+
+
 def resolve_embedder(spec: str) -> str | Path:
     """'tfidf', or the directory of a sentence-transformers model ('minilm' or a PATH)."""
     if spec == "tfidf":
@@ -80,13 +86,15 @@ def resolve_embedder(spec: str) -> str | Path:
     return path
 
 
-def embed(texts: Sequence[str], embedder: str | Path, *, batch_size: int = BATCH_SIZE) -> np.ndarray:
+def embed(texts: Sequence[str], embedder: str | Path, *, batch_size: int = BATCH_SIZE,
+          device: str = "cpu") -> np.ndarray:
     if embedder == "tfidf":
         return tfidf_embed(texts)
-    return sentence_embed(texts, Path(embedder), batch_size=batch_size)
+    return sentence_embed(texts, Path(embedder), batch_size=batch_size, device=device)
 
 
-def sentence_embed(texts: Sequence[str], model_dir: Path, *, batch_size: int = BATCH_SIZE) -> np.ndarray:
+def sentence_embed(texts: Sequence[str], model_dir: Path, *, batch_size: int = BATCH_SIZE,
+                   device: str = "cpu") -> np.ndarray:
     import numpy as np
     import torch
 
@@ -98,7 +106,7 @@ def sentence_embed(texts: Sequence[str], model_dir: Path, *, batch_size: int = B
 
     quiet_transformers()
     try:
-        model = SentenceTransformer(str(model_dir), device="cpu")
+        model = SentenceTransformer(str(model_dir), device=device)
     except (OSError, ValueError) as e:
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise BadInput(f"{model_dir}: cannot load sentence-transformers model ({reason})") from None

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from orstack.cluster_failures.ctfidf import cluster_keywords, keyword_label
-from orstack.cluster_failures.embed import embed, embedder_name, resolve_embedder, row_text
+from orstack.cluster_failures.embed import check_embedder, embed, embedder_name, resolve_embedder, row_text
 from orstack.cluster_failures.kmeans import kmeans_clusters
 from orstack.errors import BadInput
 
@@ -36,6 +36,22 @@ class ClusterConfig:
     n_keywords: int = 5
     seed: int = 0
 
+    def check(self) -> None:
+        """The options alone make sense (BadInput naming the option otherwise), before any row is read."""
+        from orstack.cluster_failures.labeler import parse_labeler
+
+        if not self.fields or not all(isinstance(f, str) and f for f in self.fields):
+            raise BadInput("--fields: name at least one field, e.g. prompt,output")
+        if self.k is not None and self.k < 1:
+            raise BadInput(f"-k: must be at least 1, got {self.k}")
+        if self.k_max < 2:
+            raise BadInput(f"--k-max: expected at least 2, got {self.k_max}")
+        if self.n_init < 1:
+            raise BadInput(f"--n-init: expected at least 1, got {self.n_init}")
+        check_embedder(self.embedder)
+        if self.labeler:
+            parse_labeler(self.labeler)
+
 
 @dataclass
 class ClusterResult:
@@ -48,11 +64,22 @@ class ClusterResult:
     n_input: int
 
 
-def select_failures(rows: Sequence[dict[str, Any]], only_failures: bool) -> list[int]:
-    """Positions of the rows to cluster: those with `correct` false (or absent) by default."""
+def select_failures(rows: Sequence[dict[str, Any]], only_failures: bool,
+                    where: Sequence[str] | None = None) -> list[int]:
+    """Positions of the rows to cluster: those with `correct` false (or absent) by default.
+    A `correct` that is not a boolean (the string "no", say) is bad input naming the row."""
     if not only_failures:
         return list(range(len(rows)))
-    return [i for i, row in enumerate(rows) if not row.get("correct")]
+    kept = []
+    for i, row in enumerate(rows):
+        correct = row.get("correct")
+        if correct is not None and not isinstance(correct, bool):
+            at = where[i] if where is not None else f"row {i + 1}"
+            raise BadInput(f"{at}: field 'correct' must be true or false, got "
+                           f"{json.dumps(correct, ensure_ascii=False)[:60]} (--all clusters every row)")
+        if not correct:
+            kept.append(i)
+    return kept
 
 
 def canonical_order(texts: Sequence[str], rows: Sequence[dict[str, Any]]) -> list[int]:
@@ -70,14 +97,15 @@ def row_id(row: dict[str, Any], position: int) -> str:
 
 
 def cluster_failures(rows: Sequence[dict[str, Any]], config: ClusterConfig,
-                     where: Sequence[str] | None = None, source: str = "input") -> ClusterResult:
-    """Cluster the failing rows. `where[i]` names row i in error messages (file:line), `source` the input."""
+                     where: Sequence[str] | None = None, source: str = "input", device: str = "cpu") -> ClusterResult:
+    """Cluster the failing rows. `where[i]` names row i in error messages (file:line), `source` the
+    input; a sentence-transformers embedder runs on `device`."""
     import numpy as np
 
     from orstack.console import info
 
     where = where or [f"row {i + 1}" for i in range(len(rows))]
-    kept = select_failures(rows, config.only_failures)
+    kept = select_failures(rows, config.only_failures, where)
     if not kept:
         what = "no rows" if not rows else f"no failures among {len(rows)} rows (all have correct=true; use --all)"
         raise BadInput(f"{source}: {what}")
@@ -86,7 +114,7 @@ def cluster_failures(rows: Sequence[dict[str, Any]], config: ClusterConfig,
     order = canonical_order(texts, [rows[i] for i in kept])
     canon_texts = [texts[j] for j in order]
     info(f"embedding {len(texts):,} rows with {embedder_name(embedder)}")
-    x = embed(canon_texts, embedder)
+    x = embed(canon_texts, embedder, device=device)
     if config.k is not None and config.k > len(texts):
         from orstack.console import warn
 

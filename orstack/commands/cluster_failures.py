@@ -48,11 +48,6 @@ def parse_fields(value: str) -> list[str]:
     return fields
 
 
-def check_embedder(value: str) -> None:
-    if value not in ("minilm", "tfidf") and not Path(value).is_dir():
-        raise BadInput(f"--embedder: '{value}' is not minilm, tfidf or a model directory")
-
-
 def cluster_failures(
     failures: Annotated[str, typer.Argument(help="Result rows or any JSONL ('-' for standard input).")],
     output: Output = None,
@@ -74,37 +69,12 @@ def cluster_failures(
         bool, typer.Option("--only-failures/--all", help="Cluster only rows with correct=false (when present).")
     ] = True,
 ) -> None:
-    from orstack.io.jsonl import STDIO, display_name
+    from orstack.cluster_failures import ClusterConfig, run
 
-    if failures != STDIO and not Path(failures).is_file():
-        raise BadInput(f"{failures}: no such file")
-    config_k = parse_k(k)
-    field_list = parse_fields(fields)
-    check_embedder(embedder)
-    if labeler:
-        from orstack.cluster_failures.labeler import parse_labeler
-
-        parse_labeler(labeler)
-    if annotate is not None and str(annotate) == STDIO and (output is None or str(output) == STDIO):
-        raise BadInput("--annotate -: standard output already carries the clusters; give -o a file")
-
-    from orstack.cluster_failures import ClusterConfig, annotated_rows, plot_clusters
-    from orstack.cluster_failures import cluster_failures as run
-    from orstack.io.jsonl import read_jsonl_numbered, write_jsonl
-
-    name = display_name(failures)
-    numbered = list(read_jsonl_numbered(failures))
-    rows = [row for _, row in numbered]
-    where = [f"{name}:{lineno}" for lineno, _ in numbered]
-    config = ClusterConfig(fields=field_list, k=config_k, k_max=k_max, n_init=n_init, embedder=embedder,
-                           labeler=labeler, only_failures=only_failures, seed=current_runtime().seed)
-    result = run(rows, config, where, source=name)
-    _summary(result)
-    write_jsonl(result.clusters, output)
-    if annotate is not None:
-        write_jsonl(annotated_rows(rows, result), annotate)
-    if plot is not None:
-        plot_clusters(result, str(plot), title=f"{name}: {len(result.kept):,} rows, {len(result.clusters)} clusters")
+    runtime = current_runtime()
+    config = ClusterConfig(fields=parse_fields(fields), k=parse_k(k), k_max=k_max, n_init=n_init, embedder=embedder,
+                           labeler=labeler, only_failures=only_failures, seed=runtime.seed)
+    _summary(run(failures, output, config, runtime, annotate=annotate, plot=plot))
 
 
 def _summary(result) -> None:  # noqa: ANN001 - ClusterResult, imported lazily
