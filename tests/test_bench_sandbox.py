@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from orstack.tasks.sandbox import Limits, Sandbox, isolation, pass_at_k
+from orstack.tasks.passk import pass_at_k
+from orstack.tasks.sandbox import Limits, Sandbox, isolation
 
 OUTSIDE = Path("/tmp/orstack-sandbox-escape-test.txt")
 

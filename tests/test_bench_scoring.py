@@ -6,12 +6,12 @@ import pytest
 
 from orstack.errors import BadInput
 from orstack.tasks.contract import validate_task
+from orstack.tasks.passk import pass_at_k_by_task
 from orstack.tasks.verify import (
     code_program,
     extract_code,
     last_number,
     normalize,
-    pass_at_k_by_task,
     pick_choice,
     score_output,
     score_outputs,

@@ -65,6 +65,10 @@ class Backend(Protocol):
         """The prompt's token ids as the model sees them (BOS first when the tokenizer adds one)."""
         ...
 
+    def context_length(self) -> int | None:
+        """The context the model was trained for, in tokens (None when the model does not say)."""
+        ...
+
     def logits(self, token_ids: list[int]) -> np.ndarray:
         """Next-token logits [len(token_ids), vocab] (float32) after each position of one sequence."""
         ...

@@ -59,6 +59,9 @@ class HFBackend:
         ids = self.encode(prompt)
         return [self.bos] + ids if self.bos is not None else ids
 
+    def context_length(self) -> int | None:
+        return getattr(self.model.config, "max_position_embeddings", None)
+
     # -- generation --------------------------------------------------------------------------
     def generate(self, prompts: list[str], *, max_new_tokens: int, stop: list[str]) -> list[Generation]:
         encoded = [self.encode_prompt(p) for p in prompts]
@@ -219,7 +222,7 @@ class HFBackend:
         tok = self.tokenizer
         return split_pair(self.encode, context, continuation, bos=self.bos,
                           start_token=lambda: tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id,
-                          max_len=getattr(self.model.config, "max_position_embeddings", None))
+                          max_len=self.context_length())
 
     def _score_batch(self, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
         import torch

@@ -167,6 +167,9 @@ class LlamaCppBackend:
         ids = self.encode(prompt)
         return [self.bos] + ids if self.bos is not None else ids
 
+    def context_length(self) -> int | None:
+        return self.n_ctx_train or None
+
     def decode(self, tokens: list[int]) -> str:
         """Text of `tokens` as transformers decodes it (special tokens skipped).
 

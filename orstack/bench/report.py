@@ -28,15 +28,51 @@ METRICS = [
 
 
 def lineage(spec: str) -> list[dict[str, Any]]:
-    """Where a model came from: the stages recorded in its orstack.json, oldest first."""
-    path = Path(spec)
-    manifest = read_manifest(path) if path.is_dir() else None
+    """Where a model came from: the stages recorded in its manifest, oldest first. The
+    manifest is a checkpoint directory's orstack.json, the `orstack.manifest` metadata key of
+    a .gguf file, or the packed directory's orstack.json inside a .orz pack."""
+    manifest = model_manifest(Path(spec))
     if manifest is None:
         return []
     steps = [{"stage": s.get("stage"), "path": s.get("path"), "args": s.get("args", {})}
              for s in manifest.get("lineage", [])]
     steps.append({"stage": manifest.get("stage"), "path": str(spec), "args": manifest.get("args", {})})
     return steps
+
+
+def model_manifest(path: Path) -> dict[str, Any] | None:
+    """The orstack manifest a model carries, or None when it has none (or is not a local file)."""
+    if path.is_dir():
+        return read_manifest(path)
+    if not path.is_file():
+        return None
+    suffix = path.suffix.lower()
+    if suffix == ".gguf":
+        from orstack.gguf.metadata import read_gguf_manifest
+
+        return read_gguf_manifest(path)  # GGUFReader maps the file; only the header is read
+    if suffix == ".orz":
+        return _packed_manifest(path)
+    return None
+
+
+def _packed_manifest(path: Path) -> dict[str, Any] | None:
+    """The packed directory's orstack.json, decoded alone (its SHA-256 checked) from the pack."""
+    import json
+
+    from orstack.errors import BadInput
+    from orstack.io.manifest import MANIFEST
+    from orstack.zstd_pack import Pack
+
+    with Pack(path) as pack:
+        if pack.index.get("root") != "dir" or not any(f["path"] == MANIFEST for f in pack.files):
+            return None
+        data = b"".join(pack.iter_file(MANIFEST))
+    try:
+        manifest = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadInput(f"{path}: the packed {MANIFEST} is not valid JSON ({e})") from None
+    return manifest if isinstance(manifest, dict) else None
 
 
 def lineage_line(steps: Sequence[dict[str, Any]]) -> str:

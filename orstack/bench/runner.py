@@ -1,37 +1,189 @@
-"""One `orstack bench` run: every model asked for tasks, perplexity and speed."""
+"""One `orstack bench` run: check everything, ask every model for tasks, perplexity and speed,
+and gate on accuracy (`run`); or score outputs made elsewhere, without a model (`score`).
+
+Both return a BenchResult (Result rows, one summary per model, the gate's verdict); the
+command prints it and writes the outputs, which were checked against the output policy
+before any work.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orstack.errors import BadInput
-from orstack.tasks.results import accuracy_summary, run_tasks
+from orstack.io.output import Output, check_outputs
+from orstack.tasks.results import accuracy_summary, fit_prompts, run_tasks
 
 if TYPE_CHECKING:
-    from orstack.backends.base import Backend
     from orstack.runtime import Runtime
     from orstack.tasks.sandbox import Sandbox
 
 
 @dataclass
 class BenchConfig:
-    """Everything one `orstack bench` run depends on."""
+    """Every option that changes what `orstack bench` measures or writes (the models are
+    `run`'s argument; device and threads are the Runtime's)."""
 
-    models: list[str] = field(default_factory=list)
-    tasks: str | None = None
-    ppl: list[str] = field(default_factory=list)
+    tasks: str | None = None  # task JSONL ('-' for stdin)
+    ppl: list[str] = field(default_factory=list)  # perplexity text files
     ppl_rule: str = "rolling"
-    ppl_max_length: int | None = None
+    ppl_max_length: int | None = None  # None: the model's context, at most 2048
     speed: bool = False
     speed_runs: int = 5
     max_new_tokens: int = 32
     batch_size: int = 16
-    limit: int | None = None
-    fail_under: float | None = None
-    threads: int | None = None  # torch CPU threads (None: torch's default)
+    limit: int | None = None  # only the first N tasks
+    truncate_prompts: bool = False  # keep the end of a prompt longer than the context, instead of refusing it
+    fail_under: float | None = None  # the accuracy gate
+    code_timeout: float = 5.0  # sandbox seconds per code program (a task's `timeout` wins)
+    code_memory_mb: int = 512  # sandbox memory per code program (a task's `memory_mb` wins)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class BenchOutputs:
+    """Where the command will write: Result rows (None: standard output), the summary JSON, the plot."""
+
+    rows: str | Path | None = None
+    summary: str | Path | None = None
+    plot: str | Path | None = None
+
+    def policy(self) -> list[Output]:
+        outputs = [Output(self.rows, "file", "-o"), Output(self.summary, "file", "--summary")]
+        return outputs + ([Output(self.plot, "file", "--plot")] if self.plot is not None else [])
+
+
+@dataclass
+class BenchResult:
+    config: BenchConfig
+    rows: list[dict[str, Any]]  # Result rows, every model's in turn
+    summaries: list[dict[str, Any]]  # one per model: accuracy, perplexity, speed, size, lineage
+    failure: str | None = None  # why the --fail-under gate failed (None: passed, or no gate)
+
+    def summary_json(self) -> dict[str, Any]:
+        """The --summary file: the whole config (and its class, for config_from_manifest) and
+        every model's summary."""
+        from orstack.io.manifest import as_args, config_class_name
+
+        return {"config": as_args(self.config), "config_class": config_class_name(self.config),
+                "models": self.summaries}
+
+
+def run(models: Sequence[str], config: BenchConfig, runtime: Runtime,
+        outputs: BenchOutputs = BenchOutputs()) -> BenchResult:  # noqa: B008 - frozen dataclass
+    """Benchmark `models` side by side. Every input and output is checked before any model
+    is loaded; then each model in turn answers the tasks, scores the perplexity text and is
+    timed; the accuracy gate is applied last."""
+    from orstack.io.text import read_texts
+    from orstack.tasks.contract import load_tasks
+
+    models = [str(m) for m in models]
+    _check_usage(models, config, outputs)
+    check_outputs(outputs.policy(), inputs=[config.tasks, *config.ppl, *models])
+    uses_torch = any(not _is_gguf(m) for m in models)
+    if uses_torch:
+        runtime.torch_device()  # --device cuda without CUDA: one line, before any work
+    for spec in models:
+        _check_model(spec)
+    tasks = load_tasks(config.tasks, config.limit) if config.tasks else None
+    texts = list(read_texts(config.ppl)) if config.ppl else None
+    if config.ppl and not any(texts):
+        raise BadInput(f"{', '.join(config.ppl)}: no text to measure perplexity on")
+
+    runtime.apply_threads()
+    if uses_torch:  # a GGUF-only run never imports torch (llama.cpp then takes every core)
+        from orstack.runtime import seed_everything
+
+        seed_everything(config.seed)
+    rows: list[dict[str, Any]] = []
+    summaries: list[dict[str, Any]] = []
+    with _sandbox_for(tasks, config) as sandbox:
+        for spec in models:
+            model_rows, summary = bench_model(spec, config, tasks, texts, runtime=runtime, sandbox=sandbox)
+            rows.extend(model_rows)
+            summaries.append(summary)
+    return BenchResult(config, rows, summaries, gate_failure(summaries, config.fail_under))
+
+
+def score(rows_path: str | Path, config: BenchConfig, runtime: Runtime,
+          outputs: BenchOutputs = BenchOutputs()) -> BenchResult:  # noqa: B008 - frozen dataclass
+    """`--score`: rows that already carry `output` (made anywhere) scored by bench's rules,
+    other fields kept; one summary per `model` named in the rows."""
+    from orstack.bench.report import lineage
+    from orstack.tasks.results import load_scored_rows, rescore
+
+    if config.tasks or config.ppl or config.speed:
+        raise BadInput("--score scores existing outputs: give no MODEL, --tasks, --ppl or --speed with it")
+    if outputs.plot is not None:
+        raise BadInput("--plot needs --tasks (it plots task accuracy against size)")
+    check_outputs(outputs.policy(), inputs=[rows_path])
+    rows = load_scored_rows(rows_path)
+    with _sandbox_for(rows, config) as sandbox:
+        scored = rescore(rows, sandbox)
+    by_model: dict[str, list[dict[str, Any]]] = {}
+    for row in scored:
+        by_model.setdefault(str(row.get("model", Path(rows_path).name)), []).append(row)
+    summaries = [{"model": m, "lineage": lineage(m), **accuracy_summary(r)} for m, r in by_model.items()]
+    return BenchResult(config, scored, summaries, gate_failure(summaries, config.fail_under))
+
+
+def _check_usage(models: list[str], config: BenchConfig, outputs: BenchOutputs) -> None:
+    """Every check of the options themselves (nothing is read yet)."""
+    from orstack.backends.perplexity import RULES
+
+    if not models:
+        raise BadInput("no MODEL given (or use --score ROWS.jsonl)")
+    if config.ppl_rule not in RULES:
+        raise BadInput(f"--ppl-rule: expected {' or '.join(RULES)}, got '{config.ppl_rule}'")
+    if config.fail_under is not None and not config.tasks:
+        raise BadInput("--fail-under needs --tasks or --score (it gates task accuracy)")
+    if outputs.plot is not None and not config.tasks:
+        raise BadInput("--plot needs --tasks (it plots task accuracy against size)")
+    if not (config.tasks or config.ppl or config.speed):
+        raise BadInput("nothing to measure: give --tasks, --ppl and/or --speed")
+
+
+def _is_gguf(spec: str) -> bool:
+    return spec.lower().endswith(".gguf")
+
+
+def _check_model(spec: str) -> None:
+    """A model is checked without loading its weights: a GGUF file's header and tensor extents,
+    or a checkpoint's weight headers, config and that it is a causal language model."""
+    if _is_gguf(spec):
+        if not Path(spec).is_file():
+            raise BadInput(f"{spec}: no such GGUF file")
+        from orstack.io.gguf_file import check_gguf
+
+        check_gguf(spec)
+        return
+    from orstack.io.checkpoint import check_checkpoint
+
+    check_checkpoint(spec)
+
+
+def _sandbox_for(rows: Sequence[dict[str, Any]] | None, config: BenchConfig) -> Sandbox | nullcontext:
+    """A sandbox pool when some row is a code task (closed, and on an error or an interrupt its
+    programs killed, when the block ends), else nothing."""
+    if not rows or not any(r["kind"] == "code" for r in rows):
+        return nullcontext()
+    from orstack.tasks.sandbox import Limits, Sandbox
+
+    return Sandbox(limits=Limits(timeout=config.code_timeout, memory_mb=config.code_memory_mb))
+
+
+def gate_failure(summaries: Sequence[dict[str, Any]], fail_under: float | None) -> str | None:
+    """Which models are below the --fail-under accuracy (a model without accuracy fails too)."""
+    if fail_under is None:
+        return None
+    below = [f"{s['model']} {s['accuracy'] if s.get('accuracy') is None else round(s['accuracy'], 4)}"
+             for s in summaries if s.get("accuracy") is None or s["accuracy"] < fail_under]
+    return f"accuracy below --fail-under {fail_under}: {', '.join(below)}" if below else None
 
 
 def bench_model(spec: str, config: BenchConfig, tasks: Sequence[dict[str, Any]] | None = None,
@@ -41,11 +193,8 @@ def bench_model(spec: str, config: BenchConfig, tasks: Sequence[dict[str, Any]] 
     from orstack.backends.base import open_backend
     from orstack.bench.report import lineage
     from orstack.bench.speed import measure_speed, peak_rss_mb, reset_peak_rss, rss_mb
+    from orstack.io.jsonl import display_name
 
-    if config.threads:
-        import torch
-
-        torch.set_num_threads(config.threads)
     _import_runtime(spec)
     reset_peak_rss()
     rss_before = rss_mb()
@@ -56,13 +205,18 @@ def bench_model(spec: str, config: BenchConfig, tasks: Sequence[dict[str, Any]] 
         summary: dict[str, Any] = {"model": spec, "lineage": lineage(spec)}
         rows: list[dict[str, Any]] = []
         if tasks:
+            asked, truncated = fit_prompts(backend, tasks, max_new_tokens=config.max_new_tokens,
+                                           truncate=config.truncate_prompts, source=display_name(config.tasks))
             began = time.perf_counter()
-            rows = run_tasks(backend, tasks, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
+            rows = run_tasks(backend, asked, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
                              sandbox=sandbox)
             summary["tasks_per_s"] = len(tasks) / (time.perf_counter() - began)
             summary.update(accuracy_summary(rows))
+            if config.truncate_prompts:
+                summary["truncated_prompts"] = truncated
+                summary["context_length"] = backend.context_length()
         if texts:
-            max_length = config.ppl_max_length or min(context_length(backend) or 2048, 2048)
+            max_length = config.ppl_max_length or min(backend.context_length() or 2048, 2048)
             try:
                 result = backend.perplexity(list(texts), max_length=max_length, rule=config.ppl_rule)
             except ValueError as e:  # e.g. a text shorter than one llama.cpp-rule chunk
@@ -71,7 +225,7 @@ def bench_model(spec: str, config: BenchConfig, tasks: Sequence[dict[str, Any]] 
         size = backend.size_bytes()
         summary["size_mb"] = size / 1e6
         if config.speed:
-            speed = measure_speed(backend, runs=config.speed_runs, max_positions=context_length(backend))
+            speed = measure_speed(backend, runs=config.speed_runs, max_positions=backend.context_length())
             import torch
 
             summary["speed"] = {"load_s": load_s, **speed, "peak_rss_mb": peak_rss_mb(),
@@ -86,7 +240,7 @@ def _import_runtime(spec: str) -> None:
     """Import the model runtime before the load clock starts, so the first model's load time
     is not charged with library imports the later ones skip."""
     try:
-        if str(spec).lower().endswith(".gguf"):
+        if _is_gguf(spec):
             import llama_cpp  # noqa: F401
         else:
             from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
@@ -96,10 +250,3 @@ def _import_runtime(spec: str) -> None:
             AutoModelForCausalLM._model_mapping[type(load_config(spec))]  # imports the modeling module
     except Exception:  # noqa: BLE001 - open_backend reports whatever is wrong with the model
         pass
-
-
-def context_length(backend: Backend) -> int | None:
-    """The model's trained context in tokens, when the backend tells."""
-    n_ctx = getattr(backend, "n_ctx_train", None)  # llama.cpp
-    config = getattr(getattr(backend, "model", None), "config", None)  # transformers
-    return n_ctx or getattr(config, "max_position_embeddings", None)

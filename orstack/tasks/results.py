@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 from orstack.errors import BadInput
 from orstack.io.jsonl import display_name, read_jsonl_numbered
-from orstack.tasks.contract import validate_task
+from orstack.tasks.contract import RESULT_FIELDS, RESULT_ORDER, validate_task
+from orstack.tasks.passk import pass_at_k_by_task
 from orstack.tasks.stops import stop_sequences
-from orstack.tasks.verify import choice_continuations, pass_at_k_by_task, pick_choice, run_code, score_outputs
+from orstack.tasks.verify import choice_continuations, pick_choice, run_code, score_outputs
 
 if TYPE_CHECKING:
     from orstack.backends.base import Backend, Generation
@@ -85,22 +86,23 @@ def _score_choices(backend: Backend, tasks: Sequence[dict], batch: list[int],
 
 
 def result_row(task: dict[str, Any], model: str, output: str, gen: Generation | None) -> dict[str, Any]:
-    """One row of the Result contract; task fields outside it (family, level, ...) follow."""
+    """One row of the Result contract: its leading fields in RESULT_ORDER (unset ones None), then
+    the task's other fields (family, level, ...). Result fields a task carries from an earlier
+    answer (a Result row used as a task) are not this answer's, so they are dropped."""
     logprobs = gen.token_logprobs if gen else []
     entropies = gen.token_entropies if gen else []
-    row = {
+    values = {
         "id": task["id"], "model": model, "prompt": task["prompt"], "output": output,
-        "answer": task.get("answer"), "correct": None, "score": None, "kind": task["kind"],
-        "domain": task.get("domain"),
+        "answer": task.get("answer"), "kind": task["kind"], "domain": task.get("domain"),
         "prompt_tokens": gen.prompt_tokens if gen else None,
         "output_tokens": gen.output_tokens if gen else None,
         "mean_logprob": _finite(sum(logprobs) / len(logprobs)) if logprobs else None,
         "min_logprob": _finite(min(logprobs)) if logprobs else None,
         "mean_entropy": _finite(sum(entropies) / len(entropies)) if entropies else None,
         "latency_ms": round(gen.latency_ms, 3) if gen else None,
-        "error": None,
     }
-    row.update({k: v for k, v in task.items() if k not in row})
+    row = {k: values.get(k) for k in RESULT_ORDER}
+    row.update({k: v for k, v in task.items() if k not in row and k not in RESULT_FIELDS})
     return row
 
 
@@ -175,3 +177,60 @@ def _mean(values) -> float | None:  # noqa: ANN001
     return sum(values) / len(values) if values else None
 
 
+
+
+def fit_prompts(backend: Backend, tasks: Sequence[dict[str, Any]], *, max_new_tokens: int, truncate: bool = False,
+                source: str = "tasks") -> tuple[list[dict[str, Any]], int]:
+    """(tasks, how many prompts were truncated): every prompt checked against the model's
+    context after tokenizing and before anything is generated, so an oversized prompt is
+    refused instead of making the model allocate for it. A prompt longer than the context is
+    bad input naming the task (`source` names the file), or with `truncate` keeps its end:
+    as many tokens as leave room for the answer (the generation budget, at most half the
+    context)."""
+    context = backend.context_length()
+    if not context:
+        return list(tasks), 0
+    fitted, truncated = [], 0
+    for task in tasks:
+        n_tokens = len(backend.encode_prompt(task["prompt"]))
+        if n_tokens <= context:
+            fitted.append(task)
+            continue
+        if not truncate:
+            raise BadInput(f"{source}: task {task['id']!r}: the prompt has {n_tokens} tokens, more than the "
+                           f"context of {backend.name} ({context} tokens); shorten it or pass --truncate-prompts")
+        keep = context - min(_answer_budget(backend, task, max_new_tokens), context // 2)
+        fitted.append({**task, "prompt": keep_last_tokens(backend, task["prompt"], keep)})
+        truncated += 1
+    return fitted, truncated
+
+
+def _answer_budget(backend: Backend, task: dict[str, Any], max_new_tokens: int) -> int:
+    if task["kind"] == "choice":
+        return max(len(backend.encode_prompt(c)) for c in choice_continuations(task))
+    return int(task.get("max_new_tokens", max_new_tokens))
+
+
+def keep_last_tokens(backend: Backend, text: str, n_tokens: int) -> str:
+    """The longest end of `text` that the model reads as at most `n_tokens` tokens (the cut
+    falls between characters, so the text stays valid)."""
+    def fits(start: int) -> bool:
+        return len(backend.encode_prompt(text[start:])) <= n_tokens
+
+    # Grow a window from the end until it no longer fits, then bisect inside it: only a few
+    # tokenizations of about the kept length, however long the text.
+    width = max(n_tokens, 1)
+    while width < len(text) and fits(len(text) - width):
+        width *= 2
+    if width >= len(text) and fits(0):
+        return text
+    low, high = max(len(text) - width, 0), len(text) - width // 2  # fits(high) holds, fits(low) does not
+    if not fits(high):
+        high = len(text)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if fits(middle):
+            high = middle
+        else:
+            low = middle
+    return text[high:]

@@ -1,15 +1,20 @@
 """Running untrusted programs (model-written code) outside the calling process.
 
-A reusable pool of worker processes (fresh interpreters, so they carry no torch state) each run one
-program at a time in a freshly forked child:
+A reusable pool of worker processes (fresh interpreters, so they carry no torch state, each in
+its own session, so a Ctrl-C at the terminal reaches only orstack) each run one program at a
+time in a freshly forked child:
 - the child gets its own session (so the whole process group can be killed), a throw-away
-  working directory, RLIMIT_AS (memory), RLIMIT_CPU and RLIMIT_FSIZE, and closed stdin;
+  working directory, RLIMIT_AS (memory), RLIMIT_CPU and RLIMIT_FSIZE, and closed stdin, and
+  dies with its worker (PR_SET_PDEATHSIG);
 - the network is cut by moving the child into an empty network namespace (unshare
   CLONE_NEWNET; as non-root, with a user namespace first) when the kernel allows it;
 - writes outside the working directory are refused by a Landlock ruleset when the kernel
   has Landlock (reads stay allowed, so the standard library imports);
 - the worker waits on a pidfd with the wall-clock timeout and SIGKILLs the process group
-  on expiry or when the program ends (stray background children die with it).
+  on expiry or when the program ends (stray background children die with it);
+- closing the pool on an error or an interrupt (`Sandbox.close(kill=True)`, what leaving its
+  `with` block by an exception does) sends each worker SIGTERM, on which the worker kills its
+  running program's process group and exits; a worker that does not exit is SIGKILLed.
 `isolation()` reports which of these the machine supports; nothing is claimed that is
 not in force. This is a guard against accidents and runaway programs, not a hardened
 jail against a determined attacker (no seccomp filter, shared PID namespace).
@@ -38,6 +43,7 @@ STATUS_BY_CODE = {PASSED: "passed", FAILED: "failed", SYNTAX: "syntax_error", ME
 
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
+PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38
 SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_ADD_RULE, SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
 LANDLOCK_RULE_PATH_BENEATH = 1
@@ -163,11 +169,15 @@ def _confine_writes(libc: ctypes.CDLL, workdir: str, network: bool = True) -> bo
         os.close(fd)
 
 
-def _child(program: str, workdir: str, limits: Limits) -> None:
+def _child(program: str, workdir: str, limits: Limits, worker: int) -> None:
     """Runs in the forked child; never returns."""
     code = FAILED
     try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the worker's handler is not the program's
         os.setsid()
+        _libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != worker:  # the worker died before the line above
+            os._exit(FAILED)
         os.chdir(workdir)
         out = os.open("stdout", os.O_WRONLY | os.O_CREAT, 0o600)
         err = os.open("stderr", os.O_WRONLY | os.O_CREAT, 0o600)
@@ -215,17 +225,35 @@ def _execute(program: str) -> int:
 # -- the worker: fork, wait, kill, clean up ----------------------------------------------------
 def run_program(program: str, limits: Limits = Limits()) -> RunResult:  # noqa: B008 - frozen dataclass
     """Run one program in a confined child of this process and wait for it (up to the timeout)."""
+    global _running
     workdir = tempfile.mkdtemp(prefix="orstack-sandbox-")
     began = time.perf_counter()
+    worker = os.getpid()
     try:
         pid = os.fork()
         if pid == 0:
-            _child(program, workdir, limits)
+            _child(program, workdir, limits, worker)
+        _running = pid
         status = _wait(pid, limits.timeout)
         duration = (time.perf_counter() - began) * 1000
         return _result(status, workdir, limits, duration)
     finally:
+        _running = None
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+_running: int | None = None  # the program this worker is running (its process group id)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    """The worker's SIGTERM: kill the running program's process group, then unwind (removing
+    its working directory) and exit."""
+    if _running is not None:
+        try:
+            os.killpg(_running, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    raise SystemExit(128 + signum)
 
 
 def _wait(pid: int, timeout: float) -> int | None:
@@ -277,7 +305,9 @@ class _Worker:
     """One `python -m orstack.tasks.sandbox` process, fed programs as JSON lines on stdin.
 
     A fresh interpreter rather than a multiprocessing child: it carries none of the caller's
-    state (torch, threads) and works whatever the caller's __main__ is (stdin, -c, notebooks)."""
+    state (torch, threads) and works whatever the caller's __main__ is (stdin, -c, notebooks).
+    It leads its own session (process group), so signals meant for orstack's group do not
+    reach it half-way through a program; the pool stops it explicitly."""
 
     def __init__(self) -> None:
         import subprocess
@@ -285,7 +315,14 @@ class _Worker:
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
         self.proc = subprocess.Popen([sys.executable, "-m", "orstack.tasks.sandbox"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, env=env, text=True, bufsize=1)
+                                     stdout=subprocess.PIPE, env=env, text=True, bufsize=1, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
 
     def run(self, program: str, limits: Limits) -> RunResult:
         import json
@@ -301,16 +338,36 @@ class _Worker:
             raise WorkerDied
         return RunResult(**json.loads(line))
 
-    def close(self) -> None:
+    def close(self, kill: bool = False) -> None:
+        """Stop the worker: let its running program end within its limits, or with `kill`
+        (an error or an interrupt) SIGTERM it, which kills the program's process group first."""
         import subprocess
 
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
+        if self.alive():
+            if kill:
+                self._signal(signal.SIGTERM)
+            else:
+                self._close_pipe(self.proc.stdin)
             try:
-                self.proc.wait(timeout=60)  # the running program ends within its own limits
+                self.proc.wait(timeout=5 if kill else 60)  # a running program ends within its own limits
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                self._signal(signal.SIGKILL)
                 self.proc.wait()
+        self._close_pipe(self.proc.stdin)
+        self._close_pipe(self.proc.stdout)
+
+    def _signal(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)  # the worker's own group: its session leader is the worker
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    @staticmethod
+    def _close_pipe(pipe: object) -> None:
+        try:
+            pipe.close()  # type: ignore[attr-defined]
+        except (OSError, ValueError):  # a broken pipe, or another thread using it right now
+            pass
 
 
 def _serve() -> None:
@@ -318,6 +375,7 @@ def _serve() -> None:
     import json
     from dataclasses import asdict
 
+    signal.signal(signal.SIGTERM, _terminate)
     _make_empty_netns()
     _libc()
     for line in sys.stdin:
@@ -351,35 +409,44 @@ class Sandbox:
         job_limits = limits or self.limits
         return list(self._threads.map(lambda p: self._dispatch(p, job_limits), programs))
 
+    def worker_pids(self) -> list[int]:
+        """The process ids of the pool's workers (each the leader of its own process group)."""
+        return [w.pid for w in self._all]
+
     def _dispatch(self, program: str, limits: Limits) -> RunResult:
         worker = self._idle.get()
+        if not worker.alive() and not self._closed:  # died while idle (killed from outside)
+            worker = self._replace(worker)
         try:
             return worker.run(program, limits)
         except WorkerDied:
             if self._closed:
                 return RunResult("crashed", "the sandbox was closed", 0.0)
             # The program got past the confinement and killed its worker: replace the worker.
-            worker.close()
-            self._all.remove(worker)
-            worker = _Worker()
-            self._all.append(worker)
+            worker = self._replace(worker)
             return RunResult("crashed", "the program killed its sandbox worker", 0.0)
         finally:
             self._idle.put(worker)
 
-    def close(self) -> None:
-        """Cancel queued programs (Ctrl-C must not wait for them all), let running ones end
-        within their limits, and stop the workers."""
+    def _replace(self, worker: _Worker) -> _Worker:
+        worker.close(kill=True)
+        fresh = _Worker()
+        self._all[self._all.index(worker)] = fresh
+        return fresh
+
+    def close(self, kill: bool = False) -> None:
+        """Cancel queued programs (Ctrl-C must not wait for them all) and stop the workers:
+        running programs end within their limits, or with `kill` are killed at once."""
         self._closed = True
         self._threads.shutdown(wait=False, cancel_futures=True)
         for worker in list(self._all):
-            worker.close()
+            worker.close(kill)
 
     def __enter__(self) -> Sandbox:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        self.close(kill=exc_type is not None)  # an error or an interrupt: nothing waits for results
 
 
 def isolation() -> dict[str, bool]:
@@ -399,19 +466,6 @@ def isolation() -> dict[str, bool]:
     shutil.rmtree(workdir, ignore_errors=True)
     return {"network_namespace": bool(flags[0]), "landlock_writes": bool(flags[1]),
             "memory_limit": True, "timeout": True, "process_per_program": True}
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples of which c are correct (Chen et al., 2021):
-    1 - C(n-c, k) / C(n, k), computed as a stable product."""
-    if k > n:
-        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
-    if n - c < k:
-        return 1.0
-    product = 1.0
-    for i in range(n - c + 1, n + 1):
-        product *= 1.0 - k / i
-    return 1.0 - product
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from orstack.tasks.contract import NUMBER, answer_index, parse_number
-from orstack.tasks.sandbox import pass_at_k
 
 if TYPE_CHECKING:
     from orstack.tasks.sandbox import RunResult, Sandbox
@@ -103,7 +102,7 @@ def default_sandbox() -> Sandbox:
         from orstack.tasks.sandbox import Sandbox
 
         _default_sandbox = Sandbox()
-        atexit.register(_default_sandbox.close)
+        atexit.register(_default_sandbox.close, kill=True)  # at exit no result is waited for
     return _default_sandbox
 
 
@@ -156,17 +155,3 @@ def score_outputs(tasks: Sequence[dict[str, Any]], outputs: Sequence[str], sandb
         for i, run in zip(code_rows, runs):
             scored[i] = (run.passed, float(run.passed))
     return scored
-
-
-def pass_at_k_by_task(rows: Sequence[dict[str, Any]], ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """Mean unbiased pass@k over tasks, with rows sharing an id as that task's samples;
-    pass@k is reported only when every task has at least k samples."""
-    samples: dict[Any, list[bool]] = defaultdict(list)
-    for row in rows:
-        if row.get("correct") is not None:
-            samples[row["id"]].append(bool(row["correct"]))
-    if not samples:
-        return {}
-    fewest = min(len(v) for v in samples.values())
-    return {f"pass@{k}": sum(pass_at_k(len(v), sum(v), k) for v in samples.values()) / len(samples)
-            for k in ks if k <= fewest}
