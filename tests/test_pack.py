@@ -6,14 +6,16 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import zstandard
+from conftest import run_orstack, run_orstack_read_only, tree_hash
 
-from orstack.cli import main
+from orstack.console import set_quiet
 from orstack.zstd_pack import Pack, PackConfig, list_contents, pack, read_tensor, unpack, verify
 from orstack.zstd_pack.layout import file_layout
 
@@ -28,14 +30,11 @@ def tree_digests(root: Path) -> dict[str, str]:
     return {p.relative_to(root).as_posix(): sha(p) for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def run(argv: list[str], capsys) -> tuple[int, str, str]:  # noqa: ANN001 - pytest fixture
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+def run(argv: list[str], quiet: bool = True) -> tuple[int, str, str]:
+    """`orstack [--quiet] ARGV` in this process: (exit code, stdout, stderr)."""
+    result = run_orstack(*(["--quiet"] if quiet else []), *argv)
+    set_quiet(False)
+    return result.returncode, result.stdout, result.stderr
 
 
 def weights(dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -227,45 +226,45 @@ def _damaged_packs(packed: Path) -> dict[str, bytes]:
     }
 
 
-def test_corrupted_or_truncated_pack_is_refused_and_nothing_written(st_files, tmp_path, capsys) -> None:
+def test_corrupted_or_truncated_pack_is_refused_and_nothing_written(st_files, tmp_path) -> None:
     packed = tmp_path / "w.orz"
     pack(st_files["fp32"], packed, SMALL_CHUNKS)
     for what, data in _damaged_packs(packed).items():
         bad = tmp_path / "bad.orz"
         bad.write_bytes(data)
         out = tmp_path / "restored.safetensors"
-        code, stdout, err = run(["zstd-pack", "-d", str(bad), "-o", str(out)], capsys)
+        code, stdout, err = run(["zstd-pack", "-d", str(bad), "-o", str(out)])
         assert code == 2, (what, err)
         assert not out.exists() and stdout == "", what
-        last = err.strip().splitlines()[-1]  # after the progress display: one error line
-        assert last.startswith("orstack: error:") and ("corrupt" in last or "truncated" in last or "not an" in last)
+        assert len(err.strip().splitlines()) == 1 and err.startswith("orstack: error:") and str(bad) in err, what
+        assert "corrupt" in err or "truncated" in err or "not an" in err, (what, err)
         assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".restored")] == [], what
-        code, _, _ = run(["zstd-pack", "--verify", str(bad)], capsys)
+        code, _, _ = run(["zstd-pack", "--verify", str(bad)])
         assert code == 2, what
 
 
-def test_failed_unpack_leaves_existing_output_untouched(st_files, tmp_path, capsys) -> None:
+def test_failed_unpack_leaves_existing_output_untouched(st_files, tmp_path) -> None:
     packed = tmp_path / "w.orz"
     pack(st_files["fp16"], packed, SMALL_CHUNKS)
     bad = tmp_path / "bad.orz"
     bad.write_bytes(_damaged_packs(packed)["stored frame"])
     out = tmp_path / "existing.safetensors"
     out.write_bytes(b"keep me")
-    code, _, _ = run(["zstd-pack", "-d", str(bad), "-o", str(out)], capsys)
+    code, _, _ = run(["zstd-pack", "-d", str(bad), "-o", str(out)])
     assert code == 2 and out.read_bytes() == b"keep me"
 
 
-def test_cli_pack_list_verify_unpack(random_llama, tmp_path, capsys) -> None:
+def test_cli_pack_list_verify_unpack(random_llama, tmp_path) -> None:
     packed = tmp_path / "m.orz"
     code, out, err = run(["zstd-pack", str(random_llama), "-o", str(packed), "--level", "5", "--threads", "2",
-                          "--dict-size", "64K"], capsys)
+                          "--dict-size", "64K"], quiet=False)
     assert code == 0 and out == "" and "ratio" in err
-    code, out, _ = run(["zstd-pack", "--list", str(packed)], capsys)
+    code, out, _ = run(["zstd-pack", "--list", str(packed)])
     rows = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and {"model.safetensors", "config.json"} <= {r["file"] for r in rows}
     assert all(r["ratio"] is None or r["ratio"] > 0 for r in rows)
-    assert run(["zstd-pack", "--verify", str(packed)], capsys)[0] == 0
-    code, out, _ = run(["zstd-pack", "-d", str(packed), "-o", str(tmp_path / "restored")], capsys)
+    assert run(["zstd-pack", "--verify", str(packed)])[0] == 0
+    code, out, _ = run(["zstd-pack", "-d", str(packed), "-o", str(tmp_path / "restored")])
     assert code == 0 and out == ""
     assert tree_digests(tmp_path / "restored") == tree_digests(random_llama)
     with Pack(packed) as p:
@@ -282,12 +281,12 @@ def test_cli_pack_list_verify_unpack(random_llama, tmp_path, capsys) -> None:
     ["zstd-pack", "-d", "--list", "{notpack}"],
     ["zstd-pack", "/nonexistent/input", "-o", "{out}"],
 ])
-def test_bad_input_exits_2_and_writes_nothing(st_files, tmp_path, capsys, argv) -> None:
+def test_bad_input_exits_2_and_writes_nothing(st_files, tmp_path, argv) -> None:
     notpack = tmp_path / "model.orz"
     notpack.write_bytes(b"PK\x03\x04 this is a zip, not a pack" * 10)
     out = tmp_path / "out"
     argv = [a.format(notpack=notpack, out=out, src=st_files["fp32"]) for a in argv]
-    code, stdout, err = run(argv, capsys)
+    code, stdout, err = run(argv)
     assert code == 2 and stdout == "" and len(err.strip().splitlines()) == 1
     assert not out.exists()
 
@@ -308,9 +307,262 @@ def test_load_model_reads_an_orz_checkpoint(random_llama, tmp_path, monkeypatch)
     assert list((tmp_path / "cache" / "orz").iterdir()) == entries
 
 
-def test_unpack_refuses_to_turn_a_directory_into_a_file(st_files, tmp_path, capsys) -> None:
+def test_unpack_refuses_to_turn_a_directory_into_a_file(st_files, tmp_path) -> None:
     packed = tmp_path / "w.orz"
     pack(st_files["fp32"], packed)
     (tmp_path / "somedir").mkdir()
-    code, _, err = run(["zstd-pack", "-d", str(packed), "-o", str(tmp_path / "somedir")], capsys)
+    code, _, err = run(["zstd-pack", "-d", str(packed), "-o", str(tmp_path / "somedir")])
     assert code == 2 and "is a directory" in err and list((tmp_path / "somedir").iterdir()) == []
+
+
+# -- config = manifest -------------------------------------------------------------------------
+
+
+def test_pack_index_records_the_config_and_cli_defaults_are_the_dataclass_defaults(st_files, tmp_path) -> None:
+    import dataclasses
+
+    from typer.main import get_command
+
+    from orstack.cli import app
+    from orstack.commands.zstd_pack import parse_size
+    from orstack.io.manifest import config_from_manifest
+
+    config = PackConfig(level=5, threads=1, chunk_size=8192, dict_size=4096, use_dict=False, small_blob=1024)
+    pack(st_files["bf16"], tmp_path / "w.orz", config)
+    with Pack(tmp_path / "w.orz") as p:
+        assert config_from_manifest({"config_class": p.index["config_class"], "args": p.index["config"]}) == config
+    params = {p.name: p.default for p in get_command(app).commands["zstd-pack"].params}
+    cli = {"level": params["level"], "threads": params["threads"], "chunk_size": parse_size(params["chunk_size"], ""),
+           "dict_size": parse_size(params["dict_size"], ""), "use_dict": not params["no_dict"]}
+    defaults = {f.name: f.default for f in dataclasses.fields(PackConfig)}
+    assert set(cli) == set(defaults) - {"small_blob"}  # small_blob has no option
+    assert cli == {name: defaults[name] for name in cli}
+
+
+# -- the output policy --------------------------------------------------------------------------
+
+
+def test_pack_refuses_an_existing_directory_as_output_and_leaves_it(st_files, tmp_path) -> None:
+    mydir = tmp_path / "mydir"
+    mydir.mkdir()
+    (mydir / "notes.txt").write_text("the user's own file")
+    before = tree_hash(mydir)
+    code, stdout, err = run(["zstd-pack", str(st_files["fp32"]), "-o", str(mydir)])
+    assert code == 2 and stdout == "" and len(err.strip().splitlines()) == 1 and str(mydir) in err
+    assert "is a directory" in err and tree_hash(mydir) == before
+
+
+def test_pack_refuses_to_overwrite_its_input(st_files, tmp_path) -> None:
+    src = tmp_path / "w.safetensors"
+    shutil.copy(st_files["fp32"], src)
+    before = tree_hash(src)
+    code, _, err = run(["zstd-pack", str(src), "-o", str(src)])
+    assert code == 2 and len(err.strip().splitlines()) == 1 and str(src) in err and "input" in err
+    assert tree_hash(src) == before
+
+
+def test_unpack_of_a_directory_pack_refuses_an_existing_file(random_llama, tmp_path) -> None:
+    packed = tmp_path / "m.orz"
+    pack(random_llama, packed)
+    existing = tmp_path / "restored"
+    existing.write_bytes(b"a file the user keeps")
+    code, _, err = run(["zstd-pack", "-d", str(packed), "-o", str(existing)])
+    assert code == 2 and len(err.strip().splitlines()) == 1 and str(existing) in err and "is a file" in err
+    assert existing.read_bytes() == b"a file the user keeps"
+
+
+def test_unpack_refuses_a_directory_orstack_did_not_write(st_files, tmp_path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(st_files["fp16"], src / "w.safetensors")
+    packed = tmp_path / "d.orz"
+    pack(src, packed)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("months of work")
+    before = tree_hash(mine)
+    code, _, err = run(["zstd-pack", "-d", str(packed), "-o", str(mine)])
+    assert code == 2 and len(err.strip().splitlines()) == 1 and str(mine) in err and "not written by orstack" in err
+    assert tree_hash(mine) == before
+
+
+def test_pack_into_a_read_only_location_is_refused_up_front(st_files, tmp_path) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (ro / "old.orz").write_bytes(b"an old pack")
+    before = tree_hash(ro)
+    result = run_orstack_read_only(ro, "zstd-pack", st_files["fp32"], "-o", ro / "new.orz")
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and str(ro / "new.orz") in result.stderr
+    assert "cannot write" in result.stderr and tree_hash(ro) == before
+
+
+# -- integrity: one flipped byte anywhere ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_pack(tmp_path_factory) -> Path:
+    """The smallest loadable checkpoint (a 1-layer Llama of width 8, bf16) as a ~4 KB pack."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("tiny-pack")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(root / "model")
+    pack(root / "model", root / "model.orz", PackConfig(threads=1))
+    return root / "model.orz"
+
+
+def _flip_in_place(path: Path, position: int, stat: os.stat_result) -> None:
+    """Flip the lowest bit of one byte, in place, and restore the mtime: damage that size, inode
+    and mtime do not show (bit rot)."""
+    with path.open("r+b") as fh:
+        fh.seek(position)
+        byte = fh.read(1)[0]
+        fh.seek(position)
+        fh.write(bytes([byte ^ 1]))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_every_flipped_byte_is_found_by_every_reader_cold_and_warm(tiny_pack, tmp_path, monkeypatch) -> None:
+    from orstack.errors import BadInput
+    from orstack.io.checkpoint import load_model
+    from orstack.zstd_pack import run_list, run_unpack, run_verify
+
+    set_quiet(True)
+    bad = tmp_path / "bad.orz"
+    shutil.copy(tiny_pack, bad)
+    out = tmp_path / "restored"
+    cold, warm = tmp_path / "cold-cache", tmp_path / "warm-cache"
+    monkeypatch.setenv("ORSTACK_CACHE", str(warm))
+    load_model(bad, with_tokenizer=False)  # one good use: the intact pack's entry is in the warm cache
+    warm_entries = sorted((warm / "orz").iterdir())
+    assert len(warm_entries) == 1
+    stat = bad.stat()
+    readers = {
+        "--verify": lambda: run_verify(bad, 1),
+        "-d": lambda: run_unpack(bad, out, 1),
+        "--list": lambda: run_list(bad),
+        "load_model cold": lambda: load_model(bad, with_tokenizer=False),
+        "load_model warm": lambda: load_model(bad, with_tokenizer=False),
+    }
+    missed: dict[str, list[int]] = {name: [] for name in readers}
+    checked = 0
+    try:
+        for position in range(stat.st_size):
+            _flip_in_place(bad, position, stat)
+            for name, read in readers.items():
+                monkeypatch.setenv("ORSTACK_CACHE", str(warm if name.endswith("warm") else cold))
+                try:
+                    read()
+                    missed[name].append(position)
+                except BadInput as e:
+                    assert str(bad) in str(e) and "\n" not in str(e), (name, position, str(e))
+                checked += 1
+            assert not out.exists()
+            _flip_in_place(bad, position, stat)  # undo
+    finally:
+        set_quiet(False)
+    assert missed == {name: [] for name in readers}
+    assert checked == 5 * stat.st_size
+    assert not (cold / "orz").exists() or list((cold / "orz").iterdir()) == []  # nothing damaged was cached
+    assert sorted((warm / "orz").iterdir()) == warm_entries
+    assert sha(bad) == sha(tiny_pack)
+
+
+@pytest.mark.parametrize("mode", ["--verify", "-d", "--list"])
+def test_a_flipped_byte_through_the_cli_is_exit_2_naming_the_pack_and_tensor(st_files, tmp_path, mode) -> None:
+    packed = tmp_path / "w.orz"
+    pack(st_files["fp32"], packed, SMALL_CHUNKS)
+    with Pack(packed) as p:
+        segment = next(s for s in p.files[0]["segments"] if s["name"] == "layers.0.proj.weight")
+        chunk = p.index["blobs"][segment["blob"]]["chunks"][0]
+    data = bytearray(packed.read_bytes())
+    data[chunk["offset"] + 3] ^= 0x01
+    packed.write_bytes(bytes(data))
+    out = tmp_path / "restored.safetensors"
+    code, stdout, err = run(["zstd-pack", mode, str(packed), *(["-o", str(out)] if mode == "-d" else [])])
+    assert code == 2 and stdout == "" and len(err.strip().splitlines()) == 1, err
+    assert str(packed) in err and "layers.0.proj.weight" in err and not out.exists()
+
+
+def test_a_flipped_header_flag_is_found(st_files, tmp_path) -> None:
+    packed = tmp_path / "w.orz"
+    pack(st_files["fp32"], packed, SMALL_CHUNKS)
+    data = bytearray(packed.read_bytes())
+    data[12] ^= 0x01  # the flags word of the header, which no decoder reads
+    packed.write_bytes(bytes(data))
+    code, _, err = run(["zstd-pack", "--verify", str(packed)])
+    assert code == 2 and "header flags" in err and str(packed) in err
+
+
+def test_cache_is_keyed_by_the_pack_file_itself(tiny_pack, tmp_path, monkeypatch) -> None:
+    from orstack.zstd_pack import cached_unpack
+
+    monkeypatch.setenv("ORSTACK_CACHE", str(tmp_path / "cache"))
+    entry = cached_unpack(tiny_pack)
+    assert entry.name == sha(tiny_pack) and (entry / "config.json").is_file()
+    assert cached_unpack(tiny_pack) == entry
+
+
+# -- signals and a full disk -------------------------------------------------------------------
+
+ENV = dict(os.environ, NO_COLOR="1", HF_HUB_OFFLINE="1")
+
+
+@pytest.fixture(scope="module")
+def big_safetensors(tmp_path_factory) -> Path:
+    """64 MB of gaussian fp32: several seconds of packing on this machine (exponent planes take zstd's
+    optimal parser), so a signal lands mid-pack."""
+    from safetensors.numpy import save_file
+
+    path = tmp_path_factory.mktemp("big") / "big.safetensors"
+    rng = np.random.default_rng(0)
+    save_file({"w": rng.standard_normal(16_000_000, dtype=np.float32) * 0.02}, str(path))
+    return path
+
+
+@pytest.mark.parametrize(("signum", "code", "message"), [(signal.SIGINT, 130, "interrupted"),
+                                                         (signal.SIGTERM, 143, "terminated")])
+def test_a_signal_mid_pack_exits_cleanly_and_keeps_the_old_output(big_safetensors, tmp_path, signum, code,
+                                                                  message) -> None:
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out.orz"
+    out.write_bytes(b"the previous pack")
+    # SIGINT at its default, as in a terminal (a test runner started in the background of a
+    # non-interactive shell would otherwise pass SIGINT on as ignored).
+    proc = subprocess.Popen([sys.executable, "-m", "orstack", "--quiet", "zstd-pack", str(big_safetensors), "-o",
+                             str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.orz.tmp-*")):  # the pack is being written
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == code, stderr
+    assert stderr.strip() == f"orstack: error: {message}" and stdout == ""
+    assert [p.name for p in tmp_path.iterdir()] == ["out.orz"] and out.read_bytes() == b"the previous pack"
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(big_safetensors, tmp_path) -> None:
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
+        pytest.skip("no unprivileged mount namespace (unshare -rm) for a small tmpfs")
+    small = tmp_path / "small"
+    small.mkdir()
+    # A 1 MB tmpfs: the 64 MB input cannot fit; afterwards the script lists what is left on it.
+    script = ('mount -t tmpfs -o size=1m tmpfs "$0" && "$@"; rc=$?; ls -A "$0" >&2; exit $rc')
+    out = small / "out.orz"
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script, str(small), sys.executable, "-m", "orstack",
+                           "--quiet", "zstd-pack", str(big_safetensors), "-o", str(out)],
+                          capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"orstack: error: no space left on device writing {out}"]
