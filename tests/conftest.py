@@ -145,3 +145,47 @@ def run_orstack(*args: str) -> CliResult:
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     return CliResult(code, out.getvalue(), err.getvalue())
+
+
+def tree_hash(path: Path) -> str:
+    """SHA-256 over a path: a file's bytes, or a directory tree's names, kinds and bytes (absent
+    paths hash too). Equal before and after a command means it changed nothing there."""
+    import hashlib
+
+    h = hashlib.sha256()
+    if not (path.exists() or path.is_symlink()):
+        return "absent"
+    for p in [path, *sorted(path.rglob("*"))] if path.is_dir() else [path]:
+        h.update(p.relative_to(path).as_posix().encode() + b"\0")
+        h.update(b"d" if p.is_dir() else b"f" + p.read_bytes())
+    return h.hexdigest()
+
+
+def run_orstack_read_only(directory: Path, *args: str) -> CliResult:
+    """`python -m orstack ARGS` in a subprocess that sees `directory` as a read-only mount (a bind
+    mount in a user and mount namespace: EROFS even for root, who ignores permission bits).
+    Skips the test where the machine allows no unprivileged namespaces."""
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
+        pytest.skip("no unprivileged mount namespace (unshare -rm) for a read-only location")
+    script = 'mount --bind "$0" "$0" && mount -o remount,ro,bind "$0" && exec "$@"'
+    env = dict(os.environ, NO_COLOR="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script, str(directory), sys.executable, "-m", "orstack",
+                           *map(str, args)], capture_output=True, text=True, env=env, timeout=600)
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def cli_defaults(*command: str) -> dict[str, object]:
+    """{parameter name: default} of an orstack subcommand (`cli_defaults("distill", "train")`), as
+    typer builds it; `cli_defaults()` gives the global options. For CLI-defaults = config-defaults tests."""
+    import typer.main
+
+    from orstack.cli import app
+
+    cmd = typer.main.get_command(app)
+    for name in command:
+        cmd = cmd.commands[name]
+    return {p.name: p.default for p in cmd.params}
