@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_orstack
+from conftest import run_orstack, run_orstack_read_only, tree_hash
 
 from orstack.console import set_quiet
 
@@ -172,13 +172,20 @@ def wordpiece_checkpoint(path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("case", ["no-model", "no-corpus", "bad-coverage", "both-limits", "too-small", "wordpiece"])
-def test_bad_input_exit_2_one_line_nothing_written(case, random_llama, corpus_file, tmp_path, capsys):
+@pytest.mark.parametrize(("case", "message"), [
+    ("no-model", "{tmp}/missing"), ("no-corpus", "--corpus {tmp}/missing.txt: no such file"),
+    ("corpus-dir", "--corpus {tmp}: is a directory"), ("bad-coverage", "--coverage: expected a share in (0, 1]"),
+    ("both-limits", "--coverage and --max-vocab are exclusive"), ("too-small", "--max-vocab 10 is smaller"),
+    ("wordpiece", "byte-level BPE"),
+])
+def test_bad_input_exit_2_one_line_nothing_written(case, message, random_llama, corpus_file, tmp_path, capsys):
     model, corpus, extra = str(random_llama), str(corpus_file), []
     if case == "no-model":
         model = str(tmp_path / "missing")
     elif case == "no-corpus":
         corpus = str(tmp_path / "missing.txt")
+    elif case == "corpus-dir":
+        corpus = str(tmp_path)
     elif case == "bad-coverage":
         extra = ["--coverage", "1.5"]
     elif case == "both-limits":
@@ -188,12 +195,68 @@ def test_bad_input_exit_2_one_line_nothing_written(case, random_llama, corpus_fi
     elif case == "wordpiece":
         model = str(wordpiece_checkpoint(tmp_path / "wp"))
     out = tmp_path / "out"
+    before = tree_hash(tmp_path)
     code, stdout, err = run_cli(["vocab-trim", model, "--corpus", corpus, "-o", str(out), *extra], capsys)
     assert code == 2, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and stdout == ""
-    assert not out.exists()
-    if case == "wordpiece":
-        assert "byte-level BPE" in err
+    assert message.format(tmp=tmp_path) in err
+    assert tree_hash(tmp_path) == before
+
+
+def test_manifest_args_rebuild_the_config_and_cli_defaults_are_the_dataclass_defaults(trimmed, corpus_file):
+    import dataclasses
+
+    from typer.main import get_command
+
+    from orstack.cli import app
+    from orstack.io.manifest import config_from_manifest
+    from orstack.vocab_trim import VocabTrimConfig
+
+    assert config_from_manifest(manifest(trimmed)) == VocabTrimConfig(corpus=[str(corpus_file)])
+    params = {p.name: p.default for p in get_command(app).commands["vocab-trim"].params}
+    defaults = {f.name: f.default for f in dataclasses.fields(VocabTrimConfig)}
+    assert defaults.pop("corpus") is dataclasses.MISSING and params.pop("corpus") is None  # required on both
+    params.pop("model"), params.pop("output")  # the input and the output, not options of the trim
+    assert params == defaults
+
+
+@pytest.mark.parametrize("kind", ["file", "foreign-dir"])
+def test_an_existing_output_that_is_not_a_checkpoint_is_refused_and_kept(kind, random_llama, corpus_file, tmp_path):
+    out = tmp_path / "out"
+    if kind == "file":
+        out.write_bytes(b"the user's file")
+    else:
+        out.mkdir()
+        (out / "notes.txt").write_text("the user's notes")
+    before = tree_hash(out)
+    code, stdout, err = run_cli(["vocab-trim", str(random_llama), "--corpus", str(corpus_file), "-o", str(out)])
+    assert code == 2 and stdout == "" and len(err.strip().splitlines()) == 1 and f"-o {out}" in err
+    assert ("is a file" if kind == "file" else "not written by orstack") in err
+    assert tree_hash(out) == before
+
+
+def test_a_read_only_output_location_is_refused_before_any_work(random_llama, corpus_file, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (ro / "keep.txt").write_text("kept")
+    before = tree_hash(ro)
+    result = run_orstack_read_only(ro, "--quiet", "vocab-trim", random_llama, "--corpus", corpus_file, "-o", ro / "m")
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and f"-o {ro / 'm'}" in result.stderr
+    assert "cannot write" in result.stderr and tree_hash(ro) == before
+
+
+def test_a_packed_checkpoint_is_trimmed_like_its_directory(random_llama, corpus_file, trimmed, tmp_path, monkeypatch):
+    from orstack.zstd_pack import pack
+
+    monkeypatch.setenv("ORSTACK_CACHE", str(tmp_path / "cache"))
+    packed = tmp_path / "model.orz"
+    pack(random_llama, packed)
+    out = tmp_path / "from-pack"
+    code, _, err = run_cli(["vocab-trim", str(packed), "--corpus", str(corpus_file), "-o", str(out)])
+    assert code == 0, err
+    assert manifest(out)["vocab_map"] == manifest(trimmed)["vocab_map"]
+    assert (out / "model.safetensors").read_bytes() == (trimmed / "model.safetensors").read_bytes()
 
 
 def test_library_refuses_byte_fallback_bpe():
