@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
+from conftest import cli_defaults, run_orstack, tree_hash
 
 from orstack.errors import BadInput
 from orstack.prune.core import PruneSpec, masks_of, model_sparsity, prune_matrix, prune_model
@@ -16,14 +18,21 @@ from orstack.prune.storage import is_sparse_checkpoint, pack_bits, read_sparse_s
 torch.set_num_threads(1)
 
 
-def run_cli(*args: str) -> int:
-    from orstack.cli import main
+def run_ok(*args: str) -> None:
+    """A quiet in-process run that must succeed (its stderr is shown when it does not)."""
+    result = run_orstack("--quiet", *args)
+    assert result.returncode == 0, result.stderr
 
-    try:
-        main(["--quiet", *map(str, args)])
-    except SystemExit as e:
-        return e.code
-    return 0
+
+def refused(result, *named: str) -> str:
+    """A bad-input refusal: exit 2, one line on stderr naming every string in `named`, nothing on stdout."""
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for text in named:
+        assert text in lines[0], lines[0]
+    assert result.stdout == ""
+    return lines[0]
 
 
 class Stats:
@@ -260,8 +269,8 @@ def test_cli_prunes_compresses_and_every_stage_can_load(random_llama, sample_tex
     out, dense_out = tmp_path / "pruned", tmp_path / "dense"
     common = ["--calib", sample_text_file, "--method", "wanda", "--pattern", "2:4", "--nsamples", "4",
               "--seqlen", "32", "--eval-length", "64"]
-    assert run_cli("prune", random_llama, *common, "-o", out) == 0
-    assert run_cli("prune", random_llama, *common, "--no-compress", "-o", dense_out) == 0
+    run_ok("prune", random_llama, *common, "-o", out)
+    run_ok("prune", random_llama, *common, "--no-compress", "-o", dense_out)
     manifest = json.loads((out / "orstack.json").read_text())
     metrics = manifest["metrics"]
     assert manifest["weights_format"] == "orstack-sparse-bitmask"
@@ -269,6 +278,8 @@ def test_cli_prunes_compresses_and_every_stage_can_load(random_llama, sample_tex
     assert set(metrics["layer_sparsity"].values()) == {0.5}
     assert metrics["ppl_before"] > 0 and metrics["ppl_after"] > 0
     assert manifest["args"]["method"] == "wanda"
+    # the pattern fixed the sparsity: the manifest records no --sparsity that was not applied
+    assert manifest["args"]["pattern"] == "2:4" and manifest["args"]["sparsity"] is None
     sparse_size = (out / "model.safetensors").stat().st_size
     dense_size = (dense_out / "model.safetensors").stat().st_size
     assert sparse_size < 0.8 * dense_size
@@ -282,8 +293,8 @@ def test_cli_prunes_compresses_and_every_stage_can_load(random_llama, sample_tex
                 check_nm(module.weight.detach(), 2, 4)
     # a pruned checkpoint is itself a valid input: pruning again keeps the old zeros
     again = tmp_path / "again"
-    assert run_cli("prune", out, "--calib", sample_text_file, "--method", "magnitude", "--sparsity", "0.6",
-                   "--eval-length", "64", "-o", again) == 0
+    run_ok("prune", out, "--calib", sample_text_file, "--method", "magnitude", "--sparsity", "0.6",
+           "--eval-length", "64", "-o", again)
     again_model, _ = load_model(again)
     assert model_sparsity(again_model).sparsity == pytest.approx(0.6, abs=3e-3)
     assert not bool((masks_of(again_model)["model.layers.0.mlp.up_proj.weight"]
@@ -292,9 +303,9 @@ def test_cli_prunes_compresses_and_every_stage_can_load(random_llama, sample_tex
 
 def test_cli_gradual_with_recovery_reports_each_stage(random_llama, sample_text_file, tmp_path):
     out = tmp_path / "gradual"
-    assert run_cli("prune", random_llama, "--calib", sample_text_file, "--method", "wanda", "--nsamples", "4",
-                   "--seqlen", "32", "--sparsity", "0.6", "--gradual", "2", "--recover", sample_text_file,
-                   "--steps", "3", "--heldout", sample_text_file, "--eval-length", "64", "-o", out) == 0
+    run_ok("prune", random_llama, "--calib", sample_text_file, "--method", "wanda", "--nsamples", "4",
+           "--seqlen", "32", "--sparsity", "0.6", "--gradual", "2", "--recover", sample_text_file,
+           "--steps", "3", "--heldout", sample_text_file, "--eval-length", "64", "-o", out)
     metrics = json.loads((out / "orstack.json").read_text())["metrics"]
     stages = metrics["stages"]
     assert [s["stage"] for s in stages] == [1, 2] and all(s["ppl"] > 0 for s in stages)
@@ -306,47 +317,165 @@ def test_cli_gradual_with_recovery_reports_each_stage(random_llama, sample_text_
 
 def test_cli_grid_keeps_best_by_score(random_llama, sample_text_file, tmp_path):
     out = tmp_path / "grid"
-    assert run_cli("prune", random_llama, "--calib", sample_text_file, "--method", "magnitude",
-                   "--grid", "0.2,0.7", "--size-weight", "100", "--eval-length", "64", "-o", out) == 0
-    metrics = json.loads((out / "orstack.json").read_text())["metrics"]
-    rows = metrics["grid"]
+    result = run_orstack("prune", random_llama, "--calib", sample_text_file, "--method", "magnitude",
+                         "--grid", "0.2,0.7", "--size-weight", "100", "--eval-length", "64", "-o", out)
+    assert result.returncode == 0, result.stderr
+    assert "grid: score = -ln(ppl) - 100.0 x size" in result.stderr  # the command prints the grid table
+    manifest = json.loads((out / "orstack.json").read_text())
+    rows = manifest["metrics"]["grid"]
     assert [r["sparsity"] for r in rows] == [0.2, 0.7]
     best = max(rows, key=lambda r: r["score"])
     assert best["best"] and best["sparsity"] == 0.7  # a heavy size weight favours the sparser model
-    assert metrics["sparsity"] == pytest.approx(0.7, abs=3e-3)
+    assert manifest["metrics"]["sparsity"] == pytest.approx(0.7, abs=3e-3)
+    assert manifest["args"]["grid"] == [0.2, 0.7] and manifest["args"]["sparsity"] is None
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--sparsity", "1.0"], "--sparsity 1.0"),
-    (["--sparsity", "-0.1"], "--sparsity -0.1"),
-    (["--pattern", "3:2"], "0 < N < M"),
-    (["--method", "random"], "--method random"),
-    (["--pattern", "2:4", "--gradual", "3"], "--gradual"),
-    (["--grid", "0.5,1.2"], "--grid 1.2"),
-    (["--steps", "5"], "--recover"),
+# --- config = manifest ---------------------------------------------------------------------------
+
+def test_manifest_args_rebuild_the_config(random_llama, sample_text_file, tmp_path):
+    """Every option that changes the output reaches the manifest: the config the CLI built comes
+    back from orstack.json whole, and a library run records exactly the config it was given."""
+    from orstack.io.manifest import config_from_manifest, read_manifest
+    from orstack.prune import PruneConfig, run
+    from orstack.runtime import Runtime
+
+    out = tmp_path / "cli"
+    run_ok("--seed", "7", "prune", random_llama, "--calib", sample_text_file, "--method", "magnitude",
+           "--sparsity", "0.4", "--mlp-sparsity", "0.6", "--nsamples", "2", "--seqlen", "16", "--no-compress",
+           "--heldout", sample_text_file, "--eval-length", "32", "--dtype", "bfloat16", "-o", out)
+    expected = PruneConfig(method="magnitude", sparsity=0.4, mlp_sparsity=0.6, nsamples=2, seqlen=16, compress=False,
+                           heldout=[str(sample_text_file)], eval_length=32, dtype="bfloat16", seed=7,
+                           calib=[str(sample_text_file)])
+    manifest = read_manifest(out)
+    assert manifest["config_class"] == "orstack.prune.stage:PruneConfig"
+    assert config_from_manifest(manifest) == expected
+    assert manifest["metrics"]["layer_sparsity"]["model.layers.0.mlp.up_proj.weight"] == pytest.approx(0.6, abs=3e-3)
+
+    config = PruneConfig(method="wanda", pattern="2:4", nsamples=2, seqlen=16, eval_length=32, seed=3,
+                         calib=[str(sample_text_file)], recover=str(sample_text_file), steps=1)
+    result = run(random_llama, tmp_path / "lib", config, Runtime(device="cpu", seed=3))
+    assert result.output == tmp_path / "lib" and result.metrics["pattern"] == "2:4"
+    assert config_from_manifest(read_manifest(result.output)) == config
+
+
+def test_cli_defaults_are_the_config_defaults():
+    from orstack.prune import PruneConfig
+
+    cli = cli_defaults("prune")
+    not_options = {"seed"}  # the global --seed, copied from the Runtime
+    required = {"calib"}  # --calib has no default
+    fields = {f.name: f for f in dataclasses.fields(PruneConfig)}
+    assert set(cli) - {"model", "output"} == set(fields) - not_options
+    for name, f in fields.items():
+        if name in not_options | required:
+            continue
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        assert cli[name] == default, name
+
+
+# --- bad input: exit 2, one line naming the option or file, nothing written ------------------------
+
+@pytest.mark.parametrize("extra, named", [
+    (["--sparsity", "1.0"], ["--sparsity 1.0"]),
+    (["--sparsity", "-0.1"], ["--sparsity -0.1"]),
+    (["--pattern", "3:2"], ["--pattern 3:2", "0 < N < M"]),
+    (["--method", "random"], ["--method random"]),
+    (["--pattern", "2:4", "--gradual", "3"], ["--gradual", "--pattern"]),
+    (["--pattern", "2:4", "--sparsity", "0.7"], ["--pattern 2:4", "--sparsity"]),
+    (["--pattern", "2:4", "--attn-sparsity", "0.3"], ["--pattern 2:4", "--attn-sparsity"]),
+    (["--pattern", "2:4", "--grid", "0.5"], ["--pattern 2:4", "--grid"]),
+    (["--grid", "0.5,0.6", "--sparsity", "0.7"], ["--grid", "--sparsity"]),
+    (["--grid", "0.5,1.2"], ["--grid 1.2"]),
+    (["--steps", "5"], ["--steps", "--recover"]),
+    (["--dtype", "int3"], ["--dtype int3"]),
 ])
-def test_cli_bad_options_exit_2_and_write_nothing(random_llama, sample_text_file, tmp_path, capsys, extra, message):
+def test_cli_bad_options_exit_2_and_write_nothing(random_llama, sample_text_file, tmp_path, extra, named):
     out = tmp_path / "out"
-    assert run_cli("prune", random_llama, "--calib", sample_text_file, "-o", out, *extra) == 2
-    err = capsys.readouterr().err
-    assert message in err and len(err.strip().splitlines()) == 1
+    refused(run_orstack("prune", random_llama, "--calib", sample_text_file, "-o", out, *extra), *named)
     assert not out.exists()
 
 
-def test_cli_missing_calibration_file_and_model(random_llama, tmp_path, capsys):
+def test_cli_missing_calibration_file_and_model(random_llama, tmp_path):
     out = tmp_path / "out"
-    assert run_cli("prune", random_llama, "--calib", tmp_path / "none.txt", "-o", out) == 2
-    assert "none.txt: no such file" in capsys.readouterr().err
-    assert run_cli("prune", tmp_path / "nomodel", "--calib", tmp_path / "none.txt", "-o", out) == 2
+    refused(run_orstack("prune", random_llama, "--calib", tmp_path / "none.txt", "-o", out),
+            "--calib", "none.txt: no such file")
+    refused(run_orstack("prune", tmp_path / "nomodel", "--calib", tmp_path / "none.txt", "-o", out), "nomodel")
     assert not out.exists()
 
 
-def test_cli_unsupported_architecture_exits_2(sample_text_file, tmp_path, capsys):
+def test_cli_unsupported_architecture_exits_2(sample_text_file, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, n_positions=16)).save_pretrained(gpt2)
     out = tmp_path / "out"
-    assert run_cli("prune", gpt2, "--calib", sample_text_file, "-o", out) == 2
-    assert "unsupported architecture 'gpt2'" in capsys.readouterr().err
+    refused(run_orstack("prune", gpt2, "--calib", sample_text_file, "-o", out), str(gpt2),
+            "unsupported architecture 'gpt2'")
     assert not out.exists()
+
+
+def test_cli_tied_lm_head_refused_before_loading(sample_text_file, tmp_path, monkeypatch):
+    from conftest import build_random_llama
+
+    import orstack.io.checkpoint
+
+    tied = build_random_llama(tmp_path / "tied", tie=True)
+    monkeypatch.setattr(orstack.io.checkpoint, "load_model", _no_loading)
+    refused(run_orstack("prune", tied, "--calib", sample_text_file, "--prune-lm-head", "-o", tmp_path / "out"),
+            "--prune-lm-head", str(tied), "tied")
+    assert not (tmp_path / "out").exists()
+
+
+def _no_loading(*args, **kwargs):
+    raise AssertionError("weights were loaded before the inputs were checked")
+
+
+def test_cli_device_cuda_without_cuda_exits_2_before_loading(random_llama, sample_text_file, tmp_path, monkeypatch):
+    import orstack.io.checkpoint
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.setattr(orstack.io.checkpoint, "load_model", _no_loading)
+    refused(run_orstack("--device", "cuda", "prune", random_llama, "--calib", sample_text_file, "-o", tmp_path / "out"),
+            "--device cuda", "no CUDA")
+    assert not (tmp_path / "out").exists()
+
+
+# --- the output policy: refused up front, nothing on disk changed --------------------------------
+
+@pytest.fixture()
+def policy_case(random_llama, tmp_path):
+    """(input, -o path, what must not change) for each way -o can be wrong."""
+    import shutil
+
+    def make(case: str):
+        if case == "existing file":
+            out = tmp_path / "out"
+            out.write_text("my notes\n")
+            return random_llama, out, out, [str(out), "is a file"]
+        if case == "user directory":
+            out = tmp_path / "out"
+            out.mkdir()
+            (out / "thesis.tex").write_text("mine\n")
+            return random_llama, out, out, [str(out), "not written by orstack"]
+        if case == "missing parent":
+            out = tmp_path / "nodir" / "out"
+            return random_llama, out, out.parent, [str(out), "does not exist"]
+        if case == "the input":
+            model = tmp_path / "model"
+            shutil.copytree(random_llama, model)
+            return model, model, model, [str(model), "would overwrite the input"]
+        raise ValueError(case)
+
+    return make
+
+
+@pytest.mark.parametrize("case", ["existing file", "user directory", "missing parent", "the input"])
+def test_cli_output_policy(policy_case, sample_text_file, monkeypatch, case):
+    import orstack.io.checkpoint
+
+    source, out, watched, named = policy_case(case)
+    before = tree_hash(watched)
+    monkeypatch.setattr(orstack.io.checkpoint, "load_model", _no_loading)
+    refused(run_orstack("prune", source, "--calib", sample_text_file, "-o", out), "-o", *named)
+    assert tree_hash(watched) == before

@@ -9,7 +9,6 @@ import typer
 
 from orstack import console
 from orstack.commands.options import Calib, Dtype, NSamples, RequiredOutput, current_runtime
-from orstack.errors import BadInput
 
 HELP = """Prune the decoder-layer linear weights of a Llama-family checkpoint.
 
@@ -44,8 +43,9 @@ def prune(
     calib: Calib,
     output: RequiredOutput,
     method: Method = "wanda",
-    sparsity: Annotated[float, typer.Option("--sparsity", help="Unstructured sparsity per output row, in [0, 1).")]
-    = 0.5,
+    sparsity: Annotated[float | None, typer.Option("--sparsity", help="Unstructured sparsity per output row, in "
+                                                                      "[0, 1) [default: 0.5; not with --pattern "
+                                                                      "or --grid].")] = None,
     pattern: Annotated[str | None, typer.Option("--pattern", help="N:M pattern, e.g. 2:4 (N zeros per M).")] = None,
     attn_sparsity: Annotated[float | None, typer.Option("--attn-sparsity", help="Sparsity of self_attn linears.")]
     = None,
@@ -77,63 +77,34 @@ def prune(
     eval_length: Annotated[int, typer.Option("--eval-length", min=8, help="Perplexity window, tokens.")] = 512,
     dtype: Dtype = "float32",
 ) -> None:
-    from orstack.io.checkpoint import resolve_checkpoint
-    from orstack.io.text import check_text_files
-    from orstack.prune.stage import PruneConfig, parse_grid
+    from orstack.prune import PruneConfig, parse_grid, run
 
-    source = resolve_checkpoint(model)
-    if not isinstance(source, Path):
-        raise BadInput(f"{model}: no such checkpoint directory")
-    calib_files = check_text_files(calib, "--calib")
-    heldout_files = check_text_files(heldout, "--heldout") if heldout else None
-    recover_file = check_text_files([recover], "--recover")[0] if recover is not None else None
+    runtime = current_runtime()
     config = PruneConfig(
         method=method, sparsity=sparsity, pattern=pattern, attn_sparsity=attn_sparsity, mlp_sparsity=mlp_sparsity,
         nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, blocksize=blocksize, damp=damp, gradual=gradual,
-        steps=(50 if recover is not None else 0) if steps is None else steps, lr=lr,
-        grid=parse_grid(grid) if grid is not None else None, size_weight=size_weight, compress=compress,
-        eval_length=eval_length, prune_lm_head=prune_lm_head, seed=current_runtime().seed, calib=[str(p) for p in calib_files],
-        recover=str(recover_file) if recover_file else None,
-        heldout=[str(p) for p in heldout_files] if heldout_files else None,
+        steps=steps, lr=lr, grid=parse_grid(grid) if grid is not None else None, size_weight=size_weight,
+        compress=compress, prune_lm_head=prune_lm_head, eval_length=eval_length, dtype=dtype, seed=runtime.seed,
+        calib=[str(p) for p in calib], recover=str(recover) if recover is not None else None,
+        heldout=[str(p) for p in heldout] if heldout else None,
     )
-    config.validate()
-    _run(source, output, config, dtype)
+    result = run(model, output, config, runtime)
+    metrics = result.metrics
+    if "grid" in metrics:
+        _grid_table(metrics["grid"], config.size_weight)
+    console.info(f"sparsity {metrics['sparsity']:.4f}, perplexity {metrics['ppl_before']:.3f} -> "
+                 f"{metrics['ppl_after']:.3f}")
+    size = result.weights_bytes
+    console.info(f"wrote {result.output}" + (f" ({size / 1e6:.1f} MB)" if size else ""))
 
 
-def _run(source: Path, output: Path, config, dtype: str) -> None:  # noqa: ANN001 - PruneConfig
-    from orstack.io.checkpoint import check_architecture, load_config, load_model, save_checkpoint
-    from orstack.io.text import read_texts
-    from orstack.layerwise import decoder_layers
-    from orstack.prune.core import masks_of
-    from orstack.prune.stage import run_prune
-    from orstack.prune.storage import FORMAT, save_sparse
-    from orstack.runtime import seed_everything
-
-    model_config = load_config(source)
-    check_architecture(model_config, where=str(source))
-    if config.prune_lm_head and getattr(model_config, "tie_word_embeddings", False):
-        raise BadInput(f"--prune-lm-head: {source}: lm_head is tied to the input embeddings; "
-                       "pruning it would prune them too")
-    seed_everything(current_runtime().seed)
-    calib_texts = list(read_texts(config.calib))
-    heldout_texts = list(read_texts(config.heldout)) if config.heldout else None
-    recover_texts = list(read_texts(config.recover)) if config.recover else None
-    model, tokenizer = load_model(source, device=current_runtime().torch_device(), dtype=dtype, trust_pickle=current_runtime().trust_pickle)
-    decoder_layers(model)
-    metrics = run_prune(model, tokenizer, config, calib_texts=calib_texts, heldout_texts=heldout_texts,
-                        recover_texts=recover_texts)
-    write_weights, extra = None, None
-    if config.compress:
-        sparse_names = set(masks_of(model))
-
-        def write_weights(tmp: Path) -> None:
-            metrics.update(save_sparse(model, tmp, sparse_names))
-
-        extra = {"weights_format": FORMAT}
-    save_checkpoint(model, tokenizer, output, stage="prune", args=config, parent=source, metrics=metrics,
-                    extra=extra, write_weights=write_weights)
-    size = (output / "model.safetensors").stat().st_size if (output / "model.safetensors").exists() else None
-    console.info(f"wrote {output}" + (f" ({size / 1e6:.1f} MB)" if size else ""))
+def _grid_table(rows: list[dict], size_weight: float) -> None:
+    tbl = console.new_table("sparsity", "achieved", "ppl", "size", "score", "kept",
+                            title=f"grid: score = -ln(ppl) - {size_weight} x size")
+    for r in rows:
+        tbl.add_row(f"{r['sparsity']:.2f}", f"{r['achieved']:.3f}", f"{r['ppl']:.3f}",
+                    f"{r['size_fraction']:.1%}", f"{r['score']:.4f}", "yes" if r["best"] else "")
+    console.table(tbl)
 
 
 def register(app: typer.Typer) -> None:

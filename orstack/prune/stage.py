@@ -1,13 +1,15 @@
-"""`prune` as one library call: the stage's typed config and the function the CLI skin calls.
+"""`prune` as one library call: the stage's typed config, `run`, and the pruning of a loaded model.
 
-`run_prune(model, tokenizer, config, calib_texts=..., heldout_texts=..., recover_texts=...)`
-prunes `model` in place and returns the metrics written into the manifest.
+`run(source, output, PruneConfig(...), runtime)` checks the inputs and the output, loads the
+checkpoint, prunes it (`prune_in_place`), writes the result with its manifest and returns a
+PruneResult for the command to print.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orstack.errors import BadInput
@@ -16,17 +18,27 @@ from orstack.prune.masks import METHODS, check_sparsity, parse_pattern
 if TYPE_CHECKING:
     from torch import nn
 
+    from orstack.runtime import Runtime
+
+DEFAULT_SPARSITY = 0.5  # unstructured, when no --sparsity and no --pattern
+DEFAULT_RECOVER_STEPS = 50  # recovery steps per stage with --recover and no --steps
 DEFAULT_SEQLEN = 512
+DTYPES = ("float32", "bfloat16", "float16")
 RECOVER_WINDOWS = 256  # windows sampled from --recover text for the fine-tune batches
 HELDOUT_FALLBACK_CHARS = 20_000  # perplexity text when no --heldout: the calibration text's start
 
 
 @dataclass
 class PruneConfig:
-    """Every option of `orstack prune`; written as the manifest's args."""
+    """Every option of `orstack prune` that changes its output; written as the manifest's args.
+
+    `sparsity` None means DEFAULT_SPARSITY; with `pattern` or `grid` it stays None (they fix
+    the sparsity themselves), so the manifest records only what was applied. `steps` None means
+    DEFAULT_RECOVER_STEPS with `recover`, else 0.
+    """
 
     method: str = "wanda"
-    sparsity: float = 0.5
+    sparsity: float | None = None
     pattern: str | None = None
     attn_sparsity: float | None = None
     mlp_sparsity: float | None = None
@@ -36,52 +48,132 @@ class PruneConfig:
     blocksize: int = 128
     damp: float = 0.01
     gradual: int = 1
-    steps: int = 0
+    steps: int | None = None
     lr: float = 1e-4
     grid: list[float] | None = None
     size_weight: float = 1.0
     compress: bool = True
     prune_lm_head: bool = False
     eval_length: int = 512
+    dtype: str = "float32"
     seed: int = 0
     calib: list[str] = field(default_factory=list)
     recover: str | None = None
     heldout: list[str] | None = None
 
+    def __post_init__(self) -> None:
+        if self.sparsity is None and self.pattern is None and self.grid is None:
+            self.sparsity = DEFAULT_SPARSITY
+        if self.steps is None:
+            self.steps = DEFAULT_RECOVER_STEPS if self.recover is not None else 0
+
     def validate(self) -> None:
         """Option checks that need no model: run before anything heavy is loaded."""
         if self.method not in METHODS:
             raise BadInput(f"--method {self.method}: expected one of {', '.join(METHODS)}")
-        check_sparsity(self.sparsity)
+        if self.sparsity is not None:
+            check_sparsity(self.sparsity)
         for option, value in (("--attn-sparsity", self.attn_sparsity), ("--mlp-sparsity", self.mlp_sparsity)):
             if value is not None:
                 check_sparsity(value, option)
         for level in self.grid or []:
             check_sparsity(level, "--grid")
+        levels = self._sparsity_options()
         if self.pattern is not None:
             parse_pattern(self.pattern)
-            if self.attn_sparsity is not None or self.mlp_sparsity is not None or self.grid:
-                raise BadInput("--pattern fixes the sparsity; it cannot be combined with "
-                               "--attn-sparsity, --mlp-sparsity or --grid")
+            given = levels + (["--grid"] if self.grid is not None else [])
+            if given:
+                raise BadInput(f"--pattern {self.pattern} fixes the sparsity; it cannot be combined with "
+                               f"{', '.join(given)}")
             if self.gradual > 1:
                 raise BadInput("--gradual needs an unstructured --sparsity target, not --pattern")
-        if self.grid and (self.attn_sparsity is not None or self.mlp_sparsity is not None):
-            raise BadInput("--grid sets one sparsity for all linears; drop --attn-sparsity/--mlp-sparsity")
+        elif self.grid is not None and levels:
+            raise BadInput(f"--grid tries its own sparsities for all linears; drop {', '.join(levels)}")
         if self.grid is not None and not self.grid:
             raise BadInput("--grid: give at least one level, e.g. 0.5,0.6,0.7")
         if self.gradual < 1:
             raise BadInput(f"--gradual {self.gradual}: must be at least 1")
         if self.steps > 0 and self.recover is None:
             raise BadInput("--steps needs --recover DATA (the text to fine-tune on)")
+        if self.dtype not in DTYPES:
+            raise BadInput(f"--dtype {self.dtype}: expected one of {', '.join(DTYPES)}")
+
+    def _sparsity_options(self) -> list[str]:
+        """The sparsity options that hold a value (with --pattern or --grid: the ones given)."""
+        return [option for option, value in (("--sparsity", self.sparsity), ("--attn-sparsity", self.attn_sparsity),
+                                             ("--mlp-sparsity", self.mlp_sparsity)) if value is not None]
 
     def spec(self):  # noqa: ANN201 - PruneSpec
         from orstack.prune.core import PruneSpec
 
-        return PruneSpec(method=self.method, sparsity=self.sparsity,
-                         pattern=parse_pattern(self.pattern) if self.pattern else None,
+        pattern = parse_pattern(self.pattern) if self.pattern else None
+        # With a pattern the sparsity is N/M (the algorithms read the pattern, not this number).
+        sparsity = pattern[0] / pattern[1] if pattern else self.sparsity
+        return PruneSpec(method=self.method, sparsity=sparsity, pattern=pattern,
                          attn_sparsity=self.attn_sparsity, mlp_sparsity=self.mlp_sparsity,
                          blocksize=self.blocksize, damp=self.damp, batch_size=self.batch_size,
                          lm_head=self.prune_lm_head)
+
+
+@dataclass
+class PruneResult:
+    """What `orstack prune` reports: the output, the manifest's metrics, the weight file's size."""
+
+    output: Path
+    metrics: dict[str, Any]
+    weights_bytes: int | None  # model.safetensors as written (None when the weights are sharded)
+
+
+def run(source: str | Path, output: str | Path, config: PruneConfig, runtime: Runtime) -> PruneResult:
+    """Prune the checkpoint `source` as `config` says and write it to the directory `output`.
+
+    Everything is checked before a weight is loaded: the options, the checkpoint (a Llama-family
+    config; an untied lm_head for --prune-lm-head), the text files, the output path and the device.
+    """
+    from orstack.io.checkpoint import check_architecture, load_config, load_model, resolve_checkpoint, save_checkpoint
+    from orstack.io.output import check_output
+    from orstack.io.text import check_text_files, read_texts
+    from orstack.prune.core import masks_of
+    from orstack.prune.storage import FORMAT, WEIGHTS, save_sparse
+    from orstack.runtime import seed_everything
+
+    config.validate()
+    checkpoint = resolve_checkpoint(source)
+    if not isinstance(checkpoint, Path):
+        raise BadInput(f"{source}: no such checkpoint directory")
+    check_text_files(config.calib, "--calib")
+    if config.heldout:
+        check_text_files(config.heldout, "--heldout")
+    if config.recover is not None:
+        check_text_files([config.recover], "--recover")
+    output = Path(output)
+    check_output(output, kind="dir", option="-o", inputs=[checkpoint])
+    model_config = load_config(checkpoint)
+    check_architecture(model_config, where=str(checkpoint))
+    if config.prune_lm_head and getattr(model_config, "tie_word_embeddings", False):
+        raise BadInput(f"--prune-lm-head: {checkpoint}: lm_head is tied to the input embeddings; "
+                       "pruning it would prune them too")
+    device = runtime.torch_device()
+
+    calib_texts = list(read_texts(config.calib))
+    heldout_texts = list(read_texts(config.heldout)) if config.heldout else None
+    recover_texts = list(read_texts(config.recover)) if config.recover else None
+    model, tokenizer = load_model(checkpoint, device=device, dtype=config.dtype, trust_pickle=runtime.trust_pickle)
+    seed_everything(config.seed)
+    metrics = prune_in_place(model, tokenizer, config, calib_texts=calib_texts, heldout_texts=heldout_texts,
+                             recover_texts=recover_texts)
+    write_weights, extra = None, None
+    if config.compress:
+        sparse_names = set(masks_of(model))
+
+        def write_weights(tmp: Path) -> None:
+            metrics.update(save_sparse(model, tmp, sparse_names))
+
+        extra = {"weights_format": FORMAT}
+    save_checkpoint(model, tokenizer, output, stage="prune", args=config, parent=checkpoint, metrics=metrics,
+                    extra=extra, write_weights=write_weights)
+    weights = output / WEIGHTS
+    return PruneResult(output, metrics, weights.stat().st_size if weights.exists() else None)
 
 
 def parse_grid(text: str) -> list[float]:
@@ -105,7 +197,7 @@ def resolved_seqlen(model: nn.Module, seqlen: int | None) -> int:
     return seqlen
 
 
-def run_prune(
+def prune_in_place(
     model: nn.Module,
     tokenizer,  # noqa: ANN001 - a transformers tokenizer
     config: PruneConfig,
@@ -118,10 +210,8 @@ def run_prune(
     from orstack.backends.perplexity import perplexity
     from orstack.console import info
     from orstack.io.text import token_windows
-    from orstack.layerwise import decoder_layers
     from orstack.prune.pipeline import Schedule, grid_search, prune_with_schedule, stored_bytes
 
-    decoder_layers(model)  # unsupported architectures stop here
     seqlen = resolved_seqlen(model, config.seqlen)
     calib_ids = token_windows(tokenizer, calib_texts, config.nsamples, seqlen, config.seed)
     recover_ids = (token_windows(tokenizer, recover_texts, RECOVER_WINDOWS, seqlen, config.seed + 1)
@@ -146,14 +236,12 @@ def run_prune(
                                          compress=config.compress, size_weight=config.size_weight,
                                          recover_ids=recover_ids)
         ppl_after = next(r["ppl"] for r in grid_rows if r["best"])
-        _grid_table(grid_rows, config.size_weight)
     else:
         outcome = prune_with_schedule(model, calib_ids, spec, schedule, recover_ids=recover_ids,
                                       evaluate=evaluate if config.gradual > 1 else None)
         ppl_after = outcome.stages[-1]["ppl"] if "ppl" in outcome.stages[-1] else evaluate(model)
     prune_seconds = time.perf_counter() - prune_start
     stored, dense = stored_bytes(model, config.compress)
-    info(f"sparsity {outcome.report.sparsity:.4f}, perplexity {ppl_before:.3f} -> {ppl_after:.3f}")
     metrics: dict[str, Any] = {
         "method": config.method,
         "pattern": spec.pattern_text,
@@ -176,13 +264,3 @@ def run_prune(
         metrics["grid"] = grid_rows
     return metrics
 
-
-def _grid_table(rows: list[dict[str, Any]], size_weight: float) -> None:
-    from orstack import console
-
-    tbl = console.new_table("sparsity", "achieved", "ppl", "size", "score", "kept",
-                            title=f"grid: score = -ln(ppl) - {size_weight} x size")
-    for r in rows:
-        tbl.add_row(f"{r['sparsity']:.2f}", f"{r['achieved']:.3f}", f"{r['ppl']:.3f}",
-                    f"{r['size_fraction']:.1%}", f"{r['score']:.4f}", "yes" if r["best"] else "")
-    console.table(tbl)
