@@ -22,10 +22,10 @@ def hf(random_llama):
 @pytest.fixture(scope="module")
 def gguf_f32(random_llama, tmp_path_factory):
     pytest.importorskip("llama_cpp")
-    from orstack.gguf import GgufConfig, convert
+    from orstack.gguf import GgufConfig, run
 
     out = tmp_path_factory.mktemp("gguf") / "model.gguf"
-    convert(str(random_llama), out, GgufConfig(type="f32", validate=False), Runtime(device="cpu"))
+    run(str(random_llama), out, GgufConfig(type="f32", validate=False), Runtime(device="cpu"))
     return out
 
 
@@ -73,6 +73,21 @@ def test_logits_and_greedy_tokens_agree_across_runtimes(hf, ll):
     assert a.shape == b.shape
     assert abs(a - b).max() < 1e-3
     assert hf.greedy_tokens(ids, 8) == ll.greedy_tokens(ids, 8)
+
+
+def test_both_runtimes_tell_the_context_length(hf, ll):
+    assert hf.context_length() == ll.context_length() == 256  # max_position_embeddings of random_llama
+
+
+def test_the_llama_cpp_backend_answers_tasks_through_the_protocol(hf, ll):
+    from orstack.tasks.results import run_tasks
+
+    tasks = [{"id": "a", "prompt": PROMPTS[0], "kind": "numeric", "answer": "357"},
+             {"id": "c", "prompt": "cmp 17 9=", "kind": "choice", "choices": [">", "<"], "answer": 0}]
+    rows = {b.name: run_tasks(b, tasks, max_new_tokens=5) for b in (hf, ll)}
+    assert [r["output"] for r in rows[hf.name]] == [r["output"] for r in rows[ll.name]]
+    assert rows[ll.name][1]["choice_loglikelihoods"] == pytest.approx(rows[hf.name][1]["choice_loglikelihoods"],
+                                                                      abs=1e-3)
 
 
 def test_in_memory_backend_answers_like_a_loaded_one(hf):

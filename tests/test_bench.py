@@ -11,9 +11,8 @@ torch = pytest.importorskip("torch")
 from orstack.backends.base import Generation, open_backend  # noqa: E402
 from orstack.errors import BadInput  # noqa: E402
 from orstack.runtime import Runtime  # noqa: E402
-from orstack.tasks.contract import RESULT_ORDER as RESULT_FIELDS  # noqa: E402
-from orstack.tasks.contract import load_tasks  # noqa: E402
-from orstack.tasks.results import accuracy_summary, run_tasks  # noqa: E402
+from orstack.tasks.contract import RESULT_FIELDS, RESULT_ORDER, load_tasks  # noqa: E402
+from orstack.tasks.results import accuracy_summary, fit_prompts, result_row, run_tasks  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -86,14 +85,17 @@ def test_greedy_generation_matches_transformers_generate(backend):
 def test_stop_sequences_cut_the_text(backend):
     prompts = _random_texts(8, 3)
     free = backend.generate(prompts, max_new_tokens=8, stop=[])
+    checked = 0
     for prompt, g in zip(prompts, free):
-        if len(g.text) < 4:
+        if len(g.text) < 4:  # too short to hold a stop sequence past its start
             continue
         stop = g.text[2:4]
         cut = backend.generate([prompt], max_new_tokens=8, stop=[stop, "never-generated-zzz"])[0]
         assert cut.text == g.text[: g.text.find(stop)]
         assert cut.output_tokens <= g.output_tokens
         assert cut.token_logprobs == pytest.approx(g.token_logprobs[: cut.output_tokens], abs=1e-5)
+        checked += 1
+    assert checked >= 4
 
 
 def test_eos_stops_generation(backend):
@@ -121,7 +123,7 @@ def test_result_rows_follow_the_contract(backend, tmp_path):
     rows = run_tasks(backend, tasks, max_new_tokens=5, batch_size=4)
     assert [r["id"] for r in rows] == ["a1", "r1", "c1", "t1"]
     for row in rows:
-        assert list(row)[: len(RESULT_FIELDS)] == list(RESULT_FIELDS)
+        assert list(row)[: len(RESULT_ORDER)] == list(RESULT_ORDER)
         assert row["model"] == backend.name
     gen = rows[0]
     assert gen["family"] == "add" and gen["level"] == 2  # unknown fields pass through
@@ -137,6 +139,97 @@ def test_result_rows_follow_the_contract(backend, tmp_path):
     assert rows[3]["correct"] is None and rows[3]["score"] is None
     summary = accuracy_summary(rows)
     assert summary["scored"] == 3 and summary["tasks"] == 4
+
+
+def test_result_rows_take_their_fields_from_the_contract():
+    # a Result row used as a task: its old answer's fields are not the new answer's
+    old = {"id": "x", "prompt": "p", "kind": "exact", "answer": "a", "family": "f", "model": "old", "output": "b",
+           "correct": False, "choice_loglikelihoods": [-1.0, -2.0], "route": "accurate"}
+    row = result_row(old, "new", "a", None)
+    assert list(row)[: len(RESULT_ORDER)] == list(RESULT_ORDER)
+    assert row["model"] == "new" and row["output"] == "a" and row["correct"] is None and row["family"] == "f"
+    assert "choice_loglikelihoods" not in row and "route" not in row
+    task_fields = {"id", "prompt", "answer", "kind", "domain"}
+    assert set(RESULT_ORDER) - task_fields <= set(RESULT_FIELDS)
+
+
+def test_prompts_longer_than_the_context_are_refused_or_keep_their_end(backend):
+    assert backend.context_length() == 256
+    short = {"id": "s", "prompt": "12+345=", "kind": "numeric", "answer": "357"}
+    long = {"id": "l", "prompt": "rev abc=cba sort dcba=abcd " * 30, "kind": "text"}
+    assert len(backend.encode_prompt(long["prompt"])) > 256
+    with pytest.raises(BadInput, match=r"^t.jsonl: task 'l': the prompt has \d+ tokens, more than the context of "
+                                       r".* \(256 tokens\); shorten it or pass --truncate-prompts$"):
+        fit_prompts(backend, [short, long], max_new_tokens=10, source="t.jsonl")
+    fitted, truncated = fit_prompts(backend, [short, long], max_new_tokens=10, truncate=True)
+    assert truncated == 1 and fitted[0] is short
+    kept = fitted[1]["prompt"]
+    assert long["prompt"].endswith(kept)
+    assert len(backend.encode_prompt(kept)) <= 256 - 10  # room for the answer
+    assert len(backend.encode_prompt(long["prompt"][-len(kept) - 1 :])) > 256 - 10  # the longest end that fits
+    # a choice task leaves room for its longest choice
+    choice = {"id": "c", "prompt": long["prompt"], "kind": "choice", "choices": ["a", "b"], "answer": 0}
+    fitted, _ = fit_prompts(backend, [choice], max_new_tokens=100, truncate=True)
+    assert 256 - 4 <= len(backend.encode_prompt(fitted[0]["prompt"])) <= 256 - 2
+
+
+def test_a_huge_prompt_is_judged_from_its_beginning(backend):
+    import time
+
+    huge = {"id": "h", "prompt": "rev abc=cba " * 1_000_000, "kind": "text"}  # 12 MB
+    began = time.perf_counter()
+    with pytest.raises(BadInput, match=r"task 'h': the prompt's first \d+ of 12000000 characters alone are"):
+        fit_prompts(backend, [huge], max_new_tokens=10)
+    fitted, truncated = fit_prompts(backend, [huge], max_new_tokens=10, truncate=True)
+    assert truncated == 1 and huge["prompt"].endswith(fitted[0]["prompt"])
+    assert time.perf_counter() - began < 10  # a full tokenization alone takes longer
+
+
+def test_lineage_of_a_gguf_file_comes_from_its_metadata(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    import json
+
+    import numpy as np
+
+    from orstack.bench.report import lineage
+
+    manifest = {"stage": "gguf", "args": {"type": "f32"},
+                "lineage": [{"stage": "tiny", "path": "tiny", "args": {}},
+                            {"stage": "prune", "path": "pruned", "args": {"sparsity": 0.5}}]}
+    paths = {}
+    for name, meta in (("with", manifest), ("without", None)):
+        paths[name] = tmp_path / f"{name}.gguf"
+        writer = gguf.GGUFWriter(str(paths[name]), "llama")
+        if meta is not None:
+            writer.add_string("orstack.manifest", json.dumps(meta))
+        writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    steps = lineage(str(paths["with"]))
+    assert [s["stage"] for s in steps] == ["tiny", "prune", "gguf"]
+    assert steps[1]["args"] == {"sparsity": 0.5} and steps[2]["path"] == str(paths["with"])
+    assert lineage(str(paths["without"])) == []
+
+
+def test_lineage_of_a_pack_comes_from_the_packed_manifest(random_llama, tmp_path):
+    import json
+    import shutil
+
+    from orstack.bench.report import lineage
+    from orstack.io.manifest import MANIFEST
+    from orstack.zstd_pack import pack
+
+    model = tmp_path / "model"
+    shutil.copytree(random_llama, model)
+    (model / MANIFEST).write_text(json.dumps({"stage": "vocab-trim", "args": {"keep": 200}, "lineage": [
+        {"stage": "tiny", "path": "tiny", "args": {}}]}))
+    pack(model, tmp_path / "model.orz")
+    steps = lineage(str(tmp_path / "model.orz"))
+    assert [s["stage"] for s in steps] == ["tiny", "vocab-trim"] and steps[1]["args"] == {"keep": 200}
+    pack(random_llama, tmp_path / "bare.orz")  # no orstack.json inside
+    assert lineage(str(tmp_path / "bare.orz")) == []
 
 
 def test_load_tasks_reports_file_and_line(tmp_path):

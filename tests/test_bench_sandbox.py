@@ -6,6 +6,7 @@ import gzip
 import json
 import math
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -73,10 +74,94 @@ def test_background_children_are_killed(sandbox, tmp_path):
     assert not marker.exists()
 
 
-def test_pool_survives_and_is_reused(sandbox):
-    first = sandbox.run("import os\nprint(os.getpid())\n")
-    results = sandbox.run_many(["assert 1 + 1 == 2\n"] * 40)
-    assert first.passed and all(r.passed for r in results)
+# Each program reports the worker that forked it (the last stderr line is the result's detail).
+WHOSE_WORKER = "import os, sys\nsys.stderr.write(str(os.getppid()))\n"
+
+
+def _workers_used(pool, n: int = 40) -> set[int]:
+    results = pool.run_many([WHOSE_WORKER] * n)
+    assert all(r.passed for r in results), results
+    return {int(r.detail) for r in results}
+
+
+def test_workers_are_reused_across_runs(sandbox):
+    workers = sandbox.worker_pids()
+    assert len(workers) == sandbox.workers and os.getpid() not in workers
+    first, second = _workers_used(sandbox), _workers_used(sandbox)
+    # 80 programs, all run by the same processes: none was started for a program
+    assert first <= set(workers) and second <= set(workers)
+    assert sandbox.worker_pids() == workers
+
+
+def _wait_until(condition, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie waiting to be reaped counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_a_dead_worker_is_replaced():
+    import signal
+
+    with Sandbox(workers=2, limits=Limits(timeout=5.0)) as pool:
+        victim = pool.worker_pids()[0]
+        os.kill(victim, signal.SIGKILL)  # killed while idle
+        assert _wait_until(lambda: _gone(victim))
+        used = _workers_used(pool)
+        assert victim not in used and victim not in pool.worker_pids()
+        assert used <= set(pool.worker_pids()) and len(pool.worker_pids()) == 2
+
+        # killed while running a program: that program is reported, the next ones run
+        results = []
+        runner = threading.Thread(target=lambda: results.append(pool.run("import time\ntime.sleep(3)\n")))
+        runner.start()
+        assert _wait_until(lambda: any(_children(w) for w in pool.worker_pids()))
+        busy = next(w for w in pool.worker_pids() if _children(w))
+        program = _children(busy)[0]
+        os.kill(busy, signal.SIGKILL)
+        runner.join(10)
+        assert results and results[0].status == "crashed"
+        assert _wait_until(lambda: _gone(program), 2.0)  # it died with its worker, well before its 3 s
+        assert busy not in pool.worker_pids() and _workers_used(pool) <= set(pool.worker_pids())
+
+
+def test_workers_lead_their_own_process_group(sandbox):
+    for pid in sandbox.worker_pids():
+        assert os.getpgid(pid) == pid != os.getpgrp()
+
+
+def test_an_interrupt_kills_the_running_programs_at_once():
+    began = time.monotonic()
+    with pytest.raises(KeyboardInterrupt), Sandbox(workers=2, limits=Limits(timeout=60.0)) as pool:
+        workers = pool.worker_pids()
+        threading.Thread(target=pool.run_many, args=(["import time\ntime.sleep(60)\n"] * 2,), daemon=True).start()
+        assert _wait_until(lambda: all(_children(w) for w in workers))
+        programs = [p for w in workers for p in _children(w)]
+        raise KeyboardInterrupt
+    assert _wait_until(lambda: all(_gone(p) for p in programs + workers), 10.0)
+    assert time.monotonic() - began < 30  # nothing waited for the 60 s programs
 
 
 def test_humaneval_canonical_solutions_pass_and_stubs_fail(sandbox):

@@ -192,17 +192,36 @@ def fit_prompts(backend: Backend, tasks: Sequence[dict[str, Any]], *, max_new_to
         return list(tasks), 0
     fitted, truncated = [], 0
     for task in tasks:
-        n_tokens = len(backend.encode_prompt(task["prompt"]))
+        n_tokens, exact = _prompt_tokens(backend, task["prompt"], context)
         if n_tokens <= context:
             fitted.append(task)
             continue
         if not truncate:
-            raise BadInput(f"{source}: task {task['id']!r}: the prompt has {n_tokens} tokens, more than the "
-                           f"context of {backend.name} ({context} tokens); shorten it or pass --truncate-prompts")
+            counted = (f"the prompt has {n_tokens} tokens" if exact else
+                       f"the prompt's first {PROBE_CHARS * (context + 1)} of {len(task['prompt'])} characters "
+                       f"alone are {n_tokens} tokens")
+            raise BadInput(f"{source}: task {task['id']!r}: {counted}, more than the context of {backend.name} "
+                           f"({context} tokens); shorten it or pass --truncate-prompts")
         keep = context - min(_answer_budget(backend, task, max_new_tokens), context // 2)
         fitted.append({**task, "prompt": keep_last_tokens(backend, task["prompt"], keep)})
         truncated += 1
     return fitted, truncated
+
+
+# A prompt longer than this many characters per token of context is first judged by a prefix
+# of that length: a 10 MB prompt is refused in a fraction of a second, not after tokenizing
+# all of it (tens of seconds and gigabytes with a fast tokenizer).
+PROBE_CHARS = 64
+
+
+def _prompt_tokens(backend: Backend, prompt: str, context: int) -> tuple[int, bool]:
+    """(token count, whether it is exact): a count of a prefix when that alone is too long."""
+    probe = PROBE_CHARS * (context + 1)
+    if len(prompt) > probe:
+        n_tokens = len(backend.encode_prompt(prompt[:probe]))
+        if n_tokens > context + 8:  # cutting inside a word changes only the last few tokens
+            return n_tokens, False
+    return len(backend.encode_prompt(prompt)), True
 
 
 def _answer_budget(backend: Backend, task: dict[str, Any], max_new_tokens: int) -> int:
