@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import run_orstack
+from conftest import run_orstack, run_orstack_read_only, tree_hash
 
 from orstack.cluster_failures import ClusterConfig, annotated_rows, cluster_failures
 from orstack.cluster_failures.ctfidf import class_tfidf
@@ -180,6 +180,9 @@ def test_cli_clusters_to_stdout(tmp_path, capsys):
         ('{"id": 1, "prompt": "1+1="}\n', ["--embedder", "/no/such/model"], "--embedder"),
         ('{"id": 1, "prompt": "1+1="}\n', ["--labeler", "localhost:8080"], "--labeler"),
         ('{"id": 1, "prompt": "1+1="}\n', ["--fields", ","], "--fields"),
+        ('{"id": 1, "prompt": "1+1=", "correct": false}\n{"id": 2, "prompt": "2+2=", "correct": "no"}\n', [],
+         "results.jsonl:2: field 'correct' must be true or false, got \"no\""),
+        ('{"id": 1, "prompt": "1+1=", "correct": 0}\n', [], "results.jsonl:1: field 'correct'"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, content, extra, message):
@@ -189,12 +192,91 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, cont
     code, stdout, err = run_cli(["cluster-failures", str(src), "-o", str(out), "--embedder", "tfidf", *extra], capsys)
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    assert stdout == "" and not out.exists()
+    assert stdout == "" and sorted(p.name for p in tmp_path.iterdir()) == ["results.jsonl"]
 
 
 def test_missing_input_file(tmp_path, capsys):
     code, stdout, err = run_cli(["cluster-failures", str(tmp_path / "nope.jsonl"), "-o", str(tmp_path / "o")], capsys)
-    assert code == 2 and "no such file" in err and stdout == ""
+    assert code == 2 and f"{tmp_path / 'nope.jsonl'}: no such file" in err and stdout == ""
+    assert len(err.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_a_directory_as_input_says_so(tmp_path):
+    code, _, err = run_cli(["cluster-failures", str(tmp_path), "-o", str(tmp_path / "o")])
+    assert code == 2 and f"{tmp_path}: is a directory" in err and list(tmp_path.iterdir()) == []
+
+
+def test_with_all_a_non_boolean_correct_is_not_read(tmp_path):
+    rows = planted_rows(4)
+    rows[0]["correct"] = "no"
+    src = write_jsonl(tmp_path / "results.jsonl", rows)
+    code, stdout, err = run_cli(["cluster-failures", str(src), "--all", "--embedder", "tfidf", "-k", "3"])
+    assert code == 0, err
+    assert sum(json.loads(line)["size"] for line in stdout.splitlines()) == len(rows)
+
+
+@pytest.mark.parametrize("option", ["-o", "--annotate", "--plot"])
+def test_an_existing_directory_as_an_output_is_refused_and_kept(tmp_path, option):
+    src = write_jsonl(tmp_path / "results.jsonl", planted_rows(2))
+    mydir = tmp_path / "mydir"
+    mydir.mkdir()
+    (mydir / "notes.txt").write_text("the user's notes")
+    before = tree_hash(tmp_path)
+    others = [] if option == "-o" else ["-o", str(tmp_path / "clusters.jsonl")]
+    code, stdout, err = run_cli(["cluster-failures", str(src), option, str(mydir), *others, "--embedder", "tfidf"])
+    assert code == 2 and stdout == "" and len(err.strip().splitlines()) == 1
+    assert f"{option} {mydir}: is a directory" in err and tree_hash(tmp_path) == before
+
+
+def test_clusters_and_annotations_on_one_path_are_refused(tmp_path):
+    src = write_jsonl(tmp_path / "results.jsonl", planted_rows(2))
+    same = tmp_path / "out.jsonl"
+    same.write_text('{"earlier": "output"}\n')
+    before = tree_hash(tmp_path)
+    code, stdout, err = run_cli(["cluster-failures", str(src), "-o", str(same), "--annotate", str(same),
+                                 "--embedder", "tfidf"])
+    assert code == 2 and stdout == "" and len(err.strip().splitlines()) == 1
+    assert f"--annotate {same}: the same path as -o" in err and tree_hash(tmp_path) == before
+
+
+def test_the_input_as_an_output_is_refused(tmp_path):
+    src = write_jsonl(tmp_path / "results.jsonl", planted_rows(2))
+    before = tree_hash(tmp_path)
+    code, _, err = run_cli(["cluster-failures", str(src), "--annotate", str(src), "-o", str(tmp_path / "c.jsonl"),
+                            "--embedder", "tfidf"])
+    assert code == 2 and f"--annotate {src}: would overwrite the input" in err and tree_hash(tmp_path) == before
+
+
+def test_a_read_only_output_location_is_refused_before_any_work(tmp_path):
+    src = write_jsonl(tmp_path / "results.jsonl", planted_rows(2))
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (ro / "clusters.jsonl").write_text('{"earlier": "clusters"}\n')
+    before = tree_hash(ro)
+    result = run_orstack_read_only(ro, "--quiet", "cluster-failures", src, "-o", ro / "clusters.jsonl",
+                                   "--embedder", "tfidf")
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and f"-o {ro / 'clusters.jsonl'}" in result.stderr
+    assert "cannot write" in result.stderr and tree_hash(ro) == before
+
+
+def test_cli_defaults_are_the_config_defaults():
+    import dataclasses
+
+    from typer.main import get_command
+
+    from orstack.cli import app
+    from orstack.commands.cluster_failures import parse_fields, parse_k
+
+    params = {p.name: p.default for p in get_command(app).commands["cluster-failures"].params}
+    cli = {"fields": parse_fields(params["fields"]), "k": parse_k(params["k"]), "k_max": params["k_max"],
+           "n_init": params["n_init"], "embedder": params["embedder"], "labeler": params["labeler"],
+           "only_failures": params["only_failures"]}
+    defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(ClusterConfig)}
+    # n_representatives and n_keywords have no option; the seed is the global --seed (default 0).
+    assert set(defaults) - set(cli) == {"n_representatives", "n_keywords", "seed"}
+    assert cli == {name: defaults[name] for name in cli} and defaults["seed"] == 0
 
 
 class _FakeChat(BaseHTTPRequestHandler):
