@@ -23,11 +23,12 @@ def cached_unpack(pack_path: str | Path) -> Path:
     """The unpacked contents of a pack, extracted (and every checksum checked) on first use.
 
     The cache entry is named by the SHA-256 of the whole pack file, hashed on every use (0.08 s
-    per 100 MB on this project's idle 2-core machine, 0.25 s loaded; docs/zstd-pack.md): one changed byte anywhere gives a new name, so a damaged pack is
-    never served from the entry of the intact one; it is extracted afresh and refused (BadInput
-    naming the pack, and the tensor or file the damage hits). Hashing every time, rather than
-    trusting size and mtime, also catches damage that keeps the file's metadata (bit rot, a
-    restored mtime). Extraction is atomic, so an entry that exists is complete.
+    per 100 MB on this project's idle 2-core machine, 0.25 s loaded; docs/zstd-pack.md): one
+    changed byte anywhere gives a new name, so a damaged pack is never served from the entry of
+    the intact one; it is extracted afresh and refused (BadInput naming the pack, and the tensor
+    or file the damage hits). Hashing every time, rather than trusting size and mtime, also
+    catches damage that keeps the file's metadata (bit rot, a restored mtime). Extraction is
+    atomic, so an entry that exists is complete.
     """
     with Pack(pack_path) as p:
         target = cache_root() / "orz" / p.file_sha256()
