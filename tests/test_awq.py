@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from pathlib import Path
 
 import pytest
+import torch
+from conftest import cli_defaults, run_orstack, tree_hash
 
-torch = pytest.importorskip("torch")
-
-from orstack.awq.grid import QuantSpec, fake_quantize, largest_divisor, quantize  # noqa: E402
+from orstack.awq.grid import QuantSpec, fake_quantize, largest_divisor, quantize
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -21,26 +21,19 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-class Run:
-    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+def refused(result, *named: str) -> str:
+    """A bad-input refusal: exit 2, one line on stderr naming every string in `named`, nothing on stdout."""
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for text in named:
+        assert text in lines[0], lines[0]
+    assert result.stdout == ""
+    return lines[0]
 
 
-def _orstack(*args: str) -> Run:
-    """The CLI in-process (torch is already imported here; a subprocess would re-import it)."""
-    import io
-    from contextlib import redirect_stderr, redirect_stdout
-
-    from orstack.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            main(list(args))
-        except SystemExit as e:
-            code = e.code or 0
-    return Run(code, out.getvalue(), err.getvalue())
+def _no_loading(*args, **kwargs):
+    raise AssertionError("weights were loaded before the inputs were checked")
 
 
 # --- the grid ----------------------------------------------------------------------------
@@ -171,7 +164,7 @@ def packed_pair(random_llama, sample_text_file, tmp_path_factory):
     (pruned / "tokenizer_config.json").write_bytes((random_llama / "tokenizer_config.json").read_bytes())
     args = ["awq", str(pruned), "--calib", str(sample_text_file), "--nsamples", "4", "--seqlen", "48"]
     for out, extra in (("packed", []), ("fake", ["--fake-quant"])):
-        r = _orstack(*args, "-o", str(base / out), *extra)
+        r = run_orstack(*args, "-o", str(base / out), *extra)
         assert r.returncode == 0, r.stderr
         assert r.stdout == ""
     return pruned, base / "packed", base / "fake"
@@ -217,8 +210,8 @@ def test_pruned_zeros_stay_zero(packed_pair):
 
 def test_rtn_and_symmetric_and_auto_group(random_llama, tmp_path):
     out = tmp_path / "rtn"
-    r = _orstack("awq", str(random_llama), "--rtn", "--symmetric", "--bits", "8", "--group-size", "auto",
-                 "-o", str(out))
+    r = run_orstack("awq", str(random_llama), "--rtn", "--symmetric", "--bits", "8", "--group-size", "auto",
+                    "-o", str(out))
     assert r.returncode == 0, r.stderr
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     (group,) = config["config_groups"].values()
@@ -227,22 +220,134 @@ def test_rtn_and_symmetric_and_auto_group(random_llama, tmp_path):
     assert "group sizes (auto)" in r.stderr
 
 
-# --- bad input: exit 2, one line, nothing written -------------------------------------------------
+# --- --mixed-precision end to end -----------------------------------------------------------------
 
-@pytest.mark.parametrize("extra,message", [
-    (["--calib", "/nonexistent/calib.txt"], "no such file"),
-    ([], "--calib"),
-    (["--calib", "{text}", "--bits", "5"], "--bits 5"),
-    (["--calib", "{text}", "--group-size", "100"], "does not divide"),
-    (["--calib", "{text}", "--group-size", "zero"], "--group-size"),
+@pytest.fixture(scope="module")
+def mixed_outputs(random_llama, sample_text_file, tmp_path_factory):
+    """--mixed-precision written packed and as fake-quant, asymmetric and --symmetric:
+    {(symmetric, fake_quant): (output directory, stderr)}."""
+    base = tmp_path_factory.mktemp("awq-mixed")
+    outputs = {}
+    for symmetric in (False, True):
+        for fake in (False, True):
+            out = base / f"{'sym' if symmetric else 'asym'}-{'fake' if fake else 'packed'}"
+            r = run_orstack("awq", str(random_llama), "--calib", str(sample_text_file), "--nsamples", "4",
+                            "--seqlen", "48", "--mixed-precision", *(["--symmetric"] if symmetric else []),
+                            *(["--fake-quant"] if fake else []), "-o", str(out))
+            assert r.returncode == 0, r.stderr
+            outputs[symmetric, fake] = out, r.stderr
+    return outputs
+
+
+def _logits(model) -> torch.Tensor:
+    ids = torch.randint(3, 290, (2, 24), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asymmetric", "symmetric"])
+def test_mixed_precision_packed_checkpoint_holds_several_widths(mixed_outputs, symmetric):
+    packed, stderr = mixed_outputs[symmetric, False]
+    groups = json.loads((packed / "config.json").read_text())["quantization_config"]["config_groups"].values()
+    widths = {g["weights"]["num_bits"] for g in groups}
+    assert len(widths) > 1 and 4 in widths and widths <= {3, 4, 5}
+    metrics = json.loads((packed / "orstack.json").read_text())["metrics"]
+    assert metrics["bits"] and set(metrics["bits"].values()) <= {3, 5}
+    assert metrics["average_bits"] <= 4.0
+    assert "mixed precision: average" in stderr
+
+
+def test_mixed_precision_symmetric_loads_in_transformers_as_fake_quant(mixed_outputs):
+    """transformers loads a symmetric mixed-width packed checkpoint as is (each module by its
+    own config group): its logits are the fake-quant checkpoint's, bit for bit."""
+    from transformers import AutoModelForCausalLM
+
+    packed, stderr = mixed_outputs[True, False]
+    fake, _ = mixed_outputs[True, True]
+    theirs = AutoModelForCausalLM.from_pretrained(packed)
+    reference = AutoModelForCausalLM.from_pretrained(fake)
+    assert torch.equal(_logits(theirs), _logits(reference))
+    assert "warning" not in stderr
+
+
+def test_mixed_precision_asymmetric_loads_in_orstack_as_fake_quant(mixed_outputs):
+    """transformers 5 cannot load mixed widths with zero points (with dequantize=True it applies
+    the first config group's scheme to every module; without, the packed zero points do not fit):
+    orstack says so when writing one, and reads it itself."""
+    from transformers import AutoModelForCausalLM
+
+    from orstack.io.checkpoint import load_model
+
+    packed, stderr = mixed_outputs[False, False]
+    fake, fake_stderr = mixed_outputs[False, True]
+    ours, _ = load_model(packed, with_tokenizer=False)
+    reference = AutoModelForCausalLM.from_pretrained(fake)
+    for name, param in reference.state_dict().items():
+        assert torch.equal(ours.state_dict()[name], param), name
+    assert torch.equal(_logits(ours), _logits(reference))
+    assert "warning:" in stderr and "--symmetric or --fake-quant" in stderr
+    assert "warning" not in fake_stderr
+
+
+# --- config = manifest ---------------------------------------------------------------------------
+
+def test_manifest_args_rebuild_the_config(random_llama, sample_text_file, tmp_path):
+    from orstack.awq import AWQConfig, run
+    from orstack.io.manifest import config_from_manifest, read_manifest
+    from orstack.runtime import Runtime
+
+    out = tmp_path / "cli"
+    r = run_orstack("--seed", "5", "awq", str(random_llama), "--calib", str(sample_text_file), "--bits", "8",
+                    "--group-size", "64", "--symmetric", "--fake-quant", "--nsamples", "2", "--seqlen", "16",
+                    "--batch-size", "2", "--heldout", str(sample_text_file), "--eval-length", "32", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    expected = AWQConfig(bits=8, group_size=64, symmetric=True, fake_quant=True, nsamples=2, seqlen=16, batch_size=2,
+                         eval_length=32, seed=5, calib=[str(sample_text_file)], heldout=[str(sample_text_file)])
+    manifest = read_manifest(out)
+    assert manifest["config_class"] == "orstack.awq.search:AWQConfig"
+    assert config_from_manifest(manifest) == expected
+    assert manifest["metrics"]["ppl_before"] > 0
+
+    config = AWQConfig(rtn=True, group_size="auto", bits=3, seed=2)
+    result = run(random_llama, tmp_path / "lib", config, Runtime(device="cpu", seed=2))
+    assert result.layers == [] and result.weights_bytes > 0
+    assert config_from_manifest(read_manifest(result.output)) == config
+
+
+def test_cli_defaults_are_the_config_defaults():
+    from orstack.awq import AWQConfig
+
+    cli = cli_defaults("awq")
+    # Not options: the global --seed (from the Runtime) and the search's fixed settings.
+    not_options = {"seed", "alpha_steps", "search_rows", "clip_steps", "max_shrink", "promote_fraction"}
+    as_config = {"group_size": int, "calib": lambda v: list(v or [])}  # how the command converts the option
+    fields = {f.name: f for f in dataclasses.fields(AWQConfig)}
+    assert set(cli) - {"model", "output"} == set(fields) - not_options
+    for name in set(fields) - not_options:
+        f = fields[name]
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        assert as_config.get(name, lambda v: v)(cli[name]) == default, name
+
+
+# --- bad input: exit 2, one line naming the option or file, nothing written ------------------------
+
+@pytest.mark.parametrize("extra,named", [
+    (["--calib", "/nonexistent/calib.txt"], ["--calib", "/nonexistent/calib.txt", "no such file"]),
+    ([], ["--calib", "--rtn"]),
+    (["--calib", "{text}", "--bits", "5"], ["--bits 5"]),
+    (["--calib", "{text}", "--group-size", "100"], ["--group-size 100", "does not divide"]),
+    (["--calib", "{text}", "--group-size", "zero"], ["--group-size zero"]),
+    (["--rtn", "--mixed-precision"], ["--mixed-precision", "--rtn"]),
+    (["--calib", "{text}", "--heldout", "/nonexistent/heldout.txt"], ["--heldout", "/nonexistent/heldout.txt"]),
 ])
-def test_bad_input(random_llama, sample_text_file, tmp_path, extra, message):
+def test_bad_input(random_llama, sample_text_file, tmp_path, monkeypatch, extra, named):
+    import orstack.io.checkpoint
+
+    monkeypatch.setattr(orstack.io.checkpoint, "load_model", _no_loading)
     out = tmp_path / "out"
     extra = [str(sample_text_file) if a == "{text}" else a for a in extra]
-    r = _orstack("awq", str(random_llama), "-o", str(out), *extra)
-    assert r.returncode == 2, r.stderr
-    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    assert r.stdout == "" and not out.exists()
+    refused(run_orstack("awq", str(random_llama), "-o", str(out), *extra), *named)
+    assert not out.exists()
     assert not list(tmp_path.glob(".*"))
 
 
@@ -251,8 +356,8 @@ def test_non_llama_model_refused(tmp_path, sample_text_file):
 
     src = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=100)).save_pretrained(src)
-    r = _orstack("awq", str(src), "--calib", str(sample_text_file), "-o", str(tmp_path / "out"))
-    assert r.returncode == 2 and "unsupported architecture" in r.stderr
+    refused(run_orstack("awq", str(src), "--calib", str(sample_text_file), "-o", str(tmp_path / "out")),
+            str(src), "unsupported architecture 'gpt2'")
     assert not (tmp_path / "out").exists()
 
 
@@ -261,8 +366,49 @@ def test_group_size_error_names_layers(tmp_path):
     from conftest import build_random_llama
 
     src = build_random_llama(tmp_path / "w192", hidden=192)
-    r = _orstack("awq", str(src), "--rtn", "--group-size", "128", "-o", str(tmp_path / "out"))
-    assert r.returncode == 2
-    assert "q_proj (width 192)" in r.stderr and "down_proj" not in r.stderr
+    before = tree_hash(src)
+    line = refused(run_orstack("awq", str(src), "--rtn", "--group-size", "128", "-o", str(tmp_path / "out")),
+                   "--group-size 128", "q_proj (width 192)")
+    assert "down_proj" not in line
     assert not (tmp_path / "out").exists()
-    assert Path(src).exists()
+    assert tree_hash(src) == before
+
+
+def test_device_cuda_without_cuda_exits_2_before_loading(random_llama, sample_text_file, tmp_path, monkeypatch):
+    import orstack.io.checkpoint
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.setattr(orstack.io.checkpoint, "load_model", _no_loading)
+    refused(run_orstack("--device", "cuda", "awq", str(random_llama), "--calib", str(sample_text_file),
+                        "-o", str(tmp_path / "out")), "--device cuda", "no CUDA")
+    assert not (tmp_path / "out").exists()
+
+
+# --- the output policy: refused up front, nothing on disk changed --------------------------------
+
+@pytest.mark.parametrize("case", ["existing file", "user directory", "missing parent", "the input"])
+def test_output_policy(random_llama, sample_text_file, tmp_path, monkeypatch, case):
+    import shutil
+
+    import orstack.io.checkpoint
+
+    source, out = random_llama, tmp_path / "out"
+    if case == "existing file":
+        out.write_text("my notes\n")
+        watched, named = out, "is a file"
+    elif case == "user directory":
+        out.mkdir()
+        (out / "thesis.tex").write_text("mine\n")
+        watched, named = out, "not written by orstack"
+    elif case == "missing parent":
+        out = tmp_path / "nodir" / "out"
+        watched, named = out.parent, "does not exist"
+    else:
+        source = out = tmp_path / "model"
+        shutil.copytree(random_llama, source)
+        watched, named = source, "would overwrite the input"
+    before = tree_hash(watched)
+    monkeypatch.setattr(orstack.io.checkpoint, "load_model", _no_loading)
+    refused(run_orstack("awq", str(source), "--calib", str(sample_text_file), "-o", str(out)), "-o", str(out), named)
+    assert tree_hash(watched) == before

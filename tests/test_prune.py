@@ -443,39 +443,28 @@ def test_cli_device_cuda_without_cuda_exits_2_before_loading(random_llama, sampl
 
 # --- the output policy: refused up front, nothing on disk changed --------------------------------
 
-@pytest.fixture()
-def policy_case(random_llama, tmp_path):
-    """(input, -o path, what must not change) for each way -o can be wrong."""
+@pytest.mark.parametrize("case", ["existing file", "user directory", "missing parent", "the input"])
+def test_cli_output_policy(random_llama, sample_text_file, tmp_path, monkeypatch, case):
     import shutil
 
-    def make(case: str):
-        if case == "existing file":
-            out = tmp_path / "out"
-            out.write_text("my notes\n")
-            return random_llama, out, out, [str(out), "is a file"]
-        if case == "user directory":
-            out = tmp_path / "out"
-            out.mkdir()
-            (out / "thesis.tex").write_text("mine\n")
-            return random_llama, out, out, [str(out), "not written by orstack"]
-        if case == "missing parent":
-            out = tmp_path / "nodir" / "out"
-            return random_llama, out, out.parent, [str(out), "does not exist"]
-        if case == "the input":
-            model = tmp_path / "model"
-            shutil.copytree(random_llama, model)
-            return model, model, model, [str(model), "would overwrite the input"]
-        raise ValueError(case)
-
-    return make
-
-
-@pytest.mark.parametrize("case", ["existing file", "user directory", "missing parent", "the input"])
-def test_cli_output_policy(policy_case, sample_text_file, monkeypatch, case):
     import orstack.io.checkpoint
 
-    source, out, watched, named = policy_case(case)
+    source, out = random_llama, tmp_path / "out"
+    if case == "existing file":
+        out.write_text("my notes\n")
+        watched, named = out, "is a file"
+    elif case == "user directory":
+        out.mkdir()
+        (out / "thesis.tex").write_text("mine\n")
+        watched, named = out, "not written by orstack"
+    elif case == "missing parent":
+        out = tmp_path / "nodir" / "out"
+        watched, named = out.parent, "does not exist"
+    else:
+        source = out = tmp_path / "model"
+        shutil.copytree(random_llama, source)
+        watched, named = source, "would overwrite the input"
     before = tree_hash(watched)
     monkeypatch.setattr(orstack.io.checkpoint, "load_model", _no_loading)
-    refused(run_orstack("prune", source, "--calib", sample_text_file, "-o", out), "-o", *named)
+    refused(run_orstack("prune", source, "--calib", sample_text_file, "-o", out), "-o", str(out), named)
     assert tree_hash(watched) == before

@@ -48,8 +48,9 @@ class AWQConfig:
     promote_fraction: float = 0.1  # --mixed-precision: share of parameters given bits + 1
     batch_size: int = 8
     seed: int = 0
+    eval_length: int = 512  # held-out perplexity window, tokens
     calib: list[str] = field(default_factory=list)
-    heldout: str | None = None
+    heldout: list[str] | None = None
 
 
 @dataclass
@@ -66,7 +67,9 @@ class LayerReport:
 
 
 @dataclass
-class AWQResult:
+class Quantization:
+    """What quantizing a model produced: the codes of every target Linear and the per-layer report."""
+
     quantized: dict[str, Quantized]  # full module name -> codes, scales, zero points
     layers: list[LayerReport]
     group_sizes: dict[str, int]
@@ -126,6 +129,8 @@ def check_config(cfg: AWQConfig) -> None:
         raise BadInput(f"--group-size {cfg.group_size}: expected a positive integer or 'auto'")
     if cfg.mixed_precision and cfg.rtn:
         raise BadInput("--mixed-precision needs calibration data and cannot be combined with --rtn")
+    if not cfg.rtn and not cfg.calib:
+        raise BadInput("--calib: calibration text is required (or use --rtn)")
 
 
 def group_sizes(model: nn.Module, cfg: AWQConfig) -> dict[str, int]:
@@ -142,7 +147,7 @@ def group_sizes(model: nn.Module, cfg: AWQConfig) -> dict[str, int]:
     return {name: cfg.group_size for name in linears}
 
 
-def quantize_rtn(model: nn.Module, cfg: AWQConfig, sizes: dict[str, int]) -> AWQResult:
+def quantize_rtn(model: nn.Module, cfg: AWQConfig, sizes: dict[str, int]) -> Quantization:
     """Round-to-nearest every target Linear in place (the baseline; no calibration)."""
     import torch
 
@@ -153,11 +158,11 @@ def quantize_rtn(model: nn.Module, cfg: AWQConfig, sizes: dict[str, int]) -> AWQ
             q = quantize(module.weight.data.float(), QuantSpec(cfg.bits, sizes[name], cfg.symmetric))
             module.weight.data.copy_(q.dequantize(module.weight.dtype))
             quantized[name] = q
-    return AWQResult(quantized, [], sizes, {n: cfg.bits for n in quantized}, time.perf_counter() - start)
+    return Quantization(quantized, [], sizes, {n: cfg.bits for n in quantized}, time.perf_counter() - start)
 
 
 def quantize_awq(model: nn.Module, input_ids: torch.Tensor, cfg: AWQConfig, sizes: dict[str, int],
-                 bits: dict[str, int] | None = None, progress: Any = None) -> AWQResult:
+                 bits: dict[str, int] | None = None, progress: Any = None) -> Quantization:
     """AWQ every decoder layer of `model` in place on calibration windows `input_ids` [n, seq].
 
     `bits` gives a width per Linear (mixed precision); by default every Linear gets cfg.bits.
@@ -194,7 +199,7 @@ def quantize_awq(model: nn.Module, input_ids: torch.Tensor, cfg: AWQConfig, size
         probe = run_layer(layer, probe)
         if progress is not None:
             progress(i + 1, len(layers))
-    return AWQResult(quantized, reports, sizes, bits, time.perf_counter() - start)
+    return Quantization(quantized, reports, sizes, bits, time.perf_counter() - start)
 
 
 def _quantize_layer(layer: nn.Module, groups: list[LinearGroup], stats: dict, specs: dict[str, QuantSpec],

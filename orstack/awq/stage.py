@@ -1,27 +1,98 @@
-"""The `awq` stage as one library call: calibrate, quantize, measure (no file I/O)."""
+"""The `awq` stage as one library call: check, load, calibrate, quantize, measure, save.
+
+`run(source, output, AWQConfig(...), runtime)` writes the quantized checkpoint (packed, or
+dequantized with `fake_quant`) with its manifest and returns an AWQResult for the command to
+print; `quantize_in_place` is the work on a loaded model.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orstack import console
 from orstack.awq.search import (
     AWQConfig,
-    AWQResult,
+    LayerReport,
+    Quantization,
     allocate_bits,
+    check_config,
     group_sizes,
     quantize_awq,
     quantize_rtn,
     sensitivities,
     target_linears,
 )
+from orstack.errors import BadInput
 
 if TYPE_CHECKING:
     from torch import nn
 
+    from orstack.runtime import Runtime
 
-def run_awq(model: nn.Module, tokenizer: Any, cfg: AWQConfig, calib_texts: list[str] | None,
-            heldout_texts: list[str] | None = None, eval_length: int = 512) -> tuple[AWQResult, dict[str, Any]]:
+PACKED_FORMAT = "compressed-tensors-pack-quantized"  # the manifest's weights_format of a packed output
+
+
+@dataclass
+class AWQResult:
+    """What `orstack awq` reports: the output, the manifest's metrics, the per-layer AWQ report
+    (empty for --rtn) and the bytes of the weight files written."""
+
+    output: Path
+    metrics: dict[str, Any]
+    layers: list[LayerReport]
+    weights_bytes: int
+
+
+def run(source: str | Path, output: str | Path, config: AWQConfig, runtime: Runtime) -> AWQResult:
+    """Quantize the checkpoint `source` as `config` says and write it to the directory `output`.
+
+    Everything is checked before a weight is loaded: the options, the checkpoint (a Llama-family
+    config), the text files, the output path and the device.
+    """
+    from orstack.awq.packed import write_packed
+    from orstack.io.checkpoint import check_architecture, load_config, load_model, resolve_checkpoint, save_checkpoint
+    from orstack.io.output import check_output
+    from orstack.io.text import check_text_files, read_texts
+    from orstack.runtime import seed_everything
+
+    check_config(config)
+    checkpoint = resolve_checkpoint(source)
+    if not isinstance(checkpoint, Path):
+        raise BadInput(f"{source}: no such checkpoint directory")
+    if config.calib:
+        check_text_files(config.calib, "--calib")
+    if config.heldout:
+        check_text_files(config.heldout, "--heldout")
+    output = Path(output)
+    check_output(output, kind="dir", option="-o", inputs=[checkpoint])
+    model_config = load_config(checkpoint)
+    check_architecture(model_config, where=str(checkpoint))
+    if config.group_size != "auto":
+        _check_group_size(model_config, config)
+    device = runtime.torch_device()
+
+    calib_texts = list(read_texts(config.calib)) if config.calib else None
+    heldout_texts = list(read_texts(config.heldout)) if config.heldout else None
+    # float32 throughout: the scales are stored in it, so packed and fake-quant weights agree bit for bit.
+    model, tokenizer = load_model(checkpoint, device=device, dtype="float32", trust_pickle=runtime.trust_pickle)
+    seed_everything(config.seed)
+    quantization, metrics = quantize_in_place(model, tokenizer, config, calib_texts, heldout_texts)
+    write_weights, extra = None, None
+    if not config.fake_quant:
+        def write_weights(tmp: Path) -> None:
+            write_packed(model, quantization.quantized, tmp)
+
+        extra = {"weights_format": PACKED_FORMAT}
+    save_checkpoint(model, tokenizer, output, stage="awq", args=config, parent=checkpoint, metrics=metrics,
+                    extra=extra, write_weights=write_weights)
+    size = sum(f.stat().st_size for f in output.glob("*.safetensors"))
+    return AWQResult(output, metrics, quantization.layers, size)
+
+
+def quantize_in_place(model: nn.Module, tokenizer: Any, cfg: AWQConfig, calib_texts: list[str] | None,
+                      heldout_texts: list[str] | None = None) -> tuple[Quantization, dict[str, Any]]:
     """Quantize `model` in place (its Linear weights become the dequantized values) and return
     the codes plus metrics (held-out perplexity before/after when `heldout_texts` is given)."""
     import torch
@@ -31,10 +102,10 @@ def run_awq(model: nn.Module, tokenizer: Any, cfg: AWQConfig, calib_texts: list[
     sizes = group_sizes(model, cfg)
     metrics: dict[str, Any] = {}
     if heldout_texts:
-        metrics["ppl_before"] = _ppl(model, tokenizer, heldout_texts, eval_length)
+        metrics["ppl_before"] = _ppl(model, tokenizer, heldout_texts, cfg.eval_length)
     sparse_before = _zero_masks(model)
     if cfg.rtn:
-        result = quantize_rtn(model, cfg, sizes)
+        quantization = quantize_rtn(model, cfg, sizes)
     else:
         check_seqlen(model, cfg.seqlen)
         ids = token_windows(tokenizer, calib_texts, cfg.nsamples, cfg.seqlen, cfg.seed)
@@ -49,24 +120,40 @@ def run_awq(model: nn.Module, tokenizer: Any, cfg: AWQConfig, calib_texts: list[
         with console.progress() as bar:
             task = bar.add_task("awq", total=len(model.model.layers), unit="layers")
             with torch.no_grad():
-                result = quantize_awq(model, ids, cfg, sizes, bits, lambda i, n: bar.update(task, completed=i))
-    metrics.update(result.summary())
+                quantization = quantize_awq(model, ids, cfg, sizes, bits, lambda i, n: bar.update(task, completed=i))
+    metrics.update(quantization.summary())
     if cfg.mixed_precision:
-        metrics["bits"] = {name: b for name, b in result.bits.items() if b != cfg.bits}
+        metrics["bits"] = {name: b for name, b in quantization.bits.items() if b != cfg.bits}
     if cfg.group_size == "auto":
-        metrics["group_size_per_layer"] = {name.split(".", 3)[-1]: g for name, g in result.group_sizes.items()
-                                           if name.startswith(_first_layer_prefix(result))}
+        metrics["group_size_per_layer"] = {name.split(".", 3)[-1]: g for name, g in quantization.group_sizes.items()
+                                           if name.startswith(_first_layer_prefix(quantization))}
     linears = target_linears(model)
     lost = [name for name, mask in sparse_before.items() if bool(linears[name].weight[mask].any())]
     if lost:
         raise RuntimeError(f"quantization un-zeroed pruned weights in {lost[:3]}")
     metrics["zeros_kept"] = sum(int(mask.sum()) for mask in sparse_before.values())
     if heldout_texts:
-        metrics["ppl_after"] = _ppl(model, tokenizer, heldout_texts, eval_length)
-    return result, metrics
+        metrics["ppl_after"] = _ppl(model, tokenizer, heldout_texts, cfg.eval_length)
+    return quantization, metrics
 
 
-def _first_layer_prefix(result: AWQResult) -> str:
+def _check_group_size(model_config: Any, cfg: AWQConfig) -> None:
+    """A group size that does not divide every Linear's width, found on a weightless (meta) copy
+    of the model built from its config, before any weight is loaded."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_config = copy.deepcopy(model_config)
+    if hasattr(model_config, "quantization_config"):  # a packed source: the skeleton is the plain model
+        del model_config.quantization_config
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(model_config, trust_remote_code=False)
+    group_sizes(skeleton, cfg)
+
+
+def _first_layer_prefix(result: Quantization) -> str:
     first = next(iter(result.group_sizes))
     return first.rsplit(".", 2)[0] + "."
 

@@ -23,8 +23,9 @@ plain round-to-nearest (no calibration). --mixed-precision gives the most sensit
 of the weights one more bit and the least sensitive one bit less, averaging --bits.
 
 The output stores the weights packed (compressed-tensors "pack-quantized": int codes,
-scales, zero points; see docs/awq.md), loadable by transformers (asymmetric:
-quantization_config=CompressedTensorsConfig(dequantize=True)) and by every orstack stage.
+scales, zero points; see docs/awq.md), loadable by every orstack stage and by transformers
+(asymmetric: quantization_config=CompressedTensorsConfig(dequantize=True); with
+--mixed-precision only a --symmetric output, loaded as is).
 --fake-quant writes the dequantized weights as a plain checkpoint instead. A pruned
 model keeps its zeros. --group-size auto takes the largest divisor <= 128 of each width.
 
@@ -51,7 +52,7 @@ def _group_size(value: str) -> int | str:
 def awq(
     model: Annotated[str, typer.Argument(help="Checkpoint directory (Llama family).")],
     output: RequiredOutput,
-    calib: Calib = None,  # type: ignore[assignment] - required unless --rtn, checked below
+    calib: Calib = None,  # type: ignore[assignment] - required unless --rtn (AWQConfig checks)
     bits: Annotated[int, typer.Option("--bits", help="Bits per weight: 3, 4 or 8.")] = 4,
     group_size: Annotated[str, typer.Option("--group-size", help="Weights per group, or 'auto'.")] = "128",
     symmetric: Annotated[bool, typer.Option("--symmetric", help="No zero point (grid symmetric around 0).")]
@@ -66,55 +67,23 @@ def awq(
     heldout: Annotated[list[Path] | None, typer.Option("--heldout", help="Held-out text for perplexity.")] = None,
     eval_length: Annotated[int, typer.Option("--eval-length", min=8, help="Perplexity window, tokens.")] = 512,
 ) -> None:
-    from orstack.awq.search import AWQConfig, check_config
-    from orstack.io.checkpoint import resolve_checkpoint
-    from orstack.io.text import check_text_files
+    from orstack.awq import AWQConfig, run
 
-    source = resolve_checkpoint(model)
-    if not isinstance(source, Path):
-        raise BadInput(f"{model}: no such checkpoint directory")
-    if not rtn and not calib:
-        raise BadInput("--calib: calibration text is required (or use --rtn)")
-    calib_files = check_text_files(calib, "--calib") if calib else []
-    heldout_files = check_text_files(heldout, "--heldout") if heldout else []
+    runtime = current_runtime()
     config = AWQConfig(bits=bits, group_size=_group_size(group_size), symmetric=symmetric, rtn=rtn,
                        mixed_precision=mixed_precision, fake_quant=fake_quant, nsamples=nsamples, seqlen=seqlen,
-                       batch_size=batch_size, seed=current_runtime().seed, calib=[str(p) for p in calib_files],
-                       heldout=",".join(str(p) for p in heldout_files) or None)
-    check_config(config)
-    _run(source, output, config, heldout_files, eval_length)
+                       batch_size=batch_size, eval_length=eval_length, seed=runtime.seed,
+                       calib=[str(p) for p in calib or []], heldout=[str(p) for p in heldout] if heldout else None)
+    result = run(model, output, config, runtime)
+    _report(result)
+    if config.mixed_precision and not config.symmetric and not config.fake_quant:
+        console.warn(f"{result.output}: transformers cannot load a packed checkpoint that mixes bit widths with "
+                     "zero points (orstack stages can); use --symmetric or --fake-quant for one it loads")
+    console.info(f"wrote {result.output} ({result.weights_bytes / 1e6:.1f} MB of weights)")
 
 
-def _run(source: Path, output: Path, config, heldout: list[Path], eval_length: int) -> None:  # noqa: ANN001
-    from orstack.awq.packed import write_packed
-    from orstack.awq.stage import run_awq
-    from orstack.io.checkpoint import check_architecture, load_config, load_model, save_checkpoint
-    from orstack.io.text import read_texts
-    from orstack.layerwise import decoder_layers
-    from orstack.runtime import seed_everything
-
-    check_architecture(load_config(source), where=str(source))
-    seed_everything(current_runtime().seed)
-    calib_texts = list(read_texts(config.calib)) if config.calib else None
-    heldout_texts = list(read_texts(heldout)) if heldout else None
-    # float32 throughout: the scales are stored in it, so packed and fake-quant weights agree bit for bit.
-    model, tokenizer = load_model(source, device=current_runtime().torch_device(), dtype="float32", trust_pickle=current_runtime().trust_pickle)
-    decoder_layers(model)
-    result, metrics = run_awq(model, tokenizer, config, calib_texts, heldout_texts, eval_length)
-    _report(result, metrics)
-    write_weights, extra = None, None
-    if not config.fake_quant:
-        def write_weights(tmp: Path) -> None:
-            write_packed(model, result.quantized, tmp)
-
-        extra = {"weights_format": "compressed-tensors-pack-quantized"}
-    save_checkpoint(model, tokenizer, output, stage="awq", args=config, parent=source, metrics=metrics,
-                    extra=extra, write_weights=write_weights)
-    size = sum(f.stat().st_size for f in output.glob("*.safetensors"))
-    console.info(f"wrote {output} ({size / 1e6:.1f} MB of weights)")
-
-
-def _report(result, metrics: dict) -> None:  # noqa: ANN001 - AWQResult
+def _report(result) -> None:  # noqa: ANN001 - orstack.awq.AWQResult
+    metrics = result.metrics
     if result.layers:
         tbl = console.new_table("layer", "alpha (q/k/v, o, gate/up, down)", "error RTN", "error AWQ", "reduction",
                                 title="AWQ per layer (summed output error on calibration data)")
