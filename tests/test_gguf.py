@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_orstack
 
 from orstack.gguf import kquants
 from orstack.gguf.export import TYPES, export_gguf
@@ -311,45 +311,176 @@ def test_llama_cpp_backend_matches_transformers_backend(random_llama, tmp_path):
 
 # -- the command ------------------------------------------------------------------------------
 
-def _run(*args):
-    return subprocess.run([sys.executable, "-m", "orstack", "gguf", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, "NO_COLOR": "1"})
+def _cpu():
+    from orstack.runtime import Runtime
+
+    return Runtime(device="cpu")
+
+
+def _data_section(path) -> bytes:
+    import gguf
+
+    offset = gguf.GGUFReader(str(path)).data_offset
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read()
+
+
+def _one_line(r) -> None:
+    assert r.stdout == "" and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_cli_validates_tiny_trained_and_writes(tiny_trained, tmp_path):
     out = tmp_path / "tiny.gguf"
-    r = _run(tiny_trained.model, "-o", out, "--type", "f16", "--prompts", tiny_trained.tasks / "heldout.jsonl",
-             "--text", tiny_trained.tasks / "heldout.txt", "--tokens", "40")
+    tasks = tiny_trained.tasks
+    r = run_orstack("gguf", tiny_trained.model, "-o", out, "--type", "f16", "--prompts", tasks / "heldout.jsonl",
+                    "--text", tasks / "heldout.txt", "--tokens", "40")
     assert r.returncode == 0, r.stderr
     assert r.stdout == ""
     assert "greedy agreement" in r.stderr and out.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.gguf"]  # no temporary sibling left
+
+
+def test_gguf_carries_the_manifest_and_the_config_loads_back(random_llama, tmp_path):
+    import gguf
+
+    from orstack.gguf import GgufConfig, run
+    from orstack.gguf.metadata import MANIFEST_KEY, read_gguf_manifest
+    from orstack.io.manifest import config_from_args, config_from_manifest
+
+    config = GgufConfig(type="f32", validate=True, n_tokens=8, max_length=64)
+    out = tmp_path / "m.gguf"
+    result = run(str(random_llama), out, config, _cpu())
+    manifest = read_gguf_manifest(out)
+    assert manifest == result.manifest
+    assert manifest["stage"] == "gguf" and manifest["parent"]["path"] == str(random_llama)
+    assert config_from_args(GgufConfig, manifest["args"]) == config == config_from_manifest(manifest)
+    assert manifest["metrics"] == result.validation.as_dict() and manifest["metrics"]["passed"] is True
+    assert result.export.size_bytes == out.stat().st_size
+    # The manifest is the last metadata key; the tensors are exactly what the exporter writes.
+    assert list(gguf.GGUFReader(str(out)).fields)[-1] == MANIFEST_KEY
+    model, tok = _load(random_llama)
+    plain = tmp_path / "plain.gguf"
+    export_gguf(model, tok, plain, "f32", progress=False)
+    assert _data_section(out) == _data_section(plain)
+    # llama.cpp reads the file with the key (bench and route open it)
+    from orstack.backends.llamacpp import LlamaCppBackend
+
+    backend = LlamaCppBackend(str(out))
+    try:
+        assert backend.llm.metadata[MANIFEST_KEY] == json.dumps(manifest, ensure_ascii=False)
+    finally:
+        backend.close()
+
+
+def test_without_validation_the_manifest_has_no_metrics(random_llama, tmp_path):
+    from orstack.gguf import GgufConfig, run
+    from orstack.gguf.metadata import read_gguf_manifest
+
+    out = tmp_path / "q8.gguf"
+    config = GgufConfig(type="Q8_0", validate=False)
+    run(str(random_llama), out, config, _cpu())
+    manifest = read_gguf_manifest(out)
+    assert manifest["args"]["type"] == "q8_0" and manifest["args"]["validate"] is False
+    assert manifest["metrics"] == {}
+
+
+def test_cli_defaults_are_the_config_defaults():
+    import dataclasses
+
+    import typer
+
+    from orstack.commands.gguf import gguf as command
+    from orstack.gguf import GgufConfig
+
+    app = typer.Typer()
+    app.command()(command)
+    params = {p.name: p for p in typer.main.get_command(app).params}
+    names = {"qtype": "type", "validate": "validate", "prompts": "prompts", "text": "text", "tokens": "n_tokens",
+             "max_length": "max_length", "force": "force"}
+    fields = {f.name: f for f in dataclasses.fields(GgufConfig)}
+    assert set(names.values()) == set(fields)
+    for option, name in names.items():
+        f = fields[name]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        cli = params[option].default
+        assert (list(cli or []) if params[option].multiple else cli) == default, option
 
 
 def test_failed_gate_writes_nothing(random_llama, tmp_path, monkeypatch):
     from orstack.errors import GateFailed
-    from orstack.gguf import GgufConfig, convert, validate
+    from orstack.gguf import GgufConfig, run, validate
 
     monkeypatch.setitem(validate.GATES, "q4_0", 1.01)  # an impossible gate
     out = tmp_path / "gated.gguf"
     with pytest.raises(GateFailed, match="nothing written"):
-        convert(str(random_llama), out, GgufConfig(type="q4_0", validate=True, n_tokens=8))
+        run(str(random_llama), out, GgufConfig(type="q4_0", validate=True, n_tokens=8), _cpu())
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
-def test_bad_inputs_exit_2_and_write_nothing(random_llama, tmp_path):
+@pytest.fixture(scope="module")
+def gpt2_checkpoint(tmp_path_factory):
     _torch()
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    gpt2 = tmp_path / "gpt2"
+    gpt2 = tmp_path_factory.mktemp("gpt2") / "gpt2"
     config = GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=300, bos_token_id=0, eos_token_id=1)
     GPT2LMHeadModel(config).save_pretrained(gpt2)
-    out = tmp_path / "x.gguf"
-    for args in [(gpt2, "-o", out), (random_llama, "-o", out, "--type", "q3_k"), (tmp_path / "missing", "-o", out)]:
-        r = _run(*args)
-        assert r.returncode == 2, r.stderr
-        assert r.stdout == "" and len(r.stderr.strip().splitlines()) == 1
-        assert not out.exists()
-    assert "unsupported architecture 'gpt2'" in _run(gpt2, "-o", out).stderr
+    return gpt2
+
+
+BAD_CASES = {
+    # case: (arguments after the model, text the one-line message must contain)
+    "unsupported architecture": (("-o", "{out}"), "unsupported architecture 'gpt2'"),
+    "unknown type": (("-o", "{out}", "--type", "q3_k"), "--type: unknown type 'q3_k'"),
+    "missing model": (("-o", "{out}"), "{missing}: no such checkpoint"),
+    "directory at -o": (("-o", "{dir}"), "{dir}: is a directory"),
+    "missing parent of -o": (("-o", "{tmp}/nowhere/x.gguf"), "does not exist"),
+    "-o on the source": (("-o", "{model}"), "would overwrite the input"),
+    "prompt not a string": (("-o", "{out}", "--prompts", "{numbers}"), "{numbers}:2: field 'prompt' must be a string"),
+    "missing prompts file": (("-o", "{out}", "--prompts", "{tmp}/none.jsonl"), "none.jsonl: no such file"),
+    "missing text file": (("-o", "{out}", "--text", "{tmp}/none.txt"), "none.txt"),
+    "no cuda": (("-o", "{out}"), "--device cuda: no CUDA device"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_bad_inputs_exit_2_one_line_and_leave_files_alone(random_llama, gpt2_checkpoint, tmp_path, case):
+    args, message = BAD_CASES[case]
+    out, directory = tmp_path / "x.gguf", tmp_path / "outdir"
+    out.write_bytes(b"an older file the run must not touch")
+    directory.mkdir()
+    (directory / "keep.txt").write_text("mine")
+    numbers = tmp_path / "numbers.jsonl"
+    numbers.write_text('{"prompt": "12+3="}\n{"prompt": 12}\n', encoding="utf-8")
+    model = {"unsupported architecture": gpt2_checkpoint, "missing model": tmp_path / "missing"}.get(case, random_llama)
+    names = {"out": out, "dir": directory, "tmp": tmp_path, "model": model, "numbers": numbers,
+             "missing": tmp_path / "missing"}
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    device = ["--device", "cuda"] if case == "no cuda" else []
+    r = run_orstack(*device, "gguf", model, *(a.format(**names) for a in args))
+    assert r.returncode == 2, r.stderr
+    _one_line(r)
+    assert message.format(**names) in r.stderr
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_disk_full_is_one_line_and_leaves_the_old_output(random_llama, tmp_path, monkeypatch):
+    import errno
+
+    import gguf
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", full)
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"old")
+    r = run_orstack("--quiet", "gguf", random_llama, "-o", out, "--no-validate")
+    assert r.returncode == 1
+    _one_line(r)
+    assert "no space left on device" in r.stderr
+    assert out.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
 
 
 # -- packed AWQ -> Q4_1 -----------------------------------------------------------------------
@@ -362,7 +493,7 @@ def test_packed_awq_maps_onto_q4_1_exactly(random_llama, tmp_path, symmetric):
     from orstack.awq.grid import QuantSpec
     from orstack.awq.grid import quantize as rtn
     from orstack.awq.packed import write_packed
-    from orstack.gguf import GgufConfig, convert
+    from orstack.gguf import GgufConfig, run
     from orstack.gguf.export import _permute_rotary
 
     model, tok = _load(random_llama)
@@ -375,7 +506,7 @@ def test_packed_awq_maps_onto_q4_1_exactly(random_llama, tmp_path, symmetric):
     tok.save_pretrained(packed)
 
     out = tmp_path / "awq.gguf"
-    result = convert(str(packed), out, GgufConfig(type="q4_1", validate=False)).export
+    result = run(str(packed), out, GgufConfig(type="q4_1", validate=False), _cpu()).export
     mapped = [t for t in result.tensors if "AWQ" in t.note]
     assert len(mapped) == 2 * 7
     tensors = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
@@ -401,9 +532,8 @@ def test_packed_awq_maps_onto_q4_1_exactly(random_llama, tmp_path, symmetric):
 
 def test_vocab_trimmed_checkpoint_converts_and_tokenizes_identically(random_llama, sample_text_file, tmp_path):
     trimmed = tmp_path / "trimmed"
-    r = subprocess.run([sys.executable, "-m", "orstack", "vocab-trim", str(random_llama), "--corpus",
-                        str(sample_text_file), "--coverage", "0.9", "-o", str(trimmed), "--force"],
-                       capture_output=True, text=True)
+    r = run_orstack("vocab-trim", random_llama, "--corpus", sample_text_file, "--coverage", "0.9", "-o", trimmed,
+                    "--force")
     assert r.returncode == 0, r.stderr
     model, tok = _load(trimmed)
     assert len(tok) < 300

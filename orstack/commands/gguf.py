@@ -9,7 +9,6 @@ import typer
 
 from orstack import console
 from orstack.commands.options import Force, RequiredOutput, current_runtime
-from orstack.errors import BadInput
 
 HELP = """Export a Llama-family checkpoint (llama, mistral, qwen2) to GGUF for llama.cpp.
 
@@ -31,6 +30,9 @@ Q6_K->Q8_0, else F16), listed per tensor. Norms and biases stay F32.
 compares it with the source: greedy-token agreement over --tokens tokens per prompt and
 perplexity; f32/f16 need >= 99% agreement, q8_0/bf16 >= 95%, and all of these a
 perplexity within 2%, or the command exits 3 and writes nothing (unless --force).
+
+The file carries orstack's manifest (stage, options, parent checkpoint, lineage and the
+validation figures) as JSON in the metadata key orstack.manifest.
 
 Example:
 
@@ -56,23 +58,14 @@ def gguf(
     max_length: Annotated[int, typer.Option("--max-length", min=16, help="Perplexity window (tokens).")] = 512,
     force: Force = False,
 ) -> None:
-    from orstack.gguf import GgufConfig, check_config
-    from orstack.io.checkpoint import resolve_checkpoint
+    from orstack.gguf import GgufConfig, run
 
-    if output.is_dir():
-        raise BadInput(f"-o {output}: is a directory; give a file name such as model.gguf")
-    config = check_config(GgufConfig(type=qtype, validate=validate, prompts=str(prompts) if prompts else None,
-                                     text=[str(t) for t in text or []], n_tokens=tokens, max_length=max_length,
-                                     force=force))
-    resolve_checkpoint(model)
-
-    from orstack.gguf import convert
-
-    result = convert(model, output, config, current_runtime())
-    _report(result, config.type)
+    config = GgufConfig(type=qtype, validate=validate, prompts=str(prompts) if prompts else None,
+                        text=[str(t) for t in text or []], n_tokens=tokens, max_length=max_length, force=force)
+    _report(run(model, output, config, current_runtime()), config.type)
 
 
-def _report(result, qtype: str) -> None:  # noqa: ANN001 - orstack.gguf.ConvertResult
+def _report(result, qtype: str) -> None:  # noqa: ANN001 - orstack.gguf.GgufResult
     from collections import Counter
 
     export = result.export

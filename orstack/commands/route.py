@@ -7,8 +7,7 @@ from typing import Annotated
 
 import typer
 
-from orstack.commands.options import Output, RequiredOutput
-from orstack.errors import BadInput
+from orstack.commands.options import Output, RequiredOutput, current_runtime
 
 route_app = typer.Typer(
     help="""Calibrated confidence routing between a fast base and accurate modifiers.
@@ -55,54 +54,24 @@ def train(
 
         orstack route train --results base.jsonl --results-accurate acc.jsonl --optimize --plot rel.png -o router
     """
-    from orstack import console
-    from orstack.commands.options import current_runtime
-    from orstack.io.atomic import atomic_path
-    from orstack.io.jsonl import read_jsonl_list
-    from orstack.io.manifest import build_manifest, write_manifest
-    from orstack.route.features import check_signals
-    from orstack.route.router import (
-        RouterConfig,
-        base_identity,
-        join_accurate,
-        optimise_threshold,
-        train_router,
-    )
+    from orstack import console, route
 
-    if embedder not in ("tfidf", "none"):
-        from orstack.cluster_failures.embed import resolve_embedder
-
-        resolve_embedder(embedder)
-    if optimize and results_accurate is None:
-        raise BadInput("--optimize needs --results-accurate (the accurate path's results on the same tasks)")
-    rows = read_jsonl_list(results, required=("id", "correct"))
-    check_signals(rows, str(results))
-    accurate = None
-    if results_accurate is not None:
-        accurate = join_accurate(rows, read_jsonl_list(results_accurate, required=("id", "correct")),
-                                 str(results_accurate))
-    config = RouterConfig(embedder=embedder, threshold=threshold, optimize=optimize, cost_weight=cost_weight,
-                          seed=current_runtime().seed)
-    router = train_router(rows, config)
-    router.base = base_identity(rows, str(results))
-    if accurate is not None:
-        router.metrics["sweep"] = optimise_threshold(router, rows, accurate)
-        _print_sweep(router.metrics["sweep"], router.threshold)
-    _print_calibration(router.metrics)
-    with atomic_path(output, directory=True) as tmp:
-        router.save(tmp)
-        args = {**config.__dict__, "results": str(results), "results_accurate": str(results_accurate or "")}
-        write_manifest(tmp, build_manifest("route", args, parent=router.base.get("model"),
-                                           metrics={**router.metrics, "threshold": router.threshold}))
-    if plot is not None:
-        _plot(router, rows, plot)
-    console.info(f"router ({router.classifier.kind}, threshold {router.threshold:.2f}) written to {output}")
+    config = route.RouterConfig(embedder=embedder, threshold=threshold, optimize=optimize, cost_weight=cost_weight,
+                                seed=current_runtime().seed, results=str(results),
+                                results_accurate=str(results_accurate) if results_accurate is not None else None)
+    result = route.train(output, config, current_runtime(), plot=plot)
+    if result.sweep is not None:
+        _print_sweep(result.sweep, result.router.threshold)
+    _print_calibration(result.router.metrics)
+    console.info(f"router ({result.router.classifier.kind}, threshold {result.router.threshold:.2f}) "
+                 f"written to {output}")
 
 
 @route_app.command("run")
 def run(
     tasks: Annotated[Path, typer.Argument(help="Task JSONL (`-` for stdin).")],
-    base: Annotated[str, typer.Option("--base", help="The fast base model (checkpoint directory).")],
+    base: Annotated[str, typer.Option("--base", help="The fast base model (checkpoint directory, or a .gguf file "
+                                                    "run in llama.cpp).")],
     router: Annotated[
         Path | None, typer.Option("--router", help="Router directory from `route train` (needed for --mode auto).")
     ] = None,
@@ -130,30 +99,16 @@ def run(
 
         orstack route run --router router --base tiny --modifier arith=adapter tasks.jsonl -o routed.jsonl
     """
-    from orstack import console
-    from orstack.commands.options import current_runtime
-    from orstack.io.jsonl import write_json, write_jsonl
-    from orstack.route.router import Router
-    from orstack.route.run import RouteRunConfig, check_plan, parse_modifiers, route_tasks
-    from orstack.tasks.contract import load_tasks
+    from orstack import console, route
+    from orstack.route.routing import parse_modifiers
 
-    rows = load_tasks(tasks)
-    if mode == "auto" and router is None:
-        raise BadInput("--mode auto needs --router (or use --mode fast / --mode accurate)")
-    loaded = Router.load(router) if router is not None else None
-    config = RouteRunConfig(router=str(router), base=base, modifiers=parse_modifiers(modifier), accurate=accurate,
-                            mode=mode, vote=vote, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                            compare=compare)
-    check_plan(config, loaded, rows)
-    from orstack.io.checkpoint import resolve_checkpoint
-
-    resolve_checkpoint(base)
-    routed, stats = route_tasks(config, loaded, rows, current_runtime())
-    write_jsonl(routed, output)
-    if summary is not None:
-        write_json(stats, summary)
-    _print_run_summary(stats)
-    console.info(f"{len(routed)} rows routed")
+    config = route.RouteRunConfig(base=base, router=str(router) if router is not None else None,
+                            modifiers=parse_modifiers(modifier), accurate=accurate, mode=mode, vote=vote,
+                            max_new_tokens=max_new_tokens, batch_size=batch_size, compare=compare,
+                            seed=current_runtime().seed)
+    result = route.run(tasks, output, config, current_runtime(), summary=summary)
+    _print_run_summary(result.summary)
+    console.info(f"{result.rows} rows routed")
 
 
 def _print_run_summary(stats: dict) -> None:
@@ -191,14 +146,6 @@ def _print_sweep(sweep: list[dict], chosen: float) -> None:
         tbl.add_row(f"{row['threshold']:.2f}{mark}", f"{row['accuracy']:.3f}", f"{row['strong_share']:.3f}",
                     f"{row['cost']:.1f}", f"{row['score']:.4f}")
     console.table(tbl)
-
-
-def _plot(router, rows: list[dict], path: Path) -> None:
-    from orstack.route.calibration import plot_reliability
-    from orstack.route.router import labels
-
-    raw = router.classifier.predict(router.featurizer.transform(rows))
-    plot_reliability(labels(rows), raw, router.platt(raw), path)
 
 
 def register(app: typer.Typer) -> None:

@@ -155,11 +155,13 @@ def hf_tensors(model) -> list[tuple[str, np.ndarray]]:
 
 
 def export_gguf(model, tokenizer, out: Path, qtype: str, *, name: str = "model", progress: bool = True,
-                q4_1_blocks: dict[str, np.ndarray] | None = None) -> ExportResult:
+                q4_1_blocks: dict[str, np.ndarray] | None = None, metadata: dict[str, str] | None = None,
+                ) -> ExportResult:
     """Write `model` (a loaded transformers Llama-family model) to `out` as GGUF of `qtype`.
 
     `q4_1_blocks` (HF weight name -> Q4_1 bytes, from orstack.gguf.awq) replaces quantization
-    of those weights when the plan stores them as Q4_1."""
+    of those weights when the plan stores them as Q4_1. `metadata` adds string keys after all
+    the others (the orstack manifest)."""
     import gguf
 
     from orstack.console import track
@@ -202,6 +204,8 @@ def export_gguf(model, tokenizer, out: Path, qtype: str, *, name: str = "model",
     if qtype not in ("f32", "f16", "bf16"):
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     vocab.write(writer)
+    for key, value in (metadata or {}).items():
+        writer.add_string(key, value)
 
     plans = []
     tensors = hf_tensors(model)

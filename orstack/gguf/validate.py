@@ -1,12 +1,13 @@
 """Does the GGUF file behave like the model it came from? Checked in llama.cpp.
 
 Two measures, on held-out prompts and text:
-- greedy-token agreement: the source model continues each prompt greedily for
-  `n_tokens` tokens (EOS ignored, so every prompt contributes the same count); llama.cpp
-  reads the same prompt + continuation and we count the positions where its argmax is
-  the source's token (teacher-forced, so one early flip does not hide the rest).
-- perplexity of both on the same text, same windows (lm-eval rolling rule), through
-  orstack.backends.perplexity and the llama.cpp bench backend.
+- greedy-token agreement: the source model continues each prompt greedily for `n_tokens`
+  tokens (EOS ignored, so every prompt contributes the same count); llama.cpp reads the
+  same prompt + continuation and we count the positions where its argmax is the source's
+  token (teacher-forced, so one early flip does not hide the rest).
+- perplexity of both on the same text, same windows (lm-eval rolling rule).
+Both sides go through orstack/backends: the transformers backend over the loaded source
+model (HFBackend.from_model) and the llama.cpp backend over the file.
 Gates (issue 3): f32/f16 agreement >= 99%, q8_0 (and bf16) >= 95%, and perplexity within
 2% for all of these; lower-bit types are reported, not gated.
 """
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 GATES = {"f32": 0.99, "f16": 0.99, "bf16": 0.95, "q8_0": 0.95}  # minimum greedy agreement
 PPL_TOLERANCE = 0.02
+PPL_BATCH = 8  # perplexity windows per forward pass on the source
 
 DEFAULT_PROMPTS = (
     "The history of the printing press begins",
@@ -68,22 +70,6 @@ class Validation:
                 "gated": self.gated, "passed": self.passed}
 
 
-def greedy_continuation(model, ids: list[int], n_tokens: int) -> list[int]:
-    """`n_tokens` greedy tokens from a transformers model, EOS not special."""
-    import torch
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    out_ids: list[int] = []
-    with torch.inference_mode():
-        out = model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True, logits_to_keep=1)
-        for _ in range(n_tokens):
-            tok = int(out.logits[0, -1].argmax())
-            out_ids.append(tok)
-            out = model(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True)
-    return out_ids
-
-
 @dataclass
 class Reference:
     """What the source model does on the held-out prompts and text (independent of --type)."""
@@ -97,34 +83,34 @@ class Reference:
 
 def source_reference(model, tokenizer, *, prompts: list[str] | None = None, texts: list[str] | None = None,
                      n_tokens: int = 100, max_length: int = 512) -> Reference:
-    """Greedy continuations and perplexity of the source model, computed once per model."""
-    from orstack.backends.perplexity import perplexity
+    """Greedy continuations and perplexity of the source model (through the transformers
+    backend), computed once per model."""
+    from orstack.backends.hf import HFBackend
 
+    source = HFBackend.from_model(model, tokenizer, name="source", batch_size=PPL_BATCH)
     prompts = list(prompts or DEFAULT_PROMPTS)
     texts = list(texts or [DEFAULT_TEXT])
     max_length = min(max_length, getattr(model.config, "max_position_embeddings", max_length) or max_length)
     n_tokens = max(1, min(n_tokens, max_length // 2))
-    bos = tokenizer.bos_token_id
-    adds_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
     prompt_ids, continuations = [], []
     for prompt in prompts:
-        ids = ([bos] if adds_bos else []) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        ids = ids[: max_length - n_tokens]
+        ids = source.encode_prompt(prompt)[: max_length - n_tokens]
         prompt_ids.append(ids)
-        continuations.append(greedy_continuation(model, ids, n_tokens))
-    ppl = perplexity(model, tokenizer, texts, max_length=max_length, rule="rolling").ppl
+        continuations.append(source.greedy_tokens(ids, n_tokens))
+    ppl = source.perplexity(texts, max_length=max_length, rule="rolling").ppl
     return Reference(prompt_ids, continuations, ppl, texts, max_length)
 
 
 def validate(model, tokenizer, gguf_path, qtype: str, *, prompts: list[str] | None = None,
              texts: list[str] | None = None, n_tokens: int = 100, max_length: int = 512,
-             reference: Reference | None = None) -> Validation:
-    """Compare the GGUF file at `gguf_path` (in llama.cpp) with the loaded source model."""
+             reference: Reference | None = None, threads: int | None = None) -> Validation:
+    """Compare the GGUF file at `gguf_path` (in llama.cpp, through the llama.cpp backend) with
+    the loaded source model."""
     from orstack.backends.llamacpp import LlamaCppBackend
 
     ref = reference or source_reference(model, tokenizer, prompts=prompts, texts=texts, n_tokens=n_tokens,
                                         max_length=max_length)
-    backend = LlamaCppBackend(str(gguf_path), n_ctx=ref.max_length)
+    backend = LlamaCppBackend(str(gguf_path), n_ctx=ref.max_length, n_threads=threads)
     try:
         matches = total = 0
         for ids, cont in zip(ref.prompt_ids, ref.continuations):

@@ -16,10 +16,15 @@ import numpy as np
 from orstack.errors import BadInput
 
 SIGNALS = ("mean_logprob", "min_logprob", "mean_entropy", "output_tokens")
+N_SIGNALS = len(SIGNALS) + 1  # and the prompt length (signal_vector)
 
 
 def check_signals(rows: list[dict], where: str) -> None:
+    """Every row must carry the base model's numeric signals and a boolean (or null) `correct`."""
     for i, row in enumerate(rows, 1):
+        if row.get("correct") is not None and not isinstance(row["correct"], bool):
+            raise BadInput(f"{where}: row {i} (id {row.get('id')!r}): field 'correct' must be true or false, "
+                           f"got {row['correct']!r}")
         for name in SIGNALS:
             value = row.get(name)
             if not isinstance(value, (int, float)) or isinstance(value, bool):

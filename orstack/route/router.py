@@ -4,9 +4,10 @@ log-loss) -> Platt calibration -> threshold. Stored as JSON + safetensors, never
 from __future__ import annotations
 
 import json
+import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ WEIGHTS_FILE = "router.safetensors"
 
 @dataclass
 class RouterConfig:
+    """Everything `route train` needs to make a router again: its inputs and its choices."""
+
     embedder: str = "tfidf"
     svd_dims: int = 16
     threshold: float = 0.8
@@ -31,6 +34,8 @@ class RouterConfig:
     test_fraction: float = 0.2
     hidden: int = 32
     seed: int = 0
+    results: str | None = None  # bench Result rows of the base (fast) model
+    results_accurate: str | None = None  # the accurate path's rows on the same tasks (for the sweep)
 
 
 @dataclass
@@ -118,21 +123,126 @@ class Router:
 
     @classmethod
     def load(cls, path: str | Path) -> Router:
-        from safetensors.numpy import load_file
-
-        from orstack.io.manifest import read_manifest
-
+        """A router directory written by `save`; anything missing, truncated or malformed is
+        BadInput naming the file and the field."""
         path = Path(path)
         if not (path / ROUTER_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
             raise BadInput(f"{path}: not a router directory (no {ROUTER_FILE} / {WEIGHTS_FILE})")
-        spec = json.loads((path / ROUTER_FILE).read_text(encoding="utf-8"))
-        arrays = load_file(str(path / WEIGHTS_FILE))
+        spec = _read_spec(path / ROUTER_FILE)
+        arrays = _read_arrays(path / WEIGHTS_FILE)
+        where = path / WEIGHTS_FILE
         layers = spec["layers"]
+        names = [f"classifier.{i}.{part}" for i in range(layers) for part in ("weight", "bias")]
+        names += ["featurizer.mean", "featurizer.scale"]
+        if spec["featurizer"]["embedder"] == "tfidf":
+            names += ["featurizer.tfidf_idf", "featurizer.svd_components"]
+        missing = [n for n in names if n not in arrays]
+        if missing:
+            raise BadInput(f"{where}: tensor '{missing[0]}' is missing")
         classifier = Classifier(spec["classifier"], [arrays[f"classifier.{i}.weight"] for i in range(layers)],
                                 [arrays[f"classifier.{i}.bias"] for i in range(layers)])
+        _check_shapes(classifier, arrays, where)
+        _check_featurizer(spec["featurizer"], arrays, where)
+        from orstack.io.manifest import read_manifest
+
         manifest = read_manifest(path) or {}
         return cls(RouterConfig(**spec["config"]), Featurizer.restore(spec["featurizer"], arrays), classifier,
-                   Platt(**spec["platt"]), spec["threshold"], spec.get("base", {}), manifest.get("metrics", {}))
+                   Platt(**spec["platt"]), spec["threshold"], spec.get("base") or {}, manifest.get("metrics", {}))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _read_spec(file: Path) -> dict[str, Any]:
+    """router.json, with the type of every field the loader uses checked."""
+    try:
+        spec = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise BadInput(f"{file}: not valid JSON (line {e.lineno}: {e.msg}); is the router file truncated?") from None
+    except UnicodeDecodeError:
+        raise BadInput(f"{file}: not UTF-8 text") from None
+    if not isinstance(spec, dict):
+        raise BadInput(f"{file}: expected a JSON object")
+
+    def need(obj: dict, key: str, ok, expected: str, prefix: str = "") -> Any:  # noqa: ANN001
+        if key not in obj:
+            raise BadInput(f"{file}: field '{prefix}{key}' is missing")
+        if not ok(obj[key]):
+            raise BadInput(f"{file}: field '{prefix}{key}' must be {expected}, got {json.dumps(obj[key])[:40]}")
+        return obj[key]
+
+    is_dict = lambda v: isinstance(v, dict)  # noqa: E731
+    config = need(spec, "config", is_dict, "an object")
+    known = {f.name for f in fields(RouterConfig)}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise BadInput(f"{file}: field 'config.{unknown[0]}' is not a router setting")
+    featurizer = need(spec, "featurizer", is_dict, "an object")
+    need(featurizer, "embedder", lambda v: isinstance(v, str), "a string", "featurizer.")
+    need(featurizer, "svd_dims", lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer",
+         "featurizer.")
+    need(featurizer, "domains", lambda v: isinstance(v, list) and all(isinstance(d, str) for d in v),
+         "a list of strings", "featurizer.")
+    if featurizer["embedder"] == "tfidf":
+        need(featurizer, "tfidf_vocabulary", lambda v: isinstance(v, dict) and all(
+            isinstance(i, int) and not isinstance(i, bool) for i in v.values()), "an object of integers",
+             "featurizer.")
+    need(spec, "classifier", lambda v: v in ("logistic", "mlp"), "'logistic' or 'mlp'")
+    need(spec, "layers", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a positive integer")
+    platt = need(spec, "platt", is_dict, "an object")
+    need(platt, "a", _is_number, "a number", "platt.")
+    need(platt, "b", _is_number, "a number", "platt.")
+    need(spec, "threshold", lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]")
+    if spec.get("base") is not None:
+        need(spec, "base", is_dict, "an object")
+    return spec
+
+
+def _read_arrays(file: Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(str(file))
+    except (SafetensorError, ValueError, OSError) as e:
+        raise BadInput(f"{file}: not a readable safetensors file ({' '.join(str(e).split())[:120]})") from None
+
+
+def _check_featurizer(featurizer: dict[str, Any], arrays: dict[str, np.ndarray], where: Path) -> None:
+    """The stored feature width must be what the featuriser produces (signals, domains, embedding)."""
+    from orstack.route.features import N_SIGNALS
+
+    embedder = featurizer["embedder"]
+    if embedder == "tfidf":
+        vocab = len(featurizer["tfidf_vocabulary"])
+        svd, idf = arrays["featurizer.svd_components"], arrays["featurizer.tfidf_idf"]
+        if idf.shape != (vocab,) or svd.ndim != 2 or svd.shape[1] != vocab:
+            raise BadInput(f"{where}: tensors 'featurizer.tfidf_idf' / 'featurizer.svd_components' do not match "
+                           f"the {vocab}-entry tf-idf vocabulary")
+        embedding = svd.shape[0]
+    elif embedder == "none":
+        embedding = 0
+    else:
+        return  # a sentence-transformers embedding: its width is known once the embedder loads
+    expected = N_SIGNALS + len(featurizer["domains"]) + embedding
+    if arrays["featurizer.mean"].shape != (expected,):
+        raise BadInput(f"{where}: tensor 'featurizer.mean' has shape {list(arrays['featurizer.mean'].shape)}, "
+                       f"expected [{expected}] (signals, domains, embedding)")
+
+
+def _check_shapes(classifier: Classifier, arrays: dict[str, np.ndarray], where: Path) -> None:
+    """Each layer's weight must take the previous layer's output; the first takes the features."""
+    width = arrays["featurizer.mean"].shape[-1] if arrays["featurizer.mean"].ndim == 1 else -1
+    if width < 0 or arrays["featurizer.scale"].shape != (width,):
+        raise BadInput(f"{where}: tensors 'featurizer.mean' and 'featurizer.scale' must be vectors of one length")
+    for i, (w, b) in enumerate(zip(classifier.weights, classifier.biases)):
+        if w.ndim != 2 or w.shape[0] != width or b.shape != (w.shape[1],):
+            raise BadInput(f"{where}: tensor 'classifier.{i}.weight' has shape {list(w.shape)}, "
+                           f"expected [{width}, n] with a bias of n")
+        width = w.shape[1]
+    if width != 1:
+        raise BadInput(f"{where}: the last classifier layer has {width} outputs, expected 1")
 
 
 def labels(rows: list[dict]) -> np.ndarray:

@@ -2,8 +2,9 @@
 
 The accurate path is a LoRA modifier for the task's domain, hot-swapped on the resident
 base (peft adapters are loaded once and switched by name, the base weights never reload),
-or a separate accurate model. `--vote N` samples N answers on the accurate path and takes
-the majority, with the agreement as its confidence.
+or a separate accurate model. `--vote N` samples N answers on the accurate path (through
+`Backend.sample`) and takes the majority, with the agreement as its confidence. Any backend
+serves as base or accurate model; modifiers need a transformers base (a peft adapter API).
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ MODES = ("auto", "fast", "accurate")
 
 @dataclass
 class RouteRunConfig:
-    router: str
+    """Every option that changes what `route run` answers."""
+
     base: str
-    modifiers: dict[str, str] = field(default_factory=dict)
+    router: str | None = None
+    modifiers: dict[str, str] = field(default_factory=dict)  # domain -> LoRA adapter directory
     accurate: str | None = None
     mode: str = "auto"
     vote: int = 1
@@ -35,17 +38,20 @@ class RouteRunConfig:
     max_new_tokens: int = 32
     batch_size: int = 16
     compare: bool = False
+    seed: int = 0  # the votes' sampling seed
+
+
+def is_gguf(spec: str | None) -> bool:
+    return spec is not None and str(spec).lower().endswith(".gguf")
 
 
 def parse_modifiers(specs: list[str]) -> dict[str, str]:
-    """DOMAIN=ADAPTER pairs; each adapter must be a LoRA adapter directory."""
+    """DOMAIN=ADAPTER pairs as given on the command line."""
     modifiers = {}
     for spec in specs:
         domain, sep, path = spec.partition("=")
         if not sep or not domain or not path:
             raise BadInput(f"--modifier {spec!r}: expected DOMAIN=ADAPTER_DIR")
-        if not (Path(path) / "adapter_config.json").is_file():
-            raise BadInput(f"--modifier {spec!r}: {path} is not a LoRA adapter directory (no adapter_config.json)")
         modifiers[domain] = path
     return modifiers
 
@@ -54,8 +60,17 @@ def check_plan(config: RouteRunConfig, router: Router | None, tasks: list[dict])
     """Everything that can be wrong is found before any model loads."""
     if config.mode not in MODES:
         raise BadInput(f"--mode {config.mode!r}: use one of {', '.join(MODES)}")
+    if config.mode == "auto" and router is None:
+        raise BadInput("--mode auto needs --router (or use --mode fast / --mode accurate)")
     if config.vote < 1:
         raise BadInput("--vote must be at least 1")
+    for domain, path in config.modifiers.items():
+        if not (Path(path) / "adapter_config.json").is_file():
+            raise BadInput(f"--modifier {domain}={path}: {path} is not a LoRA adapter directory "
+                           "(no adapter_config.json)")
+    if config.modifiers and is_gguf(config.base):
+        raise BadInput(f"--modifier needs a transformers base to hot-swap LoRA adapters on; --base {config.base} "
+                       "is a GGUF file (use --accurate MODEL instead)")
     if router is not None:
         unknown = sorted(set(config.modifiers) - set(router.featurizer.domains))
         if unknown and router.featurizer.domains:
@@ -90,7 +105,6 @@ class AccuratePaths:
         self.accurate_spec = accurate
         self.batch_size = batch_size
         self.runtime = runtime
-        self.base_model = base_backend.model
 
     def backend_for(self, domain: str):
         """(backend, path label) for a task of `domain`."""
@@ -104,10 +118,11 @@ class AccuratePaths:
         return self.accurate_backend, "accurate"
 
     def _activate(self, domain: str) -> None:
-        from peft import PeftModel
-
+        # The adapter API belongs to transformers models (peft); check_plan refuses modifiers elsewhere.
         if not self.loaded:
-            self.base.model = PeftModel.from_pretrained(self.base_model, self.modifiers[domain], adapter_name=domain)
+            from peft import PeftModel
+
+            self.base.model = PeftModel.from_pretrained(self.base.model, self.modifiers[domain], adapter_name=domain)
             self.base.model.eval()
         elif domain not in self.loaded:
             self.base.model.load_adapter(self.modifiers[domain], adapter_name=domain)
@@ -119,6 +134,10 @@ class AccuratePaths:
         """The base with every adapter switched off (the very same weights in memory)."""
         return _AdaptersOff(self.base)
 
+    def close(self) -> None:
+        if self.accurate_backend is not None:
+            self.accurate_backend.close()
+
 
 class _AdaptersOff:
     def __init__(self, backend) -> None:
@@ -126,8 +145,9 @@ class _AdaptersOff:
         self.context = None
 
     def __enter__(self):
-        if hasattr(self.backend.model, "disable_adapter"):
-            self.context = self.backend.model.disable_adapter()
+        model = getattr(self.backend, "model", None)  # a transformers model; llama.cpp has no adapters here
+        if hasattr(model, "disable_adapter"):
+            self.context = model.disable_adapter()
             self.context.__enter__()
         return self.backend
 
@@ -147,24 +167,18 @@ def answer_key(task: dict, text: str) -> str:
 
 
 def vote_answers(backend, tasks: list[dict], n: int, temperature: float, max_new_tokens: int, seed: int) -> list[dict]:
-    """Self-consistency: n sampled answers per task, the majority answer and its agreement."""
-    import torch
+    """Self-consistency: n sampled answers per task (unfiltered, tempered sampling), the
+    majority answer and its agreement. One seeded `sample` call draws for every task; each
+    answer is then cut at its own task's stop sequences."""
+    from orstack.backends.base import Sampling
+    from orstack.tasks.stops import cut_at_stop, stop_sequences
 
-    from orstack.tasks.stops import stop_sequences
-
-    torch.manual_seed(seed)
-    model, tok = backend.model, backend.tokenizer
+    sampling = Sampling(temperature=temperature, top_p=1.0, top_k=0, n=n, seed=seed)
+    draws = backend.sample([t["prompt"] for t in tasks], max_new_tokens=max_new_tokens, stop=[], sampling=sampling)
     voted = []
-    for task in tasks:
-        ids = torch.tensor([backend.encode_prompt(task["prompt"])])
-        with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                 temperature=temperature, top_k=0, num_return_sequences=n,
-                                 max_new_tokens=max_new_tokens, pad_token_id=backend.pad_id)
-        texts = [tok.decode(seq[ids.shape[1]:], skip_special_tokens=True) for seq in out]
+    for task, generations in zip(tasks, draws):
         stops = stop_sequences(task)
-        texts = [min((t.split(s)[0] for s in stops if s), key=len) if stops else t for t in texts]
-
+        texts = [cut_at_stop(g.text, stops)[0] for g in generations]
         keys = [answer_key(task, t) for t in texts]
         winner, votes = Counter(keys).most_common(1)[0]
         voted.append({"output": texts[keys.index(winner)], "agreement": votes / n})
@@ -203,7 +217,8 @@ def route_tasks(config: RouteRunConfig, router: Router | None, tasks: list[dict]
         began = time.perf_counter()
         rows = run_tasks(backend, subset, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
         if config.vote > 1:
-            voted = vote_answers(backend, subset, config.vote, config.vote_temperature, config.max_new_tokens, runtime.seed)
+            voted = vote_answers(backend, subset, config.vote, config.vote_temperature, config.max_new_tokens,
+                                 config.seed)
             for row, v in zip(rows, voted):
                 row["output"], row["vote_agreement"] = v["output"], v["agreement"]
             score_rows(rows, subset, [r["output"] for r in rows])
@@ -220,6 +235,7 @@ def route_tasks(config: RouteRunConfig, router: Router | None, tasks: list[dict]
                         "decision_ms": round(ms, 4)}
         out.append(row)
     summary = summarise(out, fast_rows, accurate_rows if config.compare else None, fast_seconds, accurate_seconds)
+    paths.close()
     base.close()
     return out, summary
 

@@ -1,0 +1,152 @@
+"""`orstack gguf` as one call: check -> load -> export -> validate -> gate -> commit.
+
+`run(source, output, GgufConfig(...), runtime)` loads any checkpoint orstack writes, writes
+the GGUF to a temporary sibling with the orstack manifest in its metadata, checks it in
+llama.cpp (when llama-cpp-python is installed), records the validation figures in the
+manifest and only then moves the file into place; a failed quality gate raises GateFailed
+and leaves nothing behind unless `force` is set.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from orstack.errors import BadInput, GateFailed
+from orstack.gguf.export import ExportResult, check_type
+
+if TYPE_CHECKING:
+    from orstack.gguf.validate import Validation
+    from orstack.runtime import Runtime
+
+MAX_PROMPTS = 16  # rows of --prompts used for the greedy agreement check
+
+
+@dataclass
+class GgufConfig:
+    type: str = "f16"
+    validate: bool | None = None  # None: validate when llama-cpp-python is installed
+    prompts: str | None = None  # JSONL with a `prompt` field (e.g. bench tasks); default: built-in prompts
+    text: list[str] = field(default_factory=list)  # perplexity text files; default: built-in passage
+    n_tokens: int = 100  # greedy tokens compared per prompt
+    max_length: int = 512  # perplexity window
+    force: bool = False  # write even when the gate fails
+
+
+@dataclass
+class GgufResult:
+    export: ExportResult
+    validation: Validation | None
+    manifest: dict[str, Any]  # as stored under orstack.manifest in the file's metadata
+
+
+def llama_cpp_available() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def check_config(config: GgufConfig) -> GgufConfig:
+    """Validate options before anything heavy is loaded."""
+    from orstack.io.jsonl import check_input_file
+    from orstack.io.text import check_text_files
+
+    config.type = check_type(config.type)
+    if config.validate and not llama_cpp_available():
+        raise BadInput("--validate needs llama-cpp-python (pip install llama-cpp-python), or pass --no-validate")
+    if config.prompts is not None:
+        check_input_file(config.prompts, "--prompts")
+    if config.text:
+        check_text_files(config.text, "--text")
+    if config.n_tokens < 1 or config.max_length < 16:
+        raise BadInput("--tokens must be >= 1 and --max-length >= 16")
+    return config
+
+
+def _prompts(path: str | None) -> list[str] | None:
+    if path is None:
+        return None
+    from orstack.io.jsonl import display_name, read_jsonl_numbered
+
+    prompts = []
+    for line, row in read_jsonl_numbered(path, required=("prompt",)):
+        if not isinstance(row["prompt"], str):
+            raise BadInput(f"{display_name(path)}:{line}: field 'prompt' must be a string, "
+                           f"got {type(row['prompt']).__name__}")
+        prompts.append(row["prompt"])
+    if not prompts:
+        raise BadInput(f"--prompts {path}: no rows")
+    return prompts[:MAX_PROMPTS]
+
+
+def _awq_blocks(spec: str):  # noqa: ANN202 - dict of numpy arrays, or None
+    """Q4_1 blocks taken straight from a packed 4-bit AWQ checkpoint (None for other formats)."""
+    from orstack.io.checkpoint import detect_format
+
+    path = Path(str(spec))
+    if not path.is_dir() or detect_format(path) != "compressed-tensors-pack-quantized":
+        return None
+    from orstack.console import info
+    from orstack.gguf.awq import awq_q4_1_weights
+
+    blocks = awq_q4_1_weights(path)
+    info(f"{spec}: {len(blocks)} packed 4-bit weights mapped straight onto Q4_1 (group sizes multiples of 32)")
+    return blocks
+
+
+def _gate_message(output: str | Path, config: GgufConfig, v: Validation) -> str:
+    return (f"{output}: GGUF {config.type} disagrees with the source: greedy agreement {v.agreement:.1%} "
+            f"(gate {v.min_agreement:.0%}), perplexity {v.ppl_gguf:.3f} vs {v.ppl_source:.3f} "
+            f"({v.ppl_change:+.2%}, gate ±2%)")
+
+
+def run(source: str, output: str | Path, config: GgufConfig, runtime: Runtime) -> GgufResult:
+    """Export checkpoint `source` to the GGUF file `output` (see the module docstring)."""
+    from orstack import console
+    from orstack.gguf.export import ARCHITECTURES, export_gguf
+    from orstack.gguf.metadata import MANIFEST_KEY, replace_manifest
+    from orstack.io.atomic import atomic_path
+    from orstack.io.checkpoint import load_model, resolve_checkpoint
+    from orstack.io.jsonl import dumps
+    from orstack.io.manifest import build_manifest
+    from orstack.io.output import check_output
+    from orstack.io.text import read_texts
+
+    # -- check: options, inputs and the output, before anything is loaded
+    config = check_config(config)
+    check_output(output, "file", inputs=[source])
+    resolve_checkpoint(source)
+    device = runtime.torch_device()
+    prompts = _prompts(config.prompts)
+    texts = list(read_texts(config.text)) if config.text else None
+    do_validate = llama_cpp_available() if config.validate is None else config.validate
+    if config.validate is None and not do_validate:
+        console.warn("llama-cpp-python is not installed: the GGUF file is not validated")
+
+    # -- load
+    model, tokenizer = load_model(source, device=device, dtype="float32", trust_pickle=runtime.trust_pickle,
+                                  architectures=tuple(ARCHITECTURES))
+    blocks = _awq_blocks(source) if config.type == "q4_1" else None
+    manifest = build_manifest("gguf", config, parent=source)
+
+    # -- export, validate, gate, commit
+    validation = None
+    with atomic_path(output) as tmp:
+        export = export_gguf(model, tokenizer, tmp, config.type, name=Path(str(source)).name, q4_1_blocks=blocks,
+                             metadata={MANIFEST_KEY: dumps(manifest)})
+        if do_validate:
+            from orstack.gguf.validate import validate
+
+            validation = validate(model, tokenizer, tmp, config.type, prompts=prompts, texts=texts,
+                                  n_tokens=config.n_tokens, max_length=config.max_length, threads=runtime.threads)
+            if not validation.passed:
+                message = _gate_message(output, config, validation)
+                if not config.force:
+                    raise GateFailed(message + "; nothing written (use --force to write anyway)")
+                console.warn(message + "; written anyway (--force)")
+            manifest["metrics"] = validation.as_dict()
+            with atomic_path(tmp) as rewritten:
+                replace_manifest(tmp, rewritten, dumps(manifest))
+        export.size_bytes = tmp.stat().st_size
+    export.path = Path(output)
+    return GgufResult(export, validation, manifest)

@@ -1,0 +1,112 @@
+"""`orstack route` as two calls: `train` (bench results -> a router directory) and `run`
+(tasks -> routed Result rows). Each checks its inputs and outputs first, then works and saves."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from orstack.errors import BadInput
+from orstack.route.router import Router, RouterConfig
+from orstack.route.routing import RouteRunConfig
+
+if TYPE_CHECKING:
+    from orstack.runtime import Runtime
+
+
+@dataclass
+class RouteTrainResult:
+    router: Router
+    output: Path
+    sweep: list[dict] | None  # threshold sweep rows when accurate-path results were given
+    plot: Path | None = None
+
+
+@dataclass
+class RouteRunResult:
+    summary: dict[str, Any]  # accuracy, accurate share, latencies (orstack.route.routing.summarise)
+    rows: int
+    output: str | None  # None: standard output
+    summary_path: str | None = None
+    paths: dict[str, int] = field(default_factory=dict)  # route path -> rows
+
+
+def train(output: str | Path, config: RouterConfig, runtime: Runtime, *, plot: str | Path | None = None,
+          ) -> RouteTrainResult:
+    """Learn P(base answer is correct) from `config.results`, calibrate it, choose the threshold
+    (swept over `config.results_accurate` when given) and write the router directory `output`."""
+    from orstack.io.atomic import atomic_path
+    from orstack.io.jsonl import check_input_file, read_jsonl_list
+    from orstack.io.manifest import build_manifest, write_manifest
+    from orstack.io.output import Output, check_outputs
+    from orstack.route.features import check_signals
+    from orstack.route.router import base_identity, join_accurate, optimise_threshold, train_router
+
+    if config.results is None:
+        raise BadInput("route train needs --results (bench Result rows of the base model)")
+    inputs = [config.results, config.results_accurate]
+    check_outputs([Output(output, "dir"), Output(plot, "file", "--plot")], inputs)
+    check_input_file(config.results, "--results")
+    if config.results_accurate is not None:
+        check_input_file(config.results_accurate, "--results-accurate")
+    if config.optimize and config.results_accurate is None:
+        raise BadInput("--optimize needs --results-accurate (the accurate path's results on the same tasks)")
+    if config.embedder not in ("tfidf", "none"):
+        from orstack.cluster_failures.embed import resolve_embedder
+
+        resolve_embedder(config.embedder)
+    rows = read_jsonl_list(config.results, required=("id", "correct"))
+    check_signals(rows, str(config.results))
+    accurate = None
+    if config.results_accurate is not None:
+        accurate = join_accurate(rows, read_jsonl_list(config.results_accurate, required=("id", "correct")),
+                                 str(config.results_accurate))
+    base = base_identity(rows, str(config.results))
+
+    router = train_router(rows, config)
+    router.base = base
+    sweep = None
+    if accurate is not None:
+        sweep = router.metrics["sweep"] = optimise_threshold(router, rows, accurate)
+    with atomic_path(output, directory=True) as tmp:
+        router.save(tmp)
+        write_manifest(tmp, build_manifest("route", config, parent=router.base.get("model"),
+                                           metrics={**router.metrics, "threshold": router.threshold}))
+    if plot is not None:
+        from orstack.route.calibration import plot_reliability
+        from orstack.route.router import labels
+
+        raw = router.classifier.predict(router.featurizer.transform(rows))
+        plot_reliability(labels(rows), raw, router.platt(raw), plot)
+    return RouteTrainResult(router, Path(output), sweep, Path(plot) if plot is not None else None)
+
+
+def run(tasks: str | Path, output: str | Path | None, config: RouteRunConfig, runtime: Runtime, *,
+        summary: str | Path | None = None) -> RouteRunResult:
+    """Answer `tasks` with the base, escalate what the router doubts; write the Result rows (with
+    `route`) to `output` (standard output when None) and the run summary to `summary`."""
+    from collections import Counter
+
+    from orstack.io.checkpoint import resolve_checkpoint
+    from orstack.io.jsonl import write_json, write_jsonl
+    from orstack.io.output import Output, check_outputs
+    from orstack.route.routing import check_plan, route_tasks
+    from orstack.tasks.contract import load_tasks
+
+    check_outputs([Output(output, "file", "-o"), Output(summary, "file", "--summary")], [tasks])
+    rows = load_tasks(tasks)
+    router = Router.load(config.router) if config.router is not None else None
+    check_plan(config, router, rows)
+    resolve_checkpoint(config.base)
+    if config.accurate is not None:
+        resolve_checkpoint(config.accurate)
+    runtime.torch_device()  # --device cuda without CUDA: refused before any model loads
+
+    routed, stats = route_tasks(config, router, rows, runtime)
+    write_jsonl(routed, output)
+    if summary is not None:
+        write_json(stats, summary)
+    paths = Counter(r["route"]["path"] for r in routed)
+    return RouteRunResult(stats, len(routed), None if output is None else str(output),
+                          None if summary is None else str(summary), dict(paths))
