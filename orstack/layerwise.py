@@ -66,6 +66,21 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+def weightless_model(config: Any) -> nn.Module:
+    """The model a config describes, on the meta device (shapes only, no memory): for checks
+    that need the layers' widths before any weight is loaded."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(config)
+    if hasattr(config, "quantization_config"):  # a packed checkpoint: the plain model's shapes
+        del config.quantization_config
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+
+
 class _StopForward(Exception):
     """Raised by the layer-0 hook: nothing after the first layer's inputs is needed."""
 

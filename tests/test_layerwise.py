@@ -13,6 +13,7 @@ from orstack.layerwise import (
     linear_modules,
     record_input_stats,
     run_layer,
+    weightless_model,
 )
 
 
@@ -67,3 +68,16 @@ def test_unsupported_architecture_is_bad_input():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, n_positions=16))
     with pytest.raises(BadInput, match="unsupported architecture 'gpt2'"):
         decoder_layers(gpt2)
+
+
+def test_weightless_model_has_the_shapes_and_no_data(model):
+    import copy
+
+    config = copy.deepcopy(model.config)
+    config.quantization_config = {"quant_method": "compressed-tensors"}  # as a packed checkpoint's config
+    skeleton = weightless_model(config)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    assert {name: tuple(p.shape) for name, p in skeleton.named_parameters()} == shapes
+    assert all(p.is_meta for p in skeleton.parameters())
+    assert not hasattr(skeleton.config, "quantization_config")
+    assert config.quantization_config == {"quant_method": "compressed-tensors"}  # the caller's config is kept

@@ -426,6 +426,19 @@ def test_cli_tied_lm_head_refused_before_loading(sample_text_file, tmp_path, mon
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_pattern_that_does_not_fit_a_width_refused_before_loading(sample_text_file, tmp_path, monkeypatch):
+    from conftest import build_random_llama
+
+    import orstack.io.checkpoint
+
+    narrow = build_random_llama(tmp_path / "w200", hidden=200)  # 200 = 16 x 12 + 8
+    monkeypatch.setattr(orstack.io.checkpoint, "load_model", _no_loading)
+    line = refused(run_orstack("prune", narrow, "--calib", sample_text_file, "--pattern", "2:16",
+                               "-o", tmp_path / "out"), "--pattern 2:16", "self_attn.q_proj", "not a multiple of 16")
+    assert "down_proj" not in line  # its input, the intermediate width 400, fits
+    assert not (tmp_path / "out").exists()
+
+
 def _no_loading(*args, **kwargs):
     raise AssertionError("weights were loaded before the inputs were checked")
 

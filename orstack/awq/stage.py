@@ -55,6 +55,7 @@ def run(source: str | Path, output: str | Path, config: AWQConfig, runtime: Runt
     from orstack.io.checkpoint import check_architecture, load_config, load_model, resolve_checkpoint, save_checkpoint
     from orstack.io.output import check_output
     from orstack.io.text import check_text_files, read_texts
+    from orstack.layerwise import weightless_model
     from orstack.runtime import seed_everything
 
     check_config(config)
@@ -69,8 +70,8 @@ def run(source: str | Path, output: str | Path, config: AWQConfig, runtime: Runt
     check_output(output, kind="dir", option="-o", inputs=[checkpoint])
     model_config = load_config(checkpoint)
     check_architecture(model_config, where=str(checkpoint))
-    if config.group_size != "auto":
-        _check_group_size(model_config, config)
+    if config.group_size != "auto":  # a size that does not divide a width, named before loading
+        group_sizes(weightless_model(model_config), config)
     device = runtime.torch_device()
 
     calib_texts = list(read_texts(config.calib)) if config.calib else None
@@ -135,22 +136,6 @@ def quantize_in_place(model: nn.Module, tokenizer: Any, cfg: AWQConfig, calib_te
     if heldout_texts:
         metrics["ppl_after"] = _ppl(model, tokenizer, heldout_texts, cfg.eval_length)
     return quantization, metrics
-
-
-def _check_group_size(model_config: Any, cfg: AWQConfig) -> None:
-    """A group size that does not divide every Linear's width, found on a weightless (meta) copy
-    of the model built from its config, before any weight is loaded."""
-    import copy
-
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model_config = copy.deepcopy(model_config)
-    if hasattr(model_config, "quantization_config"):  # a packed source: the skeleton is the plain model
-        del model_config.quantization_config
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(model_config, trust_remote_code=False)
-    group_sizes(skeleton, cfg)
 
 
 def _first_layer_prefix(result: Quantization) -> str:

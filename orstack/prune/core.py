@@ -94,7 +94,7 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: PruneSpe
 
     layers = decoder_layers(model)
     if spec.pattern is not None:
-        _check_pattern_fits(layers, spec)
+        check_pattern_fits(layers, spec)
     needs_data = spec.method != "magnitude"
     if spec.lm_head:
         lm_head_of(model)  # refuse a tied lm_head before any work
@@ -163,7 +163,8 @@ def _prune_lm_head(model: nn.Module, inputs, spec: PruneSpec, report: PruneRepor
     report.total += new.numel()
 
 
-def _check_pattern_fits(layers: nn.ModuleList, spec: PruneSpec) -> None:
+def check_pattern_fits(layers: nn.ModuleList, spec: PruneSpec) -> None:
+    """Every Linear's input width must be a multiple of the pattern's M."""
     from orstack.layerwise import linear_modules
 
     n, m = spec.pattern

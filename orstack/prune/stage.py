@@ -133,7 +133,8 @@ def run(source: str | Path, output: str | Path, config: PruneConfig, runtime: Ru
     from orstack.io.checkpoint import check_architecture, load_config, load_model, resolve_checkpoint, save_checkpoint
     from orstack.io.output import check_output
     from orstack.io.text import check_text_files, read_texts
-    from orstack.prune.core import masks_of
+    from orstack.layerwise import decoder_layers, weightless_model
+    from orstack.prune.core import check_pattern_fits, masks_of
     from orstack.prune.storage import FORMAT, WEIGHTS, save_sparse
     from orstack.runtime import seed_everything
 
@@ -153,6 +154,8 @@ def run(source: str | Path, output: str | Path, config: PruneConfig, runtime: Ru
     if config.prune_lm_head and getattr(model_config, "tie_word_embeddings", False):
         raise BadInput(f"--prune-lm-head: {checkpoint}: lm_head is tied to the input embeddings; "
                        "pruning it would prune them too")
+    if config.pattern is not None:  # an input width that M does not divide, named before loading
+        check_pattern_fits(decoder_layers(weightless_model(model_config)), config.spec())
     device = runtime.torch_device()
 
     calib_texts = list(read_texts(config.calib))
