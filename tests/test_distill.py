@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import subprocess
@@ -10,8 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import build_random_llama, cli_defaults, run_orstack, tree_hash
 
 from orstack.errors import BadInput
+from orstack.runtime import Runtime
+
+RUNTIME = Runtime(device="cpu")
 
 ORACLE = """\
 import json, random, re, sys
@@ -37,9 +42,8 @@ for line in sys.stdin:
 """
 
 
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "orstack", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=600)
+def one_line(stderr: str) -> bool:
+    return len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
 
 
 @pytest.fixture
@@ -68,7 +72,8 @@ def test_escalation_goes_to_the_next_tier_only_on_rejection(tmp_path, teachers):
     clusters = load_failures(list(read_jsonl_numbered(failures_file(tmp_path / "f.jsonl"))), "f.jsonl")
     assert sorted(clusters) == [0, 1] and sum(map(len, clusters.values())) == 7  # the correct row is skipped
 
-    examples, report = generate(clusters, [open_teacher(wrong), open_teacher(oracle)], GenerateConfig([wrong, oracle]))
+    examples, report = generate(clusters, [open_teacher(wrong, RUNTIME), open_teacher(oracle, RUNTIME)],
+                                GenerateConfig("f.jsonl", [wrong, oracle]))
     assert report.duplicates == 1 and len(examples) == 6
     assert all(e["source"] == f"tier2:{oracle}" and e["verified"] and e["check"] == "answer" for e in examples)
     assert {e["task_id"] for e in examples} == {f"add-{i}" for i in range(6)}
@@ -79,8 +84,9 @@ def test_escalation_goes_to_the_next_tier_only_on_rejection(tmp_path, teachers):
     assert examples[0]["family"] == "add" and "output" not in examples[0] and "correct" not in examples[0]
 
     # The right teacher first: nothing escalates, the wrong one is never asked.
-    wrong_t = open_teacher(wrong)
-    examples, report = generate(clusters, [open_teacher(oracle), wrong_t], GenerateConfig([oracle, wrong]))
+    wrong_t = open_teacher(wrong, RUNTIME)
+    examples, report = generate(clusters, [open_teacher(oracle, RUNTIME), wrong_t],
+                                GenerateConfig("f.jsonl", [oracle, wrong]))
     assert all(e["source"].startswith("tier1:") for e in examples) and wrong_t.requests == 0
 
 
@@ -91,8 +97,8 @@ def test_new_problems_are_checked_by_agreement(tmp_path, teachers):
 
     wrong, oracle = teachers
     clusters = load_failures(list(read_jsonl_numbered(failures_file(tmp_path / "f.jsonl"))), "f.jsonl")
-    config = GenerateConfig([wrong, oracle], per_cluster=4)
-    examples, report = generate(clusters, [open_teacher(wrong), open_teacher(oracle)], config)
+    config = GenerateConfig("f.jsonl", [wrong, oracle], per_cluster=4)
+    examples, report = generate(clusters, [open_teacher(wrong, RUNTIME), open_teacher(oracle, RUNTIME)], config)
     new = [e for e in examples if e["origin"] == "variant"]
     assert len(new) == 8 and all(e["check"] == "agreement" for e in new)
     for e in new:  # the kept answer is right
@@ -111,7 +117,8 @@ def test_unverifiable_rows_take_the_first_answer(tmp_path, teachers):
 
     wrong, oracle = teachers
     clusters = {0: [{"id": "t", "prompt": "write a haiku", "kind": "text"}]}
-    examples, _ = generate(clusters, [open_teacher(wrong), open_teacher(oracle)], GenerateConfig([wrong, oracle]))
+    examples, _ = generate(clusters, [open_teacher(wrong, RUNTIME), open_teacher(oracle, RUNTIME)],
+                           GenerateConfig("-", [wrong, oracle]))
     assert len(examples) == 1 and examples[0]["verified"] is False and examples[0]["source"].startswith("tier1:")
 
 
@@ -128,8 +135,8 @@ def test_near_duplicates():
 def test_generate_cli_writes_examples_and_report(tmp_path, teachers):
     wrong, oracle = teachers
     out, rep = tmp_path / "train.jsonl", tmp_path / "report.json"
-    done = run_cli("distill", "generate", "--failures", str(failures_file(tmp_path / "f.jsonl")), "--teacher", wrong,
-                   "--teacher", oracle, "--per-cluster", "2", "-o", str(out), "--report", str(rep))
+    done = run_orstack("distill", "generate", "--failures", str(failures_file(tmp_path / "f.jsonl")), "--teacher",
+                       wrong, "--teacher", oracle, "--per-cluster", "2", "-o", str(out), "--report", str(rep))
     assert done.returncode == 0, done.stderr
     assert done.stdout == ""
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -142,25 +149,29 @@ def test_generate_bad_input(tmp_path, teachers):
     out = tmp_path / "train.jsonl"
     none = tmp_path / "none.jsonl"
     none.write_text(json.dumps({"id": "x", "prompt": "1+1=", "answer": "2", "correct": True}) + "\n")
-    done = run_cli("distill", "generate", "--failures", str(none), "--teacher", oracle, "-o", str(out))
-    assert done.returncode == 2 and "no failures" in done.stderr and not out.exists()
+    done = run_orstack("distill", "generate", "--failures", str(none), "--teacher", oracle, "-o", str(out))
+    assert done.returncode == 2 and "no failures" in done.stderr and one_line(done.stderr) and not out.exists()
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     failures = failures_file(tmp_path / "f.jsonl")
-    done = run_cli("distill", "generate", "--failures", str(failures), "--teacher", f"http://127.0.0.1:{port}/v1#m",
-                   "-o", str(out))
-    assert done.returncode == 2 and "cannot reach" in done.stderr and not out.exists()
-    assert len(done.stderr.strip().splitlines()) == 1
+    done = run_orstack("distill", "generate", "--failures", str(failures), "--teacher", f"http://127.0.0.1:{port}/v1#m",
+                       "-o", str(out))
+    assert done.returncode == 2 and "cannot reach" in done.stderr and one_line(done.stderr) and not out.exists()
 
-    done = run_cli("distill", "generate", "--failures", str(failures), "--teacher", wrong, "-o", str(out))
-    assert done.returncode == 2 and "nothing written" in done.stderr and not out.exists()
+    done = run_orstack("distill", "generate", "--failures", str(failures), "--teacher", wrong, "-o", str(out))
+    assert done.returncode == 2 and "nothing written" in done.stderr and one_line(done.stderr) and not out.exists()
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": 1, "correct": false}\n')
-    done = run_cli("distill", "generate", "--failures", str(bad), "--teacher", oracle, "-o", str(out))
-    assert done.returncode == 2 and "bad.jsonl:1" in done.stderr and "prompt" in done.stderr
+    done = run_orstack("distill", "generate", "--failures", str(bad), "--teacher", oracle, "-o", str(out))
+    assert done.returncode == 2 and "bad.jsonl:1: missing required field 'prompt'" in done.stderr
+    assert one_line(done.stderr) and not out.exists()
+    bad.write_text('{"id": 1, "prompt": "1+1=", "correct": false}\n{"id": 2, "prompt": 7, "correct": false}\n')
+    done = run_orstack("distill", "generate", "--failures", str(bad), "--teacher", oracle, "-o", str(out))
+    assert done.returncode == 2 and "bad.jsonl:2: field 'prompt': expected a string, got int" in done.stderr
+    assert one_line(done.stderr) and not out.exists()
 
 
 # -- training ---------------------------------------------------------------------------------
@@ -219,22 +230,25 @@ def test_generalized_jsd_matches_trl(beta):
         assert torch.allclose(ours, kl[mask].mean(), atol=1e-6)
 
 
-def test_vocabulary_mismatch_is_caught_before_weights_load(tmp_path, random_llama):
-    from conftest import build_random_llama
-
+def test_vocabulary_mismatch_is_caught_before_weights_load(tmp_path, random_llama, monkeypatch):
+    import orstack.io.checkpoint
     from orstack.train.vocab import check_same_vocabulary
 
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were loaded before the vocabulary check")
+
+    monkeypatch.setattr(orstack.io.checkpoint, "load_model", no_weights)
     other = build_random_llama(tmp_path / "other", vocab_size=280)
-    (other / "model.safetensors").write_bytes(b"corrupt: proves the weights are never read")
     with pytest.raises(BadInput, match="tokenizer differs"):
         check_same_vocabulary(str(random_llama), str(other))
     check_same_vocabulary(str(random_llama), str(random_llama))
 
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"prompt": "1+1=", "response": "2"}) + "\n")
-    done = run_cli("distill", "train", str(random_llama), "--data", str(data), "-o", str(tmp_path / "o"),
-                   "--logits", str(other))
-    assert done.returncode == 2 and "tokenizer differs" in done.stderr and not (tmp_path / "o").exists()
+    done = run_orstack("distill", "train", str(random_llama), "--data", str(data), "-o", str(tmp_path / "o"),
+                       "--logits", str(other))
+    assert done.returncode == 2 and "tokenizer differs" in done.stderr and one_line(done.stderr)
+    assert not (tmp_path / "o").exists()
 
 
 def test_adapter_save_load_and_merge_agree(tmp_path, random_llama):
@@ -283,25 +297,183 @@ def test_recover_picks_the_hardest_rows():
 
 
 def test_train_cli_adapter_and_bad_input(tmp_path, random_llama):
+    from orstack.distill import DistillTrainConfig
+    from orstack.io.manifest import config_from_manifest
+    from orstack.train.config import TrainConfig
+
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "response": str(i + 1)}) + "\n" for i in range(6)))
     out, log = tmp_path / "lora", tmp_path / "log.jsonl"
-    done = run_cli("distill", "train", str(random_llama), "--data", str(data), "-o", str(out), "--max-steps", "2",
-                   "--batch-size", "3", "--log", str(log), "--recover", "--recover-fraction", "0.5")
+    done = run_orstack("distill", "train", str(random_llama), "--data", str(data), "-o", str(out), "--max-steps", "2",
+                       "--batch-size", "3", "--log", str(log), "--recover", "--recover-fraction", "0.5")
     assert done.returncode == 0, done.stderr
     assert done.stdout == ""
     assert (out / "adapter_config.json").exists()
     manifest = json.loads((out / "orstack.json").read_text())
     assert manifest["metrics"]["recover_rows"] == 3 and manifest["args"]["recover_fraction"] == 0.5
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]
+    # The manifest is the config: it loads back into exactly the run's DistillTrainConfig.
+    assert manifest["config_class"] == "orstack.distill.train:DistillTrainConfig"
+    assert config_from_manifest(manifest) == DistillTrainConfig(
+        data=str(data), train=TrainConfig(max_steps=2, batch_size=3, log=str(log)), recover=True,
+        recover_fraction=0.5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "log.jsonl", "lora"]  # no temporary left
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "x"}) + "\n")
-    done = run_cli("distill", "train", str(random_llama), "--data", str(bad), "-o", str(tmp_path / "o2"))
-    assert done.returncode == 2 and "response" in done.stderr and not (tmp_path / "o2").exists()
-    done = run_cli("distill", "train", str(random_llama), "--data", str(data), "-o", str(tmp_path / "o3"), "--full",
-                   "--merge")
-    assert done.returncode == 2 and "--merge" in done.stderr
+    done = run_orstack("distill", "train", str(random_llama), "--data", str(bad), "-o", str(tmp_path / "o2"))
+    assert done.returncode == 2 and "bad.jsonl:1: missing required field 'response'" in done.stderr
+    assert one_line(done.stderr) and not (tmp_path / "o2").exists()
+    done = run_orstack("distill", "train", str(random_llama), "--data", str(data), "-o", str(tmp_path / "o3"),
+                       "--full", "--merge")
+    assert done.returncode == 2 and "--merge" in done.stderr and one_line(done.stderr)
+
+
+def test_train_cli_defaults_are_the_config_defaults():
+    from orstack.distill import DistillTrainConfig
+    from orstack.train.config import TrainConfig
+    from orstack.train.sft import DistillLoss
+
+    cli = cli_defaults("distill", "train")
+    inputs_and_outputs = {"student", "data", "output"}
+    train = {f.name for f in dataclasses.fields(TrainConfig)} & set(cli)
+    loss = {"kd_beta": "beta", "kd_temperature": "temperature", "kd_alpha": "alpha", "t2_scale": "t2_scale"}
+    top = {"logits": "logits_teacher", "recover": "recover", "recover_fraction": "recover_fraction"}
+    assert set(cli) == inputs_and_outputs | train | set(loss) | set(top)  # every option is accounted for
+    config = DistillTrainConfig(data="d.jsonl")
+    assert {name: cli[name] for name in train} == {name: getattr(TrainConfig(), name) for name in train}
+    assert {option: cli[option] for option in loss} == {o: getattr(DistillLoss(), f) for o, f in loss.items()}
+    assert {option: cli[option] for option in top} == {o: getattr(config, f) for o, f in top.items()}
+    assert config.train == TrainConfig() and config.distill == DistillLoss()
+    assert cli_defaults()["seed"] == TrainConfig().seed
+
+
+def test_generate_cli_defaults_are_the_config_defaults():
+    from orstack.distill import GenerateConfig
+    from orstack.teachers import TeacherOptions
+
+    cli = cli_defaults("distill", "generate")
+    options = {"max_new_tokens": "max_new_tokens", "stop": "stop", "timeout": "timeout", "retries": "retries",
+               "concurrency": "concurrency", "rate_limit": "rate_limit", "api_key_env": "api_key_env",
+               "teacher_api": "api"}
+    assert set(cli) == {"failures", "teacher", "output", "report", "per_cluster", *options}
+    assert {o: cli[o] for o in options} == {o: getattr(TeacherOptions(), f) for o, f in options.items()}
+    config = GenerateConfig("f.jsonl", ["cmd:cat"])
+    assert cli["per_cluster"] == config.per_cluster and config.teacher == TeacherOptions()
+
+
+def test_train_refuses_a_file_where_the_adapter_goes(tmp_path, random_llama):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1=", "response": "2"}) + "\n")
+    out = tmp_path / "adapter"
+    out.write_text("my notes\n")
+    done = run_orstack("distill", "train", str(random_llama), "--data", str(data), "-o", str(out), "--max-steps", "1")
+    assert done.returncode == 2 and f"-o {out}: is a file" in done.stderr and one_line(done.stderr)
+    assert out.read_text() == "my notes\n"
+    log = tmp_path / "logdir"
+    log.mkdir()
+    (log / "keep.txt").write_text("x")
+    before = tree_hash(log)
+    done = run_orstack("distill", "train", str(random_llama), "--data", str(data), "-o", str(tmp_path / "o"),
+                       "--log", str(log))
+    assert done.returncode == 2 and f"--log {log}: is a directory" in done.stderr and one_line(done.stderr)
+    assert tree_hash(log) == before and not (tmp_path / "o").exists()
+
+
+def test_generate_refuses_an_existing_directory_as_output(tmp_path, teachers):
+    _, oracle = teachers
+    out = tmp_path / "mydir"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    before = tree_hash(out)
+    done = run_orstack("distill", "generate", "--failures", str(failures_file(tmp_path / "f.jsonl")), "--teacher",
+                       oracle, "-o", str(out))
+    assert done.returncode == 2 and f"-o {out}: is a directory" in done.stderr and one_line(done.stderr)
+    assert tree_hash(out) == before
+    report = tmp_path / "report.json"
+    done = run_orstack("distill", "generate", "--failures", str(tmp_path / "f.jsonl"), "--teacher", oracle,
+                       "-o", str(report), "--report", str(report))
+    assert done.returncode == 2 and "the same path as -o" in done.stderr and not report.exists()
+
+
+def test_train_reads_data_from_stdin(tmp_path, random_llama):
+    rows = "".join(json.dumps({"prompt": f"{i}+1=", "response": str(i + 1)}) + "\n" for i in range(4))
+    out = tmp_path / "lora"
+    done = run_orstack("distill", "train", str(random_llama), "--data", "-", "-o", str(out), "--max-steps", "1",
+                       "--batch-size", "2", stdin=rows)
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads((out / "orstack.json").read_text())
+    assert manifest["args"]["data"] == "-" and manifest["metrics"]["rows"] == 4
+    done = run_orstack("distill", "train", str(random_llama), "--data", "-", "-o", str(tmp_path / "o2"),
+                       stdin='{"prompt": "1+1=", "response": "2"}\n{"prompt": ["1+1="], "response": "2"}\n')
+    assert done.returncode == 2 and "<stdin>:2: field 'prompt': expected a string, got list" in done.stderr
+    assert one_line(done.stderr) and not (tmp_path / "o2").exists()
+
+
+@pytest.mark.parametrize(("row", "message"), [
+    ({"prompt": 12, "response": "2"}, "d.jsonl:2: field 'prompt': expected a string, got int"),
+    ({"prompt": "1+1=", "response": None}, "d.jsonl:2: missing required field 'response'"),
+    ({"text": 5}, "d.jsonl:2: field 'text': expected a string, got int"),
+    ({"prompt": "1+1=", "response": "2", "weight": "high"}, "d.jsonl:2: field 'weight': expected a number, got str"),
+    ({"answer": "2"}, "d.jsonl:2: missing required field 'prompt'"),
+])
+def test_train_data_field_types_are_checked_before_loading(tmp_path, random_llama, row, message):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1=", "response": "2"}) + "\n" + json.dumps(row) + "\n")
+    out = tmp_path / "o"
+    done = run_orstack("distill", "train", str(random_llama), "--data", str(data), "-o", str(out))
+    assert done.returncode == 2 and message in done.stderr and one_line(done.stderr), done.stderr
+    assert not out.exists()
+
+
+def test_encoder_student_is_refused(tmp_path):
+    """A sentence encoder (BERT, as all-MiniLM is) cannot be a distillation student."""
+    import torch
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    student = tmp_path / "encoder"
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=32)).save_pretrained(student)
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "[PAD]": 1, "1": 2, "+": 3, "=": 4, "2": 5}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(student)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1=", "response": "2"}) + "\n")
+    out = tmp_path / "o"
+    done = run_orstack("distill", "train", str(student), "--data", str(data), "-o", str(out), "--max-steps", "1")
+    assert done.returncode == 2 and one_line(done.stderr), done.stderr
+    assert f"{student}: " in done.stderr and "not a causal language model" in done.stderr
+    assert not out.exists()
+
+
+def test_train_with_logit_distillation_end_to_end(tmp_path, random_llama):
+    """`--logits TEACHER`: a same-vocabulary teacher (other weights), the KD loss falls, the manifest
+    records the teacher and the loss."""
+    from orstack.distill import DistillTrainConfig
+    from orstack.io.manifest import config_from_manifest
+    from orstack.train.sft import DistillLoss
+
+    teacher = build_random_llama(tmp_path / "teacher", seed=1)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+{i}=", "response": str(2 * i)}) + "\n" for i in range(8)))
+    out, log = tmp_path / "student-kd", tmp_path / "kd.jsonl"
+    done = run_orstack("distill", "train", str(random_llama), "--data", str(data), "-o", str(out), "--logits",
+                       str(teacher), "--kd-beta", "0.5", "--kd-temperature", "2", "--t2-scale",
+                       "--max-steps", "8", "--batch-size", "8", "--lr", "5e-3", "--log", str(log))
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(rows) == 8 and all(r["kd"] > 0 for r in rows)
+    # --kd-alpha 1 (the default): the loss is the distillation term alone, on the same batch every step.
+    assert [r["loss"] for r in rows] == [r["kd"] for r in rows] and rows[-1]["kd"] < 0.7 * rows[0]["kd"]
+    manifest = json.loads((out / "orstack.json").read_text())
+    assert manifest["args"]["logits_teacher"] == str(teacher)
+    assert manifest["args"]["distill"] == {"beta": 0.5, "temperature": 2.0, "alpha": 1.0, "t2_scale": True}
+    config = config_from_manifest(manifest)
+    assert isinstance(config, DistillTrainConfig) and config.distill == DistillLoss(0.5, 2.0, 1.0, True)
+    assert manifest["metrics"]["loss_last"] < manifest["metrics"]["loss_first"]
 
 
 @pytest.mark.slow

@@ -3,11 +3,13 @@ a few real GRPO steps on a tiny model."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
 
 import pytest
+from conftest import cli_defaults, run_orstack, tree_hash
 
 from orstack.errors import BadInput
 from orstack.rl.grpo import adaptive_beta, choose_batch, load_tasks, srl_examples
@@ -60,7 +62,7 @@ def test_cmd_reward(tmp_path):
     funcs = build_rewards(RewardConfig(rewards=(f"cmd:{sys.executable} {script}",), clip=3.0), EOS)
     assert call(funcs, [NUM, NUM], ["357", "3" * 20])[funcs[0].__name__] == [-3.0, 3.0]
     broken = build_rewards(RewardConfig(rewards=("cmd:echo '{}'",)), EOS)
-    with pytest.raises(RuntimeError, match="wrote 1 rows for 2"):
+    with pytest.raises(BadInput, match="wrote 1 rows for 2"):
         call(broken, [NUM, NUM], ["1", "2"])
 
 
@@ -100,22 +102,73 @@ def test_srl_rows_weighted_by_step_reward(tmp_path):
     assert rows[1]["prompt"] == "17+25=" + "7+5=12 carry 1\n2\n" and rows[1]["response"] == "1+2+1=4\n4\n"
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "orstack", *args], capture_output=True, text=True, timeout=900)
+def one_line(stderr: str) -> bool:
+    return len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
 
 
 def test_rl_cli_bad_input(tmp_path, random_llama):
     tasks = tmp_path / "t.jsonl"
     tasks.write_text(json.dumps({"id": "x", "prompt": "hello"}) + "\n")
     out = tmp_path / "out"
-    done = run_cli("rl", str(random_llama), "--tasks", str(tasks), "-o", str(out))
-    assert done.returncode == 2 and "t.jsonl:1" in done.stderr and "answer" in done.stderr
-    assert not out.exists() and done.stdout == ""
+    done = run_orstack("rl", str(random_llama), "--tasks", str(tasks), "-o", str(out))
+    assert done.returncode == 2 and "t.jsonl:1: kind 'text' has no answer to verify" in done.stderr
+    assert one_line(done.stderr) and not out.exists() and done.stdout == ""
     tasks.write_text(json.dumps(NUM) + "\n")
-    done = run_cli("rl", str(random_llama), "--tasks", str(tasks), "-o", str(out), "--num-generations", "1")
-    assert done.returncode == 2 and "at least 2" in done.stderr and not out.exists()
-    done = run_cli("rl", str(random_llama), "--tasks", str(tasks), "-o", str(out), "--reward", "cmd:no-such-prog-x")
-    assert done.returncode == 2 and "not found" in done.stderr and not out.exists()
+    done = run_orstack("rl", str(random_llama), "--tasks", str(tasks), "-o", str(out), "--num-generations", "1")
+    assert done.returncode == 2 and "at least 2" in done.stderr and one_line(done.stderr) and not out.exists()
+    done = run_orstack("rl", str(random_llama), "--tasks", str(tasks), "-o", str(out), "--reward", "cmd:no-such-prog-x")
+    assert done.returncode == 2 and "not found" in done.stderr and one_line(done.stderr) and not out.exists()
+
+
+@pytest.mark.parametrize(("row", "rewards", "message"), [
+    ({"id": "a", "prompt": 12, "answer": "3"}, [], "t.jsonl:2: field 'prompt': expected a string, got int"),
+    ({"id": "a", "prompt": ["1="]}, ["--reward", "format"], "t.jsonl:2: field 'prompt': expected a string, got list"),
+    ({"id": "a", "answer": "3"}, [], "t.jsonl:2: missing required field 'prompt'"),
+    ({"id": "a", "prompt": "1+1=", "answer": "two", "kind": "numeric"}, [], "t.jsonl:2: field 'answer'"),
+])
+def test_rl_task_field_types_name_file_line_and_field(tmp_path, random_llama, row, rewards, message):
+    tasks = tmp_path / "t.jsonl"
+    tasks.write_text(json.dumps(NUM) + "\n" + json.dumps(row) + "\n")
+    out = tmp_path / "out"
+    done = run_orstack("rl", str(random_llama), "--tasks", str(tasks), "-o", str(out), *rewards)
+    assert done.returncode == 2 and message in done.stderr and one_line(done.stderr), done.stderr
+    assert not out.exists()
+
+
+def test_rl_refuses_a_file_where_the_adapter_goes(tmp_path, random_llama):
+    tasks = tmp_path / "t.jsonl"
+    tasks.write_text(json.dumps(NUM) + "\n")
+    out = tmp_path / "rl-out"
+    out.write_text("not a checkpoint\n")
+    done = run_orstack("rl", str(random_llama), "--tasks", str(tasks), "-o", str(out), "--max-steps", "1")
+    assert done.returncode == 2 and f"-o {out}: is a file" in done.stderr and one_line(done.stderr)
+    assert out.read_text() == "not a checkpoint\n"
+
+
+def test_a_failing_reward_command_is_one_line_naming_it(tmp_path, random_llama):
+    """The reward program fails mid-run: exit 2 (its input is at fault), one line naming the command and
+    the last line it wrote to stderr; the old output and the log stay as they were."""
+    tasks = tmp_path / "t.jsonl"
+    tasks.write_text("".join(json.dumps({"id": f"a{i}", "prompt": f"{i}+{i}=", "answer": str(2 * i)}) + "\n"
+                             for i in range(4)))
+    script = tmp_path / "score.py"
+    script.write_text("import sys\nsys.stdin.read()\nprint('loading rubric', file=sys.stderr)\n"
+                      "print('KeyError: rubric.json', file=sys.stderr)\nsys.exit(4)\n")
+    command = f"{sys.executable} {script}"
+    out, log = tmp_path / "rl-out", tmp_path / "rl.jsonl"
+    out.mkdir()
+    (out / "orstack.json").write_text("{}\n")  # an earlier orstack output: replaceable, but only by a whole new one
+    log.write_text("old log\n")
+    before = tree_hash(out)
+    # --quiet: the progress display of the steps begun would print its last frame first.
+    done = run_orstack("--quiet", "rl", str(random_llama), "--tasks", str(tasks), "-o", str(out), "--reward",
+                       f"cmd:{command}", "--max-steps", "1", "--num-generations", "2", "--max-new-tokens", "2",
+                       "--log", str(log))
+    assert done.returncode == 2, done.stderr
+    assert one_line(done.stderr)
+    assert f"--reward cmd:{command}: exited with status 4: KeyError: rubric.json" in done.stderr
+    assert tree_hash(out) == before and log.read_text() == "old log\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rl-out", "rl.jsonl", "score.py", "t.jsonl"]
 
 
 def test_grpo_steps_on_a_tiny_model(tmp_path, random_llama):
@@ -126,10 +179,10 @@ def test_grpo_steps_on_a_tiny_model(tmp_path, random_llama):
     traj.write_text(json.dumps({"prompt": "1+1=", "steps": [{"action": "2", "reasoning": "one and one", "reward": 1}]})
                     + "\n")
     out, log = tmp_path / "rl", tmp_path / "rl.jsonl"
-    done = run_cli("rl", str(random_llama), "--tasks", str(tasks), "-o", str(out), "--max-steps", "2",
-                   "--num-generations", "2", "--batch-size", "3", "--max-new-tokens", "4", "--log", str(log),
-                   "--reward", "correct", "--reward", "format", "--target-kl", "0.01", "--srl", str(traj),
-                   "--top-p", "0.9", "--min-p", "0.05")
+    done = run_orstack("rl", str(random_llama), "--tasks", str(tasks), "-o", str(out), "--max-steps", "2",
+                       "--num-generations", "2", "--batch-size", "3", "--max-new-tokens", "4", "--log", str(log),
+                       "--reward", "correct", "--reward", "format", "--target-kl", "0.01", "--srl", str(traj),
+                       "--top-p", "0.9", "--min-p", "0.05")
     assert done.returncode == 0, done.stderr
     assert done.stdout == ""  # trl's own log printing is off: stdout is for data
     assert "using --batch-size 4" in done.stderr
@@ -143,10 +196,40 @@ def test_grpo_steps_on_a_tiny_model(tmp_path, random_llama):
     assert manifest["args"]["top_p"] == 0.9 and manifest["args"]["min_p"] == 0.05
     assert manifest["metrics"]["srl_rows"] == 1 and manifest["metrics"]["srl_steps"] == 1  # SRL ran first
 
+    # The manifest is the config: it loads back into exactly the run's RLConfig.
+    from orstack.io.manifest import config_from_manifest
+    from orstack.rl import RewardConfig, RLConfig
+    from orstack.train.config import TrainConfig
+
+    assert manifest["config_class"] == "orstack.rl.grpo:RLConfig"
+    assert config_from_manifest(manifest) == RLConfig(
+        tasks=str(tasks), train=TrainConfig(epochs=1.0, max_steps=2, lr=1e-4, batch_size=3, log=str(log)),
+        rewards=RewardConfig(rewards=("correct", "format")), num_generations=2, max_new_tokens=4, top_p=0.9,
+        min_p=0.05, target_kl=0.01, srl=str(traj))
+
     from orstack.io.checkpoint import load_model
 
     model, _ = load_model(out)  # base + adapter, as bench loads it
     assert model.config.model_type == "llama"
+
+
+def test_rl_cli_defaults_are_the_config_defaults():
+    from orstack.rl import RewardConfig, RLConfig
+    from orstack.train.config import TrainConfig
+
+    cli = cli_defaults("rl")
+    config = RLConfig(tasks="t.jsonl")
+    train = {f.name for f in dataclasses.fields(TrainConfig)} & set(cli)
+    rewards = {"efficiency_weight": "efficiency_weight", "target_length": "target_length",
+               "format_regex": "format_regex", "clip_reward": "clip"}
+    top = {f.name for f in dataclasses.fields(RLConfig)} & set(cli) - {"tasks"}
+    # --reward is repeatable: none given means the correctness reward alone.
+    assert set(cli) == {"model", "tasks", "output", "reward"} | train | set(rewards) | top
+    assert cli["reward"] == [] and RewardConfig().rewards == ("correct",)
+    assert {n: cli[n] for n in train} == {n: getattr(config.train, n) for n in train}
+    assert {o: cli[o] for o in rewards} == {o: getattr(config.rewards, f) for o, f in rewards.items()}
+    assert {n: cli[n] for n in top} == {n: getattr(config, n) for n in top}
+    assert cli_defaults()["seed"] == config.train.seed
 
 
 @pytest.mark.slow

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -15,7 +17,15 @@ from pathlib import Path
 import pytest
 
 from orstack.errors import BadInput
-from orstack.teachers import TeacherOptions, open_teacher, parse_spec
+from orstack.runtime import Runtime
+from orstack.teachers import TeacherOptions, parse_spec
+from orstack.teachers import open_teacher as _open_teacher
+
+RUNTIME = Runtime(device="cpu")
+
+
+def open_teacher(spec: str, options: TeacherOptions | None = None):
+    return _open_teacher(spec, RUNTIME, options)
 
 
 def smollm2_gguf() -> Path | None:
@@ -236,3 +246,174 @@ def test_api_key_is_sent(stub_server, monkeypatch):
     finally:
         server.shutdown()
         server.server_close()
+
+
+# -- cmd: teachers leave nothing running ------------------------------------------------------
+SLEEPER = """\
+import os, subprocess, sys, time
+# A child of the teacher (a grandchild of orstack), then the teacher hangs past any timeout.
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+with open(sys.argv[1] + ".tmp", "w") as f:
+    f.write(f"{os.getpgid(0)} {os.getpid()} {child.pid}")
+os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+sys.stdin.read()
+time.sleep(120)
+"""
+SPAWNER = """\
+import json, os, subprocess, sys
+# Answers at once, but leaves a grandchild behind (detached from stdout, so the pipe closes).
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+with open(sys.argv[1], "w") as f:
+    f.write(f"{os.getpgid(0)} {os.getpid()} {child.pid}")
+for line in sys.stdin:
+    print(json.dumps({"id": json.loads(line)["id"], "response": "2"}))
+"""
+
+
+def _running(stat_line: str) -> bool:
+    return stat_line.rsplit(")", 1)[1].split()[0] not in ("Z", "X")  # a zombie is dead, only not yet reaped
+
+
+def alive(pid: int) -> bool:
+    try:
+        return _running(Path(f"/proc/{pid}/stat").read_text())
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live processes of process group `pgid` (from /proc: field 5 of stat is the group)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(text.rsplit(")", 1)[1].split()[2]) == pgid and _running(text):
+            members.append(int(stat.parent.name))
+    return members
+
+
+def wait_for(path: Path, seconds: float = 30.0) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+    return [int(x) for x in path.read_text().split()]
+
+
+def assert_gone(pgid: int, pids: list[int]) -> None:
+    deadline = time.monotonic() + 5
+    while (group_members(pgid) or any(map(alive, pids))) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert group_members(pgid) == [] and not any(map(alive, pids)), (pgid, pids)
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        pass
+    else:  # only zombies may remain in the group: nothing that runs
+        assert group_members(pgid) == []
+
+
+def test_cmd_teacher_timeout_kills_its_whole_process_group(tmp_path):
+    script, pidfile = tmp_path / "sleeper.py", tmp_path / "pids"
+    script.write_text(SLEEPER, encoding="utf-8")
+    teacher = open_teacher(f"cmd:{sys.executable} {script} {pidfile}", TeacherOptions(timeout=1.0))
+    start = time.monotonic()
+    assert teacher.answer([{"id": "a", "prompt": "1+1="}]) == [None]
+    assert time.monotonic() - start < 10 and "timed out after 1 s" in teacher.last_error
+    pgid, pid, grandchild = wait_for(pidfile)
+    assert pgid != os.getpgid(0)  # its own group, not orstack's
+    assert_gone(pgid, [pid, grandchild])
+
+
+def test_cmd_teacher_leaves_no_grandchild_after_answering(tmp_path):
+    script, pidfile = tmp_path / "spawner.py", tmp_path / "pids"
+    script.write_text(SPAWNER, encoding="utf-8")
+    teacher = open_teacher(f"cmd:{sys.executable} {script} {pidfile}")
+    assert teacher.answer([{"id": "a", "prompt": "1+1="}]) == ["2"]
+    pgid, pid, grandchild = wait_for(pidfile)
+    assert_gone(pgid, [pid, grandchild])
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signalled_orstack_kills_a_running_cmd_teacher(tmp_path, signum, code):
+    script, pidfile = tmp_path / "sleeper.py", tmp_path / "pids"
+    script.write_text(SLEEPER, encoding="utf-8")
+    failures = tmp_path / "f.jsonl"
+    failures.write_text(json.dumps({"id": 1, "prompt": "1+1=", "answer": "2", "correct": False}) + "\n")
+    out = tmp_path / "train.jsonl"
+    out.write_text("old output\n")
+    # SIGINT at its default in the child, so the test also works from a non-interactive shell.
+    proc = subprocess.Popen([sys.executable, "-m", "orstack", "distill", "generate", "--failures", str(failures),
+                             "--teacher", f"cmd:{sys.executable} {script} {pidfile}", "--timeout", "60",
+                             "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        pgid, pid, grandchild = wait_for(pidfile, 120)
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    assert_gone(pgid, [pid, grandchild])
+    assert out.read_text() == "old output\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.jsonl", "pids", "sleeper.py", "train.jsonl"]
+
+
+def test_run_jsonl_command_reports_status_and_last_stderr_line():
+    from orstack.io.command import CommandError, run_jsonl_command
+
+    with pytest.raises(CommandError, match=r"exited with status 3: second"):
+        run_jsonl_command(f"{sys.executable} -c \"import sys; print('first\\\\nsecond', file=sys.stderr); "
+                          "sys.exit(3)\"", [{"a": 1}], 10)
+    with pytest.raises(CommandError, match="stdout line 1 is not JSON"):
+        run_jsonl_command("echo nope", [], 10)
+    assert run_jsonl_command("cat", [{"a": 1}, {"b": [2]}], 10) == [{"a": 1}, {"b": [2]}]
+
+
+def test_labeler_uses_the_shared_client_and_sends_the_api_key(monkeypatch):
+    from orstack.cluster_failures.labeler import llm_label
+
+    seen = {}
+
+    class Chat(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            seen["auth"] = self.headers.get("Authorization")
+            seen["path"] = self.path
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(json.dumps({"choices": [{"message": {"content": "**Carrying digits**\n"}}]}).encode())
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Chat)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("OPENAI_API_KEY", "labeler-key")
+        label = llm_label(f"http://127.0.0.1:{server.server_address[1]}/v1#m", ["12+99="], ["carry"])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert label == "Carrying digits"
+    assert seen == {"auth": "Bearer labeler-key", "path": "/v1/chat/completions"}
+
+
+def test_generate_with_a_teacher_past_its_timeout_is_one_line_and_leaves_nothing(tmp_path):
+    from conftest import run_orstack
+
+    script, pidfile = tmp_path / "sleeper.py", tmp_path / "pids"
+    script.write_text(SLEEPER, encoding="utf-8")
+    failures = tmp_path / "f.jsonl"
+    failures.write_text(json.dumps({"id": 1, "prompt": "1+1=", "answer": "2", "correct": False}) + "\n")
+    out = tmp_path / "train.jsonl"
+    done = run_orstack("distill", "generate", "--failures", str(failures), "--teacher",
+                       f"cmd:{sys.executable} {script} {pidfile}", "--timeout", "1", "-o", str(out))
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "timed out after 1 s" in done.stderr and "nothing written" in done.stderr and not out.exists()
+    pgid, pid, grandchild = wait_for(pidfile)
+    assert_gone(pgid, [pid, grandchild])

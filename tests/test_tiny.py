@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import random
 import re
@@ -10,17 +12,20 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import cli_defaults, run_orstack, tree_hash
 
-from orstack.cli import main
 from orstack.tiny.tasks import CELLS, FAMILIES, GENERATORS, MUL_DIGITS, STRING_LENGTHS, make_heldout, training_stream
 
+# A 30-step build (seed 0, 1 thread), recorded with the code before training moved to orstack.train.loop and
+# evaluation to the transformers backend (torch 2.13 CPU): the same weights, byte for byte, and the same figures.
+WEIGHTS_30_STEPS = "379ee9c5d9cbe66922b1ec0376c82ea87563a5454e7ca3e2fb8fe34197d3f763"
+ACCURACY_30_STEPS = 0.007
+BY_FAMILY_30_STEPS = {"add": 0.0288, "sub": 0.0236, "mul": 0.0, "reverse": 0.0, "sort": 0.0, "copy": 0.0,
+                      "compare": 0.0}
 
-def run_cli(args: list[str]) -> int:
-    try:
-        main(args)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
+
+def one_line(stderr: str) -> bool:
+    return len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
 
 
 def _digits(n: str) -> int:
@@ -161,13 +166,18 @@ def test_micro_batches_give_the_whole_batch_gradient():
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
 
 
-def test_untrained_cli_writes_checkpoint_and_tasks(tmp_path, capsys):
+def test_untrained_cli_writes_checkpoint_and_tasks(tmp_path):
+    from orstack.io.manifest import config_from_manifest
+    from orstack.tiny import TinyConfig
+
     out, tasks = tmp_path / "tiny", tmp_path / "tasks"
-    assert run_cli(["--seed", "2", "tiny", "-o", str(out), "--untrained", "--tasks-out", str(tasks)]) == 0
-    assert capsys.readouterr().out == ""
+    done = run_orstack("--seed", "2", "tiny", "-o", str(out), "--untrained", "--tasks-out", str(tasks))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""
     manifest = json.loads((out / "orstack.json").read_text())
     assert manifest["stage"] == "tiny"
     assert manifest["args"]["seed"] == 2 and manifest["args"]["untrained"] is True
+    assert config_from_manifest(manifest) == TinyConfig(seed=2, untrained=True)
     assert sorted(p.name for p in tasks.iterdir()) == ["corpus.txt", "heldout.jsonl", "heldout.txt", "train.jsonl"]
     heldout = [json.loads(line) for line in (tasks / "heldout.jsonl").read_text().splitlines()]
     assert len(heldout) == 1000
@@ -176,6 +186,32 @@ def test_untrained_cli_writes_checkpoint_and_tasks(tmp_path, capsys):
     config = json.loads((out / "config.json").read_text())
     assert config["hidden_size"] % 256 == 0 and config["intermediate_size"] % 256 == 0
     assert config["tie_word_embeddings"] is False
+    # A second run replaces its own earlier output and rewrites the task files in place (others kept).
+    (tasks / "mine.txt").write_text("keep me")
+    done = run_orstack("--seed", "2", "tiny", "-o", str(out), "--untrained", "--tasks-out", str(tasks))
+    assert done.returncode == 0, done.stderr
+    assert (tasks / "mine.txt").read_text() == "keep me"
+
+
+def test_cli_defaults_are_the_config_defaults():
+    from orstack.tiny import TinyConfig
+
+    cli = cli_defaults("tiny")
+    fields = {f.name for f in dataclasses.fields(TinyConfig)}
+    assert set(cli) - fields == {"output", "tasks_out"}
+    assert {name: cli[name] for name in set(cli) & fields} == {n: getattr(TinyConfig(), n) for n in set(cli) & fields}
+    assert cli_defaults()["seed"] == TinyConfig().seed
+
+
+def test_training_and_evaluation_are_unchanged(tmp_path):
+    """Same seed and steps: the weights of the code before the shared loop, bit for bit, and its
+    held-out figures through the backend's batched greedy decoding."""
+    from orstack.tiny import TinyConfig, build
+
+    result = build(TinyConfig(seed=0, steps=30), tmp_path / "model", tmp_path / "tasks")
+    assert hashlib.sha256((tmp_path / "model" / "model.safetensors").read_bytes()).hexdigest() == WEIGHTS_30_STEPS
+    assert result.metrics["heldout_accuracy"] == ACCURACY_30_STEPS
+    assert result.metrics["accuracy_by_family"] == BY_FAMILY_30_STEPS
 
 
 def test_untrained_model_loads_and_generates(tiny_untrained):
@@ -211,37 +247,63 @@ def test_trained_model_solves_easy_tasks_and_fails_hard_ones(tiny_trained):
     assert (out == tok.eos_token_id).any(dim=1).float().mean() > 0.5
 
 
-def test_bad_step_count_exits_2_with_one_line(tmp_path, capsys):
-    assert run_cli(["tiny", "-o", str(tmp_path / "m"), "--steps", "0"]) == 2
-    captured = capsys.readouterr()
-    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
+def test_evaluation_decodes_each_prompt_as_it_would_alone(tiny_trained):
+    """The held-out figures come from the transformers backend's batched greedy decoding; each
+    answer is what plain transformers' greedy `generate` gives for that prompt alone."""
+    import torch
+
+    from orstack.io.checkpoint import load_model
+    from orstack.tiny.model import greedy_answers
+
+    model, tok = load_model(tiny_trained.model)
+    rows = [json.loads(line) for line in (tiny_trained.tasks / "heldout.jsonl").read_text().splitlines()][::20]
+    prompts = [r["prompt"] for r in rows]
+    batched = greedy_answers(model, tok, prompts, max_new_tokens=16, batch_size=16)
+    with torch.no_grad():
+        for prompt, answer in zip(prompts, batched, strict=True):
+            ids = tok(prompt, return_tensors="pt")
+            out = model.generate(**ids, max_new_tokens=16, do_sample=False)
+            assert answer == tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True), prompt
+    assert sum(a.strip() == r["answer"] for a, r in zip(batched, rows)) > 0
+
+
+def test_bad_step_count_exits_2_with_one_line(tmp_path):
+    done = run_orstack("tiny", "-o", str(tmp_path / "m"), "--steps", "0")
+    assert done.returncode == 2 and done.stdout == "" and one_line(done.stderr) and "--steps" in done.stderr
     assert not (tmp_path / "m").exists()
 
 
-def test_output_that_is_a_file_exits_2(tmp_path, capsys):
+def test_output_that_is_a_file_exits_2(tmp_path):
     target = tmp_path / "file"
     target.write_text("keep me")
-    assert run_cli(["tiny", "-o", str(target), "--untrained"]) == 2
-    captured = capsys.readouterr()
-    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1 and "is a file" in captured.err
+    done = run_orstack("tiny", "-o", str(target), "--untrained")
+    assert done.returncode == 2 and done.stdout == "" and one_line(done.stderr)
+    assert f"-o {target}: is a file" in done.stderr
     assert target.read_text() == "keep me"
 
 
-def test_foreign_non_empty_directory_is_not_replaced(tmp_path, capsys):
+def test_foreign_non_empty_directory_is_not_replaced(tmp_path):
     target = tmp_path / "mine"
     target.mkdir()
     (target / "notes.txt").write_text("keep me")
-    assert run_cli(["tiny", "-o", str(target), "--untrained"]) == 2
-    assert "not an orstack checkpoint" in capsys.readouterr().err
-    assert (target / "notes.txt").read_text() == "keep me"
+    before = tree_hash(target)
+    done = run_orstack("tiny", "-o", str(target), "--untrained")
+    assert done.returncode == 2 and one_line(done.stderr) and "not written by orstack" in done.stderr
+    assert tree_hash(target) == before
 
 
-def test_tasks_out_that_is_a_file_exits_2(tmp_path, capsys):
+def test_tasks_out_that_is_a_file_exits_2(tmp_path):
     target = tmp_path / "tasks"
     target.write_text("x")
-    assert run_cli(["tiny", "-o", str(tmp_path / "m"), "--untrained", "--tasks-out", str(target)]) == 2
-    assert len(capsys.readouterr().err.strip().splitlines()) == 1
-    assert not (tmp_path / "m").exists()
+    done = run_orstack("tiny", "-o", str(tmp_path / "m"), "--untrained", "--tasks-out", str(target))
+    assert done.returncode == 2 and one_line(done.stderr) and f"--tasks-out {target}: is a file" in done.stderr
+    assert target.read_text() == "x" and not (tmp_path / "m").exists()
+
+
+def test_missing_output_parent_exits_2_before_training(tmp_path):
+    done = run_orstack("tiny", "-o", str(tmp_path / "no" / "such" / "m"))
+    assert done.returncode == 2 and one_line(done.stderr) and "does not exist" in done.stderr
+    assert not (tmp_path / "no").exists()
 
 
 def test_command_module_does_not_import_torch():

@@ -1,14 +1,12 @@
 """Optional one-line cluster labels from an OpenAI-compatible chat endpoint.
 
-`--labeler http://127.0.0.1:8080/v1#model-name`; stdlib urllib only. A label that
+`--labeler http://127.0.0.1:8080/v1#model-name`, through orstack's OpenAI-compatible client
+(orstack/backends/openai.py: timeout, a retry, the key from $OPENAI_API_KEY). A label that
 cannot be fetched falls back to the c-TF-IDF keywords (with a warning), never fails the run.
 """
 
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 
 from orstack.errors import BadInput
@@ -27,27 +25,25 @@ def parse_labeler(spec: str) -> tuple[str, str]:
 
 
 def llm_label(spec: str, examples: Sequence[str], keywords: Sequence[str], *, timeout: float = 60.0) -> str:
-    """Ask the endpoint for a label; raises OSError/ValueError when it cannot answer."""
+    """Ask the endpoint for a label; raises EndpointError/ValueError when it cannot answer."""
+    from orstack.backends.openai import OpenAIClient
+
     url, model = parse_labeler(spec)
     shown = "\n".join(f"- {e[:300]}" for e in examples[:10])
-    body = {"model": model, "temperature": 0, "max_tokens": 32,
-            "messages": [{"role": "user", "content": PROMPT.format(keywords=", ".join(keywords), examples=shown)}]}
-    request = urllib.request.Request(f"{url}/chat/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
-    with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - user-given URL
-        answer = json.loads(response.read().decode("utf-8"))
-    text = answer["choices"][0]["message"]["content"]
-    lines = [line.strip(" \"'`*#-") for line in str(text).strip().splitlines() if line.strip()]
+    client = OpenAIClient(url, model, api="chat", timeout=timeout, retries=1)
+    text = client.complete(PROMPT.format(keywords=", ".join(keywords), examples=shown), max_tokens=32)
+    lines = [line.strip(" \"'`*#-") for line in text.strip().splitlines() if line.strip()]
     if not lines or not lines[0]:
         raise ValueError("empty label")
     return lines[0][:120]
 
 
 def try_llm_label(spec: str, examples: Sequence[str], keywords: Sequence[str]) -> str | None:
+    from orstack.backends.openai import EndpointError
     from orstack.console import warn
 
     try:
         return llm_label(spec, examples, keywords)
-    except (OSError, ValueError, KeyError, IndexError, TypeError, urllib.error.URLError) as e:
+    except (EndpointError, ValueError) as e:
         warn(f"--labeler: no label from {spec} ({e}); using keywords")
         return None

@@ -10,7 +10,6 @@ import typer
 from orstack import console
 from orstack.commands import _train_options as T
 from orstack.commands.options import Output, RequiredOutput, current_runtime
-from orstack.errors import BadInput
 
 distill_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None)
 
@@ -51,43 +50,20 @@ def generate(
     teacher_api: Annotated[str, typer.Option("--teacher-api", help="Endpoint API: chat or completions.")] = "chat",
     report: Annotated[Path | None, typer.Option("--report", help="Also write the report as JSON.")] = None,
 ) -> None:
-    from orstack.io.jsonl import STDIO, read_jsonl_numbered, write_json, write_jsonl
-    from orstack.teachers import TeacherOptions, open_teacher
+    from orstack.distill.generate import GenerateConfig, run_generate
+    from orstack.teachers import TeacherOptions
 
-    if str(failures) != STDIO and not failures.is_file():
-        raise BadInput(f"{failures}: no such file")
-    if not teacher:
-        raise BadInput("give at least one --teacher")
-    if teacher_api not in ("chat", "completions"):
-        raise BadInput(f"--teacher-api: expected chat or completions, got '{teacher_api}'")
     options = TeacherOptions(max_new_tokens=max_new_tokens, stop=list(stop), timeout=timeout, retries=retries,
                              concurrency=concurrency, rate_limit=rate_limit, api_key_env=api_key_env,
                              api=teacher_api)
-    teachers = [open_teacher(spec, options, current_runtime()) for spec in teacher]
-    from orstack.distill.generate import GenerateConfig, load_failures
-    from orstack.distill.generate import generate as run
-
-    clusters = load_failures(list(read_jsonl_numbered(failures)), str(failures))
-    for t in teachers:
-        t.check()
-    config = GenerateConfig(teachers=list(teacher), per_cluster=per_cluster, seed=current_runtime().seed)
-    try:
-        examples, rep = run(clusters, teachers, config)
-    finally:
-        for t in teachers:
-            t.close()
-    for t in teachers:
-        if t.errors:
-            console.warn(f"teacher {t.spec}: {t.errors} failed answers (last: {t.last_error})")
-    show_report(rep)
-    if not examples:
-        raise BadInput(f"no teacher answer passed the verifier ({sum(len(v) for v in clusters.values())} failures "
-                       "asked); nothing written")
-    write_jsonl(examples, output)
-    if report is not None:
-        write_json({"examples": rep.examples, "duplicates": rep.duplicates, "rows": rep.rows()}, report)
-    console.info(f"{len(examples)} training examples from {len(clusters)} clusters"
-                 + (f" -> {output}" if output else ""))
+    config = GenerateConfig(failures=str(failures), teachers=list(teacher), per_cluster=per_cluster, teacher=options,
+                            seed=current_runtime().seed)
+    result = run_generate(output, config, current_runtime(), report=report)
+    for note in result.notes:
+        console.warn(note)
+    show_report(result.report)
+    console.info(f"{result.examples} training examples from {result.clusters} clusters"
+                 + (f" -> {result.output}" if result.output else ""))
 
 
 def show_report(rep) -> None:  # noqa: ANN001 - GenerateReport, imported lazily
@@ -121,7 +97,7 @@ Example:
 
 def train(
     student: Annotated[str, typer.Argument(help="Student checkpoint directory.")],
-    data: Annotated[Path, typer.Option("--data", help="Training Example JSONL (prompt, response).")],
+    data: Annotated[Path, typer.Option("--data", help="Training Example JSONL (prompt, response; '-' for stdin).")],
     output: RequiredOutput,
     epochs: T.Epochs = 3.0,
     max_steps: T.MaxSteps = None,
@@ -145,52 +121,22 @@ def train(
     recover_fraction: Annotated[float, typer.Option("--recover-fraction", min=0.0, max=1.0,
                                                    help="Fraction of rows kept by --recover.")] = 0.25,
 ) -> None:
-    from orstack.io.checkpoint import resolve_checkpoint
-    from orstack.io.jsonl import read_jsonl_list
+    from orstack.distill.train import DistillTrainConfig, run_train
     from orstack.train.config import TrainConfig
+    from orstack.train.sft import DistillLoss
 
-    resolve_checkpoint(student)
-    if not data.is_file():
-        raise BadInput(f"{data}: no such file")
-    if logits is not None:
-        resolve_checkpoint(logits)
-    if recover and recover_fraction <= 0:
-        raise BadInput("--recover-fraction must be > 0")
     tc = TrainConfig(epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
                      lora_rank=lora_rank, lora_alpha=lora_alpha, target_modules=target_modules, merge=merge,
                      full=full, log=str(log) if log else None, log_every=log_every, max_length=max_length,
                      seed=current_runtime().seed)
-    tc.check()
-    rows = read_jsonl_list(data)
-
-    from orstack.distill.train import DistillTrainConfig, fine_tune
-    from orstack.io.atomic import atomic_path
-    from orstack.io.manifest import as_args
-    from orstack.train.lora import save_trained
-    from orstack.train.sft import DistillLoss
-
-    config = DistillTrainConfig(train=tc, logits_teacher=logits, recover_fraction=recover_fraction if recover else None,
-                                distill=DistillLoss(kd_beta, kd_temperature, kd_alpha, t2_scale) if logits else None)
-    from contextlib import nullcontext
-
-    from orstack.train.sft import is_main_process
-
-    # Under torchrun every process trains; only rank 0 logs and writes.
-    main = is_main_process()
-    with atomic_path(log) if log is not None and main else nullcontext(None) as tmp_log:
-        tc.log = str(tmp_log) if tmp_log is not None else None
-        model, tokenizer, result, metrics = fine_tune(student, rows, config, device=current_runtime().torch_device(),
-                                                      trust_pickle=current_runtime().trust_pickle, where=str(data))
-    if not main:
+    config = DistillTrainConfig(data=str(data), train=tc, logits_teacher=logits,
+                                distill=DistillLoss(kd_beta, kd_temperature, kd_alpha, t2_scale), recover=recover,
+                                recover_fraction=recover_fraction)
+    result = run_train(student, output, config, current_runtime())
+    if result.kind is None:  # a torchrun process other than rank 0: it trained, rank 0 reports
         return
-    tc.log = str(log) if log else None
-    args = {**as_args(tc), "data": str(data), "logits": logits,
-            "distill": as_args(config.distill) if config.distill else None,
-            "recover_fraction": config.recover_fraction}
-    kind = save_trained(model, tokenizer, output, stage="distill", config=tc, base=student, args=args,
-                        metrics=metrics)
-    console.info(f"{result.steps} steps on {metrics['trained_rows']} rows, loss {result.loss_first:.4f} -> "
-                 f"{result.loss_last:.4f}; wrote {kind} to {output}")
+    console.info(f"{result.steps} steps on {result.metrics['trained_rows']} rows, loss {result.loss_first:.4f} -> "
+                 f"{result.loss_last:.4f}; wrote {result.kind} to {result.output}")
 
 
 GROUP_HELP = """Failure-targeted distillation: generate verified examples, then train a student.

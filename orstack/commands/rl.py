@@ -10,7 +10,6 @@ import typer
 from orstack import console
 from orstack.commands import _train_options as T
 from orstack.commands.options import RequiredOutput, current_runtime
-from orstack.errors import BadInput
 
 HELP = """Train MODEL with GRPO (trl) on tasks whose answers can be checked.
 
@@ -65,74 +64,28 @@ def rl(
     full: T.Full = False,
     log: T.Log = None,
 ) -> None:
-    import re
-
-    from orstack.io.checkpoint import resolve_checkpoint
+    from orstack.rl.grpo import RLConfig, run
+    from orstack.rl.rewards import RewardConfig
     from orstack.train.config import TrainConfig
 
-    resolve_checkpoint(model)
-    if not tasks.is_file():
-        raise BadInput(f"{tasks}: no such file")
-    if srl is not None and not srl.is_file():
-        raise BadInput(f"--srl {srl}: no such file")
-    rewards = tuple(reward) or ("correct",)
-    for r in rewards:
-        if r not in ("correct", "format") and not r.startswith("cmd:"):
-            raise BadInput(f"--reward {r}: expected correct, format or cmd:COMMAND")
-        if r.startswith("cmd:"):
-            from orstack.teachers.base import check_command
-
-            check_command(f"--reward {r}", r[4:].strip() or " ")
-    if format_regex is not None:
-        try:
-            re.compile(format_regex)
-        except re.error as e:
-            raise BadInput(f"--format-regex: {e}") from None
     tc = TrainConfig(epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
                      lora_rank=lora_rank, lora_alpha=lora_alpha, target_modules=target_modules, merge=merge, full=full,
                      log=str(log) if log else None, seed=current_runtime().seed)
-    tc.check()
-
-    from orstack.rl.grpo import RLConfig, choose_batch, load_tasks, run_rl, srl_examples, world_size
-    from orstack.rl.rewards import RewardConfig
-
-    choose_batch(batch_size, grad_accum, num_generations, world_size())  # bad shapes fail before loading
-    task_rows = load_tasks(str(tasks), need_answers="correct" in rewards)
-    if srl is not None:
-        srl_examples(str(srl))
-    config = RLConfig(train=tc, num_generations=num_generations, max_new_tokens=max_new_tokens,
-                      temperature=temperature, top_p=top_p, min_p=min_p, beta=beta, target_kl=target_kl,
-                      srl=str(srl) if srl else None,
-                      rewards=RewardConfig(rewards=rewards, efficiency_weight=efficiency_weight,
-                                           target_length=target_length, format_regex=format_regex, clip=clip_reward))
-
-    from contextlib import nullcontext
-
-    from orstack.io.atomic import atomic_path
-    from orstack.io.manifest import as_args
-    from orstack.train.lora import save_trained
-    from orstack.train.sft import is_main_process
-
-    # Under torchrun / accelerate launch every process trains; only rank 0 logs and writes.
-    main = is_main_process()
-    with atomic_path(log) if log is not None and main else nullcontext(None) as tmp_log:
-        tc.log = str(tmp_log) if tmp_log is not None else None
-        trained, tokenizer, result = run_rl(model, task_rows, config, device=current_runtime().torch_device(),
-                                            trust_pickle=current_runtime().trust_pickle)
-    if not main:
+    rewards = RewardConfig(rewards=tuple(reward) or ("correct",), efficiency_weight=efficiency_weight,
+                           target_length=target_length, format_regex=format_regex, clip=clip_reward)
+    config = RLConfig(tasks=str(tasks), train=tc, rewards=rewards, num_generations=num_generations,
+                      max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, min_p=min_p, beta=beta,
+                      target_kl=target_kl, srl=str(srl) if srl else None)
+    result = run(model, output, config, current_runtime())
+    if result.kind is None:  # a torchrun process other than rank 0: it trained, rank 0 reports
         return
-    tc.log = str(log) if log else None
     for note in result.notes:
         console.warn(note)
-    args = {**as_args(tc), "tasks": str(tasks), "rewards": as_args(config.rewards),
-            **{k: v for k, v in as_args(config).items() if k not in ("train", "rewards")}}
-    kind = save_trained(trained, tokenizer, output, stage="rl", config=tc, base=model, args=args,
-                        metrics=result.metrics)
     m = result.metrics
     console.info(f"{result.steps} steps in {result.seconds:.1f} s ({m['steps_per_s']} steps/s); reward "
                  f"{_f(m['reward_first'])} -> {_f(m['reward_last'])}, accuracy {_f(m['accuracy_first'])} -> "
                  f"{_f(m['accuracy_last'])}, length {_f(m['length_first'])} -> {_f(m['length_last'])}, "
-                 f"final KL {_f(m['kl_last'])}; wrote {kind} to {output}")
+                 f"final KL {_f(m['kl_last'])}; wrote {result.kind} to {result.output}")
 
 
 def _f(value: float | None) -> str:

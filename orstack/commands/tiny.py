@@ -9,7 +9,6 @@ import typer
 
 from orstack import console
 from orstack.commands.options import RequiredOutput, current_runtime
-from orstack.errors import BadInput
 
 HELP = """Build the embedded default: a tiny Llama trained on synthetic, verifiable tasks.
 
@@ -42,17 +41,14 @@ def tiny(
         int, typer.Option("--threads", min=1, help="CPU threads for training; part of what makes weights reproducible.")
     ] = 1,
 ) -> None:
-    _check_output(output)
-    if tasks_out is not None and tasks_out.exists() and not tasks_out.is_dir():
-        raise BadInput(f"{tasks_out}: --tasks-out exists and is not a directory")
-
     from orstack.tiny import TinyConfig, build
 
     config = TinyConfig(seed=current_runtime().seed, steps=steps, untrained=untrained, threads=threads)
-    metrics = build(config, output, tasks_out)
+    result = build(config, output, tasks_out)
     if untrained:
         console.info(f"wrote an untrained tiny model to {output}")
         return
+    metrics = result.metrics
     console.info(f"wrote {output}: final loss {metrics['final_loss']}, held-out accuracy "
                  f"{metrics['heldout_accuracy']:.1%} in {metrics['train_seconds']:.0f} s of training")
     tbl = console.new_table("family", "L1", "L2", "L3", "L4", "all", title="held-out accuracy (greedy, exact)")
@@ -60,15 +56,6 @@ def tiny(
     for family, acc in metrics["accuracy_by_family"].items():
         tbl.add_row(family, *(f"{by_level.get(f'{family}-{lv}', 0):.0%}" for lv in (1, 2, 3, 4)), f"{acc:.0%}")
     console.table(tbl)
-
-
-def _check_output(output: Path) -> None:
-    """Refuse outputs we must not replace: a file, or a non-empty directory orstack did not write."""
-    if output.exists() and not output.is_dir():
-        raise BadInput(f"{output}: output exists and is a file, expected a checkpoint directory")
-    if output.is_dir() and any(output.iterdir()) and not (output / "orstack.json").exists():
-        raise BadInput(f"{output}: output directory is not empty and is not an orstack checkpoint; "
-                       "refusing to replace it")
 
 
 def register(app: typer.Typer) -> None:

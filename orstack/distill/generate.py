@@ -19,10 +19,15 @@ import re
 import unicodedata
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from orstack.errors import BadInput
 from orstack.tasks.contract import as_task, infer_kind, is_verifiable
+from orstack.teachers.base import TeacherOptions
+
+if TYPE_CHECKING:
+    from orstack.runtime import Runtime
 
 HIDDEN_FIELDS = {"answer", "tests"}  # what the verifier knows and the teacher must not see
 
@@ -38,10 +43,12 @@ VARIANT_REPLY = re.compile(r"Problem:[ \t]*(?P<prompt>.*?)\s*\n\s*Answer:[ \t]*(
 
 @dataclass
 class GenerateConfig:
-    teachers: list[str]
+    failures: str  # annotated failures JSONL ('-': standard input)
+    teachers: list[str]  # teacher SPECs, cheapest tier first
     per_cluster: int = 0  # new problems per cluster, from its representatives
     representatives: int = 20  # failures per cluster used as examples for new problems
     dedup_threshold: float = 0.9  # word-trigram Jaccard above which two long prompts are near-duplicates
+    teacher: TeacherOptions = field(default_factory=TeacherOptions)  # how every tier is asked
     seed: int = 0
 
 
@@ -93,8 +100,10 @@ def load_failures(rows: list[tuple[int, dict[str, Any]]], where: str) -> dict[An
     for lineno, row in rows:
         if row.get("correct") is True:
             continue
-        if not isinstance(row.get("prompt"), str):
+        if row.get("prompt") is None:
             raise BadInput(f"{where}:{lineno}: missing required field 'prompt'")
+        if not isinstance(row["prompt"], str):
+            raise BadInput(f"{where}:{lineno}: field 'prompt': expected a string, got {type(row['prompt']).__name__}")
         clusters[row.get("cluster")].append(as_task(row))
     if not clusters:
         raise BadInput(f"{where}: no failures (no rows with correct=false)")
@@ -247,7 +256,7 @@ def new_problems(teachers: list[Any], requests: list[dict[str, Any]], report: Ge
 
 def generate(failures: dict[Any, list[dict[str, Any]]], teachers: list[Any], config: GenerateConfig,
              ) -> tuple[list[dict[str, Any]], GenerateReport]:
-    """Training Example rows (DESIGN.md) for every failure cluster, and the per-cluster/per-tier report."""
+    """Training Example rows (docs/design.md) for every failure cluster, and the per-cluster/per-tier report."""
     report = GenerateReport(tiers=[t.spec for t in teachers])
     dedup = Deduper(config.dedup_threshold)
     tasks: list[dict[str, Any]] = []
@@ -278,3 +287,51 @@ def generate(failures: dict[Any, list[dict[str, Any]]], teachers: list[Any], con
         examples.append(example)
     report.examples = len(examples)
     return examples, report
+
+
+@dataclass
+class GenerateResult:
+    """What `distill generate` reports."""
+
+    examples: int
+    clusters: int
+    report: GenerateReport
+    notes: list[str]  # per-teacher failure counts, for warnings
+    output: Path | None  # None: the rows went to standard output
+
+
+def run_generate(output: str | Path | None, config: GenerateConfig, runtime: Runtime, *,
+                 report: str | Path | None = None) -> GenerateResult:
+    """`distill generate`: check the inputs and outputs, ask the tiers, write the Training Example
+    rows to `output` (standard output when None or '-') and, with `report`, the report as JSON."""
+    from orstack.backends.openai import APIS
+    from orstack.io.jsonl import STDIO, display_name, read_jsonl_numbered, write_json, write_jsonl
+    from orstack.io.output import Output, check_outputs
+    from orstack.teachers import open_teacher
+
+    if config.failures != STDIO and not Path(config.failures).is_file():
+        raise BadInput(f"{config.failures}: no such file")
+    if not config.teachers:
+        raise BadInput("give at least one --teacher")
+    if config.teacher.api not in APIS:
+        raise BadInput(f"--teacher-api: expected chat or completions, got '{config.teacher.api}'")
+    check_outputs([Output(output, "file", "-o"), Output(report, "file", "--report")], inputs=[config.failures])
+    teachers = [open_teacher(spec, runtime, config.teacher) for spec in config.teachers]
+    clusters = load_failures(list(read_jsonl_numbered(config.failures)), display_name(config.failures))
+    for t in teachers:
+        t.check()
+    try:
+        examples, rep = generate(clusters, teachers, config)
+    finally:
+        for t in teachers:
+            t.close()
+    notes = [f"teacher {t.spec}: {t.errors} failed answers (last: {t.last_error})" for t in teachers if t.errors]
+    if not examples:
+        asked = sum(len(v) for v in clusters.values())
+        raise BadInput(f"no teacher answer passed the verifier ({asked} failures asked"
+                       + "".join(f"; {n}" for n in notes) + "); nothing written")
+    write_jsonl(examples, output)
+    if report is not None:
+        write_json({"examples": rep.examples, "duplicates": rep.duplicates, "rows": rep.rows()}, report)
+    return GenerateResult(len(examples), len(clusters), rep, notes,
+                          None if output is None or str(output) == STDIO else Path(output))

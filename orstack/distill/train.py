@@ -5,38 +5,88 @@ rows the model finds hardest."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from orstack.errors import BadInput
 from orstack.train.config import TrainConfig
 from orstack.train.sft import DistillLoss, TrainResult
+
+if TYPE_CHECKING:
+    from orstack.runtime import Runtime
 
 
 @dataclass
 class DistillTrainConfig:
+    """Everything that determines a `distill train` output; the manifest stores it whole."""
+
+    data: str  # Training Example JSONL ('-': standard input)
     train: TrainConfig = field(default_factory=TrainConfig)
-    logits_teacher: str | None = None
-    distill: DistillLoss | None = None
-    recover_fraction: float | None = None  # --recover: keep this fraction of the hardest rows
+    logits_teacher: str | None = None  # --logits: a same-vocabulary teacher checkpoint
+    distill: DistillLoss = field(default_factory=DistillLoss)  # the logit loss, used with a teacher
+    recover: bool = False  # train only on the hardest rows
+    recover_fraction: float = 0.25  # --recover keeps this fraction of the rows (highest loss first)
 
 
-def fine_tune(student: str, rows: list[dict[str, Any]], config: DistillTrainConfig, *, device: str = "cpu",
-              trust_pickle: bool = False, where: str = "data") -> tuple[Any, Any, TrainResult, dict[str, Any]]:
+@dataclass
+class DistillTrainResult:
+    """What `distill train` reports; `kind` is None on the processes of a torchrun that do not write."""
+
+    steps: int
+    loss_first: float | None
+    loss_last: float | None
+    metrics: dict[str, Any]
+    kind: str | None  # adapter, merged or full
+    output: Path
+
+
+def run_train(student: str, output: str | Path, config: DistillTrainConfig, runtime: Runtime) -> DistillTrainResult:
+    """Check the student, data, teacher and outputs; then load, train and save (rank 0 only)."""
+    from orstack.io.checkpoint import check_checkpoint
+    from orstack.io.output import Output, check_outputs
+    from orstack.train.data import read_examples
+    from orstack.train.distributed import is_main_process, main_process_log
+    from orstack.train.lora import save_trained
+    from orstack.train.vocab import check_same_vocabulary
+
+    tc = config.train
+    check_checkpoint(student)  # exists, sound weight headers, a causal LM
+    if config.logits_teacher is not None:
+        check_checkpoint(config.logits_teacher)
+    if config.recover and config.recover_fraction <= 0:
+        raise BadInput("--recover-fraction must be > 0")
+    tc.check()
+    check_outputs([Output(output, "dir", "-o"), Output(tc.log, "file", "--log")],
+                  inputs=[student, config.data, config.logits_teacher])
+    rows = read_examples(config.data)
+    if config.logits_teacher:
+        check_same_vocabulary(student, config.logits_teacher)  # before any weights load
+    with main_process_log(tc.log) as log_path:
+        model, tokenizer, result, metrics = fine_tune(student, rows, config, runtime, log_path=log_path)
+    kind = None
+    if is_main_process():
+        kind = save_trained(model, tokenizer, Path(output), stage="distill", config=tc, base=student, args=config,
+                            metrics=metrics)
+    return DistillTrainResult(result.steps, result.loss_first, result.loss_last, metrics, kind, Path(output))
+
+
+def fine_tune(student: str, rows: list[dict[str, Any]], config: DistillTrainConfig, runtime: Runtime, *,
+              log_path: str | None = None) -> tuple[Any, Any, TrainResult, dict[str, Any]]:
     """Load the student (and teacher), train, and return (model, tokenizer, result, metrics)."""
     from orstack.io.checkpoint import load_model
+    from orstack.io.jsonl import display_name
     from orstack.runtime import seed_everything
     from orstack.train.data import encode_rows
     from orstack.train.lora import apply_lora
     from orstack.train.sft import example_losses, hardest, train_sft
-    from orstack.train.vocab import check_same_vocabulary
 
     tc = config.train
-    if config.logits_teacher:
-        check_same_vocabulary(student, config.logits_teacher)  # before any weights load
+    device = runtime.torch_device()
     seed_everything(tc.seed)
-    model, tokenizer = load_model(student, device=device, trust_pickle=trust_pickle)
-    data = encode_rows(tokenizer, rows, tc.max_length, where)
+    model, tokenizer = load_model(student, device=device, trust_pickle=runtime.trust_pickle)
+    data = encode_rows(tokenizer, rows, tc.max_length, display_name(config.data))
     metrics: dict[str, Any] = {"rows": len(data)}
-    if config.recover_fraction is not None:
+    if config.recover:
         losses = example_losses(model, tokenizer, data, tc.batch_size)
         keep = hardest(data, losses, config.recover_fraction)
         metrics.update(recover_rows=len(keep), recover_loss_all=sum(losses) / len(losses),
@@ -44,12 +94,14 @@ def fine_tune(student: str, rows: list[dict[str, Any]], config: DistillTrainConf
         data = [data[i] for i in keep]
     teacher = None
     if config.logits_teacher:
-        teacher, _ = load_model(config.logits_teacher, device=device, trust_pickle=trust_pickle, with_tokenizer=False)
+        teacher, _ = load_model(config.logits_teacher, device=device, trust_pickle=runtime.trust_pickle,
+                                with_tokenizer=False)
         for p in teacher.parameters():
             p.requires_grad_(False)
     if not tc.full:
         model = apply_lora(model, tc)
-    result = train_sft(model, tokenizer, data, tc, teacher=teacher, distill=config.distill)
+    result = train_sft(model, tokenizer, data, tc, teacher=teacher, distill=config.distill if teacher else None,
+                       log_path=log_path)
     metrics.update(steps=result.steps, trained_rows=len(data), loss_first=result.loss_first,
                    loss_last=result.loss_last, train_seconds=round(result.seconds, 2))
     return model, tokenizer, result, metrics

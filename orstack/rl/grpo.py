@@ -6,20 +6,27 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orstack.errors import BadInput
 from orstack.rl.rewards import RewardConfig
 from orstack.train.config import TrainConfig
+from orstack.train.distributed import world_size
+
+if TYPE_CHECKING:
+    from orstack.runtime import Runtime
 
 
 @dataclass
 class RLConfig:
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4, batch_size=0, max_steps=50))
+    """Everything that determines an `rl` output; the manifest stores it whole."""
+
+    tasks: str  # Task JSONL with answers (or tests)
+    # batch_size 0: one group of num_generations completions per device
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1.0, lr=1e-4, batch_size=0))
     rewards: RewardConfig = field(default_factory=RewardConfig)
     num_generations: int = 4
     max_new_tokens: int = 32
@@ -39,10 +46,6 @@ class BatchShape:
     batch_size: int  # completions per device per forward pass
     grad_accum: int
     note: str | None  # what was changed, when it was
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def choose_batch(batch_size: int, grad_accum: int, num_generations: int, processes: int = 1) -> BatchShape:
@@ -112,7 +115,7 @@ def srl_examples(path: str) -> list[dict[str, Any]]:
     return rows
 
 
-def make_callback(config: RLConfig, log_path: str | None, total_steps: int):
+def make_callback(config: RLConfig, log_path: str | None, total_steps: int):  # noqa: ANN201 - a trl callback
     """A trl TrainerCallback: JSONL log row per step, progress with reward/accuracy/KL, adaptive KL,
     and the zero-reward-spread tally."""
     from transformers import TrainerCallback
@@ -175,15 +178,66 @@ def adaptive_beta(beta: float, kl: float, target: float, horizon: int) -> float:
 
 @dataclass
 class RLResult:
+    """What `rl` reports; `kind` (adapter, merged or full) is None on the processes of a torchrun
+    that do not write."""
+
     steps: int
     seconds: float
     history: list[dict[str, Any]]
     metrics: dict[str, Any]
     notes: list[str]
+    kind: str | None = None
+    output: Path | None = None
 
 
-def run_rl(model_spec: str, tasks: list[dict[str, Any]], config: RLConfig, *, device: str = "cpu",
-           trust_pickle: bool = False) -> tuple[Any, Any, RLResult]:
+REWARDS = ("correct", "format")
+
+
+def run(source: str, output: str | Path, config: RLConfig, runtime: Runtime) -> RLResult:
+    """`orstack rl`: check the model, tasks, trajectories, rewards and outputs (nothing loads before
+    they pass), then SRL (optional) and GRPO, and save the result (rank 0 only)."""
+    import re
+
+    from orstack.io.checkpoint import check_checkpoint
+    from orstack.io.command import check_command
+    from orstack.io.output import Output, check_outputs
+    from orstack.train.distributed import is_main_process, main_process_log
+    from orstack.train.lora import save_trained
+
+    tc = config.train
+    check_checkpoint(source)  # exists, sound weight headers, a causal LM
+    if not Path(config.tasks).is_file():
+        raise BadInput(f"{config.tasks}: no such file")
+    if config.srl is not None and not Path(config.srl).is_file():
+        raise BadInput(f"--srl {config.srl}: no such file")
+    for r in config.rewards.rewards:
+        if r not in REWARDS and not r.startswith("cmd:"):
+            raise BadInput(f"--reward {r}: expected correct, format or cmd:COMMAND")
+        if r.startswith("cmd:"):
+            check_command(f"--reward {r}", r[4:].strip() or " ")
+    if config.rewards.format_regex is not None:
+        try:
+            re.compile(config.rewards.format_regex)
+        except re.error as e:
+            raise BadInput(f"--format-regex: {e}") from None
+    tc.check()
+    choose_batch(tc.batch_size, tc.grad_accum, config.num_generations, world_size())  # bad shapes fail first
+    check_outputs([Output(output, "dir", "-o"), Output(tc.log, "file", "--log")],
+                  inputs=[source, config.tasks, config.srl])
+    tasks = load_tasks(config.tasks, need_answers="correct" in config.rewards.rewards)
+    if config.srl is not None:
+        srl_examples(config.srl)
+    with main_process_log(tc.log) as log_path:
+        trained, tokenizer, result = run_rl(source, tasks, config, runtime, log_path=log_path)
+    result.output = Path(output)
+    if is_main_process():
+        result.kind = save_trained(trained, tokenizer, Path(output), stage="rl", config=tc, base=source, args=config,
+                                   metrics=result.metrics)
+    return result
+
+
+def run_rl(model_spec: str, tasks: list[dict[str, Any]], config: RLConfig, runtime: Runtime, *,
+           log_path: str | None = None) -> tuple[Any, Any, RLResult]:
     """SRL stage (optional), then GRPO. Returns (trained model, tokenizer, result)."""
     import warnings
 
@@ -199,7 +253,7 @@ def run_rl(model_spec: str, tasks: list[dict[str, Any]], config: RLConfig, *, de
 
     # transformers 5 deprecation notices raised by trl/peft internals: not the user's concern.
     warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v6.*", category=FutureWarning)
-    from orstack.train.sft import is_main_process
+    from orstack.train.distributed import is_main_process
 
     if not is_main_process():
         from orstack.console import set_quiet
@@ -208,9 +262,10 @@ def run_rl(model_spec: str, tasks: list[dict[str, Any]], config: RLConfig, *, de
     tc = config.train
     shape = choose_batch(tc.batch_size, tc.grad_accum, config.num_generations, world_size())
     notes = [shape.note] if shape.note else []
+    device = runtime.torch_device()
     seed_everything(tc.seed)
     quiet_transformers()
-    model, tokenizer = load_model(model_spec, device=device, trust_pickle=trust_pickle)
+    model, tokenizer = load_model(model_spec, device=device, trust_pickle=runtime.trust_pickle)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     rewards = build_rewards(config.rewards, tokenizer.eos_token_id)
@@ -250,7 +305,7 @@ def run_rl(model_spec: str, tasks: list[dict[str, Any]], config: RLConfig, *, de
         max_grad_norm=tc.max_grad_norm, weight_decay=tc.weight_decay, warmup_steps=tc.warmup_steps,
         lr_scheduler_type="linear",
     )
-    callback = make_callback(config, tc.log, steps)
+    callback = make_callback(config, log_path, steps)
     torch.manual_seed(tc.seed)
     trainer = GRPOTrainer(model=model, reward_funcs=rewards, args=args, train_dataset=dataset,
                           processing_class=tokenizer, peft_config=peft_config, callbacks=[callback])

@@ -130,7 +130,9 @@ def build_rewards(config: RewardConfig, eos_token_id: int | None) -> list[Callab
 
 
 def command_reward(spec: str, config: RewardConfig) -> Callable[..., list[float]]:
-    from orstack.teachers.command import run_jsonl_command
+    """A reward program (orstack/io/command.py: its own process group, killed when done); a program
+    that fails or answers wrongly stops the run with one line naming it (exit 2: the input is at fault)."""
+    from orstack.io.command import CommandError, run_jsonl_command
 
     command = spec[4:].strip()
 
@@ -141,8 +143,8 @@ def command_reward(spec: str, config: RewardConfig) -> Callable[..., list[float]
             row["row"] = n
         try:
             outputs = run_jsonl_command(command, rows, config.cmd_timeout)
-        except RuntimeError as e:
-            raise RuntimeError(f"--reward {spec}: {e}") from None
+        except CommandError as e:
+            raise BadInput(f"--reward {spec}: {e}") from None
         # Rows of one task share its id, so outputs are matched by `row` (echoed) or by order.
         if outputs and all("row" in o for o in outputs):
             by_row = {o["row"]: o for o in outputs}
@@ -150,11 +152,11 @@ def command_reward(spec: str, config: RewardConfig) -> Callable[..., list[float]
         elif len(outputs) == len(rows):
             matched = outputs
         else:
-            raise RuntimeError(f"--reward {spec}: wrote {len(outputs)} rows for {len(rows)} completions")
+            raise BadInput(f"--reward {spec}: wrote {len(outputs)} rows for {len(rows)} completions")
         values = []
         for n, out in enumerate(matched):
             if out is None or not isinstance(out.get("reward"), (int, float)):
-                raise RuntimeError(f"--reward {spec}: no numeric 'reward' for row {n}")
+                raise BadInput(f"--reward {spec}: no numeric 'reward' for row {n}")
             values.append(float(out["reward"]))
         return _clip(values, config.clip)
 

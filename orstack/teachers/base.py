@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
-import shutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,30 +87,10 @@ def parse_spec(spec: str) -> tuple[str, str]:
     return "hf", str(path)
 
 
-def check_command(spec: str, command: str) -> None:
-    """The program of a cmd: teacher/reward must exist (a typo is bad input, not a late failure)."""
-    try:
-        argv = shlex.split(command)
-    except ValueError as e:
-        raise BadInput(f"{spec}: cannot parse the command ({e})") from None
-    program = argv[0] if argv else ""
-    if "/" in program:
-        if not Path(program).exists():
-            raise BadInput(f"{spec}: no such program '{program}'")
-    elif shutil.which(program) is None and program not in _SHELL_BUILTINS:
-        raise BadInput(f"{spec}: program '{program}' not found on PATH")
-
-
-_SHELL_BUILTINS = {"cat", "echo", "printf", "exec", "env", "true", "false"}
-
-
-def open_teacher(spec: str, options: TeacherOptions | None = None, runtime: Runtime | None = None) -> Teacher:
+def open_teacher(spec: str, runtime: Runtime, options: TeacherOptions | None = None) -> Teacher:
     """A teacher for SPEC (not yet loaded: `check()` probes it, the first `answer()` loads it);
-    local teachers compute on `runtime`'s device."""
-    from orstack.runtime import Runtime
-
+    local teachers compute on `runtime`'s device, with its threads and seed."""
     options = options or TeacherOptions()
-    runtime = runtime or Runtime()
     kind, target = parse_spec(spec)
     if kind == "cmd":
         from orstack.teachers.command import CommandTeacher

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orstack import console
 from orstack.io.atomic import write_text_atomic
 from orstack.io.jsonl import write_jsonl
 from orstack.tiny.model import TinyConfig, run
@@ -38,27 +37,31 @@ def write_tasks(splits: TaskSplits, directory: Path) -> None:
     write_text_atomic(directory / "heldout.txt", as_text(splits.heldout))
 
 
-def build(config: TinyConfig, out: Path, tasks_out: Path | None = None) -> dict[str, Any]:
-    """Write the tiny checkpoint to `out` (and the task files to `tasks_out`); returns its metrics."""
+@dataclass
+class TinyResult:
+    """What `orstack tiny` reports: the checkpoint written and its metrics (held-out accuracy...)."""
+
+    output: Path
+    tasks_out: Path | None
+    metrics: dict[str, Any]
+
+
+def build(config: TinyConfig, out: Path, tasks_out: Path | None = None) -> TinyResult:
+    """Write the tiny checkpoint to `out` (and the task files to `tasks_out`).
+
+    Both outputs are checked before any work: `out` must be a checkpoint directory orstack may
+    replace, `tasks_out` a directory (its four task files are replaced, other files kept)."""
     from orstack.io.checkpoint import save_checkpoint
+    from orstack.io.output import Output, check_outputs
     from orstack.tiny.tokenizer import build_tokenizer
 
+    check_outputs([Output(out, "dir", "-o"), Output(tasks_out, "dir", "--tasks-out", replace="any")])
     splits = make_splits(config)
     tokenizer = build_tokenizer()
-    if config.untrained:
-        model, metrics = run(config, tokenizer, splits.heldout)
-    else:
-        with console.progress() as bar:
-            task = bar.add_task("training", total=config.steps, unit="steps")
-
-            def on_step(step: int, loss: float) -> None:
-                bar.update(task, advance=1, description=f"training (loss {loss:.3f})")
-
-            model, metrics = run(config, tokenizer, splits.heldout, on_step)
+    model, metrics = run(config, tokenizer, splits.heldout)
     # Task files first: if saving the checkpoint fails, the run is reported as failed either way,
     # and a checkpoint never exists without the tasks it was evaluated on.
     if tasks_out is not None:
         write_tasks(splits, tasks_out)
     save_checkpoint(model, tokenizer, out, stage="tiny", args=config, metrics=metrics)
-    return metrics
-
+    return TinyResult(Path(out), Path(tasks_out) if tasks_out is not None else None, metrics)

@@ -1,4 +1,5 @@
-"""The tiny default: config, model construction, training loop and a quick greedy evaluation.
+"""The tiny default: config, model construction, training (orstack.train.loop) and a quick greedy
+evaluation (orstack's transformers backend over the model in memory).
 
 Recipe (measured in FACTS.md, "A tiny default that does something"): a 2-layer Llama of
 hidden 256 with untied embeddings, AdamW at 2e-3 with 50 warm-up steps and a cosine
@@ -11,17 +12,16 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from orstack.tiny.tasks import training_stream
+from orstack.train.losses import IGNORE
 
 if TYPE_CHECKING:
     import torch
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
-
-IGNORE = -100  # label value the loss skips
 
 
 @dataclass
@@ -110,35 +110,24 @@ def make_optimizer(model: torch.nn.Module, config: TinyConfig) -> torch.optim.Op
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
 
 
-def train(
-    model: LlamaForCausalLM,
-    tokenizer: PreTrainedTokenizerFast,
-    config: TinyConfig,
-    exclude: set[str],
-    on_step: Callable[[int, float], None] | None = None,
-) -> list[float]:
+def train(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, config: TinyConfig,
+          exclude: set[str]) -> list[float]:
     """Train in place for `config.steps` steps on the task stream (never a prompt in
-    `exclude`); returns the loss of every step. `on_step(step, loss)` reports progress."""
-    import torch
+    `exclude`); returns the loss of every step."""
+    from orstack.train.loop import train_loop
 
     stream = training_stream(config.seed, exclude)
     optimizer = make_optimizer(model, config)
-    model.train()
-    losses = []
-    for step in range(config.steps):
+
+    def step(_: int) -> dict[str, float]:
         batch = [encode_example(tokenizer, prompt, answer) for _, _, prompt, answer in
                  (next(stream) for _ in range(config.batch_size))]
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, config)
-        optimizer.zero_grad(set_to_none=True)
-        loss = batch_loss_backward(model, batch, tokenizer.pad_token_id, config.micro_batches)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
-        optimizer.step()
-        losses.append(loss)
-        if on_step is not None:
-            on_step(step, loss)
+        return {"loss": batch_loss_backward(model, batch, tokenizer.pad_token_id, config.micro_batches)}
+
+    result = train_loop(model, optimizer, list(model.parameters()), config.steps, step,
+                        lr_at=lambda i: lr_at(i, config), max_grad_norm=config.clip, desc="training")
     model.eval()
-    return losses
+    return result.losses
 
 
 def batch_loss_backward(model: LlamaForCausalLM, batch: list[tuple[list[int], list[int]]], pad_id: int,
@@ -169,42 +158,11 @@ def greedy_answers(
     model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, prompts: Sequence[str],
     max_new_tokens: int = 16, batch_size: int = 256,
 ) -> list[str]:
-    """Greedy continuations up to EOS, batched. Prompts are grouped by token length so no
-    padding is needed and every row decodes exactly as it would alone."""
-    import torch
+    """Greedy continuations up to EOS through orstack's transformers backend (what bench runs)."""
+    from orstack.backends.hf import HFBackend
 
-    encoded = [tokenizer(p)["input_ids"] for p in prompts]
-    by_length: dict[int, list[int]] = defaultdict(list)
-    for i, ids in enumerate(encoded):
-        by_length[len(ids)].append(i)
-    outputs = [""] * len(prompts)
-    eos = tokenizer.eos_token_id
-    with torch.inference_mode():
-        for indices in by_length.values():
-            for start in range(0, len(indices), batch_size):
-                chunk = indices[start : start + batch_size]
-                generated = _greedy(model, torch.tensor([encoded[i] for i in chunk]), max_new_tokens, eos)
-                for i, row in zip(chunk, generated.tolist(), strict=True):
-                    row = row[: row.index(eos)] if eos in row else row
-                    outputs[i] = tokenizer.decode(row, skip_special_tokens=True)
-    return outputs
-
-
-def _greedy(model: LlamaForCausalLM, input_ids: torch.Tensor, max_new_tokens: int, eos: int) -> torch.Tensor:
-    import torch
-
-    out = model(input_ids=input_ids, use_cache=True)
-    past, new = out.past_key_values, []
-    done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
-    for _ in range(max_new_tokens):
-        token = out.logits[:, -1].argmax(-1)
-        new.append(token)
-        done |= token == eos
-        if bool(done.all()):
-            break
-        out = model(input_ids=token[:, None], past_key_values=past, use_cache=True)
-        past = out.past_key_values
-    return torch.stack(new, dim=1)
+    backend = HFBackend.from_model(model, tokenizer, name="tiny", batch_size=batch_size)
+    return [g.text for g in backend.generate(list(prompts), max_new_tokens=max_new_tokens, stop=[])]
 
 
 def evaluate(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, rows: Sequence[dict[str, Any]],
@@ -231,8 +189,8 @@ def evaluate(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, rows: 
     }
 
 
-def run(config: TinyConfig, tokenizer: PreTrainedTokenizerFast, heldout: Sequence[dict[str, Any]],
-        on_step: Callable[[int, float], None] | None = None) -> tuple[LlamaForCausalLM, dict[str, Any]]:
+def run(config: TinyConfig, tokenizer: PreTrainedTokenizerFast,
+        heldout: Sequence[dict[str, Any]]) -> tuple[LlamaForCausalLM, dict[str, Any]]:
     """Build the model and, unless `config.untrained`, train it (never on a held-out prompt)
     and evaluate it on `heldout`, using `config.threads` threads. Returns (model, metrics)."""
     import torch
@@ -245,7 +203,7 @@ def run(config: TinyConfig, tokenizer: PreTrainedTokenizerFast, heldout: Sequenc
             model.eval()
             return model, {"trained": False}
         start = time.perf_counter()
-        losses = train(model, tokenizer, config, {r["prompt"] for r in heldout}, on_step)
+        losses = train(model, tokenizer, config, {r["prompt"] for r in heldout})
         seconds = time.perf_counter() - start
         scores = evaluate(model, tokenizer, heldout, config.max_new_tokens)
     finally:

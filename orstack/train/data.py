@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from orstack.errors import BadInput
-
-IGNORE = -100
+from orstack.train.losses import IGNORE
 
 
 @dataclass
@@ -50,6 +49,38 @@ def encode_rows(tokenizer: Any, rows: list[dict[str, Any]], max_length: int, whe
         else:
             raise BadInput(f"{where}: row {n}: needs 'prompt' and 'response' (or 'text')")
     return out
+
+
+def read_examples(path: str) -> list[dict[str, Any]]:
+    """Training rows from a JSONL file ('-': standard input), each checked before any model loads:
+    string `prompt` and `response`, or a string `text`; a numeric `weight` when given. Errors name
+    file:line and the field."""
+    from orstack.io.jsonl import display_name, read_jsonl_numbered
+
+    name = display_name(path)
+    rows = []
+    for lineno, row in read_jsonl_numbered(path):
+        where = f"{name}:{lineno}"
+        check_example(row, where)
+        rows.append(row)
+    if not rows:
+        raise BadInput(f"{name}: no rows")
+    return rows
+
+
+def check_example(row: dict[str, Any], where: str) -> None:
+    """A Training Example (`prompt`, `response`) or a plain `{"text": ...}` row; BadInput naming the field."""
+    needed = ("text",) if "text" in row and "prompt" not in row and "response" not in row else ("prompt", "response")
+    for name in needed:
+        value = row.get(name)
+        if value is None:
+            raise BadInput(f"{where}: missing required field '{name}' (rows need 'prompt' and 'response', "
+                           "or 'text')")
+        if not isinstance(value, str):
+            raise BadInput(f"{where}: field '{name}': expected a string, got {type(value).__name__}")
+    weight = row.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise BadInput(f"{where}: field 'weight': expected a number, got {type(weight).__name__}")
 
 
 def collate(batch: list[Encoded], pad_id: int) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-IGNORE = -100
+IGNORE = -100  # the label of a position the loss skips (the prompt, padding): PyTorch's ignore_index
 
 
 def shift(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

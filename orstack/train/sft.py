@@ -1,4 +1,4 @@
-"""Supervised fine-tuning on responses, optionally with logit distillation: one plain loop.
+"""Supervised fine-tuning on responses, optionally with logit distillation, on orstack.train.loop.
 
 AdamW over the trainable parameters (the LoRA matrices, or everything with --full), linear
 warm-up then linear decay, gradient clipping, gradient accumulation, rows shuffled by the
@@ -19,6 +19,8 @@ from typing import Any
 from orstack.errors import BadInput
 from orstack.train.config import TrainConfig
 from orstack.train.data import Encoded, collate
+from orstack.train.distributed import distributed
+from orstack.train.loop import train_loop
 
 
 @dataclass
@@ -59,29 +61,6 @@ def batches(data: list[Encoded], batch_size: int, seed: int):
             yield [data[j] for j in order[i:i + batch_size]]
 
 
-def distributed() -> tuple[int, int]:
-    """(rank, world size); under torchrun / accelerate launch (WORLD_SIZE > 1) the process group is
-    started here (gloo on CPU, nccl on GPU)."""
-    import os
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import torch
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def is_main_process() -> bool:
-    """Rank 0, or not distributed: the process that logs and writes outputs."""
-    import os
-
-    return os.environ.get("RANK", "0") == "0"
-
-
 def lr_at(step: int, total: int, config: TrainConfig) -> float:
     if config.warmup_steps and step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
@@ -90,13 +69,13 @@ def lr_at(step: int, total: int, config: TrainConfig) -> float:
 
 
 def train_sft(model: Any, tokenizer: Any, data: list[Encoded], config: TrainConfig, *,
-              teacher: Any = None, distill: DistillLoss | None = None,
+              teacher: Any = None, distill: DistillLoss | None = None, log_path: str | None = None,
               on_log: Callable[[dict[str, Any]], None] | None = None, progress_desc: str = "training") -> TrainResult:
-    """Train `model` in place on encoded rows; returns the loss trajectory."""
+    """Train `model` in place on encoded rows (orstack.train.loop); returns the loss trajectory.
+    `log_path` gets one JSONL row per `config.log_every` steps (on rank 0)."""
     import torch
 
-    from orstack.console import progress
-    from orstack.train.losses import generalized_jsd, masked_ce
+    from orstack.train.losses import IGNORE, generalized_jsd, masked_ce
 
     if not data:
         raise BadInput("no training rows")
@@ -121,69 +100,65 @@ def train_sft(model: Any, tokenizer: Any, data: list[Encoded], config: TrainConf
         from torch.nn.parallel import DistributedDataParallel
 
         forward = DistributedDataParallel(model)
-    log_file = Path(config.log).open("w", encoding="utf-8") if config.log and rank == 0 else None
-    history: list[dict[str, Any]] = []
-    model.train()
-    start = time.perf_counter()
-    first = last = None
-    try:
-        with progress() as bar:
-            task = bar.add_task(progress_desc, total=steps, unit="steps")
-            for step in range(steps):
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, steps, config)
-                sums = {"loss": 0.0, "ce": 0.0, "kd": 0.0, "tokens": 0}
-                for _ in range(config.grad_accum):
-                    rows = next(stream)[rank::world] or [Encoded([pad_id], [-100], 0.0)]
-                    batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
-                    out = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                    ce = masked_ce(out.logits, batch["labels"], batch["weights"])
-                    loss = ce
-                    if teacher is not None and distill is not None:
-                        with torch.no_grad():
-                            t_logits = teacher(input_ids=batch["input_ids"],
-                                               attention_mask=batch["attention_mask"]).logits
-                        vocab = min(out.logits.size(-1), t_logits.size(-1))
-                        kd = generalized_jsd(out.logits[..., :vocab], t_logits[..., :vocab], batch["labels"],
-                                             distill.beta, distill.temperature)
-                        if distill.t2_scale:
-                            kd = kd * distill.temperature**2
-                        loss = (1 - distill.alpha) * ce + distill.alpha * kd
-                        sums["kd"] += kd.item() / config.grad_accum
-                    (loss / config.grad_accum).backward()
-                    sums["loss"] += loss.item() / config.grad_accum
-                    sums["ce"] += ce.item() / config.grad_accum
-                    sums["tokens"] += int((batch["labels"][:, 1:] != -100).sum())
-                if world > 1:  # log the global figures, not rank 0's slice
-                    import torch.distributed as dist
 
-                    t = torch.tensor([sums["loss"], sums["ce"], sums["kd"], float(sums["tokens"])])
-                    dist.all_reduce(t)
-                    sums.update(loss=t[0].item() / world, ce=t[1].item() / world, kd=t[2].item() / world,
-                                tokens=int(t[3].item()))
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                first = sums["loss"] if first is None else first
-                last = sums["loss"]
-                bar.update(task, advance=1, description=f"{progress_desc} loss {last:.4f}")
-                if (step + 1) % config.log_every == 0 or step + 1 == steps:
-                    row = {"step": step + 1, "loss": round(sums["loss"], 6), "ce": round(sums["ce"], 6),
-                           "lr": optimizer.param_groups[0]["lr"], "grad_norm": round(float(grad_norm), 6),
-                           "tokens": sums["tokens"], "elapsed_s": round(time.perf_counter() - start, 3)}
-                    if teacher is not None:
-                        row["kd"] = round(sums["kd"], 6)
-                    history.append(row)
-                    if log_file:
-                        log_file.write(json.dumps(row) + "\n")
-                        log_file.flush()
-                    if on_log:
-                        on_log(row)
+    def step(_: int) -> dict[str, Any]:
+        sums = {"loss": 0.0, "ce": 0.0, "kd": 0.0, "tokens": 0}
+        for _ in range(config.grad_accum):
+            rows = next(stream)[rank::world] or [Encoded([pad_id], [IGNORE], 0.0)]
+            batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
+            out = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            ce = masked_ce(out.logits, batch["labels"], batch["weights"])
+            loss = ce
+            if teacher is not None and distill is not None:
+                with torch.no_grad():
+                    t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                vocab = min(out.logits.size(-1), t_logits.size(-1))
+                kd = generalized_jsd(out.logits[..., :vocab], t_logits[..., :vocab], batch["labels"],
+                                     distill.beta, distill.temperature)
+                if distill.t2_scale:
+                    kd = kd * distill.temperature**2
+                loss = (1 - distill.alpha) * ce + distill.alpha * kd
+                sums["kd"] += kd.item() / config.grad_accum
+            (loss / config.grad_accum).backward()
+            sums["loss"] += loss.item() / config.grad_accum
+            sums["ce"] += ce.item() / config.grad_accum
+            sums["tokens"] += int((batch["labels"][:, 1:] != IGNORE).sum())
+        if world > 1:  # log the global figures, not rank 0's slice
+            import torch.distributed as dist
+
+            t = torch.tensor([sums["loss"], sums["ce"], sums["kd"], float(sums["tokens"])])
+            dist.all_reduce(t)
+            sums.update(loss=t[0].item() / world, ce=t[1].item() / world, kd=t[2].item() / world,
+                        tokens=int(t[3].item()))
+        return sums
+
+    history: list[dict[str, Any]] = []
+    log_file = Path(log_path).open("w", encoding="utf-8") if log_path and rank == 0 else None
+    start = time.perf_counter()
+
+    def on_step(i: int, figures: dict[str, Any]) -> None:
+        if (i + 1) % config.log_every and i + 1 != steps:
+            return
+        row = {"step": i + 1, "loss": round(figures["loss"], 6), "ce": round(figures["ce"], 6), "lr": figures["lr"],
+               "grad_norm": round(figures["grad_norm"], 6), "tokens": figures["tokens"],
+               "elapsed_s": round(time.perf_counter() - start, 3)}
+        if teacher is not None:
+            row["kd"] = round(figures["kd"], 6)
+        history.append(row)
+        if log_file:
+            log_file.write(json.dumps(row) + "\n")
+            log_file.flush()
+        if on_log:
+            on_log(row)
+
+    try:
+        result = train_loop(model, optimizer, params, steps, step, lr_at=lambda i: lr_at(i, steps, config),
+                            max_grad_norm=config.max_grad_norm, on_step=on_step, desc=progress_desc)
     finally:
         if log_file:
             log_file.close()
         model.eval()
-    return TrainResult(steps, len(data), first, last, time.perf_counter() - start, history)
+    return TrainResult(steps, len(data), result.losses[0], result.losses[-1], result.seconds, history)
 
 
 def example_losses(model: Any, tokenizer: Any, data: list[Encoded], batch_size: int = 16) -> list[float]:

@@ -1,0 +1,154 @@
+"""An OpenAI-compatible HTTP client: what vLLM, llama.cpp's server and hosted APIs speak.
+
+One client for every endpoint orstack talks to (`http(s)://HOST:PORT/v1#MODEL` teachers,
+the cluster-failures labeler). stdlib urllib only. Each request has a timeout; timeouts,
+connection errors, HTTP 408/409/429 and 5xx are retried with exponential backoff
+(honouring Retry-After, capped); a rate limiter shared by all threads spaces request starts.
+The API key is read from the environment variable the caller names (`--api-key-env`), so
+the secret never travels in a config or a manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+from orstack.errors import BadInput
+
+APIS = ("chat", "completions")
+RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+MAX_RETRY_AFTER = 30.0
+
+
+class EndpointError(RuntimeError):
+    """No answer from the endpoint (after the retries, when the failure was worth retrying)."""
+
+
+class RetryableError(EndpointError):
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RateLimiter:
+    """At most `rate` request starts per second across threads (None: unlimited)."""
+
+    def __init__(self, rate: float | None) -> None:
+        self.interval = 1.0 / rate if rate else 0.0
+        self.next_start = 0.0
+        self.lock = threading.Lock()
+
+    def wait(self) -> None:
+        if not self.interval:
+            return
+        with self.lock:
+            now = time.monotonic()
+            start = max(now, self.next_start)
+            self.next_start = start + self.interval
+        if start > now:
+            time.sleep(start - now)
+
+
+class OpenAIClient:
+    """Completions from one model behind an OpenAI-compatible base URL (`.../v1`); thread-safe."""
+
+    def __init__(self, base_url: str, model: str, *, api: str = "chat", timeout: float = 60.0, retries: int = 3,
+                 backoff: float = 0.5, rate_limit: float | None = None, api_key_env: str = "OPENAI_API_KEY") -> None:
+        if api not in APIS:
+            raise ValueError(f"api: expected chat or completions, got '{api}'")
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.api = api
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self.limiter = RateLimiter(rate_limit)
+        self.api_key = os.environ.get(api_key_env) or None
+        self.requests = 0  # HTTP requests sent, retries included
+        self.lock = threading.Lock()
+
+    def headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
+
+    def check_reachable(self, what: str) -> None:
+        """A server that answers at all (any HTTP status) is reachable; a refusing or silent one is bad input."""
+        request = urllib.request.Request(f"{self.base_url}/models", headers=self.headers())
+        try:
+            with urllib.request.urlopen(request, timeout=min(self.timeout, 10.0)):  # noqa: S310 - user-given URL
+                pass
+        except urllib.error.HTTPError:
+            return
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise BadInput(f"{what}: cannot reach the server ({reason})") from None
+
+    def complete(self, prompt: str, *, max_tokens: int, temperature: float = 0.0,
+                 stop: list[str] | None = None) -> str:
+        """The model's text for `prompt` (a user message with the chat API); EndpointError when none came."""
+        path, payload = self._payload(prompt, max_tokens, temperature, stop)
+        delay, attempt = self.backoff, 0
+        while True:
+            self.limiter.wait()
+            with self.lock:
+                self.requests += 1
+            try:
+                return self._text(self._post(path, payload))
+            except RetryableError as e:
+                if attempt == self.retries:
+                    raise EndpointError(str(e)) from None
+                time.sleep(min(e.retry_after, MAX_RETRY_AFTER) if e.retry_after else delay)
+                delay, attempt = delay * 2, attempt + 1
+
+    def _payload(self, prompt: str, max_tokens: int, temperature: float,
+                 stop: list[str] | None) -> tuple[str, dict[str, Any]]:
+        common: dict[str, Any] = {"model": self.model, "max_tokens": max_tokens, "temperature": temperature}
+        if stop:
+            common["stop"] = list(stop)
+        if self.api == "chat":
+            return "/chat/completions", {**common, "messages": [{"role": "user", "content": prompt}]}
+        return "/completions", {**common, "prompt": prompt}
+
+    def _post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+        data = json.dumps(payload).encode("utf-8")
+        request = urllib.request.Request(f"{self.base_url}{path}", data=data, headers=self.headers(), method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310 - user-given URL
+                return json.loads(response.read().decode("utf-8"))
+        except urllib.error.HTTPError as e:
+            message = f"HTTP {e.code} from {path}"
+            if e.code in RETRY_STATUS:
+                raise RetryableError(message, _retry_after(e.headers.get("Retry-After"))) from None
+            raise EndpointError(message) from None
+        except TimeoutError:
+            raise RetryableError(f"timed out after {self.timeout:g} s") from None
+        except urllib.error.URLError as e:
+            if isinstance(e.reason, TimeoutError):
+                raise RetryableError(f"timed out after {self.timeout:g} s") from None
+            raise RetryableError(f"connection failed ({e.reason})") from None
+        except (ConnectionError, OSError) as e:
+            raise RetryableError(f"connection failed ({e})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise EndpointError(f"{path} did not return JSON") from None
+
+    def _text(self, body: Any) -> str:
+        try:
+            choice = body["choices"][0]
+            text = choice["message"]["content"] if self.api == "chat" else choice["text"]
+        except (KeyError, IndexError, TypeError):
+            raise EndpointError("response has no choices[0] text") from None
+        return str(text or "")
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None
