@@ -190,15 +190,3 @@ def cli_defaults(*command: str) -> dict[str, object]:
         cmd = cmd.commands[name]
     return {p.name: p.default for p in cmd.params}
 
-
-def cli_defaults(*command: str) -> dict[str, object]:
-    """{parameter name: default} of an orstack subcommand (`cli_defaults("distill", "train")`), as
-    typer builds it; `cli_defaults()` gives the global options. For CLI-defaults = config-defaults tests."""
-    import typer.main
-
-    from orstack.cli import app
-
-    cmd = typer.main.get_command(app)
-    for name in command:
-        cmd = cmd.commands[name]
-    return {p.name: p.default for p in cmd.params}
