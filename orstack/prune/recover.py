@@ -44,11 +44,11 @@ def recover(
     batch_size: int = 4,
     seed: int = 0,
 ) -> RecoverResult:
-    """Fine-tune `model` in place on windows `ids` [n, seq] for `steps` AdamW steps."""
+    """Fine-tune `model` in place on windows `ids` [n, seq] for `steps` AdamW steps (orstack.train.loop)."""
     import torch
 
-    from orstack.console import progress
     from orstack.layerwise import decoder_layers, linear_modules
+    from orstack.train.loop import train_loop
 
     pruned = []  # (weight, keep mask) of every decoder-layer Linear
     for layer in decoder_layers(model):
@@ -56,7 +56,6 @@ def recover(
             pruned.append((module.weight, module.weight.detach() != 0))
     params = trainable_parameters(model)
     frozen = [p for p in model.parameters() if all(p is not q for q in params)]
-    was_training = model.training
     saved_grad = [p.requires_grad for p in frozen]
     for p in frozen:
         p.requires_grad_(False)
@@ -66,30 +65,27 @@ def recover(
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
-    losses = []
-    model.train()
+
+    def step(_: int) -> dict[str, float]:
+        rows = torch.randint(0, ids.shape[0], (min(batch_size, ids.shape[0]),), generator=generator)
+        batch = ids[rows].to(device)
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        return {"loss": loss.item()}
+
+    def reapply_masks() -> None:
+        with torch.no_grad():
+            for w, keep in pruned:
+                w.mul_(keep)
+
     try:
-        with progress() as bar:
-            task = bar.add_task("recover", total=steps, unit="steps")
-            for _ in range(steps):
-                rows = torch.randint(0, ids.shape[0], (min(batch_size, ids.shape[0]),), generator=generator)
-                batch = ids[rows].to(device)
-                loss = model(input_ids=batch, labels=batch).loss
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimizer.step()
-                with torch.no_grad():
-                    for w, keep in pruned:
-                        w.mul_(keep)
-                losses.append(loss.item())
-                bar.advance(task)
+        losses = train_loop(model, optimizer, params, steps, step, max_grad_norm=1.0, after_step=reapply_masks,
+                            desc="recover").losses
     finally:
         for h in hooks:
             h.remove()
         for p, flag in zip(frozen, saved_grad):
             p.requires_grad_(flag)
-        model.train(was_training)
         model.zero_grad(set_to_none=True)
     for w, keep in pruned:
         if bool((w.detach()[~keep] != 0).any()):
