@@ -242,6 +242,21 @@ def test_sparse_storage_round_trips_exactly_and_is_smaller(model_and_ids, tmp_pa
     assert sizes["stored_bytes"] < 0.8 * sizes["dense_bytes"]
 
 
+def test_sparse_storage_is_byte_identical_for_the_same_weights(model_and_ids, tmp_path):
+    """safetensors orders its metadata by a per-map random hash: the writer sorts it, so the file
+    (and the sha256 a child's manifest records for it) does not change between runs."""
+    model, _, _ = model_and_ids
+    prune_model(model, None, PruneSpec(method="magnitude", sparsity=0.5))
+    files = set()
+    for i in range(8):
+        (tmp_path / str(i)).mkdir()
+        save_sparse(model, tmp_path / str(i), set(masks_of(model)))
+        files.add((tmp_path / str(i) / "model.safetensors").read_bytes())
+    assert len(files) == 1
+    assert torch.equal(read_sparse_state(tmp_path / "0")["model.layers.0.mlp.up_proj.weight"],
+                       model.model.layers[0].mlp.up_proj.weight)
+
+
 def test_sparse_storage_of_a_tied_model_loads_through_load_model(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -109,9 +109,25 @@ def save_sparse(model: PreTrainedModel, directory: Path, sparse_names: set[str])
     state = unique_state_dict(model)
     tensors, shapes = encode(state, sparse_names)
     save_file(tensors, str(directory / WEIGHTS), metadata={"format": "pt", METADATA_KEY: json.dumps(shapes)})
+    _sort_metadata(directory / WEIGHTS)
     return {"stored_bytes": (directory / WEIGHTS).stat().st_size,
             "dense_bytes": sum(t.numel() * t.element_size() for t in state.values()),
             "sparse_matrices": len(shapes)}
+
+
+def _sort_metadata(path: Path) -> None:
+    """safetensors holds the metadata in a hash map, so the order of its keys, and with it the
+    file's bytes, change from run to run; rewrite the header (same length, keys sorted) so the
+    same weights always give the same file, and the same sha256 in a child's lineage."""
+    with path.open("r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        metadata = header.pop("__metadata__", {})
+        text = json.dumps({"__metadata__": dict(sorted(metadata.items())), **header},
+                          separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= size:  # equal: the same JSON in another order (safetensors pads with spaces)
+            f.seek(8)
+            f.write(text + b" " * (size - len(text)))
 
 
 def is_sparse_checkpoint(path: Path) -> bool:
