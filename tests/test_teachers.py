@@ -169,11 +169,24 @@ def test_gguf_teacher_answers():
     teacher.close()
 
 
-def test_gguf_teacher_rejects_non_gguf(tmp_path):
+def test_local_teachers_are_checked_before_loading(tmp_path):
     fake = tmp_path / "fake.gguf"
     fake.write_bytes(b"not a model")
-    with pytest.raises(BadInput, match="not a GGUF"):
+    with pytest.raises(BadInput, match=f"{fake}: not a GGUF"):
         open_teacher(str(fake)).check()
+    truncated = tmp_path / "cut.gguf"
+    truncated.write_bytes(b"GGUF\x03\x00")
+    with pytest.raises(BadInput, match=f"{truncated}: truncated GGUF"):
+        open_teacher(str(truncated)).check()
+    import torch
+    from transformers import BertConfig, BertModel
+
+    encoder = tmp_path / "encoder"
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(encoder)
+    with pytest.raises(BadInput, match="not a causal language model"):
+        open_teacher(str(encoder)).check()
 
 
 def test_endpoint_teacher_real_server(llama_server):

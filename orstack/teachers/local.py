@@ -1,6 +1,6 @@
-"""Local teachers (checkpoint directories and .gguf files) generate through bench's backends,
+"""Local teachers (checkpoint directories and .gguf files) generate through orstack's backends,
 so a teacher answers exactly as `orstack bench` would run that model (greedy, prompt as-is,
-stopping at EOS and stop sequences)."""
+stopping at EOS and stop sequences), on the run's Runtime (device, threads, seed)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,12 @@ class LocalTeacher(Teacher):
         self.path = path
         self.runtime = runtime
         self.backend = None
+
+    def check(self) -> None:
+        """Before any weights load: the file or directory is a sound checkpoint of a causal LM."""
+        from orstack.io.checkpoint import check_checkpoint
+
+        check_checkpoint(self.path)
 
     def _open(self) -> Any:
         if self.backend is None:
