@@ -381,9 +381,9 @@ def test_cli_defaults_are_the_config_defaults():
     required = {"calib"}  # --calib has no default
     fields = {f.name: f for f in dataclasses.fields(PruneConfig)}
     assert set(cli) - {"model", "output"} == set(fields) - not_options
-    for name, f in fields.items():
-        if name in not_options | required:
-            continue
+    assert all(cli[name] is None for name in required)
+    for name in set(fields) - not_options - required:
+        f = fields[name]
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         assert cli[name] == default, name
 
