@@ -219,17 +219,19 @@ def test_lineage_of_a_pack_comes_from_the_packed_manifest(random_llama, tmp_path
 
     from orstack.bench.report import lineage
     from orstack.io.manifest import MANIFEST
-    from orstack.zstd_pack import pack
+    from orstack.zstd_pack import PackConfig, pack
 
     model = tmp_path / "model"
     shutil.copytree(random_llama, model)
     (model / MANIFEST).write_text(json.dumps({"stage": "vocab-trim", "args": {"keep": 200}, "lineage": [
         {"stage": "tiny", "path": "tiny", "args": {}}]}))
-    pack(model, tmp_path / "model.orz")
+    pack(model, tmp_path / "model.orz", PackConfig(level=5))
     steps = lineage(str(tmp_path / "model.orz"))
-    assert [s["stage"] for s in steps] == ["tiny", "vocab-trim"] and steps[1]["args"] == {"keep": 200}
-    pack(random_llama, tmp_path / "bare.orz")  # no orstack.json inside
-    assert lineage(str(tmp_path / "bare.orz")) == []
+    assert [s["stage"] for s in steps] == ["tiny", "vocab-trim", "zstd-pack"]
+    assert steps[1]["args"] == {"keep": 200} and steps[2]["args"]["level"] == 5
+    assert steps[2]["path"] == str(tmp_path / "model.orz")
+    pack(random_llama, tmp_path / "bare.orz")  # no orstack.json inside: only the packing is known
+    assert [s["stage"] for s in lineage(str(tmp_path / "bare.orz"))] == ["zstd-pack"]
 
 
 def test_load_tasks_reports_file_and_line(tmp_path):

@@ -30,7 +30,8 @@ METRICS = [
 def lineage(spec: str) -> list[dict[str, Any]]:
     """Where a model came from: the stages recorded in its manifest, oldest first. The
     manifest is a checkpoint directory's orstack.json, the `orstack.manifest` metadata key of
-    a .gguf file, or the packed directory's orstack.json inside a .orz pack."""
+    a .gguf file, or for a .orz pack the packed directory's orstack.json followed by the
+    packing."""
     manifest = model_manifest(Path(spec))
     if manifest is None:
         return []
@@ -56,8 +57,9 @@ def model_manifest(path: Path) -> dict[str, Any] | None:
     return None
 
 
-def _packed_manifest(path: Path) -> dict[str, Any] | None:
-    """The packed directory's orstack.json, decoded alone (its SHA-256 checked) from the pack."""
+def _packed_manifest(path: Path) -> dict[str, Any]:
+    """A .orz pack's history: the packed directory's own (its orstack.json, decoded alone with
+    its SHA-256 checked), then the packing itself with the pack's config."""
     import json
 
     from orstack.errors import BadInput
@@ -65,14 +67,19 @@ def _packed_manifest(path: Path) -> dict[str, Any] | None:
     from orstack.zstd_pack import Pack
 
     with Pack(path) as pack:
-        if pack.index.get("root") != "dir" or not any(f["path"] == MANIFEST for f in pack.files):
-            return None
-        data = b"".join(pack.iter_file(MANIFEST))
-    try:
-        manifest = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BadInput(f"{path}: the packed {MANIFEST} is not valid JSON ({e})") from None
-    return manifest if isinstance(manifest, dict) else None
+        config = pack.index.get("config", {})
+        packed = pack.index.get("root") == "dir" and any(f["path"] == MANIFEST for f in pack.files)
+        data = b"".join(pack.iter_file(MANIFEST)) if packed else None
+    steps: list[dict[str, Any]] = []
+    if data is not None:
+        try:
+            inner = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BadInput(f"{path}: the packed {MANIFEST} is not valid JSON ({e})") from None
+        if isinstance(inner, dict):
+            steps = [*inner.get("lineage", []), {"stage": inner.get("stage"), "path": None,
+                                                  "args": inner.get("args", {})}]
+    return {"stage": "zstd-pack", "args": config, "lineage": steps}
 
 
 def lineage_line(steps: Sequence[dict[str, Any]]) -> str:
