@@ -6,6 +6,7 @@ import gzip
 import json
 import math
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -123,8 +124,6 @@ def _children(pid: int) -> list[int]:
 
 
 def test_a_dead_worker_is_replaced():
-    import signal
-
     with Sandbox(workers=2, limits=Limits(timeout=5.0)) as pool:
         victim = pool.worker_pids()[0]
         os.kill(victim, signal.SIGKILL)  # killed while idle
@@ -195,3 +194,37 @@ def test_pass_at_k_needs_k_samples():
 def test_worker_processes_are_separate(sandbox):
     result = sandbox.run(f"import os\nassert os.getpid() != {os.getpid()}\n")
     assert result.passed
+
+
+@pytest.mark.parametrize(("signum", "code", "message"), [(signal.SIGINT, 130, "interrupted"),
+                                                         (signal.SIGTERM, 143, "terminated")])
+def test_a_signal_to_bench_stops_its_programs_and_keeps_the_old_output(tmp_path, signum, code, message):
+    import subprocess
+    import sys
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"id": "k", "kind": "code", "prompt": "", "tests": "import time\ntime.sleep(60)\n",
+                                "output": "", "model": "api"}) + "\n")
+    out = tmp_path / "scored.jsonl"
+    out.write_text("the previous results\n")
+    # SIGINT at its default, as in a terminal (a test runner started in the background of a
+    # non-interactive shell would otherwise pass SIGINT on as ignored).
+    proc = subprocess.Popen([sys.executable, "-m", "orstack", "--quiet", "bench", "--score", str(rows),
+                             "--code-timeout", "60", "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        def running_program() -> bool:
+            return any(_children(w) for w in _children(proc.pid))
+
+        assert _wait_until(running_program, 60), proc.poll()
+        workers = _children(proc.pid)
+        programs = [p for w in workers for p in _children(w)]
+        proc.send_signal(signum)
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, stderr
+    assert stderr.strip() == f"orstack: error: {message}" and stdout == ""
+    assert _wait_until(lambda: all(_gone(p) for p in workers + programs), 10)
+    assert out.read_text() == "the previous results\n" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "rows.jsonl", "scored.jsonl"]
