@@ -260,6 +260,13 @@ def test_a_read_only_output_location_is_refused_before_any_work(tmp_path):
     assert "cannot write" in result.stderr and tree_hash(ro) == before
 
 
+def test_a_model_directory_that_is_not_a_sentence_embedder_is_refused(random_llama, tmp_path):
+    src = write_jsonl(tmp_path / "results.jsonl", planted_rows(2))
+    code, stdout, err = run_cli(["cluster-failures", str(src), "--embedder", str(random_llama)])
+    assert code == 2 and stdout == "" and len(err.strip().splitlines()) == 1
+    assert f"--embedder {random_llama}: not a sentence-transformers model directory" in err
+
+
 def test_cli_defaults_are_the_config_defaults():
     import dataclasses
 

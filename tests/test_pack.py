@@ -487,6 +487,15 @@ def test_a_flipped_byte_through_the_cli_is_exit_2_naming_the_pack_and_tensor(st_
     assert str(packed) in err and "layers.0.proj.weight" in err and not out.exists()
 
 
+def test_a_failed_unpack_leaves_only_the_error_on_stderr(st_files, tmp_path) -> None:
+    packed = tmp_path / "w.orz"
+    pack(st_files["fp32"], packed, SMALL_CHUNKS)
+    packed.write_bytes(_damaged_packs(packed)["stored frame"])
+    for mode in (["-d", str(packed), "-o", str(tmp_path / "out")], ["--verify", str(packed)]):
+        code, _, err = run(["zstd-pack", *mode], quiet=False)  # with the progress display on
+        assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("orstack: error:"), err
+
+
 def test_a_flipped_header_flag_is_found(st_files, tmp_path) -> None:
     packed = tmp_path / "w.orz"
     pack(st_files["fp32"], packed, SMALL_CHUNKS)

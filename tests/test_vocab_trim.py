@@ -176,9 +176,11 @@ def wordpiece_checkpoint(path: Path) -> Path:
     ("no-model", "{tmp}/missing"), ("no-corpus", "--corpus {tmp}/missing.txt: no such file"),
     ("corpus-dir", "--corpus {tmp}: is a directory"), ("bad-coverage", "--coverage: expected a share in (0, 1]"),
     ("both-limits", "--coverage and --max-vocab are exclusive"), ("too-small", "--max-vocab 10 is smaller"),
-    ("wordpiece", "byte-level BPE"),
+    ("wordpiece", "byte-level BPE"), ("corpus-not-utf8", "{tmp}/bad.txt:3: not UTF-8 text"),
+    ("corpus-bad-jsonl", "{tmp}/bad.jsonl:2: not valid JSON"), ("keep-not-utf8", "{tmp}/bad.txt:3: not UTF-8 text"),
+    ("device-cuda", "--device cuda"),
 ])
-def test_bad_input_exit_2_one_line_nothing_written(case, message, random_llama, corpus_file, tmp_path, capsys):
+def test_bad_input_exit_2_one_line_nothing_written(case, message, random_llama, corpus_file, tmp_path):
     model, corpus, extra = str(random_llama), str(corpus_file), []
     if case == "no-model":
         model = str(tmp_path / "missing")
@@ -194,9 +196,26 @@ def test_bad_input_exit_2_one_line_nothing_written(case, message, random_llama, 
         extra = ["--max-vocab", "10"]
     elif case == "wordpiece":
         model = str(wordpiece_checkpoint(tmp_path / "wp"))
+    elif case in ("corpus-not-utf8", "keep-not-utf8"):
+        (tmp_path / "bad.txt").write_bytes(b"rev abc=cba\n3*4=12\ncmp \xff\xfe 9=>\n")
+        if case == "corpus-not-utf8":
+            corpus = str(tmp_path / "bad.txt")
+        else:
+            extra = ["--keep", str(tmp_path / "bad.txt")]
+    elif case == "corpus-bad-jsonl":
+        (tmp_path / "bad.jsonl").write_text('{"text": "rev abc=cba"}\n{"text": \n')
+        corpus = str(tmp_path / "bad.jsonl")
+    elif case == "device-cuda":
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
     out = tmp_path / "out"
     before = tree_hash(tmp_path)
-    code, stdout, err = run_cli(["vocab-trim", model, "--corpus", corpus, "-o", str(out), *extra], capsys)
+    glob = ["--device", "cuda"] if case == "device-cuda" else []
+    # Not --quiet: a progress display must not be left on stderr beside the error.
+    result = run_orstack(*glob, "vocab-trim", model, "--corpus", corpus, "-o", str(out), *extra)
+    code, stdout, err = result.returncode, result.stdout, result.stderr
     assert code == 2, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and stdout == ""
     assert message.format(tmp=tmp_path) in err

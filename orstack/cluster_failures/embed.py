@@ -69,9 +69,14 @@ def embedder_name(embedder: str | Path) -> str:
 
 
 def check_embedder(spec: str) -> None:
-    """minilm, tfidf or a model directory (checked without loading anything)."""
-    if spec not in ("minilm", "tfidf") and not Path(spec).is_dir():
+    """minilm, tfidf or a sentence-transformers model directory (checked without loading anything:
+    a directory without modules.json, a causal LM say, is refused rather than mean-pooled)."""
+    if spec in ("minilm", "tfidf"):
+        return
+    if not Path(spec).is_dir():
         raise BadInput(f"--embedder: '{spec}' is not minilm, tfidf or a model directory")
+    if not (Path(spec) / "modules.json").is_file():
+        raise BadInput(f"--embedder {spec}: not a sentence-transformers model directory (no modules.json)")
 
 
 def resolve_embedder(spec: str) -> str | Path:
@@ -80,10 +85,8 @@ def resolve_embedder(spec: str) -> str | Path:
         return "tfidf"
     if spec == "minilm":
         return find_minilm()
-    path = Path(spec)
-    if not path.is_dir():
-        raise BadInput(f"--embedder: '{spec}' is not minilm, tfidf or a model directory")
-    return path
+    check_embedder(spec)
+    return Path(spec)
 
 
 def embed(texts: Sequence[str], embedder: str | Path, *, batch_size: int = BATCH_SIZE,

@@ -117,6 +117,17 @@ class MergeClosure:
         return new
 
 
+def required_closure(required: set[int], closure: MergeClosure, max_vocab: int | None) -> set[int]:
+    """`required` closed under merges; more than `max_vocab` ids is bad input (known before counting)."""
+    kept: set[int] = set()
+    for t in sorted(required):
+        kept |= closure.closure(t, kept)
+    if max_vocab is not None and len(kept) > max_vocab:
+        raise BadInput(f"--max-vocab {max_vocab} is smaller than the {len(kept)} tokens that must be kept "
+                       "(special tokens, the 256 byte tokens, --keep tokens and their merges)")
+    return kept
+
+
 def select_tokens(counts: Counter, required: set[int], closure: MergeClosure, *, coverage: float | None,
                   max_vocab: int | None) -> tuple[set[int], float]:
     """The kept ids: `required` (closed under merges), then corpus tokens by frequency (each with
@@ -124,12 +135,7 @@ def select_tokens(counts: Counter, required: set[int], closure: MergeClosure, *,
 
     Returns (kept ids, share of corpus token occurrences the kept ids cover).
     """
-    kept: set[int] = set()
-    for t in sorted(required):
-        kept |= closure.closure(t, kept)
-    if max_vocab is not None and len(kept) > max_vocab:
-        raise BadInput(f"--max-vocab {max_vocab} is smaller than the {len(kept)} tokens that must be kept "
-                       "(special tokens, the 256 byte tokens, --keep tokens and their merges)")
+    kept = required_closure(required, closure, max_vocab)
     total = sum(counts.values())
     covered = sum(n for t, n in counts.items() if t in kept)
     for t, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0])):

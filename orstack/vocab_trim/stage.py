@@ -12,9 +12,9 @@ from orstack import console
 from orstack.errors import GateFailed
 from orstack.io.jsonl import check_input_file
 from orstack.io.output import check_output
-from orstack.io.text import check_text_files
+from orstack.io.text import check_text_files, read_texts
 from orstack.runtime import Runtime
-from orstack.vocab_trim.trim import VocabTrimConfig, plan_trim, vocab_trim
+from orstack.vocab_trim.trim import VocabTrimConfig, check_corpus, plan_trim, read_keep_file, vocab_trim
 
 
 @dataclass
@@ -44,6 +44,7 @@ def run(source: str | Path, output: str | Path, config: VocabTrimConfig, runtime
 
     start = time.perf_counter()
     config.check()
+    device = runtime.torch_device()
     check_text_files(config.corpus, "--corpus")
     for path, option in ((config.keep, "--keep"), (config.validate, "--validate")):
         if path is not None:
@@ -51,12 +52,18 @@ def run(source: str | Path, output: str | Path, config: VocabTrimConfig, runtime
     check_output(output, "dir", inputs=[source, *config.corpus, config.keep, config.validate])
     output = Path(output)
     resolved = check_checkpoint(source)
+    # Every text input is read once before the work, so a malformed one is one line naming it.
+    check_corpus(config.corpus)
+    if config.keep is not None:
+        read_keep_file(config.keep)
+    if config.validate is not None:
+        for _ in read_texts([config.validate]):
+            pass
     # Tokenizer and corpus first: a tokenizer that cannot be trimmed, or an impossible
     # --max-vocab, is reported before the weights are read.
     tokenizer = load_tokenizer(source)
     plan = plan_trim(tokenizer, [load_config(source), _generation_config(checkpoint_directory(resolved))], config)
-    model, _ = load_model(source, device=runtime.torch_device(), trust_pickle=runtime.trust_pickle,
-                          with_tokenizer=False)
+    model, _ = load_model(source, device=device, trust_pickle=runtime.trust_pickle, with_tokenizer=False)
     result = vocab_trim(model, tokenizer, config, plan=plan)
     if report is not None:
         report(result.metrics)

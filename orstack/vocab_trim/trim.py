@@ -24,6 +24,7 @@ from orstack.vocab_trim.bpe import (
     count_tokens,
     old_to_new_ids,
     parse_tokenizer_json,
+    required_closure,
     select_tokens,
     trimmed_tokenizer_json,
 )
@@ -82,7 +83,7 @@ class TrimPlan:
 def corpus_blocks(paths: Sequence[str | Path]) -> Iterator[str]:
     """Stream the corpus: JSONL rows (text, or prompt + response) or blocks of whole lines of
     plain text, so a large file is never read at once and newlines are tokenized in context."""
-    from orstack.io.jsonl import display_name, open_text
+    from orstack.io.jsonl import open_text
     from orstack.io.text import read_texts
 
     for path in paths:
@@ -100,16 +101,40 @@ def corpus_blocks(paths: Sequence[str | Path]) -> Iterator[str]:
                         yield "".join(block)
                         block, size = [], 0
             except UnicodeDecodeError as e:
-                raise BadInput(f"{display_name(path)}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+                raise _not_utf8(path, e) from None
             if block:
                 yield "".join(block)
 
 
-def read_keep_file(path: str | Path) -> list[str]:
-    from orstack.io.jsonl import open_text
+def _not_utf8(path: str | Path, e: UnicodeDecodeError) -> BadInput:
+    """The error for invalid UTF-8 in a text file, naming the line (found by reading it again)."""
+    from orstack.io.jsonl import STDIO, display_name, text_lines
 
-    with open_text(path) as f:
-        return [line.rstrip("\n") for line in f if line.strip()]
+    if str(path) != STDIO:
+        try:
+            for _ in text_lines(path):
+                pass
+        except BadInput as named:
+            return named
+    return BadInput(f"{display_name(path)}: not UTF-8 text ({e.reason})")
+
+
+def check_corpus(paths: Sequence[str | Path]) -> None:
+    """Read the corpus files once before any work, so that a malformed one (invalid UTF-8, a bad
+    JSONL row) or a corpus without text is reported, naming the file and line, before the model
+    loads. Standard input cannot be read twice: it is checked as it is counted."""
+    files = [p for p in paths if str(p) != "-"]
+    found = False
+    for text in corpus_blocks(files):
+        found = found or bool(text.strip())
+    if files and len(files) == len(paths) and not found:
+        raise BadInput(f"--corpus {', '.join(map(str, paths))}: no text")
+
+
+def read_keep_file(path: str | Path) -> list[str]:
+    from orstack.io.jsonl import text_lines
+
+    return [line.rstrip("\r\n") for _, line in text_lines(path) if line.strip()]
 
 
 # ---------------------------------------------------------------------------- planning
@@ -153,6 +178,12 @@ def plan_trim(tokenizer: PreTrainedTokenizerBase, configs: Iterable[Any], config
 
     tk = backend(tokenizer)
     bpe = parse_tokenizer_json(tk.to_str())
+    required = {bpe.vocab[c] for c in byte_alphabet() if c in bpe.vocab}
+    required |= set(bpe.added.values()) | special_ids(tokenizer, configs)
+    if config.keep:
+        required |= keep_ids(tk, bpe, read_keep_file(config.keep))
+    closure = MergeClosure(bpe)
+    required_closure(required, closure, config.max_vocab)  # an impossible --max-vocab, before counting
     counts: Counter = Counter()
     sample: list[str] = []
     sampled = 0
@@ -167,12 +198,7 @@ def plan_trim(tokenizer: PreTrainedTokenizerBase, configs: Iterable[Any], config
                 sampled += len(text)
     if not counts:
         raise BadInput(f"--corpus {', '.join(map(str, config.corpus))}: no text")
-    required = {bpe.vocab[c] for c in byte_alphabet() if c in bpe.vocab}
-    required |= set(bpe.added.values()) | special_ids(tokenizer, configs)
-    if config.keep:
-        required |= keep_ids(tk, bpe, read_keep_file(config.keep))
-    kept, coverage = select_tokens(counts, required, MergeClosure(bpe), coverage=config.coverage,
-                                   max_vocab=config.max_vocab)
+    kept, coverage = select_tokens(counts, required, closure, coverage=config.coverage, max_vocab=config.max_vocab)
     old_size = max(bpe.size, max(kept) + 1)
     return TrimPlan(bpe=bpe, kept=sorted(kept), old_to_new=old_to_new_ids(kept, old_size), coverage=coverage,
                     corpus_tokens=sum(counts.values()), corpus_distinct=len(counts), sample=sample)

@@ -46,7 +46,15 @@ def check_threads(threads: int) -> None:
 def _progress(description: str, total_bytes: int) -> Iterator[Callable[[int], None]]:
     with console.progress() as bar:
         task = bar.add_task(description, total=max(total_bytes, 1) / 1e6, unit="MB")
-        yield lambda n: bar.advance(task, n / 1e6)
+        try:
+            yield lambda n: bar.advance(task, n / 1e6)
+        except BaseException:
+            # A failed run leaves only its one-line error on stderr: the display stops without its
+            # last frame (erased on a terminal, not printed to a log) and the blank line after it.
+            bar.live.transient = True
+            bar.live.stop()
+            bar.disable = True
+            raise
 
 
 def run(source: str | Path, output: str | Path, config: PackConfig) -> PackSummary:
