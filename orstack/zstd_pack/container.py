@@ -38,7 +38,6 @@ tensor and file it hits. Any mismatch, a truncated file or a missing trailer is 
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import struct
@@ -54,8 +53,6 @@ VERSION = 1
 HEADER = struct.Struct("<8sII")
 TRAILER_MAGIC = b"ORZINDEX"
 TRAILER = struct.Struct("<8sQQ32s")
-# Write errors that are the machine's state, not a bug: one line naming the output, nothing left behind.
-WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 def write_header(fh: BinaryIO) -> None:

@@ -18,7 +18,7 @@ import zstandard as zstd
 from orstack.errors import BadInput
 from orstack.io.atomic import atomic_path
 from orstack.zstd_pack.codec import Codec, join_planes, plane_sizes
-from orstack.zstd_pack.container import WRITE_ERRNOS, read_index
+from orstack.zstd_pack.container import read_index
 
 if TYPE_CHECKING:
     import torch
@@ -271,12 +271,7 @@ class Pack:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 return target.open("wb")
 
-            try:
-                summary = self._each_file(open_sink, on_progress)
-            except OSError as e:
-                if e.errno not in WRITE_ERRNOS:
-                    raise
-                raise BadInput(f"{out}: cannot write the unpacked files ({e.strerror}); nothing written") from None
+            summary = self._each_file(open_sink, on_progress)
             if self.stored_bytes_intact() is False:
                 self._stored_bytes_damaged()
         summary.path = str(out)

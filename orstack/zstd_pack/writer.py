@@ -20,7 +20,7 @@ from orstack.errors import BadInput
 from orstack.io.atomic import atomic_path
 from orstack.io.manifest import as_args, config_class_name
 from orstack.zstd_pack.codec import Codec, split_planes, transform_for
-from orstack.zstd_pack.container import WRITE_ERRNOS, write_header, write_index
+from orstack.zstd_pack.container import write_header, write_index
 from orstack.zstd_pack.layout import file_layout
 
 
@@ -167,8 +167,8 @@ def pack(paths: Path | str | list[Path | str], out: Path | str, config: PackConf
          on_progress: Callable[[int], None] | None = None) -> PackSummary:
     """Pack a file, a directory or several paths into `out` (atomically).
 
-    `on_progress(n)` is called with the number of input bytes each time a chunk is done. A full
-    disk is BadInput naming `out`; whatever stops the run, nothing is left beside `out`.
+    `on_progress(n)` is called with the number of input bytes each time a chunk is done.
+    Whatever stops the run, nothing is left beside `out`.
     """
     config = config or PackConfig()
     config.validate()
@@ -182,26 +182,21 @@ def pack(paths: Path | str | list[Path | str], out: Path | str, config: PackConf
     blob_ids: dict[str, int] = {}
     small: list[tuple[dict[str, Any], bytes]] = []
     codec = Codec(config.level)
-    with atomic_path(out) as tmp:
-        try:
-            with tmp.open("wb") as raw, ThreadPoolExecutor(config.workers()) as pool:
-                fh = _HashedFile(raw)
-                write_header(fh)
-                writer = _FrameWriter(fh, pool, codec, window=2 * config.workers() + 2)
-                for name, path in entries:
-                    files.append(_pack_file(name, path, writer, blobs, blob_ids, small, config, progress))
-                dict_trial = _write_small_blobs(writer, pool, small, config)
-                index = {"format": "orstack-pack", "version": 1, "root": root, "config": as_args(config),
-                         "config_class": config_class_name(config), "data_sha256": fh.sha.hexdigest(),
-                         "dict": dict_trial.pop("location", None), "dict_trial": dict_trial, "files": files,
-                         "blobs": blobs}
-                digest = write_index(raw, index)
-                raw.flush()
-                pack_bytes = raw.tell()
-        except OSError as e:
-            if e.errno not in WRITE_ERRNOS:
-                raise
-            raise BadInput(f"{out}: cannot write the pack ({e.strerror}); nothing written") from None
+    # A full disk, Ctrl-C or SIGTERM unwind through atomic_path: the temporary sibling is removed
+    # (a full disk becomes DiskFull naming `out`), and an existing `out` is left as it was.
+    with atomic_path(out) as tmp, tmp.open("wb") as raw, ThreadPoolExecutor(config.workers()) as pool:
+        fh = _HashedFile(raw)
+        write_header(fh)
+        writer = _FrameWriter(fh, pool, codec, window=2 * config.workers() + 2)
+        for name, path in entries:
+            files.append(_pack_file(name, path, writer, blobs, blob_ids, small, config, progress))
+        dict_trial = _write_small_blobs(writer, pool, small, config)
+        index = {"format": "orstack-pack", "version": 1, "root": root, "config": as_args(config),
+                 "config_class": config_class_name(config), "data_sha256": fh.sha.hexdigest(),
+                 "dict": dict_trial.pop("location", None), "dict_trial": dict_trial, "files": files, "blobs": blobs}
+        digest = write_index(raw, index)
+        raw.flush()
+        pack_bytes = raw.tell()
     duplicate = sum(s["size"] for f in files for s in f["segments"]) - sum(b["size"] for b in blobs)
     kinds: dict[str, int] = {}
     for f in files:
