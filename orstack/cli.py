@@ -72,7 +72,9 @@ def global_options(
 ) -> None:
     console.set_quiet(quiet)
     # The one place flags and environment become settings; stages receive them as this Runtime.
-    ctx.obj = Runtime(device=check_device_name(device), threads=threads, seed=seed, trust_pickle=trust_pickle)
+    # torchrun / accelerate launch say which process this is through RANK and WORLD_SIZE.
+    ctx.obj = Runtime(device=check_device_name(device), threads=threads, seed=seed, trust_pickle=trust_pickle,
+                      rank=int(os.environ.get("RANK", "0")), world_size=int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def _command_modules() -> list[str]:

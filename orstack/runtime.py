@@ -26,6 +26,13 @@ class Runtime:
     threads: int | None = None  # torch CPU threads (None: torch's default)
     seed: int = 0
     trust_pickle: bool = False
+    rank: int = 0  # which process this is under torchrun / accelerate launch (their RANK)
+    world_size: int = 1  # how many processes train together (their WORLD_SIZE)
+
+    @property
+    def is_main_process(self) -> bool:
+        """Rank 0, or not distributed: the process that logs and writes outputs."""
+        return self.rank == 0
 
     def torch_device(self) -> str:
         """The device to compute on: `auto` is cuda when present; asking for cuda on a machine

@@ -45,7 +45,7 @@ def run_train(student: str, output: str | Path, config: DistillTrainConfig, runt
     from orstack.io.checkpoint import check_checkpoint
     from orstack.io.output import Output, check_outputs
     from orstack.train.data import read_examples
-    from orstack.train.distributed import is_main_process, main_process_log
+    from orstack.train.distributed import main_process_log
     from orstack.train.lora import save_trained
     from orstack.train.vocab import check_same_vocabulary
 
@@ -61,10 +61,10 @@ def run_train(student: str, output: str | Path, config: DistillTrainConfig, runt
     rows = read_examples(config.data)
     if config.logits_teacher:
         check_same_vocabulary(student, config.logits_teacher)  # before any weights load
-    with main_process_log(tc.log) as log_path:
+    with main_process_log(tc.log, runtime) as log_path:
         model, tokenizer, result, metrics = fine_tune(student, rows, config, runtime, log_path=log_path)
     kind = None
-    if is_main_process():
+    if runtime.is_main_process:
         kind = save_trained(model, tokenizer, Path(output), stage="distill", config=tc, base=student, args=config,
                             metrics=metrics)
     return DistillTrainResult(result.steps, result.loss_first, result.loss_last, metrics, kind, Path(output))
@@ -77,6 +77,7 @@ def fine_tune(student: str, rows: list[dict[str, Any]], config: DistillTrainConf
     from orstack.io.jsonl import display_name
     from orstack.runtime import seed_everything
     from orstack.train.data import encode_rows
+    from orstack.train.distributed import init_distributed
     from orstack.train.lora import apply_lora
     from orstack.train.sft import example_losses, hardest, train_sft
 
@@ -100,8 +101,9 @@ def fine_tune(student: str, rows: list[dict[str, Any]], config: DistillTrainConf
             p.requires_grad_(False)
     if not tc.full:
         model = apply_lora(model, tc)
+    init_distributed(runtime)
     result = train_sft(model, tokenizer, data, tc, teacher=teacher, distill=config.distill if teacher else None,
-                       log_path=log_path)
+                       log_path=log_path, rank=runtime.rank, world_size=runtime.world_size)
     metrics.update(steps=result.steps, trained_rows=len(data), loss_first=result.loss_first,
                    loss_last=result.loss_last, train_seconds=round(result.seconds, 2))
     return model, tokenizer, result, metrics

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 from orstack.errors import BadInput
 from orstack.rl.rewards import RewardConfig
 from orstack.train.config import TrainConfig
-from orstack.train.distributed import world_size
 
 if TYPE_CHECKING:
     from orstack.runtime import Runtime
@@ -201,7 +200,7 @@ def run(source: str, output: str | Path, config: RLConfig, runtime: Runtime) -> 
     from orstack.io.checkpoint import check_checkpoint
     from orstack.io.command import check_command
     from orstack.io.output import Output, check_outputs
-    from orstack.train.distributed import is_main_process, main_process_log
+    from orstack.train.distributed import main_process_log
     from orstack.train.lora import save_trained
 
     tc = config.train
@@ -221,16 +220,16 @@ def run(source: str, output: str | Path, config: RLConfig, runtime: Runtime) -> 
         except re.error as e:
             raise BadInput(f"--format-regex: {e}") from None
     tc.check()
-    choose_batch(tc.batch_size, tc.grad_accum, config.num_generations, world_size())  # bad shapes fail first
+    choose_batch(tc.batch_size, tc.grad_accum, config.num_generations, runtime.world_size)  # bad shapes fail first
     check_outputs([Output(output, "dir", "-o"), Output(tc.log, "file", "--log")],
                   inputs=[source, config.tasks, config.srl])
     tasks = load_tasks(config.tasks, need_answers="correct" in config.rewards.rewards)
     if config.srl is not None:
         srl_examples(config.srl)
-    with main_process_log(tc.log) as log_path:
+    with main_process_log(tc.log, runtime) as log_path:
         trained, tokenizer, result = run_rl(source, tasks, config, runtime, log_path=log_path)
     result.output = Path(output)
-    if is_main_process():
+    if runtime.is_main_process:
         result.kind = save_trained(trained, tokenizer, Path(output), stage="rl", config=tc, base=source, args=config,
                                    metrics=result.metrics)
     return result
@@ -253,14 +252,12 @@ def run_rl(model_spec: str, tasks: list[dict[str, Any]], config: RLConfig, runti
 
     # transformers 5 deprecation notices raised by trl/peft internals: not the user's concern.
     warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v6.*", category=FutureWarning)
-    from orstack.train.distributed import is_main_process
-
-    if not is_main_process():
+    if not runtime.is_main_process:
         from orstack.console import set_quiet
 
         set_quiet(True)
     tc = config.train
-    shape = choose_batch(tc.batch_size, tc.grad_accum, config.num_generations, world_size())
+    shape = choose_batch(tc.batch_size, tc.grad_accum, config.num_generations, runtime.world_size)
     notes = [shape.note] if shape.note else []
     device = runtime.torch_device()
     seed_everything(tc.seed)
@@ -276,13 +273,16 @@ def run_rl(model_spec: str, tasks: list[dict[str, Any]], config: RLConfig, runti
         from dataclasses import replace
 
         from orstack.train.data import encode_rows
+        from orstack.train.distributed import init_distributed
         from orstack.train.sft import train_sft
 
         if not tc.full:
             model = apply_lora(model, tc)
         srl_cfg = replace(tc, max_steps=None, epochs=config.srl_epochs, batch_size=max(1, shape.batch_size), log=None)
         data = encode_rows(tokenizer, srl_examples(config.srl), tc.max_length, config.srl)
-        srl = train_sft(model, tokenizer, data, srl_cfg, progress_desc="srl")
+        init_distributed(runtime)
+        srl = train_sft(model, tokenizer, data, srl_cfg, rank=runtime.rank, world_size=runtime.world_size,
+                        progress_desc="srl")
         srl_metrics = {"srl_steps": srl.steps, "srl_rows": srl.examples, "srl_loss_first": srl.loss_first,
                        "srl_loss_last": srl.loss_last}
     elif not tc.full:
@@ -293,7 +293,7 @@ def run_rl(model_spec: str, tasks: list[dict[str, Any]], config: RLConfig, runti
 
     workdir = tempfile.TemporaryDirectory(prefix="orstack-rl-")
     dataset = Dataset.from_list([{"prompt": t["prompt"], "task": json.dumps(t)} for t in tasks])
-    rows_per_step = shape.batch_size * shape.grad_accum * world_size() // config.num_generations
+    rows_per_step = shape.batch_size * shape.grad_accum * runtime.world_size // config.num_generations
     steps = tc.max_steps or max(1, math.ceil(tc.epochs * len(tasks) / max(1, rows_per_step)))
     args = GRPOConfig(
         output_dir=workdir.name,

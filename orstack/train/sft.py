@@ -19,7 +19,6 @@ from typing import Any
 from orstack.errors import BadInput
 from orstack.train.config import TrainConfig
 from orstack.train.data import Encoded, collate
-from orstack.train.distributed import distributed
 from orstack.train.loop import train_loop
 
 
@@ -70,16 +69,19 @@ def lr_at(step: int, total: int, config: TrainConfig) -> float:
 
 def train_sft(model: Any, tokenizer: Any, data: list[Encoded], config: TrainConfig, *,
               teacher: Any = None, distill: DistillLoss | None = None, log_path: str | None = None,
-              on_log: Callable[[dict[str, Any]], None] | None = None, progress_desc: str = "training") -> TrainResult:
+              rank: int = 0, world_size: int = 1, on_log: Callable[[dict[str, Any]], None] | None = None,
+              progress_desc: str = "training") -> TrainResult:
     """Train `model` in place on encoded rows (orstack.train.loop); returns the loss trajectory.
-    `log_path` gets one JSONL row per `config.log_every` steps (on rank 0)."""
+    `log_path` gets one JSONL row per `config.log_every` steps (on rank 0). With `world_size` > 1
+    (torchrun; torch's process group started by orstack.train.distributed.init_distributed) this
+    process trains on its `rank`'s slice of every batch."""
     import torch
 
     from orstack.train.losses import IGNORE, generalized_jsd, masked_ce
 
     if not data:
         raise BadInput("no training rows")
-    rank, world = distributed()
+    world = world_size
     if rank != 0:
         from orstack.console import set_quiet
 
