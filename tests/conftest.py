@@ -129,21 +129,28 @@ class CliResult:
     stderr: str
 
 
-def run_orstack(*args: str) -> CliResult:
+def run_orstack(*args: str, stdin: str | bytes | None = None) -> CliResult:
     """Run the CLI in this process (no interpreter start-up), capturing stdout, stderr and
-    the exit code, as a subprocess would see them."""
+    the exit code, as a subprocess would see them; `stdin` is what the command reads from `-`."""
     import contextlib
     import io
+    import sys
 
     from orstack.cli import main
 
     out, err = io.StringIO(), io.StringIO()
+    data = stdin.encode("utf-8") if isinstance(stdin, str) else (stdin or b"")
     code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main([str(a) for a in args])
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    saved_stdin = sys.stdin
+    sys.stdin = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8")
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main([str(a) for a in args])
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.stdin = saved_stdin
     return CliResult(code, out.getvalue(), err.getvalue())
 
 
@@ -189,4 +196,3 @@ def cli_defaults(*command: str) -> dict[str, object]:
     for name in command:
         cmd = cmd.commands[name]
     return {p.name: p.default for p in cmd.params}
-
