@@ -125,6 +125,9 @@ def test_rl_cli_bad_input(tmp_path, random_llama):
     ({"id": "a", "prompt": ["1="]}, ["--reward", "format"], "t.jsonl:2: field 'prompt': expected a string, got list"),
     ({"id": "a", "answer": "3"}, [], "t.jsonl:2: missing required field 'prompt'"),
     ({"id": "a", "prompt": "1+1=", "answer": "two", "kind": "numeric"}, [], "t.jsonl:2: field 'answer'"),
+    (NUM, [], "t.jsonl:2: field 'id': duplicate id 'a' (first on line 1)"),
+    ({"id": "h", "prompt": "the quick brown fox " * 500_000, "answer": "1"}, [],
+     "t.jsonl:2: field 'prompt': its first 16448 of 10000000 characters alone are"),
 ])
 def test_rl_task_field_types_name_file_line_and_field(tmp_path, random_llama, row, rewards, message):
     tasks = tmp_path / "t.jsonl"
@@ -132,6 +135,13 @@ def test_rl_task_field_types_name_file_line_and_field(tmp_path, random_llama, ro
     out = tmp_path / "out"
     done = run_orstack("rl", str(random_llama), "--tasks", str(tasks), "-o", str(out), *rewards)
     assert done.returncode == 2 and message in done.stderr and one_line(done.stderr), done.stderr
+    assert not out.exists()
+
+
+def test_rl_reads_tasks_from_stdin(tmp_path, random_llama):
+    out = tmp_path / "out"
+    done = run_orstack("rl", str(random_llama), "--tasks", "-", "-o", str(out), stdin=json.dumps(NUM) + "\n{,}\n")
+    assert done.returncode == 2 and "<stdin>:2: not valid JSON" in done.stderr and one_line(done.stderr)
     assert not out.exists()
 
 

@@ -300,6 +300,16 @@ def test_tasks_out_that_is_a_file_exits_2(tmp_path):
     assert target.read_text() == "x" and not (tmp_path / "m").exists()
 
 
+def test_device_reaches_the_build(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: --device cuda is valid here")
+    done = run_orstack("--device", "cuda", "tiny", "-o", str(tmp_path / "m"), "--steps", "2")
+    assert done.returncode == 2 and one_line(done.stderr) and "--device cuda" in done.stderr
+    assert not (tmp_path / "m").exists()
+
+
 def test_missing_output_parent_exits_2_before_training(tmp_path):
     done = run_orstack("tiny", "-o", str(tmp_path / "no" / "such" / "m"))
     assert done.returncode == 2 and one_line(done.stderr) and "does not exist" in done.stderr

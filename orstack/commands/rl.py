@@ -33,7 +33,7 @@ Example:
 
 def rl(
     model: Annotated[str, typer.Argument(help="Checkpoint directory (or an adapter directory).")],
-    tasks: Annotated[Path, typer.Option("--tasks", help="Task JSONL with answers (or tests for code).")],
+    tasks: Annotated[Path, typer.Option("--tasks", help="Task JSONL with answers (or tests for code; '-' for stdin).")],
     output: RequiredOutput,
     reward: Annotated[list[str], typer.Option("--reward", help="correct, format or cmd:COMMAND (repeatable).")] = [],  # noqa: B006
     efficiency_weight: Annotated[float, typer.Option("--efficiency-weight", min=0.0,

@@ -16,7 +16,7 @@ Writes a Hugging Face checkpoint (byte-level BPE tokenizer, 2-layer Llama of hid
 1.45M parameters) trained for a fixed number of steps on seven task families
 (add, sub, mul, reverse, sort, copy, compare) at four difficulty levels each. It is good
 on the easy levels and fails on the hard ones, so failures cluster by family and level.
-The same --seed, --steps and --threads give bit-identical weights.
+The same --seed, --steps and --threads give bit-identical weights (on the CPU).
 
 --tasks-out DIR writes DIR/train.jsonl and DIR/heldout.jsonl (Task rows with family and
 level; held-out prompts never appear in training), DIR/corpus.txt (training-distribution
@@ -44,7 +44,7 @@ def tiny(
     from orstack.tiny import TinyConfig, build
 
     config = TinyConfig(seed=current_runtime().seed, steps=steps, untrained=untrained, threads=threads)
-    result = build(config, output, tasks_out)
+    result = build(config, output, tasks_out, current_runtime())
     if untrained:
         console.info(f"wrote an untrained tiny model to {output}")
         return

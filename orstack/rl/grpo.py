@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -66,12 +67,16 @@ def choose_batch(batch_size: int, grad_accum: int, num_generations: int, process
     return BatchShape(fixed, grad_accum, note)
 
 
-def load_tasks(path: str, need_answers: bool) -> list[dict[str, Any]]:
-    """Tasks for RL: every row needs a prompt, and (for the correctness reward) what bench verifies."""
+def load_tasks(path: str, need_answers: bool, fits: Callable[[str], str | None] | None = None,
+               ) -> list[dict[str, Any]]:
+    """Tasks for RL ('-': standard input): every row needs a string prompt, and (for the correctness
+    reward) what bench verifies; ids, where given, are unique. `fits(prompt)` says why a prompt does
+    not fit the model (None when it does). Errors name file:line and the field."""
     from orstack.io.jsonl import display_name, read_jsonl_numbered
     from orstack.tasks.contract import infer_kind, validate_task
 
     tasks = []
+    first_line: dict[Any, int] = {}
     for lineno, row in read_jsonl_numbered(path, required=("prompt",)):
         where = f"{display_name(path)}:{lineno}"
         if need_answers:
@@ -82,10 +87,47 @@ def load_tasks(path: str, need_answers: bool) -> list[dict[str, Any]]:
                                "answer (or tests for code)")
         elif not isinstance(row["prompt"], str):
             raise BadInput(f"{where}: field 'prompt': expected a string, got {type(row['prompt']).__name__}")
+        if "id" in row:
+            key = json.dumps(row["id"])
+            if key in first_line:
+                raise BadInput(f"{where}: field 'id': duplicate id {row['id']!r} (first on line {first_line[key]})")
+            first_line[key] = lineno
+        too_long = fits(row["prompt"]) if fits is not None else None
+        if too_long:
+            raise BadInput(f"{where}: field 'prompt': {too_long}")
         tasks.append(row)
     if not tasks:
         raise BadInput(f"{display_name(path)}: no tasks")
     return tasks
+
+
+# Past this many characters per token of context only a prefix of a prompt is tokenized: enough
+# to tell that a 10 MB prompt is too long, in milliseconds instead of minutes and gigabytes.
+PROBE_CHARS = 64
+
+
+def prompt_fit(source: str) -> Callable[[str], str | None]:
+    """From the model's tokenizer and config (no weights): a check that a prompt is no longer than
+    the model's context (`max_position_embeddings`), giving the reason when it is."""
+    from orstack.io.checkpoint import load_config, load_tokenizer
+
+    tokenizer = load_tokenizer(source)
+    context = getattr(load_config(source), "max_position_embeddings", None)
+
+    def fits(prompt: str) -> str | None:
+        if not context:
+            return None
+        probe = PROBE_CHARS * (context + 1)
+        n_tokens = len(tokenizer(prompt[:probe])["input_ids"])
+        if n_tokens <= context and len(prompt) > probe:
+            n_tokens = len(tokenizer(prompt)["input_ids"])
+        if n_tokens <= context:
+            return None
+        counted = (f"{n_tokens} tokens" if len(prompt) <= probe else
+                   f"its first {probe} of {len(prompt)} characters alone are {n_tokens} tokens")
+        return f"{counted}, more than the context of {source} ({context} tokens)"
+
+    return fits
 
 
 def srl_examples(path: str) -> list[dict[str, Any]]:
@@ -205,7 +247,7 @@ def run(source: str, output: str | Path, config: RLConfig, runtime: Runtime) -> 
 
     tc = config.train
     check_checkpoint(source)  # exists, sound weight headers, a causal LM
-    if not Path(config.tasks).is_file():
+    if config.tasks != "-" and not Path(config.tasks).is_file():
         raise BadInput(f"{config.tasks}: no such file")
     if config.srl is not None and not Path(config.srl).is_file():
         raise BadInput(f"--srl {config.srl}: no such file")
@@ -223,7 +265,7 @@ def run(source: str, output: str | Path, config: RLConfig, runtime: Runtime) -> 
     choose_batch(tc.batch_size, tc.grad_accum, config.num_generations, runtime.world_size)  # bad shapes fail first
     check_outputs([Output(output, "dir", "-o"), Output(tc.log, "file", "--log")],
                   inputs=[source, config.tasks, config.srl])
-    tasks = load_tasks(config.tasks, need_answers="correct" in config.rewards.rewards)
+    tasks = load_tasks(config.tasks, need_answers="correct" in config.rewards.rewards, fits=prompt_fit(source))
     if config.srl is not None:
         srl_examples(config.srl)
     with main_process_log(tc.log, runtime) as log_path:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orstack.io.atomic import write_text_atomic
 from orstack.io.jsonl import write_jsonl
 from orstack.tiny.model import TinyConfig, run
 from orstack.tiny.tasks import as_text, make_heldout, make_train_rows
+
+if TYPE_CHECKING:
+    from orstack.runtime import Runtime
 
 TASK_FILES = ("train.jsonl", "heldout.jsonl", "corpus.txt", "heldout.txt")
 
@@ -46,19 +49,22 @@ class TinyResult:
     metrics: dict[str, Any]
 
 
-def build(config: TinyConfig, out: Path, tasks_out: Path | None = None) -> TinyResult:
-    """Write the tiny checkpoint to `out` (and the task files to `tasks_out`).
+def build(config: TinyConfig, out: Path, tasks_out: Path | None = None, runtime: Runtime | None = None) -> TinyResult:
+    """Write the tiny checkpoint to `out` (and the task files to `tasks_out`), computing on
+    `runtime`'s device (None: the CPU, where the same seed and steps give the same bytes).
 
-    Both outputs are checked before any work: `out` must be a checkpoint directory orstack may
-    replace, `tasks_out` a directory (its four task files are replaced, other files kept)."""
+    Both outputs and the device are checked before any work: `out` must be a checkpoint
+    directory orstack may replace, `tasks_out` a directory (its four task files are replaced,
+    other files kept)."""
     from orstack.io.checkpoint import save_checkpoint
     from orstack.io.output import Output, check_outputs
     from orstack.tiny.tokenizer import build_tokenizer
 
     check_outputs([Output(out, "dir", "-o"), Output(tasks_out, "dir", "--tasks-out", replace="any")])
+    device = runtime.torch_device() if runtime is not None else "cpu"
     splits = make_splits(config)
     tokenizer = build_tokenizer()
-    model, metrics = run(config, tokenizer, splits.heldout)
+    model, metrics = run(config, tokenizer, splits.heldout, device)
     # Task files first: if saving the checkpoint fails, the run is reported as failed either way,
     # and a checkpoint never exists without the tasks it was evaluated on.
     if tasks_out is not None:

@@ -144,7 +144,7 @@ def batch_loss_backward(model: LlamaForCausalLM, batch: list[tuple[list[int], li
     size = -(-len(batch) // micro_batches)
     total = 0.0
     for start in range(0, len(batch), size):
-        input_ids, labels = collate(batch[start : start + size], pad_id)
+        input_ids, labels = (t.to(model.device) for t in collate(batch[start : start + size], pad_id))
         logits = model(input_ids=input_ids, use_cache=False).logits
         # Position t predicts token t+1.
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE,
@@ -189,16 +189,17 @@ def evaluate(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, rows: 
     }
 
 
-def run(config: TinyConfig, tokenizer: PreTrainedTokenizerFast,
-        heldout: Sequence[dict[str, Any]]) -> tuple[LlamaForCausalLM, dict[str, Any]]:
+def run(config: TinyConfig, tokenizer: PreTrainedTokenizerFast, heldout: Sequence[dict[str, Any]],
+        device: str = "cpu") -> tuple[LlamaForCausalLM, dict[str, Any]]:
     """Build the model and, unless `config.untrained`, train it (never on a held-out prompt)
-    and evaluate it on `heldout`, using `config.threads` threads. Returns (model, metrics)."""
+    and evaluate it on `heldout`, on `device` with `config.threads` CPU threads. Returns
+    (model, metrics). Bit-identical weights are promised on the CPU."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
-        model = build_model(config, tokenizer)
+        model = build_model(config, tokenizer).to(device)
         if config.untrained:
             model.eval()
             return model, {"trained": False}
