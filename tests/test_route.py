@@ -99,7 +99,13 @@ def test_route_train_bad_input(tmp_path):
     rows = synthetic_results(40)
     no_signals = write_rows(tmp_path / "plain.jsonl", [{"id": r["id"], "correct": r["correct"]} for r in rows])
     result = run_orstack("route", "train", "--results", str(no_signals), "-o", str(tmp_path / "r"))
-    assert result.returncode == 2 and "mean_logprob" in result.stderr
+    assert result.returncode == 2 and "plain.jsonl:1: field 'mean_logprob'" in result.stderr
+    twice = write_rows(tmp_path / "twice.jsonl", rows + rows[:1])
+    result = run_orstack("route", "train", "--results", str(twice), "-o", str(tmp_path / "r"))
+    assert result.returncode == 2 and "twice.jsonl:41: field 'id': duplicate id" in result.stderr
+    few = write_rows(tmp_path / "few.jsonl", rows[:5])
+    result = run_orstack("route", "train", "--results", str(few), "-o", str(tmp_path / "r"))
+    assert result.returncode == 2 and "few.jsonl: route train needs at least 20 result rows, got 5" in result.stderr
     good = write_rows(tmp_path / "base.jsonl", rows)
     result = run_orstack("route", "train", "--results", str(good), "--optimize", "-o", str(tmp_path / "r"))
     assert result.returncode == 2 and "--results-accurate" in result.stderr
@@ -505,7 +511,7 @@ def test_route_train_refuses_outputs_of_the_wrong_type_and_bad_rows(tmp_path):
         (("--results", results, "-o", existing), "router-file: is a file, and this output is a directory"),
         (("--results", results, "-o", tmp_path / "r", "--plot", tmp_path / "plotdir"), "--plot"),
         (("--results", results, "-o", results), "would overwrite the input"),
-        (("--results", strings, "-o", tmp_path / "r"), "row 4 (id 't3'): field 'correct' must be true or false"),
+        (("--results", strings, "-o", tmp_path / "r"), "strings.jsonl:4: field 'correct' must be true or false"),
         (("--results", tmp_path / "none.jsonl", "-o", tmp_path / "r"), "none.jsonl: no such file"),
     ]
     for args, message in cases:

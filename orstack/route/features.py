@@ -19,17 +19,34 @@ SIGNALS = ("mean_logprob", "min_logprob", "mean_entropy", "output_tokens")
 N_SIGNALS = len(SIGNALS) + 1  # and the prompt length (signal_vector)
 
 
-def check_signals(rows: list[dict], where: str) -> None:
-    """Every row must carry the base model's numeric signals and a boolean (or null) `correct`."""
-    for i, row in enumerate(rows, 1):
-        if row.get("correct") is not None and not isinstance(row["correct"], bool):
-            raise BadInput(f"{where}: row {i} (id {row.get('id')!r}): field 'correct' must be true or false, "
-                           f"got {row['correct']!r}")
-        for name in SIGNALS:
-            value = row.get(name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise BadInput(f"{where}: row {i} (id {row.get('id')!r}) has no numeric '{name}': "
-                               "route needs bench Result rows from the base model")
+def load_results(path: str, *, signals: bool = True) -> list[dict]:
+    """Result rows for routing, checked line by line: a unique `id`, a boolean (or null) `correct`
+    and, with `signals`, the base model's numeric signals (errors name file:line and field)."""
+    from orstack.io.jsonl import display_name, read_jsonl_numbered
+
+    name = display_name(path)
+    rows: list[dict] = []
+    first_line: dict[Any, int] = {}
+    for lineno, row in read_jsonl_numbered(path, required=("id", "correct")):
+        where = f"{name}:{lineno}"
+        check_row(row, where, signals=signals)
+        key = row["id"] if isinstance(row["id"], (str, int)) else repr(row["id"])
+        if key in first_line:
+            raise BadInput(f"{where}: field 'id': duplicate id {row['id']!r} (first on line {first_line[key]})")
+        first_line[key] = lineno
+        rows.append(row)
+    return rows
+
+
+def check_row(row: dict, where: str, *, signals: bool = True) -> None:
+    """One Result row: a boolean (or null) `correct` and, with `signals`, the numeric signals."""
+    if row.get("correct") is not None and not isinstance(row["correct"], bool):
+        raise BadInput(f"{where}: field 'correct' must be true or false, got {row['correct']!r}")
+    for name in SIGNALS if signals else ():
+        value = row.get(name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise BadInput(f"{where}: field '{name}': expected a number (route needs bench Result rows from the "
+                           "base model)")
 
 
 def signal_vector(row: dict) -> list[float]:

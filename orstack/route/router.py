@@ -58,6 +58,9 @@ class Classifier:
         return sigmoid(self.logits(x))
 
 
+MIN_ROWS = 20  # below this the train/calibration/test splits are too small to mean anything
+
+
 def balanced_weights(y: np.ndarray) -> np.ndarray:
     positive = max(y.mean(), 1e-6)
     return np.where(y == 1, 0.5 / positive, 0.5 / max(1 - positive, 1e-6))
@@ -253,8 +256,8 @@ def train_router(rows: list[dict], config: RouterConfig) -> Router:
     """Fit featuriser and both classifiers on the train split, calibrate each on the calibration
     split, keep the one with the lower calibrated log-loss there; report on the test split."""
     y = labels(rows)
-    if len(rows) < 20:
-        raise BadInput(f"route train needs at least 20 result rows, got {len(rows)}")
+    if len(rows) < MIN_ROWS:
+        raise BadInput(f"route train needs at least {MIN_ROWS} result rows, got {len(rows)}")
     if y.min() == y.max():
         raise BadInput("every result row has the same `correct` value: there is nothing to route on")
     train, calib, test = split_indices(len(rows), config.calib_fraction, config.test_fraction, config.seed)

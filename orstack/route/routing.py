@@ -189,9 +189,10 @@ def route_tasks(config: RouteRunConfig, router: Router | None, tasks: list[dict]
                 ) -> tuple[list, dict]:
     """Result rows with a `route` field, and a summary of the run."""
     from orstack.backends.base import open_backend
-    from orstack.tasks.results import run_tasks, score_rows
+    from orstack.tasks.results import fit_prompts, run_tasks, score_rows
 
     base = open_backend(config.base, runtime, batch_size=config.batch_size)
+    fit_prompts(base, tasks, max_new_tokens=config.max_new_tokens)  # a prompt beyond the context is refused
     paths = AccuratePaths(base, config.modifiers, config.accurate, config.batch_size, runtime)
     started = time.perf_counter()
     with paths.fast() as backend:

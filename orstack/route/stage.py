@@ -37,11 +37,11 @@ def train(output: str | Path, config: RouterConfig, runtime: Runtime, *, plot: s
     """Learn P(base answer is correct) from `config.results`, calibrate it, choose the threshold
     (swept over `config.results_accurate` when given) and write the router directory `output`."""
     from orstack.io.atomic import atomic_path
-    from orstack.io.jsonl import check_input_file, read_jsonl_list
+    from orstack.io.jsonl import check_input_file
     from orstack.io.manifest import build_manifest, write_manifest
     from orstack.io.output import Output, check_outputs
-    from orstack.route.features import check_signals
-    from orstack.route.router import base_identity, join_accurate, optimise_threshold, train_router
+    from orstack.route.features import load_results
+    from orstack.route.router import MIN_ROWS, base_identity, join_accurate, optimise_threshold, train_router
 
     if config.results is None:
         raise BadInput("route train needs --results (bench Result rows of the base model)")
@@ -56,11 +56,12 @@ def train(output: str | Path, config: RouterConfig, runtime: Runtime, *, plot: s
         from orstack.cluster_failures.embed import resolve_embedder
 
         resolve_embedder(config.embedder)
-    rows = read_jsonl_list(config.results, required=("id", "correct"))
-    check_signals(rows, str(config.results))
+    rows = load_results(config.results)
+    if len(rows) < MIN_ROWS:
+        raise BadInput(f"{config.results}: route train needs at least {MIN_ROWS} result rows, got {len(rows)}")
     accurate = None
     if config.results_accurate is not None:
-        accurate = join_accurate(rows, read_jsonl_list(config.results_accurate, required=("id", "correct")),
+        accurate = join_accurate(rows, load_results(config.results_accurate, signals=False),
                                  str(config.results_accurate))
     base = base_identity(rows, str(config.results))
 

@@ -105,13 +105,33 @@ def validate_task(task: dict[str, Any], where: str, fields: Sequence[str] = ("id
         raise BadInput(f"{where}: field 'stop': expected a list of strings")
 
 
-def load_tasks(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
+class TaskList(list):
+    """Tasks read from a file, remembering where each came from, so that a problem found later
+    (a prompt longer than the model's context, say) is reported as file:line."""
+
+    def __init__(self, tasks: Sequence[dict[str, Any]] = (), source: str = "tasks",
+                 lines: dict[Any, int] | None = None) -> None:
+        super().__init__(tasks)
+        self.source = source
+        self.lines = lines or {}
+
+    def where(self, task: dict[str, Any]) -> str:
+        line = self.lines.get(task.get("id"))
+        return f"{self.source}:{line}" if line is not None else f"{self.source}: task {task.get('id')!r}"
+
+
+def where_is(tasks: Sequence[dict[str, Any]], task: dict[str, Any], source: str = "tasks") -> str:
+    """file:line of a task when its list remembers it, else the source and the task's id."""
+    return tasks.where(task) if isinstance(tasks, TaskList) else f"{source}: task {task.get('id')!r}"
+
+
+def load_tasks(path: str | Path, limit: int | None = None) -> TaskList:
     """Read and check every task before any model is loaded (errors name file:line:field)."""
     from orstack.io.jsonl import display_name, read_jsonl_numbered
 
     name = display_name(path)
-    tasks: list[dict[str, Any]] = []
-    first_line: dict[Any, int] = {}
+    tasks = TaskList(source=name)
+    first_line = tasks.lines
     for lineno, task in read_jsonl_numbered(path):
         where = f"{name}:{lineno}"
         validate_task(task, where)

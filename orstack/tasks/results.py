@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from orstack.errors import BadInput
 from orstack.io.jsonl import display_name, read_jsonl_numbered
-from orstack.tasks.contract import RESULT_FIELDS, RESULT_ORDER, validate_task
+from orstack.tasks.contract import RESULT_FIELDS, RESULT_ORDER, validate_task, where_is
 from orstack.tasks.passk import pass_at_k_by_task
 from orstack.tasks.stops import stop_sequences
 from orstack.tasks.verify import choice_continuations, pick_choice, run_code, score_outputs
@@ -200,8 +200,8 @@ def fit_prompts(backend: Backend, tasks: Sequence[dict[str, Any]], *, max_new_to
             counted = (f"the prompt has {n_tokens} tokens" if exact else
                        f"the prompt's first {PROBE_CHARS * (context + 1)} of {len(task['prompt'])} characters "
                        f"alone are {n_tokens} tokens")
-            raise BadInput(f"{source}: task {task['id']!r}: {counted}, more than the context of {backend.name} "
-                           f"({context} tokens); shorten it or pass --truncate-prompts")
+            raise BadInput(f"{where_is(tasks, task, source)}: field 'prompt': {counted}, more than the context of "
+                           f"{backend.name} ({context} tokens); shorten it or pass --truncate-prompts")
         keep = context - min(_answer_budget(backend, task, max_new_tokens), context // 2)
         fitted.append({**task, "prompt": keep_last_tokens(backend, task["prompt"], keep)})
         truncated += 1
