@@ -83,6 +83,8 @@ ENVIRONMENT_ALLOWED = {
     "backends/openai.py": "the API key, from the variable the user names: a secret must not travel in configs",
     "tasks/sandbox.py": "the environment handed to sandboxed children",
     "cluster_failures/embed.py": "HF_HUB_OFFLINE for the sentence-transformers loader (set, not read)",
+    "zstd_pack/load.py": "the unpack cache ($ORSTACK_CACHE): shared by every process that opens a .orz, as a cache "
+                         "directory is (XDG_CACHE_HOME), not a setting of one run",
 }
 
 
