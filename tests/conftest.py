@@ -196,3 +196,21 @@ def cli_defaults(*command: str) -> dict[str, object]:
     for name in command:
         cmd = cmd.commands[name]
     return {p.name: p.default for p in cmd.params}
+
+
+@pytest.fixture(scope="session")
+def family_checkpoint(tmp_path_factory):
+    """A factory: family_checkpoint("gemma2") -> a tiny random-init checkpoint of that family
+    (tests/families.py), built once per session and shared; treat it as read-only."""
+    from families import build_family
+
+    built: dict[tuple, Path] = {}
+
+    def make(model_type: str, **options) -> Path:
+        key = (model_type, tuple(sorted(options.items())))
+        if key not in built:
+            name = model_type + "".join(f"-{k}{v}" for k, v in key[1])
+            built[key] = build_family(model_type, tmp_path_factory.mktemp("families") / name, **options)
+        return built[key]
+
+    return make
