@@ -158,9 +158,13 @@ def test_prompts_longer_than_the_context_are_refused_or_keep_their_end(backend):
     short = {"id": "s", "prompt": "12+345=", "kind": "numeric", "answer": "357"}
     long = {"id": "l", "prompt": "rev abc=cba sort dcba=abcd " * 30, "kind": "text"}
     assert len(backend.encode_prompt(long["prompt"])) > 256
-    with pytest.raises(BadInput, match=r"^t.jsonl: task 'l': the prompt has \d+ tokens, more than the context of "
-                                       r".* \(256 tokens\); shorten it or pass --truncate-prompts$"):
+    with pytest.raises(BadInput, match=r"^t.jsonl: task 'l': field 'prompt': the prompt has \d+ tokens, more than the "
+                                       r"context of .* \(256 tokens\); shorten it or pass --truncate-prompts$"):
         fit_prompts(backend, [short, long], max_new_tokens=10, source="t.jsonl")
+    from orstack.tasks.contract import TaskList
+
+    with pytest.raises(BadInput, match=r"^t.jsonl:7: field 'prompt': the prompt has \d+ tokens"):
+        fit_prompts(backend, TaskList([short, long], "t.jsonl", {"s": 6, "l": 7}), max_new_tokens=10)
     fitted, truncated = fit_prompts(backend, [short, long], max_new_tokens=10, truncate=True)
     assert truncated == 1 and fitted[0] is short
     kept = fitted[1]["prompt"]
@@ -178,7 +182,7 @@ def test_a_huge_prompt_is_judged_from_its_beginning(backend):
 
     huge = {"id": "h", "prompt": "rev abc=cba " * 1_000_000, "kind": "text"}  # 12 MB
     began = time.perf_counter()
-    with pytest.raises(BadInput, match=r"task 'h': the prompt's first \d+ of 12000000 characters alone are"):
+    with pytest.raises(BadInput, match=r"task 'h': field 'prompt': the prompt's first \d+ of 12000000 characters alone are"):
         fit_prompts(backend, [huge], max_new_tokens=10)
     fitted, truncated = fit_prompts(backend, [huge], max_new_tokens=10, truncate=True)
     assert truncated == 1 and huge["prompt"].endswith(fitted[0]["prompt"])

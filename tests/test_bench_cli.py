@@ -125,7 +125,7 @@ def test_prompts_longer_than_the_context_are_refused_or_truncated(random_llama, 
     tasks = write_jsonl(tmp_path / "long.jsonl", [TASKS[0], {"id": "long", "prompt": long_prompt, "kind": "text"}])
     out = tmp_path / "r.jsonl"
     result = run_orstack("bench", random_llama, "--tasks", tasks, "-o", out)
-    assert_one_line_error(result, 2, "long.jsonl: task 'long'", "tokens, more than the context", "(256 tokens)",
+    assert_one_line_error(result, 2, "long.jsonl:2: field 'prompt'", "tokens, more than the context", "(256 tokens)",
                           "--truncate-prompts")
     assert not out.exists()
 
@@ -147,7 +147,7 @@ def test_a_10_mb_prompt_is_refused_before_generating(random_llama, tmp_path):
     huge = write_jsonl(tmp_path / "huge.jsonl", [{"id": "big", "prompt": "x" * 10_000_000, "kind": "text"}])
     began = time.perf_counter()
     result = run_orstack("bench", random_llama, "--tasks", huge)
-    assert_one_line_error(result, 2, "huge.jsonl: task 'big'", "of 10000000 characters", "(256 tokens)")
+    assert_one_line_error(result, 2, "huge.jsonl:1: field 'prompt'", "of 10000000 characters", "(256 tokens)")
     assert time.perf_counter() - began < 60  # tokenizing all of it alone takes longer here
 
 

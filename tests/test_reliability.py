@@ -520,9 +520,9 @@ CASES = [
     C("zstd-pack/list-flipped", "zstd-pack --list m.orz", "m.orz", files={"m.orz": FLIPPED_ORZ}),
     C("zstd-pack/list-truncated", "zstd-pack --list m.orz", "m.orz", files={"m.orz": TRUNCATED_ORZ}),
     C("zstd-pack/sigint", "zstd-pack big.bin --level 19 -o big.orz", "interrupted", code=130, sig=signal.SIGINT,
-      files={"big.bin": lambda fx, p: p.write_bytes(os.urandom(48 << 20)), "big.orz": "old pack\n"}),
+      files={"big.bin": lambda fx, p: p.write_bytes(os.urandom(160 << 20)), "big.orz": "old pack\n"}),
     C("zstd-pack/sigterm", "zstd-pack big.bin --level 19 -o big.orz", "terminated", code=143, sig=signal.SIGTERM,
-      files={"big.bin": lambda fx, p: p.write_bytes(os.urandom(48 << 20)), "big.orz": "old pack\n"}),
+      files={"big.bin": lambda fx, p: p.write_bytes(os.urandom(160 << 20)), "big.orz": "old pack\n"}),
     # ---- rl
     C("rl/missing-model", "rl nope --tasks t.jsonl --max-steps 1 -o out", "nope", files=T),
     C("rl/tasks-missing", "rl {llama} --tasks nope.jsonl --max-steps 1 -o out", "nope.jsonl"),
@@ -823,7 +823,7 @@ def run_signal_case(case: Case, fx: dict, cwd: Path) -> tuple[int, str]:
         deadline = time.monotonic() + 90
         while not _busy(proc.pid, cwd, stderr_file, marker) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
-        time.sleep(2.0)  # well into the work
+        time.sleep(0.5)  # into the work
         assert proc.poll() is None, f"finished before the signal: {stderr_file.read_text()[-500:]}"
         proc.send_signal(case.signal)
         try:
