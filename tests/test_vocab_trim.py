@@ -286,3 +286,134 @@ def test_library_refuses_byte_fallback_bpe():
                "pre_tokenizer": {"type": "Metaspace"}, "decoder": {"type": "Sequence", "decoders": []}}
     with pytest.raises(BadInput, match="byte fallback"):
         parse_tokenizer_json(json.dumps(sp_like))
+
+
+# ---------------------------------------------------------------------------- every family (issue 13)
+
+from families import FAMILIES  # noqa: E402
+
+
+def _trim_family(src: Path, corpus_file: Path, out: Path) -> dict:
+    code, _, err = run_cli(["vocab-trim", str(src), "--corpus", str(corpus_file), "-o", str(out)])
+    assert code == 0, err
+    return manifest(out)
+
+
+def _kept_logits_and_ids(src: Path, out: Path, old_to_new: list, text: str):
+    import torch
+
+    model, tok = load(out)
+    original, old_tok = load(src)
+    kept = [old for old, new in enumerate(old_to_new) if new is not None]
+    old_ids = old_tok(text, add_special_tokens=False)["input_ids"]
+    new_ids = tok(text, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        a = original(torch.tensor([old_ids])).logits[..., kept]
+        b = model(torch.tensor([new_ids])).logits
+    return a, b, old_ids, new_ids, model, original
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_trims_with_equal_kept_logits_same_tokenization_and_ties(family, family_checkpoint,
+                                                                               corpus_file, tmp_path):
+    """The trimmed checkpoint, reloaded by transformers (AutoTokenizer picks Qwen2Tokenizer for
+    qwen2/qwen3), tokenizes every corpus line as before (ids mapped) and computes the original's
+    logits on the kept tokens; a tied family stays tied, an untied one keeps two matrices."""
+    import torch
+
+    torch.set_num_threads(1)
+    src = family_checkpoint(family)
+    out = tmp_path / "trimmed"
+    m = _trim_family(src, corpus_file, out)
+    old_to_new = m["vocab_map"]["old_to_new"]
+    assert m["metrics"]["vocab_after"] < m["metrics"]["vocab_before"]
+    a, b, old_ids, new_ids, model, original = _kept_logits_and_ids(src, out, old_to_new, "rev abc=cba\n3*4=12")
+    assert new_ids == [old_to_new[i] for i in old_ids]
+    assert torch.allclose(a, b, rtol=0, atol=1e-6), (a - b).abs().max()
+    _, tok = load(out)
+    from transformers import AutoTokenizer
+
+    old_tok = AutoTokenizer.from_pretrained(src)
+    assert type(tok) is type(old_tok)
+    for line in CORPUS.splitlines()[:5]:
+        assert tok(line, add_special_tokens=False)["input_ids"] == [
+            old_to_new[i] for i in old_tok(line, add_special_tokens=False)["input_ids"]], line
+    tied = original.config.tie_word_embeddings
+    assert model.config.tie_word_embeddings == tied
+    same = model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    assert same == tied
+    if family in ("gemma2", "gemma3_text", "smollm3"):
+        assert tied  # their configs tie by default
+    assert model.config.model_type == original.config.model_type
+    assert type(model.get_input_embeddings()) is type(original.get_input_embeddings())
+
+
+@pytest.mark.parametrize("family", ["gemma2", "granite"])
+def test_in_memory_trim_keeps_the_embedding_module(family, family_checkpoint, corpus_file):
+    """The model vocab-trim validates (bits per byte) is the trimmed one in memory: Gemma's
+    sqrt(hidden) embedding scale lives in its embedding module's forward, so rebuilding a plain
+    nn.Embedding would change every logit there (the saved file would still reload right)."""
+    import torch
+
+    from orstack.vocab_trim import VocabTrimConfig, vocab_trim
+
+    torch.set_num_threads(1)
+    model, tok = load(family_checkpoint(family))
+    ids = tok("rev abc=cba", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        before = model(torch.tensor([ids])).logits
+    emb_class = type(model.get_input_embeddings())
+    result = vocab_trim(model, tok, VocabTrimConfig(corpus=[str(corpus_file)]))
+    assert type(model.get_input_embeddings()) is emb_class
+    assert model.get_input_embeddings().num_embeddings == len(result.plan.kept)
+    with torch.no_grad():
+        after = model(torch.tensor([[result.plan.old_to_new[i] for i in ids]])).logits
+    assert torch.allclose(before[..., result.plan.kept], after, rtol=0, atol=1e-6)
+
+
+def test_padded_embedding_rows_are_dropped_in_a_large_vocabulary(family_checkpoint, corpus_file, tmp_path):
+    """gemma3_text with 16,384 embedding rows for a 307-token tokenizer (Gemma 3 ships 262,208 rows for
+    262,145 tokens; Qwen2.5 151,936 for 151,665): the rows no token uses go, the tie holds, and the
+    kept-token logits are unchanged."""
+    import torch
+
+    torch.set_num_threads(1)
+    src = family_checkpoint("gemma3_text", vocab_size=16384)
+    out = tmp_path / "trimmed"
+    m = _trim_family(src, corpus_file, out)
+    old_to_new = m["vocab_map"]["old_to_new"]
+    assert m["metrics"]["vocab_before"] == 16384
+    a, b, old_ids, new_ids, model, original = _kept_logits_and_ids(src, out, old_to_new, "sort dcba=abcd")
+    _, tok = load(out)
+    assert model.config.vocab_size == len(tok) == m["metrics"]["vocab_after"] < 310
+    assert new_ids == [old_to_new[i] for i in old_ids]
+    assert torch.allclose(a, b, rtol=0, atol=1e-6)
+    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    assert m["metrics"]["params_after"] < m["metrics"]["params_before"] - 16000 * 256
+
+
+def test_a_sentencepiece_style_tokenizer_is_refused_before_the_weights_load(random_llama, corpus_file, tmp_path,
+                                                                             monkeypatch):
+    """Gemma, Phi-3, Mistral-7B and Llama-2 ship SentencePiece-style BPE (byte fallback, Metaspace):
+    one line naming the tokenizer, exit 2, nothing written, and the weights never read."""
+    import shutil
+
+    src = tmp_path / "sp"
+    shutil.copytree(random_llama, src)
+    data = json.loads((src / "tokenizer.json").read_text(encoding="utf-8"))
+    data["model"]["byte_fallback"] = True
+    data["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": False}
+    data["decoder"] = {"type": "Sequence", "decoders": [{"type": "ByteFallback"}, {"type": "Fuse"}]}
+    (src / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    import orstack.io.checkpoint
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(orstack.io.checkpoint, "load_model", no_weights)
+    out = tmp_path / "out"
+    before = tree_hash(tmp_path)
+    code, _, err = run_cli(["vocab-trim", str(src), "--corpus", str(corpus_file), "-o", str(out)])
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "byte fallback" in err and "byte-level BPE" in err
+    assert not out.exists() and tree_hash(tmp_path) == before

@@ -217,7 +217,12 @@ def remap_token_ids(config: Any, old_to_new: list[int | None]) -> None:
 
 
 def slice_embeddings(model: PreTrainedModel, kept: list[int], old_to_new: list[int | None]) -> None:
-    """Keep the embedding and output rows of the kept ids (a tied pair stays tied)."""
+    """Keep the embedding and output rows of the kept ids (a tied pair stays tied).
+
+    The rows are cut inside the model's own modules, never by building a plain nn.Embedding:
+    Gemma's embedding module multiplies by sqrt(hidden) in its forward (a buffer, not a weight),
+    and that must survive in memory (the validation below runs this model) as well as on disk.
+    Rows past the tokenizer (padded embeddings: Qwen2.5, Phi-3, Gemma 3) are never kept."""
     import torch
 
     emb = model.get_input_embeddings()
@@ -227,23 +232,16 @@ def slice_embeddings(model: PreTrainedModel, kept: list[int], old_to_new: list[i
     tied = out is not None and out.weight.data_ptr() == emb.weight.data_ptr()
     index = torch.tensor(kept, device=emb.weight.device)
     old_pad = emb.padding_idx
-    pad = old_to_new[old_pad] if old_pad is not None and old_pad < len(old_to_new) else None
-    new_emb = torch.nn.Embedding(len(kept), emb.embedding_dim, padding_idx=pad,
-                                 device=emb.weight.device, dtype=emb.weight.dtype)
     with torch.no_grad():
-        new_emb.weight.copy_(emb.weight[index])
-    model.set_input_embeddings(new_emb)
-    if out is not None:
-        new_out = torch.nn.Linear(out.in_features, len(kept), bias=out.bias is not None,
-                                  device=out.weight.device, dtype=out.weight.dtype)
-        with torch.no_grad():
-            if tied:
-                new_out.weight = new_emb.weight
-            else:
-                new_out.weight.copy_(out.weight[index])
+        emb.weight = torch.nn.Parameter(emb.weight.index_select(0, index), requires_grad=emb.weight.requires_grad)
+        emb.num_embeddings = len(kept)
+        emb.padding_idx = old_to_new[old_pad] if old_pad is not None and old_pad < len(old_to_new) else None
+        if out is not None:
+            out.weight = emb.weight if tied else torch.nn.Parameter(out.weight.index_select(0, index),
+                                                                   requires_grad=out.weight.requires_grad)
             if out.bias is not None:
-                new_out.bias.copy_(out.bias[index])
-        model.set_output_embeddings(new_out)
+                out.bias = torch.nn.Parameter(out.bias.index_select(0, index), requires_grad=out.bias.requires_grad)
+            out.out_features = len(kept)
     model.config.vocab_size = len(kept)
     remap_token_ids(model.config, old_to_new)
     if getattr(model, "generation_config", None) is not None:
