@@ -21,6 +21,67 @@ from orstack.train.config import TrainConfig
 ADAPTER_FORMAT = "lora-adapter"
 
 
+def decoder_layers(model: Any) -> tuple[str, Any]:
+    """(dotted path, ModuleList) of the model's decoder layers, found by structure: the ModuleList
+    of `config.num_hidden_layers` (or, failing that, the longest one) whose blocks are of one class."""
+    import torch
+
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    found: list[tuple[str, Any]] = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1:
+            found.append((name, module))
+    if not found:
+        raise BadInput(f"model: no decoder layers found in {type(model).__name__} (no list of blocks)")
+    exact = [f for f in found if len(f[1]) == n_layers]
+    return max(exact or found, key=lambda f: len(f[1]))
+
+
+def _is_linear(module: Any) -> bool:
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (torch.nn.Linear, Conv1D))
+
+
+def layer_linears(model: Any) -> list[str]:
+    """The linear modules of a decoder layer, by leaf name in layer order: every nn.Linear (and GPT-2
+    Conv1D) inside the blocks -- Phi-3's fused qkv_proj and gate_up_proj included, as one module
+    each -- and nothing outside them (never lm_head or the embeddings)."""
+    _, layers = decoder_layers(model)
+    names: list[str] = []
+    for block in layers:
+        for name, module in block.named_modules():
+            leaf = name.rsplit(".", 1)[-1]
+            if name and _is_linear(module) and leaf not in names:
+                names.append(leaf)
+    return names
+
+
+def lora_targets(model: Any, config: TrainConfig) -> str | list[str]:
+    """What peft's target_modules gets: for 'all-linear' the decoder layers' linears, found by
+    structure (leaf names when no module outside the layers shares one, else a regex over the full
+    names); an explicit list as given, checked against the model's linears."""
+    import re
+
+    requested = config.modules()
+    linears = layer_linears(model)
+    if requested != "all-linear":
+        present = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if _is_linear(m)}
+        missing = [n for n in requested if n.rsplit(".", 1)[-1] not in present]
+        if missing:
+            raise BadInput(f"--target-modules: {', '.join(missing)} not found in this {model.config.model_type} "
+                           f"model (its decoder linears: {', '.join(linears)})")
+        return requested
+    prefix, layers = decoder_layers(model)
+    inside = {id(m) for m in layers.modules()}
+    outside = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if _is_linear(m) and id(m) not in inside}
+    if not outside & set(linears):
+        return sorted(linears)
+    relative = sorted({name for block in layers for name, m in block.named_modules() if name and _is_linear(m)})
+    return rf"{re.escape(prefix)}\.\d+\.(?:{'|'.join(re.escape(r) for r in relative)})"
+
+
 def apply_lora(model: Any, config: TrainConfig) -> Any:
     import warnings
 
@@ -28,7 +89,7 @@ def apply_lora(model: Any, config: TrainConfig) -> Any:
 
     # peft calls a transformers method that transformers 5 deprecates: not the user's concern.
     warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v6.*", category=FutureWarning)
-    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.alpha, target_modules=config.modules(),
+    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.alpha, target_modules=lora_targets(model, config),
                       lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
     try:
         return get_peft_model(model, lora)
