@@ -1,10 +1,10 @@
-"""A Llama-family transformers model as a GGUF file, written with the `gguf` package.
+"""A transformers decoder as a GGUF file, written with the `gguf` package.
 
-Llama and Mistral are written as llama.cpp's "llama" architecture, whose rotary
-embedding pairs dimension i with i+1 within each head, while transformers pairs i with
-i + head_dim/2: q and k projections are permuted so the two agree. Qwen2 is written as
-"qwen2" (NEOX-style rotary, the same pairing as transformers: no permutation), with its
-q/k/v biases.
+orstack/gguf/arch.py decides what the model becomes in llama.cpp (architecture name, metadata
+keys, which norms are stored as w + 1, whether q/k rows are permuted for llama.cpp's
+interleaved rotary); this module writes it: the generic keys, the family's keys, the
+vocabulary, and every tensor under the arch's GGUF name in the requested type. Phi-3's fused
+qkv_proj and gate_up_proj are written fused (llama.cpp's attn_qkv and a 2I-row ffn_up).
 
 Tensor types: `--type` names one type for every 2-D weight (like llama-quantize
 --pure), except q4_k_m and q5_k_m, which follow llama.cpp's Q4_K_M / Q5_K_M mixes. Norms and
@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k", "q4_k_m", "q5_k_m")
 # llama.cpp's *_M mixes: Q6_K for the output and for attn_v / ffn_down in the layers _use_more_bits picks.
 MIXES = ("q4_k_m", "q5_k_m")
-ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")
 FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 # user type -> (default ggml type of 2-D weights, LlamaFileType name)
@@ -124,23 +123,6 @@ def _permute_rotary(w, n_heads: int):
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _config_value(config, *names, default=None):
-    for name in names:
-        value = getattr(config, name, None)
-        if value is not None:
-            return value
-    return default
-
-
-def _rope_theta(config) -> float:
-    params = getattr(config, "rope_parameters", None) or {}
-    scaling = getattr(config, "rope_scaling", None) or {}
-    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind != "default":
-        raise BadInput(f"rope scaling '{kind}' is not supported by orstack gguf yet")
-    return float(params.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0)
-
-
 def hf_tensors(model) -> list[tuple[str, np.ndarray]]:
     """(HF name, float32 numpy array) for every tensor to export; tied lm_head left out."""
     import torch
@@ -154,10 +136,30 @@ def hf_tensors(model) -> list[tuple[str, np.ndarray]]:
     return out
 
 
+PHI3_NAMES = ("phi3", "phi-3")
+PHI3_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
+
+
+def safe_name(name: str, tokens: list[str]) -> tuple[str, str]:
+    """The general.name to write, and a note when it differs from `name`.
+
+    llama.cpp's vocabulary loader treats a model whose name contains "phi3"/"phi-3" as Phi-3:
+    it looks up </s> <unk> <s> <|endoftext|> (failing to load when one is missing) and marks
+    every special token as eating the whitespace after it. A name that would trigger that for
+    a vocabulary without those tokens is replaced."""
+    if not any(p in name.lower() for p in PHI3_NAMES):
+        return name, ""
+    missing = [t for t in PHI3_TOKENS if t not in set(tokens)]
+    if not missing:
+        return name, ""
+    return "model", (f"general.name 'model' instead of '{name}': llama.cpp treats names containing "
+                     f"'phi3' as Phi-3 and needs {' '.join(missing)}, which this vocabulary lacks")
+
+
 def export_gguf(model, tokenizer, out: Path, qtype: str, *, name: str = "model", progress: bool = True,
                 q4_1_blocks: dict[str, np.ndarray] | None = None, metadata: dict[str, str] | None = None,
                 ) -> ExportResult:
-    """Write `model` (a loaded transformers Llama-family model) to `out` as GGUF of `qtype`.
+    """Write `model` (a loaded transformers decoder of a family orstack.gguf.arch supports) to `out` as GGUF of `qtype`.
 
     `q4_1_blocks` (HF weight name -> Q4_1 bytes, from orstack.gguf.awq) replaces quantization
     of those weights when the plan stores them as Q4_1. `metadata` adds string keys after all
@@ -165,40 +167,41 @@ def export_gguf(model, tokenizer, out: Path, qtype: str, *, name: str = "model",
     import gguf
 
     from orstack.console import track
+    from orstack.gguf.arch import layout, probe_norms
     from orstack.gguf.vocab import build_vocab
 
     start = time.perf_counter()
     config = model.config
-    model_type = getattr(config, "model_type", None)
-    if model_type not in ARCHITECTURES:
-        raise BadInput(f"{name}: unsupported architecture '{model_type}' (supported: {', '.join(ARCHITECTURES)})")
-    arch = ARCHITECTURES[model_type]
+    shape = layout(config, name)
+    probe_norms(model, shape)
+    arch = shape.arch.name
     qtype = check_type(qtype)
-    n_layers = config.num_hidden_layers
-    n_heads = config.num_attention_heads
-    n_kv = _config_value(config, "num_key_value_heads", default=n_heads)
-    head_dim = _config_value(config, "head_dim", default=config.hidden_size // n_heads)
+    n_layers, n_heads, n_kv, head_dim = shape.n_layers, shape.n_heads, shape.n_kv, shape.head_dim
     tied = bool(getattr(config, "tie_word_embeddings", False))
     n_vocab = model.get_input_embeddings().weight.shape[0]
     vocab = build_vocab(tokenizer, n_vocab, where=name)
-    theta = _rope_theta(config)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2, n_layers)
+    name, name_note = safe_name(name, vocab.tokens)
+    if name_note:
+        vocab.notes.append(name_note)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[shape.arch.member], n_layers)
 
     writer = gguf.GGUFWriter(str(out), arch)
     writer.add_name(name)
-    writer.add_context_length(_config_value(config, "max_position_embeddings", default=2048))
+    writer.add_context_length(getattr(config, "max_position_embeddings", None) or 2048)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(n_layers)
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(n_heads)
     writer.add_head_count_kv(n_kv)
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_dimension_count(shape.rope_dims)
     if head_dim != config.hidden_size // n_heads:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
-    writer.add_rope_freq_base(theta)
+    writer.add_rope_freq_base(shape.rope_base)
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(n_vocab)
+    for method, value in shape.keys:
+        getattr(writer, method)(value)
     file_type = TYPE_INFO[qtype][1]
     writer.add_file_type(int(gguf.LlamaFileType[file_type]))
     if qtype not in ("f32", "f16", "bf16"):
@@ -213,12 +216,14 @@ def export_gguf(model, tokenizer, out: Path, qtype: str, *, name: str = "model",
         gg_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gg_name is None:
             raise BadInput(f"{name}: tensor '{hf_name}' has no GGUF name for architecture {arch}")
-        if arch == "llama" and (".self_attn.q_proj." in hf_name or ".self_attn.k_proj." in hf_name):
+        if shape.permute and (".self_attn.q_proj." in hf_name or ".self_attn.k_proj." in hf_name):
             data = _permute_rotary(data, n_heads if ".q_proj." in hf_name else n_kv)
+        if hf_name in shape.offset_norms:
+            data = data + 1.0  # llama.cpp's RMS norm multiplies by the stored weight alone
         plan = plan_tensor(gg_name, tuple(data.shape), qtype, n_layers, tied)
         if q4_1_blocks and hf_name in q4_1_blocks and plan.ggml_type == "Q4_1":
             stored = q4_1_blocks[hf_name]
-            if arch == "llama" and (".self_attn.q_proj." in hf_name or ".self_attn.k_proj." in hf_name):
+            if shape.permute and (".self_attn.q_proj." in hf_name or ".self_attn.k_proj." in hf_name):
                 stored = _permute_rotary(stored, n_heads if ".q_proj." in hf_name else n_kv)  # rows = outputs
             plan.note = "AWQ scales/zero points mapped onto Q4_1"
         else:

@@ -97,16 +97,18 @@ def _awq_blocks(spec: str):  # noqa: ANN202 - dict of numpy arrays, or None
 def _gate_message(output: str | Path, config: GgufConfig, v: Validation) -> str:
     return (f"{output}: GGUF {config.type} disagrees with the source: greedy agreement {v.agreement:.1%} "
             f"(gate {v.min_agreement:.0%}), perplexity {v.ppl_gguf:.3f} vs {v.ppl_source:.3f} "
-            f"({v.ppl_change:+.2%}, gate ±2%)")
+            f"({v.ppl_change:+.2%}, gate ±2%), max logit difference {v.max_logit_diff:.3g} of {v.logit_scale:.3g}"
+            + (f" (gate {v.logit_tolerance:g} x)" if v.logit_tolerance is not None else ""))
 
 
 def run(source: str, output: str | Path, config: GgufConfig, runtime: Runtime) -> GgufResult:
     """Export checkpoint `source` to the GGUF file `output` (see the module docstring)."""
     from orstack import console
-    from orstack.gguf.export import ARCHITECTURES, export_gguf
+    from orstack.gguf.arch import SUPPORTED, layout
+    from orstack.gguf.export import export_gguf
     from orstack.gguf.metadata import MANIFEST_KEY, replace_manifest
     from orstack.io.atomic import atomic_path
-    from orstack.io.checkpoint import load_model, resolve_checkpoint
+    from orstack.io.checkpoint import check_checkpoint, load_config, load_model
     from orstack.io.jsonl import dumps
     from orstack.io.manifest import build_manifest
     from orstack.io.output import check_output
@@ -115,7 +117,8 @@ def run(source: str, output: str | Path, config: GgufConfig, runtime: Runtime) -
     # -- check: options, inputs and the output, before anything is loaded
     config = check_config(config)
     check_output(output, "file", inputs=[source])
-    resolve_checkpoint(source)
+    check_checkpoint(source)
+    layout(load_config(source), str(source))  # an unsupported family: one line, before any weights load
     device = runtime.torch_device()
     prompts = _prompts(config.prompts)
     texts = list(read_texts(config.text)) if config.text else None
@@ -125,7 +128,7 @@ def run(source: str, output: str | Path, config: GgufConfig, runtime: Runtime) -
 
     # -- load
     model, tokenizer = load_model(source, device=device, dtype="float32", trust_pickle=runtime.trust_pickle,
-                                  architectures=tuple(ARCHITECTURES))
+                                  architectures=SUPPORTED)
     blocks = _awq_blocks(source) if config.type == "q4_1" else None
     manifest = build_manifest("gguf", config, parent=source)
 

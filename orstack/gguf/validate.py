@@ -1,15 +1,23 @@
 """Does the GGUF file behave like the model it came from? Checked in llama.cpp.
 
-Two measures, on held-out prompts and text:
+Three measures, on held-out prompts and text:
 - greedy-token agreement: the source model continues each prompt greedily for `n_tokens`
   tokens (EOS ignored, so every prompt contributes the same count); llama.cpp reads the
   same prompt + continuation and we count the positions where its argmax is the source's
   token (teacher-forced, so one early flip does not hide the rest).
+- logits: on those same sequences, the largest and the mean absolute difference between the
+  two runtimes' logits, and the largest source logit (the scale). Greedy agreement alone misses
+  bugs that keep the argmax (a Gemma 2 file without its softcaps agrees on every argmax while
+  its logits are off by 5-12); the logits do not.
 - perplexity of both on the same text, same windows (lm-eval rolling rule).
 Both sides go through orstack/backends: the transformers backend over the loaded source
 model (HFBackend.from_model) and the llama.cpp backend over the file.
 Gates (issue 3): f32/f16 agreement >= 99%, q8_0 (and bf16) >= 95%, and perplexity within
-2% for all of these; lower-bit types are reported, not gated.
+2% for all of these; lower-bit types are reported, not gated. F32 files must also keep every
+logit within LOGIT_TOLERANCE x the source's largest |logit|: llama.cpp computes GELU through an
+fp16 lookup table, so exact GELU families (Gemma, Phi-2, GPT-2) differ by ~3e-4 of the scale
+where SiLU families differ by ~3e-6; every export bug measured (a missing softcap, window, norm
+offset, rotary permutation) moves logits by more than half the scale.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from dataclasses import dataclass
 
 GATES = {"f32": 0.99, "f16": 0.99, "bf16": 0.95, "q8_0": 0.95}  # minimum greedy agreement
 PPL_TOLERANCE = 0.02
+LOGIT_TOLERANCE = 1e-2  # f32: max |logit difference| <= this x max |source logit|
 PPL_BATCH = 8  # perplexity windows per forward pass on the source
 
 DEFAULT_PROMPTS = (
@@ -49,6 +58,14 @@ class Validation:
     ppl_source: float
     ppl_gguf: float
     min_agreement: float | None  # None: not gated
+    max_logit_diff: float = 0.0  # max |logits(gguf) - logits(source)| over the compared sequences
+    mean_logit_diff: float = 0.0
+    logit_scale: float = 1.0  # max |source logit|
+    logit_tolerance: float | None = None  # relative to logit_scale; None: not gated
+
+    @property
+    def logits_ok(self) -> bool:
+        return self.logit_tolerance is None or self.max_logit_diff <= self.logit_tolerance * self.logit_scale
 
     @property
     def ppl_change(self) -> float:
@@ -62,11 +79,14 @@ class Validation:
     def passed(self) -> bool:
         if not self.gated:
             return True
-        return self.agreement >= self.min_agreement and abs(self.ppl_change) <= PPL_TOLERANCE
+        return (self.agreement >= self.min_agreement and abs(self.ppl_change) <= PPL_TOLERANCE
+                and self.logits_ok)
 
     def as_dict(self) -> dict:
         return {"type": self.qtype, "agreement": self.agreement, "tokens_compared": self.n_compared,
                 "ppl_source": self.ppl_source, "ppl_gguf": self.ppl_gguf, "ppl_change": self.ppl_change,
+                "max_logit_diff": self.max_logit_diff, "mean_logit_diff": self.mean_logit_diff,
+                "logit_scale": self.logit_scale, "logit_tolerance": self.logit_tolerance,
                 "gated": self.gated, "passed": self.passed}
 
 
@@ -106,22 +126,36 @@ def validate(model, tokenizer, gguf_path, qtype: str, *, prompts: list[str] | No
              reference: Reference | None = None, threads: int | None = None) -> Validation:
     """Compare the GGUF file at `gguf_path` (in llama.cpp, through the llama.cpp backend) with
     the loaded source model."""
+    import numpy as np
+
+    from orstack.backends.hf import HFBackend
     from orstack.backends.llamacpp import LlamaCppBackend
 
+    source = HFBackend.from_model(model, tokenizer, name="source", batch_size=PPL_BATCH)
     ref = reference or source_reference(model, tokenizer, prompts=prompts, texts=texts, n_tokens=n_tokens,
                                         max_length=max_length)
     backend = LlamaCppBackend(str(gguf_path), n_ctx=ref.max_length, n_threads=threads)
     try:
         matches = total = 0
+        max_diff = diff_sum = scale = 0.0
+        n_logits = 0
         for ids, cont in zip(ref.prompt_ids, ref.continuations):
             logits = backend.logits(ids + cont[:-1])
             predicted = logits[len(ids) - 1 :].argmax(axis=-1)
             matches += int((predicted == cont).sum())
             total += len(cont)
+            expected = source.logits(ids + cont[:-1])
+            diff = np.abs(np.asarray(logits, dtype=np.float64) - expected)
+            max_diff = max(max_diff, float(diff.max()))
+            diff_sum += float(diff.sum())
+            n_logits += diff.size
+            scale = max(scale, float(np.abs(expected).max()))
         ppl_gguf = backend.perplexity(ref.texts, max_length=ref.max_length, rule="rolling").ppl
     finally:
         backend.close()
-    return Validation(qtype, matches / max(total, 1), total, ref.ppl, ppl_gguf, GATES.get(qtype))
+    return Validation(qtype, matches / max(total, 1), total, ref.ppl, ppl_gguf, GATES.get(qtype),
+                      max_logit_diff=max_diff, mean_logit_diff=diff_sum / max(n_logits, 1), logit_scale=scale,
+                      logit_tolerance=LOGIT_TOLERANCE if qtype == "f32" else None)
 
 
 def llama_cpp_quantize(source_gguf, out, qtype: str, threads: int = 1) -> str:
