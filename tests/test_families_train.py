@@ -133,8 +133,10 @@ def test_rl_runs_two_steps_on_every_family(family, family_checkpoint, data, tmp_
     done = cli("rl", str(base), "--tasks", str(data["tasks"]), "--max-steps", "2", "--num-generations", "2",
                "--batch-size", "2", "--max-new-tokens", "4", "-o", str(out))
     assert done.returncode == 0, done.stderr
-    config = json.loads((out / "adapter_config.json").read_text())
-    assert sorted(config["target_modules"]) == LINEARS[family]
+    targets = json.loads((out / "adapter_config.json").read_text())["target_modules"]
+    # rl hands peft "all-linear" through trl, which writes full names: the same modules, all in the layers
+    assert sorted({t.rsplit(".", 1)[-1] for t in targets}) == LINEARS[family]
+    assert all(t == t.rsplit(".", 1)[-1] or t.startswith("model.layers.") for t in targets)
     assert json.loads((out / "orstack.json").read_text())["stage"] == "rl"
 
 
@@ -151,7 +153,7 @@ def test_route_hot_swaps_two_modifiers_on_every_family(family, family_checkpoint
     base_dir = family_checkpoint(family)
     modifiers = {"math": tmp_path / "math", "string": tmp_path / "string"}
     train(base_dir, modifiers["math"], data["math"])
-    train(base_dir, modifiers["string"], data["string"], "--seed", "1")
+    train(base_dir, modifiers["string"], data["string"])
     base = open_backend(str(base_dir), Runtime(device="cpu"), batch_size=2)
     pointer = base.model.get_input_embeddings().weight.data_ptr()
     prompts = ["2+3=", "rev abc="]
@@ -163,10 +165,12 @@ def test_route_hot_swaps_two_modifiers_on_every_family(family, family_checkpoint
         assert backend is base and label == f"modifier:{domain}"
         outs.setdefault(domain, []).append([g.token_logprobs for g in backend.generate(prompts, max_new_tokens=3,
                                                                                        stop=[])])
-    assert outs["math"][0] == outs["math"][1]  # swapping back gives the same outputs
+    # swapping back gives the same outputs (to float rounding: 4e-7 measured on llama)
+    assert sum(outs["math"][0], []) == pytest.approx(sum(outs["math"][1], []), abs=1e-5)
     assert outs["math"][0] != outs["string"][0] and outs["math"][0] != plain and outs["string"][0] != plain
     with paths.fast() as fast:
-        assert [g.token_logprobs for g in fast.generate(prompts, max_new_tokens=3, stop=[])] == plain
+        off = [g.token_logprobs for g in fast.generate(prompts, max_new_tokens=3, stop=[])]
+    assert sum(off, []) == pytest.approx(sum(plain, []), abs=1e-5)
     assert base.model.get_input_embeddings().weight.data_ptr() == pointer
 
 
@@ -174,7 +178,7 @@ def test_route_hot_swaps_two_modifiers_on_every_family(family, family_checkpoint
 def test_route_run_cli_with_two_modifiers(family, family_checkpoint, data, tmp_path):
     base = family_checkpoint(family)
     train(base, tmp_path / "math", data["math"])
-    train(base, tmp_path / "string", data["string"], "--seed", "1")
+    train(base, tmp_path / "string", data["string"])
     done = cli("route", "run", str(data["tasks"]), "--base", str(base), "--mode", "accurate",
                f"--modifier=math={tmp_path / 'math'}", f"--modifier=string={tmp_path / 'string'}",
                "--max-new-tokens", "4")
