@@ -185,3 +185,27 @@ def test_route_run_cli_with_two_modifiers(family, family_checkpoint, data, tmp_p
     assert done.returncode == 0, done.stderr
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     assert [r["route"]["path"] for r in rows] == ["modifier:math", "modifier:string"]
+
+
+# ---------------------------------------------------------------------------- bench and zstd-pack
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bench_and_zstd_pack_on_every_family(family, family_checkpoint, data, tmp_path):
+    """bench writes a row per task without an error; zstd-pack's pack verifies, unpacks to the
+    same bytes file for file, and benches to the same rows as the directory."""
+    base = family_checkpoint(family)
+    done = cli("bench", str(base), "--tasks", str(data["tasks"]), "-o", str(tmp_path / "bench.jsonl"))
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in (tmp_path / "bench.jsonl").read_text().splitlines()]
+    assert len(rows) == len(TASKS) and all(r["error"] is None for r in rows), rows
+    pack = tmp_path / "model.orz"
+    assert cli("zstd-pack", str(base), "-o", str(pack)).returncode == 0
+    verified = cli("zstd-pack", "--verify", str(pack))
+    assert verified.returncode == 0, verified.stderr
+    assert cli("zstd-pack", "-d", str(pack), "-o", str(tmp_path / "restored")).returncode == 0
+    for f in sorted(p for p in base.iterdir() if p.is_file()):
+        assert (tmp_path / "restored" / f.name).read_bytes() == f.read_bytes(), f.name
+    done = cli("bench", str(pack), "--tasks", str(data["tasks"]), "-o", str(tmp_path / "packed.jsonl"))
+    assert done.returncode == 0, done.stderr
+    packed = [json.loads(line) for line in (tmp_path / "packed.jsonl").read_text().splitlines()]
+    assert [r["output"] for r in packed] == [r["output"] for r in rows]
