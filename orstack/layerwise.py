@@ -1,8 +1,11 @@
 """Layer-by-layer calibration for compression stages (prune, awq).
 
 The calibration batch goes through the embeddings once; what the first decoder layer
-receives (hidden states plus the keyword arguments it needs: rotary position embeddings,
-attention mask, position ids) is recorded. A stage then modifies one layer at a time
+receives (its hidden states) and what the model passes every layer as keyword arguments
+(rotary position embeddings, attention mask, position ids ...) are recorded. The keyword
+arguments are kept per layer, as the model computed them: Gemma 3 gives sliding and full
+layers different rotary tables, every sliding-window family a different mask per layer type,
+so the inputs of layer 0 could not be replayed through layer i unchanged. A stage then modifies one layer at a time
 and propagates the recorded inputs through the already-modified layer, so memory stays
 at about one layer's activations and each layer is calibrated on the inputs it will
 really see after the earlier layers were compressed.
@@ -23,8 +26,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from orstack.errors import BadInput
-from orstack.io.checkpoint import LLAMA_FAMILY
+from orstack.architectures import decoder_layers, linear_modules, weightless_model
+
+__all__ = ["InputStats", "LayerInputs", "capture_layer_inputs", "decoder_layers", "linear_modules",
+           "record_input_stats", "run_layer", "weightless_model"]
 
 if TYPE_CHECKING:
     import torch
@@ -36,11 +41,13 @@ class LayerInputs:
     """What a decoder layer receives, kept per calibration batch.
 
     `hidden[i]` is [batch, seq, hidden]; `kwargs[i]` the keyword arguments the model passed
-    to the layer for that batch (position_embeddings, attention_mask, position_ids ...).
+    to the first layer for that batch (position_embeddings, attention_mask, position_ids ...),
+    `layer_kwargs[id(layer)][i]` those it passed to each layer.
     """
 
     hidden: list[torch.Tensor] = field(default_factory=list)
     kwargs: list[dict[str, Any]] = field(default_factory=list)
+    layer_kwargs: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
 
     @property
     def n_samples(self) -> int:
@@ -50,67 +57,49 @@ class LayerInputs:
     def n_tokens(self) -> int:
         return sum(h.shape[0] * h.shape[1] for h in self.hidden)
 
-    def batches(self) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
-        yield from zip(self.hidden, self.kwargs)
+    def kwargs_for(self, layer: nn.Module | None) -> list[dict[str, Any]]:
+        if layer is None:
+            return self.kwargs
+        return self.layer_kwargs.get(id(layer), self.kwargs)
 
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a Llama-family causal LM (model.model.layers)."""
-    from torch import nn
-
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if model_type not in LLAMA_FAMILY or not isinstance(layers, nn.ModuleList):
-        raise BadInput(f"unsupported architecture '{model_type}' for layer-wise calibration "
-                       f"(supported: {', '.join(LLAMA_FAMILY)})")
-    return layers
-
-
-def weightless_model(config: Any) -> nn.Module:
-    """The model a config describes, on the meta device (shapes only, no memory): for checks
-    that need the layers' widths before any weight is loaded."""
-    import copy
-
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    config = copy.deepcopy(config)
-    if hasattr(config, "quantization_config"):  # a packed checkpoint: the plain model's shapes
-        del config.quantization_config
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
-
-
-class _StopForward(Exception):
-    """Raised by the layer-0 hook: nothing after the first layer's inputs is needed."""
+    def batches(self, layer: nn.Module | None = None) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
+        """(hidden, keyword arguments of `layer`, or of the first layer) per batch."""
+        yield from zip(self.hidden, self.kwargs_for(layer))
 
 
 def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 8) -> LayerInputs:
-    """Run the embeddings on `input_ids` [n, seq] and record what decoder layer 0 receives."""
+    """Run the embeddings on `input_ids` [n, seq]; record what decoder layer 0 receives and the
+    keyword arguments the model passes each layer. The layers themselves do not run: each is
+    replaced, for this pass, by a stand-in that records its arguments and returns its input."""
     import torch
 
     layers = decoder_layers(model)
     device = next(model.parameters()).device
     captured = LayerInputs()
+    per_layer: list[list[dict[str, Any]]] = [[] for _ in layers]
 
-    def hook(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.hidden.append(hidden.detach())
-        captured.kwargs.append({k: _detach(v) for k, v in kwargs.items()})
-        raise _StopForward
+    def stand_in(index: int):  # noqa: ANN202
+        def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            if index == 0:
+                captured.hidden.append(hidden.detach())
+            per_layer[index].append({k: _detach(v) for k, v in kwargs.items() if k != "hidden_states"})
+            return hidden
 
-    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+        return forward
+
+    for index, layer in enumerate(layers):
+        layer.forward = stand_in(index)
     try:
         with torch.no_grad():
             for start in range(0, input_ids.shape[0], batch_size):
                 batch = input_ids[start:start + batch_size].to(device)
-                try:
-                    model.model(input_ids=batch, use_cache=False)
-                except _StopForward:
-                    pass
+                model.get_decoder()(input_ids=batch, use_cache=False)
     finally:
-        handle.remove()
+        for layer in layers:
+            del layer.forward
+    captured.kwargs = per_layer[0]
+    captured.layer_kwargs = {id(layer): kwargs for layer, kwargs in zip(layers, per_layer)}
     return captured
 
 
@@ -128,20 +117,13 @@ def run_layer(layer: nn.Module, inputs: LayerInputs) -> LayerInputs:
     """Propagate recorded inputs through one (possibly modified) decoder layer."""
     import torch
 
-    out = LayerInputs(kwargs=inputs.kwargs)
+    out = LayerInputs(kwargs=inputs.kwargs, layer_kwargs=inputs.layer_kwargs)
     with torch.no_grad():
-        for hidden, kwargs in inputs.batches():
+        for hidden, kwargs in inputs.batches(layer):
             result = layer(hidden, **kwargs)
             # transformers 5 layers return a tensor, earlier versions a tuple.
             out.hidden.append(result[0] if isinstance(result, tuple) else result)
     return out
-
-
-def linear_modules(layer: nn.Module) -> dict[str, nn.Linear]:
-    """name -> Linear inside a layer, e.g. 'self_attn.q_proj', 'mlp.down_proj'."""
-    from torch import nn
-
-    return {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
 
 
 class InputStats:

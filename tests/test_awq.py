@@ -95,8 +95,8 @@ def test_folds_keep_the_function(random_llama):
     """Folding arbitrary scales into the discovered producers leaves the layer's output unchanged."""
     from transformers import AutoModelForCausalLM
 
+    from orstack.architectures import discover
     from orstack.awq.search import _apply_fold
-    from orstack.awq.structure import discover
     from orstack.layerwise import capture_layer_inputs, run_layer
 
     model = AutoModelForCausalLM.from_pretrained(random_llama)

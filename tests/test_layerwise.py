@@ -81,3 +81,17 @@ def test_weightless_model_has_the_shapes_and_no_data(model):
     assert all(p.is_meta for p in skeleton.parameters())
     assert not hasattr(skeleton.config, "quantization_config")
     assert config.quantization_config == {"quant_method": "compressed-tensors"}  # the caller's config is kept
+
+
+def test_each_layer_gets_its_own_keyword_arguments(family_checkpoint):
+    """Gemma 3 gives sliding and full layers different rotary tables and masks: the inputs are
+    recorded per layer, as the model passes them (layer 5 is the full-attention one)."""
+    m, _ = load_model(family_checkpoint("gemma3_text"), with_tokenizer=False)
+    ids = torch.randint(3, 290, (2, 16), generator=torch.Generator().manual_seed(0))
+    inputs = capture_layer_inputs(m, ids)
+    layers = decoder_layers(m)
+    (first,), (last,) = inputs.kwargs_for(layers[0]), inputs.kwargs_for(layers[5])
+    assert m.config.layer_types[0] == "sliding_attention" and m.config.layer_types[5] == "full_attention"
+    assert not torch.equal(first["position_embeddings"][0], last["position_embeddings"][0])
+    assert torch.equal(inputs.kwargs_for(layers[1])[0]["position_embeddings"][0], first["position_embeddings"][0])
+    assert inputs.kwargs_for(None) is inputs.kwargs

@@ -3,13 +3,19 @@
 For each decoder layer, with the calibration inputs it really receives (propagated through
 the already-quantized layers):
 1. find the Linear groups sharing an input and the op each group's input scale folds into
-   (orstack.awq.structure: by probing the layer, not from a per-architecture table);
+   (orstack.architectures: by probing the layer, not from a per-architecture table): a norm
+   (Gemma's (1 + w) norms take w' = (1 + w)/s - 1), a Linear's rows, or the tail slice of a
+   fused Linear (the v rows of Phi-3's qkv_proj for o_proj, the up half of gate_up_proj for
+   down_proj);
 2. per group, search s = mean|x|^α over α in {0, 1/n, ..., 1} minimising the group's summed
    output error tr(Δ G Δᵀ) with Δ = Q(W·diag(s))·diag(s)⁻¹ - W and G = XᵀX/n (α = 0 is RTN);
 3. fold the scales: the producing op's channel k is divided by s_k, the group's columns
    multiplied by s (the layer computes the same function before quantization);
 4. per Linear, search a clipping ratio per (row, group) on the same error, then quantize.
-Linears whose input has no fold target are only clipped. Embeddings and lm_head are not quantized.
+A group whose input has no fold target (OLMo 2's q/k/v and gate/up read the residual stream
+itself) keeps scale 1 -- any other scale would change the function -- and only gets the
+clipping search; the run says so once and the manifest lists those groups
+(`metrics.unscaled_groups`). Embeddings and lm_head are not quantized.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from orstack.awq.structure import LinearGroup
+    from orstack.architectures import LinearGroup
 
 
 @dataclass
@@ -53,6 +59,10 @@ class AWQConfig:
     heldout: list[str] | None = None
 
 
+UNSCALED_REASON = ("no op produces the input channel by channel (e.g. it is the residual stream): "
+                   "scale 1, clipping search only")
+
+
 @dataclass
 class LayerReport:
     layer: int
@@ -60,6 +70,7 @@ class LayerReport:
     folds: dict[str, str | None]
     error_rtn: float
     error_awq: float
+    groups: dict[str, list[str]] = field(default_factory=dict)  # group label -> its Linears
 
     @property
     def reduction(self) -> float:
@@ -88,6 +99,15 @@ class Quantization:
         n = {name: q.codes.numel() for name, q in self.quantized.items()}
         return sum(self.bits[k] * n[k] for k in n) / max(sum(n.values()), 1)
 
+    def unscaled_groups(self) -> list[str]:
+        """The groups (by their Linears' names) that had no op to fold a scale into, in any layer."""
+        seen: dict[str, None] = {}
+        for report in self.layers:
+            for label, members in report.groups.items():
+                if report.folds.get(label) is None:
+                    seen[",".join(members)] = None
+        return list(seen)
+
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "average_bits": round(self.average_bits(), 4),
@@ -100,6 +120,9 @@ class Quantization:
             out["error_reduction_vs_rtn"] = round(1 - self.error_awq / self.error_rtn, 4) if self.error_rtn else 0.0
             out["layers"] = [{"layer": r.layer, "alpha": r.alphas, "fold": r.folds,
                               "error_reduction_vs_rtn": round(r.reduction, 4)} for r in self.layers]
+            unscaled = self.unscaled_groups()
+            if unscaled:
+                out["unscaled_groups"] = {"groups": unscaled, "reason": UNSCALED_REASON}
         return out
 
 
@@ -115,10 +138,9 @@ def target_linears(model: nn.Module) -> dict[str, nn.Linear]:
 
 
 def _layer_prefix(model: nn.Module, i: int) -> str:
-    from orstack.layerwise import decoder_layers
+    from orstack.architectures import layer_prefix
 
-    layer = decoder_layers(model)[i]
-    return next(name for name, m in model.named_modules() if m is layer)
+    return layer_prefix(model, i)
 
 
 def check_config(cfg: AWQConfig) -> None:
@@ -170,7 +192,7 @@ def quantize_awq(model: nn.Module, input_ids: torch.Tensor, cfg: AWQConfig, size
     """
     import torch
 
-    from orstack.awq.structure import discover
+    from orstack.architectures import discover
     from orstack.layerwise import capture_layer_inputs, decoder_layers, linear_modules, record_input_stats, run_layer
 
     start = time.perf_counter()
@@ -184,7 +206,7 @@ def quantize_awq(model: nn.Module, input_ids: torch.Tensor, cfg: AWQConfig, size
     for i, layer in enumerate(layers):
         prefix = _layer_prefix(model, i)
         modules = linear_modules(layer)
-        hidden, kwargs = next(probe.batches())
+        hidden, kwargs = next(probe.batches(layer))
         groups = discover(layer, hidden, kwargs)
         with record_input_stats(modules, hessian=True) as stats:
             run_layer(layer, inputs)
@@ -214,11 +236,12 @@ def _quantize_layer(layer: nn.Module, groups: list[LinearGroup], stats: dict, sp
     row_scale = {name: torch.ones(weights[name].shape[0], device=device) for name in specs}
     alphas: dict[str, float | None] = {}
     folds: dict[str, str | None] = {}
+    members = {group.names[0]: list(group.names) for group in groups}
     # Scales are all searched on the unmodified layer, then folded together.
     plans = []
     for group in groups:
         label = group.names[0]
-        folds[label] = group.fold.module if group.fold else None
+        folds[label] = group.fold.label if group.fold else None
         if group.fold is None:
             alphas[label] = None
             continue
@@ -242,7 +265,7 @@ def _quantize_layer(layer: nn.Module, groups: list[LinearGroup], stats: dict, sp
         # Error in the original coordinates: undo the row fold and the column scale.
         delta = row_scale[name].unsqueeze(1) * (w_hat - w) / c
         awq_error += output_error(delta, grams[name])
-    return LayerReport(-1, alphas, folds, rtn_error, awq_error), quantized
+    return LayerReport(-1, alphas, folds, rtn_error, awq_error, members), quantized
 
 
 def _source_mean_abs(group: LinearGroup, stats: dict) -> torch.Tensor:
@@ -292,16 +315,15 @@ def _row_sample(w: torch.Tensor, max_rows: int) -> torch.Tensor:
 def _apply_fold(layer: nn.Module, group: LinearGroup, s_source: torch.Tensor, col_scale: dict,
                 row_scale: dict) -> None:
     """Divide the producing op's channels by s and multiply the group's input columns by s."""
+    from orstack.architectures import fold_into_producer
+
     fold = group.fold
-    producer = layer.get_submodule(fold.module)
-    if fold.kind == "norm":
-        producer.weight.data.div_(s_source.to(producer.weight.dtype))
-    else:
-        producer.weight.data.div_(s_source.to(producer.weight.dtype).unsqueeze(1))
-        if producer.bias is not None:
-            producer.bias.data.div_(s_source.to(producer.bias.dtype))
-        if fold.module in row_scale:
-            row_scale[fold.module] = row_scale[fold.module] * s_source
+    fold_into_producer(layer, fold, s_source)
+    if fold.kind == "rows" and fold.module in row_scale:
+        stop = fold.start + fold.n_source
+        scale = row_scale[fold.module].clone()
+        scale[fold.start:stop] = scale[fold.start:stop] * s_source
+        row_scale[fold.module] = scale
     s = s_source[fold.source]
     for name in group.names:
         module = layer.get_submodule(name)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from orstack import console
 from orstack.awq.search import (
+    UNSCALED_REASON,
     AWQConfig,
     LayerReport,
     Quantization,
@@ -48,14 +49,16 @@ class AWQResult:
 def run(source: str | Path, output: str | Path, config: AWQConfig, runtime: Runtime) -> AWQResult:
     """Quantize the checkpoint `source` as `config` says and write it to the directory `output`.
 
-    Everything is checked before a weight is loaded: the options, the checkpoint (a Llama-family
-    config), the text files, the output path and the device.
+    Everything is checked before a weight is loaded: the options, the checkpoint (a decoder made
+    of Linears, checked on its config: orstack.architectures), the text files, the output path
+    and the device.
     """
+    from orstack.architectures import check_config as check_architecture
+    from orstack.architectures import weightless_model
     from orstack.awq.packed import write_packed
-    from orstack.io.checkpoint import check_architecture, load_config, load_model, resolve_checkpoint, save_checkpoint
+    from orstack.io.checkpoint import load_config, load_model, resolve_checkpoint, save_checkpoint
     from orstack.io.output import check_output
     from orstack.io.text import check_text_files, read_texts
-    from orstack.layerwise import weightless_model
     from orstack.runtime import seed_everything
 
     check_config(config)
@@ -69,7 +72,7 @@ def run(source: str | Path, output: str | Path, config: AWQConfig, runtime: Runt
     output = Path(output)
     check_output(output, kind="dir", option="-o", inputs=[checkpoint])
     model_config = load_config(checkpoint)
-    check_architecture(model_config, where=str(checkpoint))
+    check_architecture(model_config, str(checkpoint))
     if config.group_size != "auto":  # a size that does not divide a width, named before loading
         group_sizes(weightless_model(model_config), config)
     device = runtime.torch_device()
@@ -99,6 +102,7 @@ def quantize_in_place(model: nn.Module, tokenizer: Any, cfg: AWQConfig, calib_te
     import torch
 
     from orstack.io.text import check_seqlen, token_windows
+    from orstack.layerwise import decoder_layers
 
     sizes = group_sizes(model, cfg)
     metrics: dict[str, Any] = {}
@@ -114,14 +118,18 @@ def quantize_in_place(model: nn.Module, tokenizer: Any, cfg: AWQConfig, calib_te
         if cfg.mixed_precision:
             widths = tuple(sorted({max(cfg.bits - 1, 2), cfg.bits, min(cfg.bits + 1, 8)}))
             with console.progress() as bar:
-                task = bar.add_task("sensitivity", total=len(model.model.layers), unit="layers")
+                task = bar.add_task("sensitivity", total=len(decoder_layers(model)), unit="layers")
                 sens = sensitivities(model, ids, cfg, sizes, widths, lambda i, n: bar.update(task, completed=i))
             params = {name: m.weight.numel() for name, m in target_linears(model).items()}
             bits = allocate_bits(sens, params, cfg.bits, cfg.promote_fraction)
         with console.progress() as bar:
-            task = bar.add_task("awq", total=len(model.model.layers), unit="layers")
+            task = bar.add_task("awq", total=len(decoder_layers(model)), unit="layers")
             with torch.no_grad():
                 quantization = quantize_awq(model, ids, cfg, sizes, bits, lambda i, n: bar.update(task, completed=i))
+        unscaled = quantization.unscaled_groups()
+        if unscaled:
+            console.info(f"awq: nothing to fold a scale into for {'; '.join(unscaled)} "
+                         f"({getattr(model.config, 'model_type', 'model')}): {UNSCALED_REASON}")
     metrics.update(quantization.summary())
     if cfg.mixed_precision:
         metrics["bits"] = {name: b for name, b in quantization.bits.items() if b != cfg.bits}

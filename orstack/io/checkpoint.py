@@ -25,8 +25,12 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-# The Llama family: the architectures every compression stage supports.
+# Kept for callers that name it; what the compression stages support is decided by structure
+# (orstack.architectures.check_config), not by this list.
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+# The structural family check (it builds a weightless model from the config; lives with the
+# rest of the structural knowledge, a layer above io, so it is called by reference).
+STRUCTURAL_CHECK = "orstack.architectures:check_config"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 # format name -> "module:function"; the function takes (path, device, dtype, trust_pickle) and returns a model.
@@ -190,7 +194,13 @@ def check_checkpoint(spec: str | Path, *, causal_lm: bool = True) -> Path | str:
     return source
 
 
-def check_architecture(config: Any, supported: tuple[str, ...] = LLAMA_FAMILY, where: str = "") -> None:
+def check_architecture(config: Any, supported: tuple[str, ...] | None = None, where: str = "") -> None:
+    """Refuse a config whose model type is not in `supported`; with no list, the structural check
+    of the compression stages (decoder layers made of Linears, no mixture-of-experts), which
+    names what is supported. Either way before any weight is read."""
+    if supported is None:
+        _call(STRUCTURAL_CHECK, config, where)
+        return
     model_type = getattr(config, "model_type", None)
     if model_type not in supported:
         raise BadInput(f"{where or 'model'}: unsupported architecture '{model_type}' "

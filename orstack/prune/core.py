@@ -38,9 +38,12 @@ class PruneSpec:
             raise BadInput(f"--method {self.method}: expected one of {', '.join(METHODS)}")
 
     def sparsity_for(self, name: str) -> float:
-        if name.startswith("self_attn.") and self.attn_sparsity is not None:
+        from orstack.architectures import linear_role
+
+        role = linear_role(name)
+        if role == "attention" and self.attn_sparsity is not None:
             return self.attn_sparsity
-        if name.startswith("mlp.") and self.mlp_sparsity is not None:
+        if role == "mlp" and self.mlp_sparsity is not None:
             return self.mlp_sparsity
         return self.sparsity
 
@@ -89,6 +92,7 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: PruneSpe
     """
     import torch
 
+    from orstack.architectures import layer_prefix
     from orstack.console import progress
     from orstack.layerwise import capture_layer_inputs, decoder_layers, linear_modules, record_input_stats, run_layer
 
@@ -106,12 +110,13 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: PruneSpe
         task = bar.add_task(f"{spec.method} {spec.pattern_text}", total=len(layers), unit="layers")
         for index, layer in enumerate(layers):
             modules = linear_modules(layer)
+            prefix = layer_prefix(model, index)
             stats = None
             if needs_data:
                 with record_input_stats(modules, hessian=spec.method == "sparsegpt") as stats:
                     run_layer(layer, inputs)
             for name, module in modules.items():
-                full = f"model.layers.{index}.{name}.weight"
+                full = f"{prefix}.{name}.weight"
                 with torch.no_grad():
                     new = prune_matrix(module.weight.data, spec, spec.sparsity_for(name),
                                        stats[name] if stats else None)
@@ -144,14 +149,16 @@ def _prune_lm_head(model: nn.Module, inputs, spec: PruneSpec, report: PruneRepor
     """lm_head sees the final norm of the last layer's output; prune it like any Linear."""
     import torch
 
+    from orstack.architectures import final_norm
     from orstack.layerwise import record_input_stats
 
     head = lm_head_of(model)
+    norm = final_norm(model) or (lambda h: h)
     stats = None
     if inputs is not None:
         with torch.no_grad(), record_input_stats({"lm_head": head}, hessian=spec.method == "sparsegpt") as stats:
             for hidden, _ in inputs.batches():
-                head(model.model.norm(hidden))
+                head(norm(hidden))
     with torch.no_grad():
         new = prune_matrix(head.weight.data, spec, spec.sparsity, stats["lm_head"] if stats else None)
         if spec.pattern is not None:
@@ -176,12 +183,14 @@ def check_pattern_fits(layers: nn.ModuleList, spec: PruneSpec) -> None:
 def masks_of(model: nn.Module) -> dict[str, torch.Tensor]:
     """Keep-masks (weight != 0) of every decoder-layer Linear (and of an untied lm_head that
     holds zeros, i.e. was pruned), by parameter name."""
+    from orstack.architectures import layer_prefix
     from orstack.layerwise import decoder_layers, linear_modules
 
     masks = {}
     for index, layer in enumerate(decoder_layers(model)):
+        prefix = layer_prefix(model, index)
         for name, module in linear_modules(layer).items():
-            masks[f"model.layers.{index}.{name}.weight"] = module.weight.detach() != 0
+            masks[f"{prefix}.{name}.weight"] = module.weight.detach() != 0
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     if head is not None and head.weight.data_ptr() != embed.weight.data_ptr() and bool((head.weight == 0).any()):
         masks["lm_head.weight"] = head.weight.detach() != 0  # pruned with --prune-lm-head

@@ -26,10 +26,11 @@ class RecoverResult:
 
 def trainable_parameters(model: nn.Module) -> list[torch.nn.Parameter]:
     """Decoder layers and the final norm: everything but embeddings and lm_head."""
+    from orstack.architectures import final_norm
     from orstack.layerwise import decoder_layers
 
     params = list(decoder_layers(model).parameters())
-    norm = getattr(model.model, "norm", None)
+    norm = final_norm(model)
     if norm is not None:
         params += list(norm.parameters())
     return params

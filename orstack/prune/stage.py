@@ -127,10 +127,12 @@ class PruneResult:
 def run(source: str | Path, output: str | Path, config: PruneConfig, runtime: Runtime) -> PruneResult:
     """Prune the checkpoint `source` as `config` says and write it to the directory `output`.
 
-    Everything is checked before a weight is loaded: the options, the checkpoint (a Llama-family
-    config; an untied lm_head for --prune-lm-head), the text files, the output path and the device.
+    Everything is checked before a weight is loaded: the options, the checkpoint (a decoder made
+    of Linears, checked on its config: orstack.architectures; an untied lm_head for
+    --prune-lm-head), the text files, the output path and the device.
     """
-    from orstack.io.checkpoint import check_architecture, load_config, load_model, resolve_checkpoint, save_checkpoint
+    from orstack.architectures import check_config as check_architecture
+    from orstack.io.checkpoint import load_config, load_model, resolve_checkpoint, save_checkpoint
     from orstack.io.output import check_output
     from orstack.io.text import check_text_files, read_texts
     from orstack.layerwise import decoder_layers, weightless_model
@@ -150,7 +152,7 @@ def run(source: str | Path, output: str | Path, config: PruneConfig, runtime: Ru
     output = Path(output)
     check_output(output, kind="dir", option="-o", inputs=[checkpoint])
     model_config = load_config(checkpoint)
-    check_architecture(model_config, where=str(checkpoint))
+    check_architecture(model_config, str(checkpoint))
     if config.prune_lm_head and getattr(model_config, "tie_word_embeddings", False):
         raise BadInput(f"--prune-lm-head: {checkpoint}: lm_head is tied to the input embeddings; "
                        "pruning it would prune them too")
