@@ -200,6 +200,7 @@ def test_unsupported_family_is_one_line_before_weights_load(family_checkpoint, t
 
 @pytest.mark.parametrize("family, overrides, message", [
     ("smollm3", {"num_hidden_layers": 4, "no_rope_layer_interval": 2}, "hard-codes every 4th layer"),
+    ("smollm3", {"num_hidden_layers": 4, "no_rope_layer_interval": 8}, r"rotary on layers \[1, 1, 1, 1\]"),
     ("gemma2", {"query_pre_attn_scalar": 64}, "query_pre_attn_scalar 64 != head_dim 128"),
     ("llama", {"hidden_act": "gelu"}, "activation 'gelu'"),
     ("qwen2", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 0},

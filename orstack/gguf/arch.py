@@ -120,13 +120,11 @@ def layout(config, where: str = "model") -> Layout:  # noqa: ANN001 - a transfor
     out = Layout(model_type, arch, n_layers, n_heads, n_kv, head_dim, int(head_dim * partial), theta)
     keys = out.keys
 
-    if swa_theta is not None and swa_theta != theta:
-        if not arch.swa_rope_base:
-            raise BadInput(f"{where}: sliding layers use rope base {swa_theta:g}, full ones {theta:g}; "
-                           f"llama.cpp's {arch.name} has one base")
+    if swa_theta is not None and arch.swa_rope_base:
         keys.append(("add_rope_freq_base_swa", swa_theta))
-    elif swa_theta is not None and arch.swa_rope_base:
-        keys.append(("add_rope_freq_base_swa", swa_theta))
+    elif swa_theta not in (None, theta):
+        raise BadInput(f"{where}: sliding layers use rope base {swa_theta:g}, full ones {theta:g}; "
+                       f"llama.cpp's {arch.name} has one base")
 
     scalar = getattr(config, "query_pre_attn_scalar", None)
     if scalar is not None and scalar != head_dim:
@@ -148,16 +146,17 @@ def layout(config, where: str = "model") -> Layout:  # noqa: ANN001 - a transfor
         keys.append(("add_sliding_window", int(window)))
         keys.append(("add_sliding_window_pattern", [t == "sliding_attention" for t in layer_types]))
 
-    nope = getattr(config, "no_rope_layers", None)
-    if nope is not None and not all(nope[:n_layers]):
-        step = arch.nope_step
-        expected = [int(step is None or (i + 1) % step != 0) for i in range(n_layers)]
-        if list(nope[:n_layers]) != expected or step is None:
-            raise BadInput(f"{where}: layers without rotary {list(nope[:n_layers])}; llama.cpp's {arch.name} "
-                           + (f"hard-codes every {step}th layer ({expected})" if step else "rotates every layer"))
+    # llama.cpp rotates every layer, or (SmolLM3) all but every nope_step-th, whatever the config says
+    step = arch.nope_step
+    expected = [int(step is None or (i + 1) % step != 0) for i in range(n_layers)]
+    nope = list(getattr(config, "no_rope_layers", None) or [1] * n_layers)[:n_layers]
+    if nope != expected:
+        raise BadInput(f"{where}: rotary on layers {nope} (no_rope_layers); llama.cpp's {arch.name} "
+                       + (f"hard-codes every {step}th layer without rotary ({expected})" if step
+                          else "rotates every layer"))
 
     original = getattr(config, "original_max_position_embeddings", None)
-    if original and model_type == "phi3":
+    if original:
         keys.append(("add_rope_scaling_orig_ctx_len", int(original)))
 
     scales = {"attention_multiplier": "add_attention_scale", "embedding_multiplier": "add_embedding_scale",
