@@ -149,11 +149,11 @@ def test_route_hot_swaps_two_modifiers_on_every_family(family, family_checkpoint
     from orstack.backends.base import open_backend
     from orstack.route.routing import AccuratePaths
 
-    torch.set_num_threads(1)
     base_dir = family_checkpoint(family)
     modifiers = {"math": tmp_path / "math", "string": tmp_path / "string"}
     train(base_dir, modifiers["math"], data["math"])
     train(base_dir, modifiers["string"], data["string"])
+    torch.set_num_threads(1)  # after the CLI runs, which restore the thread count they found
     base = open_backend(str(base_dir), Runtime(device="cpu"), batch_size=2)
     pointer = base.model.get_input_embeddings().weight.data_ptr()
     prompts = ["2+3=", "rev abc="]
@@ -165,11 +165,11 @@ def test_route_hot_swaps_two_modifiers_on_every_family(family, family_checkpoint
         assert backend is base and label == f"modifier:{domain}"
         outs.setdefault(domain, []).append([g.token_logprobs for g in backend.generate(prompts, max_new_tokens=3,
                                                                                        stop=[])])
-    # swapping back gives the same outputs (to float rounding: 4e-7 measured on llama)
-    assert sum(outs["math"][0], []) == pytest.approx(sum(outs["math"][1], []), abs=1e-5)
+    assert outs["math"][0] == outs["math"][1]  # swapping back gives the same outputs
     assert outs["math"][0] != outs["string"][0] and outs["math"][0] != plain and outs["string"][0] != plain
     with paths.fast() as fast:
         off = [g.token_logprobs for g in fast.generate(prompts, max_new_tokens=3, stop=[])]
+    # the base's own outputs, through peft's wrapper (one prefill log-prob 3.6e-7 apart measured on llama)
     assert sum(off, []) == pytest.approx(sum(plain, []), abs=1e-5)
     assert base.model.get_input_embeddings().weight.data_ptr() == pointer
 
