@@ -205,8 +205,10 @@ def norm_kind(module: nn.Module) -> str | None:
 
 
 def norm_gain(module: nn.Module, kind: str) -> torch.Tensor:
-    """The per-channel gain a norm applies (w, or 1 + w), in float32."""
-    w = module.weight.data.float()
+    """The per-channel gain a norm applies (w, or 1 + w), in float32 (float64 for a float64 model)."""
+    import torch
+
+    w = module.weight.data.to(torch.promote_types(module.weight.dtype, torch.float32))
     return w + 1.0 if kind == "offset" else w
 
 
@@ -383,7 +385,8 @@ def fold_into_producer(layer: nn.Module, fold: Fold, s: torch.Tensor) -> None:
     producer = layer.get_submodule(fold.module)
     if fold.kind == "norm":
         if fold.norm == "offset":  # Gemma: 1 + w' = (1 + w) / s
-            set_norm_gain(producer, "offset", norm_gain(producer, "offset") / s.float())
+            gain = norm_gain(producer, "offset")
+            set_norm_gain(producer, "offset", gain / s.to(gain.dtype))
         else:
             producer.weight.data.div_(s.to(producer.weight.dtype))
         if getattr(producer, "bias", None) is not None:
