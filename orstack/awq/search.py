@@ -59,8 +59,9 @@ class AWQConfig:
     heldout: list[str] | None = None
 
 
-UNSCALED_REASON = ("no op produces the input channel by channel (e.g. it is the residual stream): "
-                   "scale 1, clipping search only")
+UNSCALED_REASON = ("no op with a per-channel weight produces the input (it is the residual stream, a weightless "
+                   "norm's or an activation's output), so any scale would change the function: scale 1, "
+                   "clipping search only")
 
 
 @dataclass
