@@ -11,7 +11,7 @@ from orstack import console
 from orstack.commands.options import Calib, NSamples, RequiredOutput, SeqLen, current_runtime
 from orstack.errors import BadInput
 
-HELP = """Quantize the decoder-layer linear weights of a Llama-family checkpoint to 3, 4 or 8 bits.
+HELP = """Quantize the decoder-layer linear weights of a decoder checkpoint to 3, 4 or 8 bits.
 
 Group-wise (--group-size consecutive input weights share a scale and, unless --symmetric,
 an integer zero point). AWQ: for each set of linears sharing an input (found by probing
@@ -50,7 +50,8 @@ def _group_size(value: str) -> int | str:
 
 
 def awq(
-    model: Annotated[str, typer.Argument(help="Checkpoint directory (Llama family).")],
+    model: Annotated[str, typer.Argument(help="Checkpoint directory (Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3, "
+                                                            "OLMo 2, Granite, SmolLM3, ...).")],
     output: RequiredOutput,
     calib: Calib = None,  # type: ignore[assignment] - required unless --rtn (AWQConfig checks)
     bits: Annotated[int, typer.Option("--bits", help="Bits per weight: 3, 4 or 8.")] = 4,

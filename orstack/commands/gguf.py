@@ -10,7 +10,8 @@ import typer
 from orstack import console
 from orstack.commands.options import Force, RequiredOutput, current_runtime
 
-HELP = """Export a Llama-family checkpoint (llama, mistral, qwen2) to GGUF for llama.cpp.
+HELP = """Export a decoder checkpoint to GGUF for llama.cpp: llama, mistral, qwen2, qwen3, gemma, gemma2,
+gemma3_text, phi3, olmo2 (and olmo3), granite, smollm3.
 
 Reads every checkpoint orstack writes (vocab-trimmed, pruned, fake-quant, packed AWQ).
 Writes architecture metadata, the tokenizer (byte-level BPE with its pre-tokenizer chosen
@@ -29,7 +30,8 @@ Q6_K->Q8_0, else F16), listed per tensor. Norms and biases stay F32.
 --validate (default when llama-cpp-python is installed) loads the file in llama.cpp and
 compares it with the source: greedy-token agreement over --tokens tokens per prompt and
 perplexity; f32/f16 need >= 99% agreement, q8_0/bf16 >= 95%, and all of these a
-perplexity within 2%, or the command exits 3 and writes nothing (unless --force).
+perplexity within 2%; f32 also needs every logit within 1% of the largest source logit;
+otherwise the command exits 3 and writes nothing (unless --force).
 
 The file carries orstack's manifest (stage, options, parent checkpoint, lineage and the
 validation figures) as JSON in the metadata key orstack.manifest.
@@ -89,7 +91,8 @@ def _report(result, qtype: str) -> None:  # noqa: ANN001 - orstack.gguf.GgufResu
     if v is not None:
         gate = f"gate >= {v.min_agreement:.0%}, ppl ±2%" if v.gated else "not gated"
         console.info(f"validation (llama.cpp): greedy agreement {v.agreement:.1%} of {v.n_compared} tokens, "
-                     f"perplexity {v.ppl_gguf:.3f} vs source {v.ppl_source:.3f} ({v.ppl_change:+.2%}); {gate}")
+                     f"perplexity {v.ppl_gguf:.3f} vs source {v.ppl_source:.3f} ({v.ppl_change:+.2%}), max logit "
+                     f"difference {v.max_logit_diff:.2g} of {v.logit_scale:.3g}; {gate}")
     console.info(f"wrote {export.path} ({export.size_bytes / 1e6:.2f} MB, {export.seconds:.1f} s)")
 
 

@@ -10,7 +10,7 @@ import typer
 from orstack import console
 from orstack.commands.options import Calib, Dtype, NSamples, RequiredOutput, current_runtime
 
-HELP = """Prune the decoder-layer linear weights of a Llama-family checkpoint.
+HELP = """Prune the decoder-layer linear weights of a decoder checkpoint.
 
 Methods: magnitude (|W|), wanda (|W| x ||X||_2 of the calibration inputs, per output row)
 and sparsegpt (column blocks with the inverse-Hessian update). Either --sparsity S
@@ -39,7 +39,8 @@ Method = Annotated[str, typer.Option("--method", help="magnitude, wanda or spars
 
 
 def prune(
-    model: Annotated[str, typer.Argument(help="Checkpoint directory (Llama family).")],
+    model: Annotated[str, typer.Argument(help="Checkpoint directory (Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3, "
+                                                            "OLMo 2, Granite, SmolLM3, ...).")],
     calib: Calib,
     output: RequiredOutput,
     method: Method = "wanda",
