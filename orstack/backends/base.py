@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from orstack.errors import BadInput
 
@@ -21,6 +21,10 @@ if TYPE_CHECKING:
 
     from orstack.backends.perplexity import PerplexityResult
     from orstack.runtime import Runtime
+
+
+# A prompt: a string, or a conversation in the OpenAI chat format (a list of {role, content}).
+Prompt = str | list[dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -51,18 +55,26 @@ class Generation:
 class Backend(Protocol):
     name: str  # the MODEL spec as the user gave it
 
-    def generate(self, prompts: list[str], *, max_new_tokens: int, stop: list[str]) -> list[Generation]:
-        """Greedy completions; each stops at EOS, at any stop sequence, or after max_new_tokens."""
+    def generate(self, prompts: list[Prompt], *, max_new_tokens: int, stop: list[str]) -> list[Generation]:
+        """Greedy completions; each stops at EOS, at any stop sequence, or after max_new_tokens.
+        A prompt is a string or a conversation (a list of {role, content}); a conversation,
+        and with a --chat-template choice any prompt, goes through the chat template
+        (orstack/backends/chat.py) and also stops at the template's end-of-turn token."""
         ...
 
-    def sample(self, prompts: list[str], *, max_new_tokens: int, stop: list[str],
+    def sample(self, prompts: list[Prompt], *, max_new_tokens: int, stop: list[str],
                sampling: Sampling) -> list[list[Generation]]:
         """`sampling.n` sampled completions per prompt (stopping as `generate` does); the same
         seed gives the same draws."""
         ...
 
-    def encode_prompt(self, prompt: str) -> list[int]:
-        """The prompt's token ids as the model sees them (BOS first when the tokenizer adds one)."""
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        """The prompt's token ids as the model sees them (BOS first when the tokenizer adds one;
+        a templated prompt as transformers' apply_chat_template encodes it)."""
+        ...
+
+    def prompt_text(self, prompt: Prompt) -> str:
+        """The text the model reads for `prompt` (the rendered template when one applies)."""
         ...
 
     def context_length(self) -> int | None:
@@ -112,17 +124,19 @@ def split_pair(encode: Callable[[str], list[int]], context: str, continuation: s
     return ctx, cont
 
 
-def open_backend(spec: str, runtime: Runtime, *, batch_size: int = 16) -> Backend:
+def open_backend(spec: str, runtime: Runtime, *, batch_size: int = 16, chat_template: str | None = None) -> Backend:
     """A `.gguf` path opens the llama.cpp backend; anything else the transformers one
-    (through orstack.io.checkpoint.load_model, so every format orstack writes loads)."""
+    (through orstack.io.checkpoint.load_model, so every format orstack writes loads).
+    `chat_template` is the run's --chat-template choice (orstack/backends/chat.py)."""
     if str(spec).lower().endswith(".gguf"):
-        return _open_gguf(spec, runtime)
+        return _open_gguf(spec, runtime, chat_template)
     from orstack.backends.hf import HFBackend
 
-    return HFBackend(spec, device=runtime.torch_device(), batch_size=batch_size, trust_pickle=runtime.trust_pickle)
+    return HFBackend(spec, device=runtime.torch_device(), batch_size=batch_size, trust_pickle=runtime.trust_pickle,
+                     chat_template=chat_template)
 
 
-def _open_gguf(spec: str, runtime: Runtime) -> Backend:
+def _open_gguf(spec: str, runtime: Runtime, chat_template: str | None = None) -> Backend:
     from pathlib import Path
 
     if not Path(spec).is_file():
@@ -134,4 +148,4 @@ def _open_gguf(spec: str, runtime: Runtime) -> Backend:
             raise BadInput(f"{spec}: benchmarking GGUF files needs llama-cpp-python "
                            f"(module '{e.name}' is not available)") from None
         raise
-    return module.LlamaCppBackend(spec, n_threads=runtime.threads, seed=runtime.seed)
+    return module.LlamaCppBackend(spec, n_threads=runtime.threads, seed=runtime.seed, chat_template=chat_template)

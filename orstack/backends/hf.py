@@ -24,23 +24,24 @@ class HFBackend:
     """A causal LM loaded through orstack.io.checkpoint.load_model (every orstack format)."""
 
     def __init__(self, spec: str, *, device: str = "cpu", batch_size: int = 16, dtype: str = "float32",
-                 trust_pickle: bool = False) -> None:
+                 trust_pickle: bool = False, chat_template: str | None = None) -> None:
         from orstack.io.checkpoint import load_model
 
         started = time.perf_counter()
         model, tokenizer = load_model(spec, device=device, dtype=dtype, trust_pickle=trust_pickle)
-        self._attach(str(spec), model, tokenizer, batch_size)
+        self._attach(str(spec), model, tokenizer, batch_size, chat_template)
         self.load_seconds = time.perf_counter() - started
 
     @classmethod
-    def from_model(cls, model, tokenizer, *, name: str = "<in memory>", batch_size: int = 16) -> HFBackend:  # noqa: ANN001
+    def from_model(cls, model, tokenizer, *, name: str = "<in memory>", batch_size: int = 16,  # noqa: ANN001
+                   chat_template: str | None = None) -> HFBackend:
         """A backend over a model already in memory (a stage's model before it is saved)."""
         backend = cls.__new__(cls)
-        backend._attach(name, model, tokenizer, batch_size)
+        backend._attach(name, model, tokenizer, batch_size, chat_template)
         backend.load_seconds = 0.0
         return backend
 
-    def _attach(self, name: str, model, tokenizer, batch_size: int) -> None:  # noqa: ANN001
+    def _attach(self, name: str, model, tokenizer, batch_size: int, chat_template: str | None) -> None:  # noqa: ANN001
         self.name = name
         self.batch_size = batch_size
         self.model, self.tokenizer = model, tokenizer
@@ -49,15 +50,30 @@ class HFBackend:
         self.pad_id = next(t for t in (tok.pad_token_id, tok.eos_token_id, 0) if t is not None)
         self.eos_ids = _eos_ids(self.model, tok)
         self.bos = tok.bos_token_id if _tokenizer_adds_bos(tok) else None
+        self.chat = _templating(name, tok, chat_template)
 
     # -- tokenization ------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def encode_prompt(self, prompt: str) -> list[int]:
-        """The prompt as-is (no chat template), with BOS when the tokenizer adds one."""
+    def encode_prompt(self, prompt: str | list[dict]) -> list[int]:
+        """A prompt string as-is with BOS when the tokenizer adds one; a conversation (or, with
+        a --chat-template choice, any prompt) rendered by the chat template and encoded as
+        transformers' apply_chat_template does (no special tokens added: the template writes them)."""
+        if self.chat.wants_template(prompt):
+            return self.encode(self.chat.render(prompt))
         ids = self.encode(prompt)
         return [self.bos] + ids if self.bos is not None else ids
+
+    def prompt_text(self, prompt: str | list[dict]) -> str:
+        """The text the model reads for `prompt` (rendered when a template applies)."""
+        return self.chat.render(prompt) if self.chat.wants_template(prompt) else prompt
+
+    def _stop_ids(self, prompt: str | list[dict]) -> set[int]:
+        """EOS, and the template's end-of-turn token when the prompt went through the template."""
+        if self.chat.wants_template(prompt) and self.chat.end_of_turn is not None:
+            return self.eos_ids | {self.chat.end_of_turn}
+        return self.eos_ids
 
     def context_length(self) -> int | None:
         return getattr(self.model.config, "max_position_embeddings", None)
@@ -65,20 +81,22 @@ class HFBackend:
     # -- generation --------------------------------------------------------------------------
     def generate(self, prompts: list[str], *, max_new_tokens: int, stop: list[str]) -> list[Generation]:
         encoded = [self.encode_prompt(p) for p in prompts]
+        stops = [self._stop_ids(p) for p in prompts]
         # Similar lengths in a batch mean little padding; results do not depend on the grouping.
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
         results: list[Generation | None] = [None] * len(prompts)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
             began = time.perf_counter()
-            gens = self._generate_batch([encoded[i] for i in chunk], max_new_tokens, stop)
+            gens = self._generate_batch([encoded[i] for i in chunk], max_new_tokens, stop, [stops[i] for i in chunk])
             per_row_ms = (time.perf_counter() - began) * 1000 / len(chunk)
             for i, g in zip(chunk, gens):
                 g.latency_ms = per_row_ms
                 results[i] = g
         return results  # type: ignore[return-value]
 
-    def _generate_batch(self, batch: list[list[int]], max_new_tokens: int, stop: list[str]) -> list[Generation]:
+    def _generate_batch(self, batch: list[list[int]], max_new_tokens: int, stop: list[str],
+                        eos: list[set[int]]) -> list[Generation]:
         import torch
         from transformers import DynamicCache
 
@@ -104,7 +122,7 @@ class HFBackend:
                     tokens[row].append(tok)
                     logprobs[row].append(chosen[pos])
                     entropies[row].append(entropy[pos])
-                    texts[row] = self._finished_text(tokens[row], stop)
+                    texts[row] = self._finished_text(tokens[row], stop, eos[row])
                 keep = [pos for pos, row in enumerate(active) if texts[row] is None]
                 if not keep:
                     break
@@ -139,18 +157,21 @@ class HFBackend:
         for prompt in prompts:
             began = time.perf_counter()
             ids = torch.tensor([self.encode_prompt(prompt)], device=self.device)
+            eos = self._stop_ids(prompt)
+            # the template's end-of-turn token stops generation too (only when the prompt used the template)
+            extra = {"eos_token_id": sorted(eos)} if eos != self.eos_ids else {}
             with torch.inference_mode():
                 seqs = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
                                            temperature=sampling.temperature, top_k=sampling.top_k,
                                            top_p=sampling.top_p, num_return_sequences=sampling.n,
-                                           max_new_tokens=max_new_tokens, pad_token_id=self.pad_id)
+                                           max_new_tokens=max_new_tokens, pad_token_id=self.pad_id, **extra)
             per_draw_ms = (time.perf_counter() - began) * 1000 / sampling.n
             draws = []
             for seq in seqs.tolist():
                 new = seq[ids.shape[1]:]
-                ended = next((i for i, t in enumerate(new) if t in self.eos_ids), None)
+                ended = next((i for i, t in enumerate(new) if t in eos), None)
                 new = new if ended is None else new[: ended + 1]
-                text = self._finished_text(new, stop) if new else ""
+                text = self._finished_text(new, stop, eos) if new else ""
                 draws.append(Generation(text=text if text is not None else self._decode(new),
                                         prompt_tokens=ids.shape[1], output_tokens=len(new), latency_ms=per_draw_ms))
             out.append(draws)
@@ -179,9 +200,9 @@ class HFBackend:
                                  use_cache=True)
         return out_ids
 
-    def _finished_text(self, tokens: list[int], stop: list[str]) -> str | None:
+    def _finished_text(self, tokens: list[int], stop: list[str], eos: set[int] | None = None) -> str | None:
         """The final text when this row has stopped (EOS or a stop sequence), else None."""
-        if tokens[-1] in self.eos_ids:
+        if tokens[-1] in (self.eos_ids if eos is None else eos):
             text = self._decode(tokens[:-1])
             return cut_at_stop(text, stop)[0]
         if stop:
@@ -218,9 +239,10 @@ class HFBackend:
                 scores[i] = s
         return scores
 
-    def _split_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    def _split_pair(self, context: str | list[dict], continuation: str) -> tuple[list[int], list[int]]:
         tok = self.tokenizer
-        return split_pair(self.encode, context, continuation, bos=self.bos,
+        templated = self.chat.wants_template(context)
+        return split_pair(self.encode, self.prompt_text(context), continuation, bos=None if templated else self.bos,
                           start_token=lambda: tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id,
                           max_len=self.context_length())
 
@@ -308,3 +330,23 @@ def _eos_ids(model, tok) -> set[int]:  # noqa: ANN001
             ids.update(v for v in value if isinstance(v, int))
     return ids
 
+
+
+def _templating(name: str, tok, choice: str | None):  # noqa: ANN001, ANN202 - a tokenizer; ChatTemplating
+    """The run's chat-template choice resolved against this tokenizer: transformers renders it
+    (apply_chat_template), and the end-of-turn token is found from the template."""
+    from orstack.backends.chat import ChatTemplating, end_of_turn_token
+
+    own = tok.chat_template if isinstance(getattr(tok, "chat_template", None), str) else None
+    special = {k: str(v) for k, v in tok.special_tokens_map.items() if isinstance(v, str)}
+
+    def renderer(template: str, messages: list[dict]) -> str:
+        return tok.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
+
+    chat = ChatTemplating(choice, own, special, name, renderer)
+    if chat.template is not None:
+        specials = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
+        chat.end_of_turn = end_of_turn_token(chat.template, special,
+                                             lambda t: tok(t, add_special_tokens=False)["input_ids"],
+                                             lambda i: i in specials)
+    return chat

@@ -93,7 +93,8 @@ def sample_token(logits: np.ndarray, sampling: Sampling, rng: np.random.Generato
 class LlamaCppBackend:
     """A GGUF model in llama.cpp (CPU), greedy and deterministic."""
 
-    def __init__(self, spec: str, *, n_ctx: int = 512, n_threads: int | None = None, seed: int = 0) -> None:
+    def __init__(self, spec: str, *, n_ctx: int = 512, n_threads: int | None = None, seed: int = 0,
+                 chat_template: str | None = None) -> None:
         path = Path(spec)
         if not path.is_file():
             raise BadInput(f"{spec}: no such GGUF file")
@@ -115,6 +116,30 @@ class LlamaCppBackend:
         meta = self.llm.metadata
         self._space_prefix = (meta.get("tokenizer.ggml.model") == "llama"
                               and meta.get("tokenizer.ggml.add_space_prefix", "true") == "true")
+        self.chat = self._templating(chat_template)
+
+    def _templating(self, choice: str | None):  # noqa: ANN202 - ChatTemplating
+        """The run's chat-template choice against the GGUF's `tokenizer.chat_template`, rendered
+        with jinja2 as transformers renders it; the special tokens the template sees are the
+        ones the metadata names (bos, eos, unk, pad)."""
+        import llama_cpp
+
+        from orstack.backends.chat import ChatTemplating, end_of_turn_token
+
+        meta = self.llm.metadata
+        special = {}
+        for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                          ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
+            value = meta.get(f"tokenizer.ggml.{key}")
+            if value is not None and 0 <= int(value) < self.llm.n_vocab():
+                text = self.llm._model.token_get_text(int(value))
+                special[name] = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
+        chat = ChatTemplating(choice, meta.get("tokenizer.chat_template"), special, self.name)
+        if chat.template is not None:
+            vocab = self.llm._model.vocab
+            chat.end_of_turn = end_of_turn_token(chat.template, special, self.encode,
+                                                 lambda i: bool(llama_cpp.llama_vocab_is_control(vocab, i)))
+        return chat
 
     def _open(self, n_ctx: int) -> None:
         """(Re)create the llama.cpp context with room for `n_ctx` tokens."""
@@ -163,9 +188,20 @@ class LlamaCppBackend:
         # special=True: control tokens written in the text are parsed, as transformers does.
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
 
-    def encode_prompt(self, prompt: str) -> list[int]:
+    def encode_prompt(self, prompt: str | list[dict]) -> list[int]:
+        """As the transformers backend encodes it: a templated prompt without an added BOS."""
+        if self.chat.wants_template(prompt):
+            return self.encode(self.chat.render(prompt))
         ids = self.encode(prompt)
         return [self.bos] + ids if self.bos is not None else ids
+
+    def prompt_text(self, prompt: str | list[dict]) -> str:
+        return self.chat.render(prompt) if self.chat.wants_template(prompt) else prompt
+
+    def _stop_ids(self, prompt: str | list[dict]) -> set[int]:
+        if self.chat.wants_template(prompt) and self.chat.end_of_turn is not None:
+            return self.eos_ids | {self.chat.end_of_turn}
+        return self.eos_ids
 
     def context_length(self) -> int | None:
         return self.n_ctx_train or None
@@ -201,6 +237,7 @@ class LlamaCppBackend:
     def _generate_one(self, prompt: str, max_new_tokens: int, stop: list[str]) -> Generation:
         began = time.perf_counter()
         ids = self.encode_prompt(prompt)
+        eos = self._stop_ids(prompt)
         self._ensure_ctx(len(ids) + max_new_tokens)
         self.llm.reset()
         self.llm.eval(ids)
@@ -215,7 +252,7 @@ class LlamaCppBackend:
             logprobs.append(float(logp[tok]))
             entropies.append(float(-(np.exp(logp) * logp).sum()))
             # llama.cpp's own generate() does not stop at EOS; this loop does.
-            if tok in self.eos_ids:
+            if tok in eos:
                 text = cut_at_stop(self.decode(tokens[:-1]), stop)[0]
                 break
             if stop:
@@ -247,19 +284,19 @@ class LlamaCppBackend:
             for _ in range(sampling.n):
                 began = time.perf_counter()
                 self.llm.n_tokens = len(ids)  # rewind to the end of the prompt
-                draws.append(self._draw(ids, first, max_new_tokens, stop, sampling, rng, began))
+                draws.append(self._draw(ids, first, max_new_tokens, stop, sampling, rng, began, self._stop_ids(prompt)))
             out.append(draws)
         return out
 
     def _draw(self, ids: list[int], first: np.ndarray, max_new_tokens: int, stop: list[str], sampling: Sampling,
-              rng: np.random.Generator, began: float) -> Generation:
+              rng: np.random.Generator, began: float, eos: set[int]) -> Generation:
         tokens: list[int] = []
         text = None
         logits = first
         for _ in range(max_new_tokens):
             tok = sample_token(logits, sampling, rng)
             tokens.append(tok)
-            if tok in self.eos_ids:
+            if tok in eos:
                 text = cut_at_stop(self.decode(tokens[:-1]), stop)[0]
                 break
             if stop:
@@ -284,8 +321,9 @@ class LlamaCppBackend:
             scores.append(float(logp[np.arange(len(cont)), cont].sum()))
         return scores
 
-    def _split_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        return split_pair(self.encode, context, continuation, bos=self.bos, start_token=self._prefix_token,
+    def _split_pair(self, context: str | list[dict], continuation: str) -> tuple[list[int], list[int]]:
+        bos = None if self.chat.wants_template(context) else self.bos
+        return split_pair(self.encode, self.prompt_text(context), continuation, bos=bos, start_token=self._prefix_token,
                           max_len=self.n_ctx_train)
 
     def _prefix_token(self) -> int:

@@ -90,9 +90,11 @@ class OpenAIClient:
             reason = getattr(e, "reason", e)
             raise BadInput(f"{what}: cannot reach the server ({reason})") from None
 
-    def complete(self, prompt: str, *, max_tokens: int, temperature: float = 0.0,
+    def complete(self, prompt: str | list[dict[str, Any]], *, max_tokens: int, temperature: float = 0.0,
                  stop: list[str] | None = None) -> str:
-        """The model's text for `prompt` (a user message with the chat API); EndpointError when none came."""
+        """The model's text for `prompt` (a user message with the chat API); a conversation (a
+        list of {role, content}) always goes to /chat/completions as its `messages`, whatever
+        the api; EndpointError when no text came."""
         path, payload = self._payload(prompt, max_tokens, temperature, stop)
         delay, attempt = self.backoff, 0
         while True:
@@ -100,18 +102,21 @@ class OpenAIClient:
             with self.lock:
                 self.requests += 1
             try:
-                return self._text(self._post(path, payload))
+                return self._text(self._post(path, payload), chat=path == "/chat/completions")
             except RetryableError as e:
                 if attempt == self.retries:
                     raise EndpointError(str(e)) from None
                 time.sleep(min(e.retry_after, MAX_RETRY_AFTER) if e.retry_after else delay)
                 delay, attempt = delay * 2, attempt + 1
 
-    def _payload(self, prompt: str, max_tokens: int, temperature: float,
+    def _payload(self, prompt: str | list[dict[str, Any]], max_tokens: int, temperature: float,
                  stop: list[str] | None) -> tuple[str, dict[str, Any]]:
         common: dict[str, Any] = {"model": self.model, "max_tokens": max_tokens, "temperature": temperature}
         if stop:
             common["stop"] = list(stop)
+        if not isinstance(prompt, str):
+            messages = [{"role": m["role"], "content": m["content"]} for m in prompt]
+            return "/chat/completions", {**common, "messages": messages}
         if self.api == "chat":
             return "/chat/completions", {**common, "messages": [{"role": "user", "content": prompt}]}
         return "/completions", {**common, "prompt": prompt}
@@ -138,10 +143,11 @@ class OpenAIClient:
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise EndpointError(f"{path} did not return JSON") from None
 
-    def _text(self, body: Any) -> str:
+    def _text(self, body: Any, chat: bool | None = None) -> str:
+        chat = self.api == "chat" if chat is None else chat
         try:
             choice = body["choices"][0]
-            text = choice["message"]["content"] if self.api == "chat" else choice["text"]
+            text = choice["message"]["content"] if chat else choice["text"]
         except (KeyError, IndexError, TypeError):
             raise EndpointError("response has no choices[0] text") from None
         return str(text or "")

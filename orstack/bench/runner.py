@@ -42,6 +42,7 @@ class BenchConfig:
     fail_under: float | None = None  # the accuracy gate
     code_timeout: float = 5.0  # sandbox seconds per code program (a task's `timeout` wins)
     code_memory_mb: int = 512  # sandbox memory per code program (a task's `memory_mb` wins)
+    chat_template: str | None = None  # None: `messages` tasks only; "model" or a .jinja path: every task
     seed: int = 0
 
 
@@ -146,6 +147,9 @@ def _check_usage(models: list[str], config: BenchConfig, outputs: BenchOutputs) 
         raise BadInput("--plot needs --tasks (it plots task accuracy against size)")
     if not (config.tasks or config.ppl or config.speed):
         raise BadInput("nothing to measure: give --tasks, --ppl and/or --speed")
+    from orstack.backends.chat import template_file_text
+
+    template_file_text(config.chat_template)  # a --chat-template FILE that cannot be used: before any model
 
 
 def _is_gguf(spec: str) -> bool:
@@ -199,10 +203,12 @@ def bench_model(spec: str, config: BenchConfig, tasks: Sequence[dict[str, Any]] 
     reset_peak_rss()
     rss_before = rss_mb()
     began = time.perf_counter()
-    backend = open_backend(spec, runtime, batch_size=config.batch_size)
+    backend = open_backend(spec, runtime, batch_size=config.batch_size, chat_template=config.chat_template)
     load_s = time.perf_counter() - began
     try:
         summary: dict[str, Any] = {"model": spec, "lineage": lineage(spec)}
+        if config.chat_template is not None or (tasks and any(t.get("messages") is not None for t in tasks)):
+            summary.update(backend.chat.record())
         rows: list[dict[str, Any]] = []
         if tasks:
             asked, truncated = fit_prompts(backend, tasks, max_new_tokens=config.max_new_tokens,

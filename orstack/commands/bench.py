@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from orstack import console
-from orstack.commands.options import Force, Output, current_runtime
+from orstack.commands.options import ChatTemplate, Force, Output, current_runtime
 from orstack.errors import BadInput, GateFailed
 
 HELP = """Benchmark models: task accuracy, perplexity, speed, memory and size, side by side.
@@ -66,6 +66,7 @@ def bench(
     code_timeout: Annotated[float, typer.Option("--code-timeout", min=0.1, help="Seconds per code program.")] = 5.0,
     code_memory_mb: Annotated[int, typer.Option("--code-memory-mb", min=64, help="Memory per code program (MB).")
                               ] = 512,
+    chat_template: ChatTemplate = None,
 ) -> None:
     from orstack.bench import BenchConfig, BenchOutputs
     from orstack.bench import run as run_bench
@@ -78,7 +79,7 @@ def bench(
                          ppl_max_length=ppl_max_length, speed=speed, speed_runs=speed_runs,
                          max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit,
                          truncate_prompts=truncate_prompts, fail_under=fail_under, code_timeout=code_timeout,
-                         code_memory_mb=code_memory_mb, seed=runtime.seed)
+                         code_memory_mb=code_memory_mb, chat_template=chat_template, seed=runtime.seed)
     outputs = BenchOutputs(rows=output, summary=summary, plot=plot)
     if score is not None:
         if models:

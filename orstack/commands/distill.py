@@ -9,7 +9,7 @@ import typer
 
 from orstack import console
 from orstack.commands import _train_options as T
-from orstack.commands.options import Output, RequiredOutput, current_runtime
+from orstack.commands.options import ChatTemplate, Output, RequiredOutput, current_runtime
 
 distill_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None)
 
@@ -49,13 +49,14 @@ def generate(
     api_key_env: Annotated[str, typer.Option("--api-key-env", help="Variable holding the API key.")] = "OPENAI_API_KEY",
     teacher_api: Annotated[str, typer.Option("--teacher-api", help="Endpoint API: chat or completions.")] = "chat",
     report: Annotated[Path | None, typer.Option("--report", help="Also write the report as JSON.")] = None,
+    chat_template: ChatTemplate = None,
 ) -> None:
     from orstack.distill.generate import GenerateConfig, run_generate
     from orstack.teachers import TeacherOptions
 
     options = TeacherOptions(max_new_tokens=max_new_tokens, stop=list(stop), timeout=timeout, retries=retries,
                              concurrency=concurrency, rate_limit=rate_limit, api_key_env=api_key_env,
-                             api=teacher_api)
+                             api=teacher_api, chat_template=chat_template)
     config = GenerateConfig(failures=str(failures), teachers=list(teacher), per_cluster=per_cluster, teacher=options,
                             seed=current_runtime().seed)
     result = run_generate(output, config, current_runtime(), report=report)
@@ -120,6 +121,7 @@ def train(
     recover: Annotated[bool, typer.Option("--recover", help="Train only on the hardest rows (highest loss).")] = False,
     recover_fraction: Annotated[float, typer.Option("--recover-fraction", min=0.0, max=1.0,
                                                    help="Fraction of rows kept by --recover.")] = 0.25,
+    chat_template: ChatTemplate = None,
 ) -> None:
     from orstack.distill.train import DistillTrainConfig, run_train
     from orstack.train.config import TrainConfig
@@ -131,7 +133,7 @@ def train(
                      seed=current_runtime().seed)
     config = DistillTrainConfig(data=str(data), train=tc, logits_teacher=logits,
                                 distill=DistillLoss(kd_beta, kd_temperature, kd_alpha, t2_scale), recover=recover,
-                                recover_fraction=recover_fraction)
+                                recover_fraction=recover_fraction, chat_template=chat_template)
     result = run_train(student, output, config, current_runtime())
     if result.kind is None:  # a torchrun process other than rank 0: it trained, rank 0 reports
         return

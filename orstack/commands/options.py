@@ -21,6 +21,12 @@ Calib = Annotated[
 ]
 NSamples = Annotated[int, typer.Option("--nsamples", min=1, help="Number of calibration sequences.")]
 SeqLen = Annotated[int, typer.Option("--seqlen", min=8, help="Tokens per calibration sequence.")]
+ChatTemplate = Annotated[
+    str | None,
+    typer.Option("--chat-template", metavar="model|FILE.jinja",
+                 help="Prompt through a chat template: 'model' = the model's own, or a .jinja file. `messages` "
+                      "tasks always use one (the model's by default); `prompt` tasks only with this option."),
+]
 Dtype = Annotated[str, typer.Option("--dtype", help="Load/compute dtype: float32, bfloat16 or float16.")]
 
 

@@ -9,7 +9,7 @@ import typer
 
 from orstack import console
 from orstack.commands import _train_options as T
-from orstack.commands.options import RequiredOutput, current_runtime
+from orstack.commands.options import ChatTemplate, RequiredOutput, current_runtime
 
 HELP = """Train MODEL with GRPO (trl) on tasks whose answers can be checked.
 
@@ -63,6 +63,7 @@ def rl(
     merge: T.Merge = False,
     full: T.Full = False,
     log: T.Log = None,
+    chat_template: ChatTemplate = None,
 ) -> None:
     from orstack.rl.grpo import RLConfig, run
     from orstack.rl.rewards import RewardConfig
@@ -75,7 +76,8 @@ def rl(
                            target_length=target_length, format_regex=format_regex, clip=clip_reward)
     config = RLConfig(tasks=str(tasks), train=tc, rewards=rewards, num_generations=num_generations,
                       max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, min_p=min_p, beta=beta,
-                      target_kl=target_kl, srl=str(srl) if srl else None)
+                      target_kl=target_kl, srl=str(srl) if srl else None,
+                      chat_template=chat_template)
     result = run(model, output, config, current_runtime())
     if result.kind is None:  # a torchrun process other than rank 0: it trained, rank 0 reports
         return

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from orstack.commands.options import Output, RequiredOutput, current_runtime
+from orstack.commands.options import ChatTemplate, Output, RequiredOutput, current_runtime
 
 route_app = typer.Typer(
     help="""Calibrated confidence routing between a fast base and accurate modifiers.
@@ -90,6 +90,7 @@ def run(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 16,
     output: Output = None,
     summary: Annotated[Path | None, typer.Option("--summary", help="Write the run summary as JSON.")] = None,
+    chat_template: ChatTemplate = None,
 ) -> None:
     """Answer tasks with the base; escalate the ones the router doubts to a modifier or model.
 
@@ -105,7 +106,7 @@ def run(
     config = route.RouteRunConfig(base=base, router=str(router) if router is not None else None,
                             modifiers=parse_modifiers(modifier), accurate=accurate, mode=mode, vote=vote,
                             max_new_tokens=max_new_tokens, batch_size=batch_size, compare=compare,
-                            seed=current_runtime().seed)
+                            chat_template=chat_template, seed=current_runtime().seed)
     result = route.run(tasks, output, config, current_runtime(), summary=summary)
     _print_run_summary(result.summary)
     console.info(f"{result.rows} rows routed")

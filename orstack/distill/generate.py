@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orstack.errors import BadInput
-from orstack.tasks.contract import as_task, infer_kind, is_verifiable
+from orstack.tasks.contract import as_task, infer_kind, is_verifiable, validate_messages
 from orstack.teachers.base import TeacherOptions
 
 if TYPE_CHECKING:
@@ -100,8 +100,14 @@ def load_failures(rows: list[tuple[int, dict[str, Any]]], where: str) -> dict[An
     for lineno, row in rows:
         if row.get("correct") is True:
             continue
+        if row.get("messages") is not None:
+            validate_messages(row["messages"], f"{where}:{lineno}")
+            if row.get("prompt") is not None:
+                raise BadInput(f"{where}:{lineno}: fields 'prompt' and 'messages': give exactly one of them")
+            clusters[row.get("cluster")].append(as_task(row))
+            continue
         if row.get("prompt") is None:
-            raise BadInput(f"{where}:{lineno}: missing required field 'prompt'")
+            raise BadInput(f"{where}:{lineno}: missing required field 'prompt' (or 'messages')")
         if not isinstance(row["prompt"], str):
             raise BadInput(f"{where}:{lineno}: field 'prompt': expected a string, got {type(row['prompt']).__name__}")
         clusters[row.get("cluster")].append(as_task(row))
@@ -191,7 +197,9 @@ def solve_through_tiers(teachers: list[Any], tasks: list[dict[str, Any]], report
 
 def variant_requests(cluster: Any, failures: list[dict[str, Any]], config: GenerateConfig) -> list[dict[str, Any]]:
     """`per_cluster` requests for new problems, round-robin over the cluster's representatives."""
-    reps = [f for f in failures if f.get("answer") is not None][:config.representatives]
+    # (conversations are solved as they are; new problems are made from `prompt` failures)
+    reps = [f for f in failures if f.get("answer") is not None and isinstance(f.get("prompt"), str)
+            ][:config.representatives]
     requests = []
     for n in range(config.per_cluster if reps else 0):
         rep = reps[n % len(reps)]
@@ -262,7 +270,7 @@ def generate(failures: dict[Any, list[dict[str, Any]]], teachers: list[Any], con
     tasks: list[dict[str, Any]] = []
     for cluster, rows in failures.items():
         for task in rows:
-            if dedup.is_new(task["prompt"]):
+            if dedup.is_new(_dedup_text(task)):
                 tasks.append({**task, "cluster": cluster, "origin": "failure"})
             else:
                 report.duplicates += 1
@@ -279,14 +287,30 @@ def generate(failures: dict[Any, list[dict[str, Any]]], teachers: list[Any], con
         cluster = task.get("cluster")
         counters[cluster] += 1
         example = {k: v for k, v in task.items() if not k.startswith("_")}
+        # a conversation's example is the conversation with the teacher's answer as its last
+        # assistant turn (distill train's loss is on assistant turns only)
+        asked = ({"messages": _answered(task["messages"], response)} if task.get("messages") is not None
+                 else {"prompt": task["prompt"], "response": response})
         example.update({
-            "id": f"gen-{cluster}-{counters[cluster]:04d}", "task_id": task.get("id"), "prompt": task["prompt"],
-            "response": response, "cluster": cluster, "source": f"tier{tier + 1}:{teachers[tier].spec}",
+            "id": f"gen-{cluster}-{counters[cluster]:04d}", "task_id": task.get("id"), **asked,
+            "cluster": cluster, "source": f"tier{tier + 1}:{teachers[tier].spec}",
             "verified": check not in ("none", None), "check": check,
         })
         examples.append(example)
     report.examples = len(examples)
     return examples, report
+
+
+def _dedup_text(task: dict[str, Any]) -> str:
+    messages = task.get("messages")
+    return task["prompt"] if messages is None else "\n".join(m["content"] for m in messages)
+
+
+def _answered(messages: list[dict[str, Any]], response: str) -> list[dict[str, Any]]:
+    """The conversation answered: a final assistant prefill is completed by the response."""
+    if messages[-1]["role"] == "assistant":
+        return [*messages[:-1], {"role": "assistant", "content": messages[-1]["content"] + response}]
+    return [*messages, {"role": "assistant", "content": response}]
 
 
 @dataclass
@@ -315,6 +339,9 @@ def run_generate(output: str | Path | None, config: GenerateConfig, runtime: Run
         raise BadInput("give at least one --teacher")
     if config.teacher.api not in APIS:
         raise BadInput(f"--teacher-api: expected chat or completions, got '{config.teacher.api}'")
+    from orstack.backends.chat import template_file_text
+
+    template_file_text(config.teacher.chat_template)  # an unusable --chat-template FILE: before any teacher
     check_outputs([Output(output, "file", "-o"), Output(report, "file", "--report")], inputs=[config.failures])
     teachers = [open_teacher(spec, runtime, config.teacher) for spec in config.teachers]
     clusters = load_failures(list(read_jsonl_numbered(config.failures)), display_name(config.failures))

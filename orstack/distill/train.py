@@ -26,6 +26,7 @@ class DistillTrainConfig:
     distill: DistillLoss = field(default_factory=DistillLoss)  # the logit loss, used with a teacher
     recover: bool = False  # train only on the hardest rows
     recover_fraction: float = 0.25  # --recover keeps this fraction of the rows (highest loss first)
+    chat_template: str | None = None  # None: only chat rows use the template; "model" or a .jinja path: every row
 
 
 @dataclass
@@ -56,6 +57,9 @@ def run_train(student: str, output: str | Path, config: DistillTrainConfig, runt
     if config.recover and config.recover_fraction <= 0:
         raise BadInput("--recover-fraction must be > 0")
     tc.check()
+    from orstack.backends.chat import template_file_text
+
+    template_file_text(config.chat_template)  # an unusable --chat-template FILE: before anything loads
     check_outputs([Output(output, "dir", "-o"), Output(tc.log, "file", "--log")],
                   inputs=[student, config.data, config.logits_teacher])
     rows = read_examples(config.data)
@@ -85,8 +89,9 @@ def fine_tune(student: str, rows: list[dict[str, Any]], config: DistillTrainConf
     device = runtime.torch_device()
     seed_everything(tc.seed)
     model, tokenizer = load_model(student, device=device, trust_pickle=runtime.trust_pickle)
-    data = encode_rows(tokenizer, rows, tc.max_length, display_name(config.data))
-    metrics: dict[str, Any] = {"rows": len(data)}
+    data = encode_rows(tokenizer, rows, tc.max_length, display_name(config.data), chat_template=config.chat_template,
+                       lines=getattr(rows, "lines", None))
+    metrics: dict[str, Any] = {"rows": len(data), **_template_metrics(tokenizer, rows, config.chat_template)}
     if config.recover:
         losses = example_losses(model, tokenizer, data, tc.batch_size)
         keep = hardest(data, losses, config.recover_fraction)
@@ -107,3 +112,15 @@ def fine_tune(student: str, rows: list[dict[str, Any]], config: DistillTrainConf
     metrics.update(steps=result.steps, trained_rows=len(data), loss_first=result.loss_first,
                    loss_last=result.loss_last, train_seconds=round(result.seconds, 2))
     return model, tokenizer, result, metrics
+
+
+def _template_metrics(tokenizer: Any, rows: list[dict[str, Any]], choice: str | None) -> dict[str, Any]:
+    """The chat template the run trained through (its sha256), when one was used."""
+    from orstack.backends.chat import template_file_text, template_record
+    from orstack.train.data import conversation_of
+
+    if not any(conversation_of(r, choice) is not None for r in rows):
+        return {}
+    own = tokenizer.chat_template if isinstance(getattr(tokenizer, "chat_template", None), str) else None
+    text = template_file_text(choice)
+    return template_record(choice, text if text is not None else own)

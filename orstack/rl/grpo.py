@@ -39,6 +39,7 @@ class RLConfig:
     zero_std_warn: float = 0.5  # warn when more than this fraction of groups has no reward spread
     srl: str | None = None  # trajectories for the step-wise SFT stage
     srl_epochs: float = 1.0
+    chat_template: str | None = None  # None: `messages` tasks only; "model" or a .jinja path: every task
 
 
 @dataclass
@@ -67,34 +68,44 @@ def choose_batch(batch_size: int, grad_accum: int, num_generations: int, process
     return BatchShape(fixed, grad_accum, note)
 
 
-def load_tasks(path: str, need_answers: bool, fits: Callable[[str], str | None] | None = None,
-               ) -> list[dict[str, Any]]:
+def load_tasks(path: str, need_answers: bool, fits: Callable[[Any], str | None] | None = None,
+               chat: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Tasks for RL ('-': standard input): every row needs a string prompt, and (for the correctness
     reward) what bench verifies; ids, where given, are unique. `fits(prompt)` says why a prompt does
-    not fit the model (None when it does). Errors name file:line and the field."""
+    not fit the model (None when it does). A task may ask with `messages` (a conversation) instead
+    of `prompt`: trl's conversational format; `chat(where)` fails when no template is there for it.
+    Errors name file:line and the field."""
     from orstack.io.jsonl import display_name, read_jsonl_numbered
-    from orstack.tasks.contract import infer_kind, validate_task
+    from orstack.tasks.contract import infer_kind, prompt_of, validate_messages, validate_task
 
     tasks = []
     first_line: dict[Any, int] = {}
-    for lineno, row in read_jsonl_numbered(path, required=("prompt",)):
+    for lineno, row in read_jsonl_numbered(path):
         where = f"{display_name(path)}:{lineno}"
+        if row.get("messages") is not None or "messages" in row:
+            if row.get("prompt") is not None:
+                raise BadInput(f"{where}: fields 'prompt' and 'messages': give exactly one of them")
+            validate_messages(row["messages"], where)
+            if chat is not None:
+                chat(where)
+        elif row.get("prompt") is None:
+            raise BadInput(f"{where}: missing required field 'prompt' (or 'messages')")
         if need_answers:
             row["kind"] = infer_kind(row)
             validate_task(row, where, fields=("prompt", "kind"))
             if row["kind"] == "text":
                 raise BadInput(f"{where}: kind 'text' has no answer to verify; the correctness reward needs "
                                "answer (or tests for code)")
-        elif not isinstance(row["prompt"], str):
+        elif row.get("messages") is None and not isinstance(row["prompt"], str):
             raise BadInput(f"{where}: field 'prompt': expected a string, got {type(row['prompt']).__name__}")
         if "id" in row:
             key = json.dumps(row["id"])
             if key in first_line:
                 raise BadInput(f"{where}: field 'id': duplicate id {row['id']!r} (first on line {first_line[key]})")
             first_line[key] = lineno
-        too_long = fits(row["prompt"]) if fits is not None else None
+        too_long = fits(prompt_of(row)) if fits is not None else None
         if too_long:
-            raise BadInput(f"{where}: field 'prompt': {too_long}")
+            raise BadInput(f"{where}: field '{'prompt' if row.get('messages') is None else 'messages'}': {too_long}")
         tasks.append(row)
     if not tasks:
         raise BadInput(f"{display_name(path)}: no tasks")
@@ -106,17 +117,23 @@ def load_tasks(path: str, need_answers: bool, fits: Callable[[str], str | None] 
 PROBE_CHARS = 64
 
 
-def prompt_fit(source: str) -> Callable[[str], str | None]:
+def prompt_fit(source: str, template: str | None = None) -> Callable[[Any], str | None]:
     """From the model's tokenizer and config (no weights): a check that a prompt is no longer than
-    the model's context (`max_position_embeddings`), giving the reason when it is."""
+    the model's context (`max_position_embeddings`), giving the reason when it is; a conversation
+    is counted as `template` renders it."""
     from orstack.io.checkpoint import load_config, load_tokenizer
 
     tokenizer = load_tokenizer(source)
     context = getattr(load_config(source), "max_position_embeddings", None)
 
-    def fits(prompt: str) -> str | None:
+    def fits(prompt: Any) -> str | None:
         if not context:
             return None
+        if not isinstance(prompt, str):
+            n_tokens = len(tokenizer.apply_chat_template(prompt, chat_template=template, tokenize=True,
+                                                         add_generation_prompt=True, return_dict=False))
+            return None if n_tokens <= context else (f"{n_tokens} tokens, more than the context of {source} "
+                                                     f"({context} tokens)")
         probe = PROBE_CHARS * (context + 1)
         n_tokens = len(tokenizer(prompt[:probe])["input_ids"])
         if n_tokens <= context and len(prompt) > probe:
@@ -265,7 +282,15 @@ def run(source: str, output: str | Path, config: RLConfig, runtime: Runtime) -> 
     choose_batch(tc.batch_size, tc.grad_accum, config.num_generations, runtime.world_size)  # bad shapes fail first
     check_outputs([Output(output, "dir", "-o"), Output(tc.log, "file", "--log")],
                   inputs=[source, config.tasks, config.srl])
-    tasks = load_tasks(config.tasks, need_answers="correct" in config.rewards.rewards, fits=prompt_fit(source))
+    template = rl_template(source, config.chat_template)
+    tasks = load_tasks(config.tasks, need_answers="correct" in config.rewards.rewards,
+                       fits=prompt_fit(source, template), chat=None if template else _no_template(source))
+    if config.chat_template is not None and template is None:
+        raise BadInput(f"--chat-template model: {source} has no chat template; pass --chat-template FILE.jinja")
+    conversational = {t.get("messages") is not None for t in tasks}
+    if config.chat_template is None and len(conversational) > 1:
+        raise BadInput(f"{config.tasks}: both `messages` and `prompt` tasks; trl takes one format per run: pass "
+                       "--chat-template model to ask the prompts as user turns, or split the file")
     if config.srl is not None:
         srl_examples(config.srl)
     with main_process_log(tc.log, runtime) as log_path:
@@ -275,6 +300,39 @@ def run(source: str, output: str | Path, config: RLConfig, runtime: Runtime) -> 
         result.kind = save_trained(trained, tokenizer, Path(output), stage="rl", config=tc, base=source, args=config,
                                    metrics=result.metrics)
     return result
+
+
+def rl_template(source: str, choice: str | None) -> str | None:
+    """The chat template conversational tasks go through: the --chat-template file, else the
+    model's own (None when it has none)."""
+    from orstack.backends.chat import template_file_text
+    from orstack.io.checkpoint import load_tokenizer
+
+    text = template_file_text(choice)
+    if text is not None:
+        return text
+    own = getattr(load_tokenizer(source), "chat_template", None)
+    return own if isinstance(own, str) else None
+
+
+def _no_template(source: str) -> Callable[[str], None]:
+    from orstack.backends.chat import no_template_message
+
+    def fail(where: str) -> None:
+        raise BadInput(no_template_message(source, where))
+
+    return fail
+
+
+def trl_prompt(task: dict[str, Any], choice: str | None) -> Any:
+    """The dataset's `prompt` as trl takes it: a conversation (trl's conversational format, which
+    GRPOTrainer renders with the tokenizer's chat template and the generation prompt) for a
+    `messages` task, and for every task under --chat-template; else the string as-is."""
+    if task.get("messages") is not None:
+        return [{"role": m["role"], "content": m["content"]} for m in task["messages"]]
+    if choice is not None:
+        return [{"role": "user", "content": task["prompt"]}]
+    return task["prompt"]
 
 
 def run_rl(model_spec: str, tasks: list[dict[str, Any]], config: RLConfig, runtime: Runtime, *,
@@ -307,6 +365,11 @@ def run_rl(model_spec: str, tasks: list[dict[str, Any]], config: RLConfig, runti
     model, tokenizer = load_model(model_spec, device=device, trust_pickle=runtime.trust_pickle)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    from orstack.backends.chat import template_file_text
+
+    chat_file = template_file_text(config.chat_template)
+    if chat_file is not None:  # trl renders conversations with the tokenizer's template: use the file's
+        tokenizer.chat_template = chat_file
     rewards = build_rewards(config.rewards, tokenizer.eos_token_id)
 
     peft_config = None
@@ -334,7 +397,8 @@ def run_rl(model_spec: str, tasks: list[dict[str, Any]], config: RLConfig, runti
     import tempfile
 
     workdir = tempfile.TemporaryDirectory(prefix="orstack-rl-")
-    dataset = Dataset.from_list([{"prompt": t["prompt"], "task": json.dumps(t)} for t in tasks])
+    dataset = Dataset.from_list([{"prompt": trl_prompt(t, config.chat_template), "task": json.dumps(t)}
+                                 for t in tasks])
     rows_per_step = shape.batch_size * shape.grad_accum * runtime.world_size // config.num_generations
     steps = tc.max_steps or max(1, math.ceil(tc.epochs * len(tasks) / max(1, rows_per_step)))
     args = GRPOConfig(
@@ -368,6 +432,10 @@ def run_rl(model_spec: str, tasks: list[dict[str, Any]], config: RLConfig, runti
     zero = [r["frac_reward_zero_std"] for r in history if r.get("frac_reward_zero_std") is not None]
     metrics = summarize(history, steps, seconds)
     metrics.update(srl_metrics)
+    if any(not isinstance(row, str) for row in dataset["prompt"]):
+        from orstack.backends.chat import template_record
+
+        metrics.update(template_record(config.chat_template, tokenizer.chat_template))
     if zero and sum(zero) / len(zero) > config.zero_std_warn:
         notes.append(f"{100 * sum(zero) / len(zero):.0f}% of groups had identical rewards for all "
                      f"{config.num_generations} completions (no learning signal); try more --num-generations, "

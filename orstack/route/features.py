@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from orstack.errors import BadInput
+from orstack.tasks.contract import text_of
 
 SIGNALS = ("mean_logprob", "min_logprob", "mean_entropy", "output_tokens")
 N_SIGNALS = len(SIGNALS) + 1  # and the prompt length (signal_vector)
@@ -52,7 +53,7 @@ def check_row(row: dict, where: str, *, signals: bool = True) -> None:
 def signal_vector(row: dict) -> list[float]:
     prompt_tokens = row.get("prompt_tokens")
     if not isinstance(prompt_tokens, (int, float)):
-        prompt_tokens = len(str(row.get("prompt", "")))
+        prompt_tokens = len(text_of(row))
     return [
         float(row["mean_logprob"]),
         float(row["min_logprob"]),
@@ -78,7 +79,7 @@ class Featurizer:
     def fit(self, rows: list[dict]) -> Featurizer:
         self.domains = sorted({str(r.get("domain")) for r in rows if r.get("domain") is not None})
         if self.embedder == "tfidf":
-            self._fit_tfidf([str(r.get("prompt", "")) for r in rows])
+            self._fit_tfidf([text_of(r) for r in rows])
         raw = self._raw(rows)
         self.mean = raw.mean(axis=0)
         self.scale = raw.std(axis=0) + 1e-6
@@ -122,7 +123,7 @@ class Featurizer:
         signals = np.array([signal_vector(r) for r in rows], dtype=np.float64)
         domains = np.array([[1.0 if str(r.get("domain")) == d else 0.0 for d in self.domains] for r in rows])
         domains = domains.reshape(len(rows), len(self.domains))
-        embedding = self._embedding([str(r.get("prompt", "")) for r in rows])
+        embedding = self._embedding([text_of(r) for r in rows])
         return np.hstack([signals, domains, embedding])
 
     def transform(self, rows: list[dict]) -> np.ndarray:

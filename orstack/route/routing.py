@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from orstack.errors import BadInput
 from orstack.route.router import Router
+from orstack.tasks.contract import prompt_of
 
 if TYPE_CHECKING:
     from orstack.runtime import Runtime
@@ -38,6 +39,7 @@ class RouteRunConfig:
     max_new_tokens: int = 32
     batch_size: int = 16
     compare: bool = False
+    chat_template: str | None = None  # None: `messages` tasks only; "model" or a .jinja path: every task
     seed: int = 0  # the votes' sampling seed
 
 
@@ -97,7 +99,7 @@ class AccuratePaths:
     """Modifiers hot-swapped on the resident base, or a separate accurate model."""
 
     def __init__(self, base_backend, modifiers: dict[str, str], accurate: str | None, batch_size: int,
-                 runtime: Runtime) -> None:
+                 runtime: Runtime, chat_template: str | None = None) -> None:
         self.base = base_backend
         self.modifiers = modifiers
         self.loaded: list[str] = []
@@ -105,6 +107,7 @@ class AccuratePaths:
         self.accurate_spec = accurate
         self.batch_size = batch_size
         self.runtime = runtime
+        self.chat_template = chat_template
 
     def backend_for(self, domain: str):
         """(backend, path label) for a task of `domain`."""
@@ -114,7 +117,8 @@ class AccuratePaths:
         if self.accurate_backend is None:
             from orstack.backends.base import open_backend
 
-            self.accurate_backend = open_backend(self.accurate_spec, self.runtime, batch_size=self.batch_size)
+            self.accurate_backend = open_backend(self.accurate_spec, self.runtime, batch_size=self.batch_size,
+                                                 chat_template=self.chat_template)
         return self.accurate_backend, "accurate"
 
     def _activate(self, domain: str) -> None:
@@ -174,7 +178,7 @@ def vote_answers(backend, tasks: list[dict], n: int, temperature: float, max_new
     from orstack.tasks.stops import cut_at_stop, stop_sequences
 
     sampling = Sampling(temperature=temperature, top_p=1.0, top_k=0, n=n, seed=seed)
-    draws = backend.sample([t["prompt"] for t in tasks], max_new_tokens=max_new_tokens, stop=[], sampling=sampling)
+    draws = backend.sample([prompt_of(t) for t in tasks], max_new_tokens=max_new_tokens, stop=[], sampling=sampling)
     voted = []
     for task, generations in zip(tasks, draws):
         stops = stop_sequences(task)
@@ -191,9 +195,9 @@ def route_tasks(config: RouteRunConfig, router: Router | None, tasks: list[dict]
     from orstack.backends.base import open_backend
     from orstack.tasks.results import fit_prompts, run_tasks, score_rows
 
-    base = open_backend(config.base, runtime, batch_size=config.batch_size)
+    base = open_backend(config.base, runtime, batch_size=config.batch_size, chat_template=config.chat_template)
     fit_prompts(base, tasks, max_new_tokens=config.max_new_tokens)  # a prompt beyond the context is refused
-    paths = AccuratePaths(base, config.modifiers, config.accurate, config.batch_size, runtime)
+    paths = AccuratePaths(base, config.modifiers, config.accurate, config.batch_size, runtime, config.chat_template)
     started = time.perf_counter()
     with paths.fast() as backend:
         fast_rows = run_tasks(backend, tasks, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)

@@ -71,12 +71,63 @@ def as_task(row: dict[str, Any]) -> dict[str, Any]:
     return task
 
 
+ROLES = ("system", "user", "assistant")
+
+
+def validate_messages(messages: Any, where: str, field: str = "messages") -> None:
+    """A conversation in the OpenAI chat format: a non-empty list of {role, content} objects,
+    roles system (first only), user, assistant, each content a non-empty string."""
+    if not isinstance(messages, list):
+        raise BadInput(f"{where}: field '{field}': expected a list of {{role, content}} objects, "
+                       f"got {type(messages).__name__}")
+    if not messages:
+        raise BadInput(f"{where}: field '{field}': empty conversation (give at least one user turn)")
+    for i, message in enumerate(messages):
+        at = f"{where}: field '{field}[{i}]'"
+        if not isinstance(message, dict):
+            raise BadInput(f"{at}: expected an object with 'role' and 'content', got {type(message).__name__}")
+        role = message.get("role")
+        if role not in ROLES:
+            raise BadInput(f"{at}.role: unknown role {role!r} (use {', '.join(ROLES)})")
+        if role == "system" and i > 0:
+            raise BadInput(f"{at}.role: a system turn may only come first")
+        content = message.get("content")
+        if not isinstance(content, str) or not content:
+            got = "an empty string" if content == "" else type(content).__name__
+            raise BadInput(f"{at}.content: expected a non-empty string, got {got}")
+    if all(m["role"] == "system" for m in messages):
+        raise BadInput(f"{where}: field '{field}': no user or assistant turn")
+
+
+def prompt_of(task: dict[str, Any]) -> str | list[dict[str, Any]]:
+    """What the model is asked: the task's `messages` (a conversation) or its `prompt` (a string)."""
+    return task["messages"] if task.get("messages") is not None else task["prompt"]
+
+
+def text_of(task: dict[str, Any]) -> str:
+    """The task's question as plain text (a conversation's turns joined by newlines), for features
+    and near-duplicate checks that read text."""
+    messages = task.get("messages")
+    if isinstance(messages, list):
+        return "\n".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
+    return str(task.get("prompt") or "")
+
+
 def validate_task(task: dict[str, Any], where: str, fields: Sequence[str] = ("id", "prompt", "kind")) -> None:
-    """Bad input (naming file:line and field) when a task cannot be run or scored."""
+    """Bad input (naming file:line and field) when a task cannot be run or scored. A task asks
+    with exactly one of `prompt` (a string) or `messages` (a conversation)."""
+    has_messages = task.get("messages") is not None
+    if has_messages and task.get("prompt") is not None:
+        raise BadInput(f"{where}: fields 'prompt' and 'messages': give exactly one of them")
+    if "messages" in task:
+        validate_messages(task["messages"], where)
     for field in fields:
+        if field == "prompt" and has_messages:
+            continue
         if task.get(field) is None:
-            raise BadInput(f"{where}: missing required field '{field}'")
-    if "prompt" in task and not isinstance(task["prompt"], str):
+            hint = " (or 'messages')" if field == "prompt" else ""
+            raise BadInput(f"{where}: missing required field '{field}'{hint}")
+    if task.get("prompt") is not None and not isinstance(task["prompt"], str):
         raise BadInput(f"{where}: field 'prompt': expected a string, got {type(task['prompt']).__name__}")
     if "id" in task and (isinstance(task["id"], bool) or not isinstance(task["id"], (str, int))):
         raise BadInput(f"{where}: field 'id': expected a string or an integer")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from orstack.errors import BadInput
 from orstack.io.jsonl import display_name, read_jsonl_numbered
-from orstack.tasks.contract import RESULT_FIELDS, RESULT_ORDER, validate_task, where_is
+from orstack.tasks.contract import RESULT_FIELDS, RESULT_ORDER, prompt_of, validate_task, where_is
 from orstack.tasks.passk import pass_at_k_by_task
 from orstack.tasks.stops import stop_sequences
 from orstack.tasks.verify import choice_continuations, pick_choice, run_code, score_outputs
@@ -39,7 +39,7 @@ def run_tasks(backend: Backend, tasks: Sequence[dict[str, Any]], *, max_new_toke
         for batch in _generation_batches(tasks, generated, batch_size):
             stop = stop_sequences(tasks[batch[0]])
             new_tokens = int(tasks[batch[0]].get("max_new_tokens", max_new_tokens))
-            gens = backend.generate([tasks[i]["prompt"] for i in batch], max_new_tokens=new_tokens, stop=stop)
+            gens = backend.generate([prompt_of(tasks[i]) for i in batch], max_new_tokens=new_tokens, stop=stop)
             for i, gen in zip(batch, gens):
                 outputs[i] = (gen.text, gen)
             bar.advance(job, len(batch))
@@ -60,7 +60,7 @@ def _generation_batches(tasks: Sequence[dict], indices: list[int], batch_size: i
         groups[(tuple(stop_sequences(tasks[i])), tasks[i].get("max_new_tokens"))].append(i)
     batches = []
     for members in groups.values():
-        members.sort(key=lambda i: len(tasks[i]["prompt"]))
+        members.sort(key=lambda i: len(str(prompt_of(tasks[i]))))
         batches.extend(members[s : s + batch_size] for s in range(0, len(members), batch_size))
     return batches
 
@@ -70,7 +70,7 @@ def _score_choices(backend: Backend, tasks: Sequence[dict], batch: list[int],
     contexts, continuations, owners = [], [], []
     for i in batch:
         for cont in choice_continuations(tasks[i]):
-            contexts.append(tasks[i]["prompt"])
+            contexts.append(prompt_of(tasks[i]))
             continuations.append(cont)
             owners.append(i)
     began = time.perf_counter()
@@ -92,7 +92,7 @@ def result_row(task: dict[str, Any], model: str, output: str, gen: Generation | 
     logprobs = gen.token_logprobs if gen else []
     entropies = gen.token_entropies if gen else []
     values = {
-        "id": task["id"], "model": model, "prompt": task["prompt"], "output": output,
+        "id": task["id"], "model": model, "prompt": task.get("prompt"), "output": output,
         "answer": task.get("answer"), "kind": task["kind"], "domain": task.get("domain"),
         "prompt_tokens": gen.prompt_tokens if gen else None,
         "output_tokens": gen.output_tokens if gen else None,
@@ -187,11 +187,20 @@ def fit_prompts(backend: Backend, tasks: Sequence[dict[str, Any]], *, max_new_to
     bad input naming the task (`source` names the file), or with `truncate` keeps its end:
     as many tokens as leave room for the answer (the generation budget, at most half the
     context)."""
+    check_templates(backend, tasks, source)
     context = backend.context_length()
     if not context:
         return list(tasks), 0
     fitted, truncated = [], 0
     for task in tasks:
+        if task.get("messages") is not None:
+            n_tokens = len(backend.encode_prompt(task["messages"]))
+            if n_tokens > context:
+                raise BadInput(f"{where_is(tasks, task, source)}: field 'messages': the conversation has {n_tokens} "
+                               f"tokens, more than the context of {backend.name} ({context} tokens); shorten it "
+                               "(--truncate-prompts cuts only `prompt` strings)")
+            fitted.append(task)
+            continue
         n_tokens, exact = _prompt_tokens(backend, task["prompt"], context)
         if n_tokens <= context:
             fitted.append(task)
@@ -206,6 +215,23 @@ def fit_prompts(backend: Backend, tasks: Sequence[dict[str, Any]], *, max_new_to
         fitted.append({**task, "prompt": keep_last_tokens(backend, task["prompt"], keep)})
         truncated += 1
     return fitted, truncated
+
+
+def check_templates(backend: Backend, tasks: Sequence[dict[str, Any]], source: str = "tasks") -> None:
+    """Bad input naming the first task (file:line:field) that needs a chat template the model
+    does not have: a `messages` task, or any task under `--chat-template model`."""
+    from orstack.backends.chat import no_template_message
+
+    chat = getattr(backend, "chat", None)
+    if chat is None or chat.template is not None:
+        return
+    for task in tasks:
+        if chat.wants_template(prompt_of(task)):
+            where = where_is(tasks, task, source)
+            if task.get("messages") is None:
+                raise BadInput(f"{where}: field 'prompt': --chat-template model, but {backend.name} has no chat "
+                               "template; pass --chat-template FILE.jinja")
+            raise BadInput(no_template_message(backend.name, where))
 
 
 # A prompt longer than this many characters per token of context is first judged by a prefix

@@ -76,6 +76,26 @@ def extract_code(output: str) -> str:
     return match.group(1) if match else output
 
 
+OPEN_FENCE = re.compile(r"```[\w+-]+[ \t]*\n")  # a fence that opens a block in a named language
+
+
+def code_prefix(task: dict[str, Any]) -> str:
+    """What the completion continues: the prompt, or for a conversation the final assistant
+    prefill. When the text's last fence opens a block in a named language (lm-eval's
+    humaneval_instruct prefill "Here is the completed function:\n```python\n{prompt}\n"),
+    the completion continues that block: only the code after the fence's line starts the program."""
+    messages = task.get("messages")
+    if messages is not None:
+        last = messages[-1] if messages else {}
+        text = last.get("content", "") if last.get("role") == "assistant" else ""
+    else:
+        text = task.get("prompt") or ""
+    opening = text.rfind("```")
+    if opening >= 0 and OPEN_FENCE.match(text, opening):
+        return text[text.index("\n", opening) + 1:]
+    return text
+
+
 def code_program(task: dict[str, Any], output: str) -> str:
     """The program to run: the completion (after the prompt unless it defines the entry point
     itself), then the tests, then `check(entry_point)` when the tests define `check`
@@ -83,7 +103,7 @@ def code_program(task: dict[str, Any], output: str) -> str:
     code = extract_code(output)
     entry = task.get("entry_point")
     defines_entry = bool(entry) and re.search(rf"^\s*def\s+{re.escape(entry)}\s*\(", code, re.MULTILINE)
-    program = code if defines_entry else task.get("prompt", "") + code
+    program = code if defines_entry else code_prefix(task) + code
     program += "\n\n" + task["tests"] + "\n"
     if entry and re.search(r"^def\s+check\s*\(", task["tests"], re.MULTILINE):
         program += f"\ncheck({entry})\n"

@@ -27,6 +27,7 @@ class TeacherOptions:
     api_key_env: str = "OPENAI_API_KEY"
     api: str = "chat"  # endpoint teachers: "chat" (/chat/completions) or "completions" (/completions)
     batch_size: int = 16  # prompts per batch for local teachers
+    chat_template: str | None = None  # local teachers' --chat-template ("model" or a .jinja path; None: messages only)
 
 
 class Teacher(ABC):

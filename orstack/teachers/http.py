@@ -3,6 +3,8 @@
 Requests go through orstack's one OpenAI-compatible client (orstack/backends/openai.py:
 timeout, retries with backoff, rate limit, API key from `api_key_env`) on a thread pool of
 `concurrency` workers; greedy (temperature 0), with the run's or the task's stop sequences.
+A `messages` task is sent as its conversation to /chat/completions (the server applies the
+model's template), whatever --teacher-api says.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 
 from orstack.backends.openai import APIS, EndpointError, OpenAIClient
 from orstack.errors import BadInput
+from orstack.tasks.contract import prompt_of
 from orstack.tasks.stops import cut_at_stop
 from orstack.teachers.base import Teacher, TeacherOptions
 
@@ -33,7 +36,7 @@ class HTTPTeacher(Teacher):
     def _ask(self, task: dict[str, Any]) -> str | None:
         stop = self.stop_for(task)
         try:
-            text = self.client.complete(task["prompt"], max_tokens=self.options.max_new_tokens, stop=stop)
+            text = self.client.complete(prompt_of(task), max_tokens=self.options.max_new_tokens, stop=stop)
         except EndpointError as e:
             with self.client.lock:
                 self._failed(str(e))
