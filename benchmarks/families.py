@@ -39,6 +39,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -61,6 +62,10 @@ ROUTE_TASKS = [{"id": "m", "prompt": "2+3=", "answer": "5", "kind": "numeric", "
                 "max_new_tokens": 4}]
 TRAIN_ARGS = ["--max-steps", "2", "--lr", "1e-2", "--batch-size", "4"]
 TIMEOUT = 900
+# Families run in threads, but only their CLI processes run at once: transformers' loading is not
+# thread-safe (one thread's meta-device init context leaks into another's from_pretrained), so a
+# family's in-process checks hold this lock, which `orstack()` lets go of while its process runs.
+CHECKS = threading.Lock()
 
 
 @dataclass
@@ -75,11 +80,14 @@ def orstack(*args: str) -> tuple[int, float, str]:
     """One CLI process: (exit status, wall seconds, last stderr line)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", NO_COLOR="1")
     start = time.perf_counter()
+    CHECKS.release()
     try:
         done = subprocess.run([sys.executable, "-m", "orstack", "--quiet", "--threads", "1", *args], env=env,
                               capture_output=True, text=True, timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
         return -1, time.perf_counter() - start, f"timed out after {TIMEOUT} s"
+    finally:
+        CHECKS.acquire()
     lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
     return done.returncode, time.perf_counter() - start, (lines[-1] if lines else "")
 
@@ -284,14 +292,20 @@ def run_family(family: str, root: Path, inputs: dict, stages: list[str]) -> dict
     shutil.rmtree(work, ignore_errors=True)  # a rerun starts clean (outputs orstack did not write are refused)
     work.mkdir(parents=True)
     cells = {}
-    for stage in stages:
-        try:
-            cells[stage] = RUNNERS[stage](model, work, inputs)
-        except Exception as e:  # a check that crashed is a red cell, not a lost table
-            cells[stage] = Cell(None, False, 0.0, f"check crashed: {type(e).__name__}: {str(e)[:120]}")
-        print(f"{family:12} {stage:16} exit {cells[stage].exit} {'ok' if cells[stage].ok else 'RED'} "
-              f"{cells[stage].seconds:.0f}s {cells[stage].detail}", file=sys.stderr, flush=True)
+    with CHECKS:
+        for stage in stages:
+            cells[stage] = run_stage(family, stage, model, work, inputs)
     return cells
+
+
+def run_stage(family: str, stage: str, model: Path, work: Path, inputs: dict) -> Cell:
+    try:
+        cell = RUNNERS[stage](model, work, inputs)
+    except Exception as e:  # a check that crashed is a red cell, not a lost table
+        cell = Cell(None, False, 0.0, f"check crashed: {type(e).__name__}: {str(e)[:120]}")
+    print(f"{family:12} {stage:16} exit {cell.exit} {'ok' if cell.ok else 'RED'} {cell.seconds:.0f}s {cell.detail}",
+          file=sys.stderr, flush=True)
+    return cell
 
 
 def markdown(results: dict[str, dict[str, Cell]], stages: list[str]) -> str:
@@ -335,6 +349,9 @@ def main() -> None:
     inputs["text"].write_text(SAMPLE_TEXT, encoding="utf-8")
     inputs["corpus"].write_text(corpus_lines * 30, encoding="utf-8")  # drops ~30 merged tokens
     start = time.perf_counter()
+    from orstack.console import set_quiet
+
+    set_quiet(True)  # the in-process checks' progress bars
     import torch  # noqa: F401 - imported (and transformers' lazy modules resolved) before the threads start
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
