@@ -253,3 +253,40 @@ def test_distill_train_on_messages_records_the_template(tmp_path, family_checkpo
     manifest = json.loads((tmp_path / "out" / "orstack.json").read_text())
     assert manifest["args"]["chat_template"] == str(template)
     assert manifest["metrics"]["chat_template_sha256"] == hashlib.sha256(template.read_bytes()).hexdigest()
+
+
+# -- endpoints and rl ---------------------------------------------------------------------------
+def test_endpoint_teachers_send_conversations_to_chat_completions():
+    from orstack.backends.openai import OpenAIClient
+
+    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+    for api in ("chat", "completions"):
+        client = OpenAIClient("http://127.0.0.1:1/v1", "m", api=api)
+        path, payload = client._payload(messages, 8, 0.0, ["\n"])
+        assert path == "/chat/completions" and payload["messages"] == messages and payload["stop"] == ["\n"]
+        assert client._text({"choices": [{"message": {"content": "ok"}}]}, chat=True) == "ok"
+    path, payload = OpenAIClient("http://127.0.0.1:1/v1", "m", api="completions")._payload("p", 8, 0.0, None)
+    assert path == "/completions" and payload["prompt"] == "p"
+
+
+def test_rl_takes_conversational_prompts_as_trl_does(tmp_path, family_checkpoint):
+    from orstack.rl.grpo import trl_prompt
+
+    conversation = [{"role": "user", "content": "3*4="}]
+    assert trl_prompt({"messages": conversation}, None) == conversation  # trl's conversational format
+    assert trl_prompt({"prompt": "3*4="}, None) == "3*4="  # trl's standard format, as-is
+    assert trl_prompt({"prompt": "3*4="}, "model") == conversation
+    no_template = family_checkpoint("llama", chat=None)
+    tasks = write_jsonl(tmp_path / "tasks.jsonl", [{"prompt": "1+1=", "answer": "2"},
+                                                   {"messages": conversation, "answer": "12"}])
+    result = run_orstack("rl", str(no_template), "--tasks", str(tasks), "-o", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith("tasks.jsonl:2: field 'messages': " f"{no_template} has no chat template; "
+                                          "pass --chat-template FILE.jinja"), result.stderr
+    with_template = family_checkpoint("llama", chat="chatml")
+    result = run_orstack("rl", str(with_template), "--tasks", str(tasks), "-o", str(tmp_path / "out"))
+    assert result.returncode == 2 and "both `messages` and `prompt` tasks" in result.stderr, result.stderr
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "bot", "content": "x"}], "answer": "1"}])
+    result = run_orstack("rl", str(with_template), "--tasks", str(bad), "-o", str(tmp_path / "out"))
+    assert result.returncode == 2 and "bad.jsonl:1: field 'messages[0]'.role: unknown role 'bot'" in result.stderr
+    assert tree_hash(tmp_path / "out") == "absent"  # nothing written

@@ -338,7 +338,8 @@ def test_train_cli_defaults_are_the_config_defaults():
     inputs_and_outputs = {"student", "data", "output"}
     train = {f.name for f in dataclasses.fields(TrainConfig)} & set(cli)
     loss = {"kd_beta": "beta", "kd_temperature": "temperature", "kd_alpha": "alpha", "t2_scale": "t2_scale"}
-    top = {"logits": "logits_teacher", "recover": "recover", "recover_fraction": "recover_fraction"}
+    top = {"logits": "logits_teacher", "recover": "recover", "recover_fraction": "recover_fraction",
+           "chat_template": "chat_template"}
     assert set(cli) == inputs_and_outputs | train | set(loss) | set(top)  # every option is accounted for
     config = DistillTrainConfig(data="d.jsonl")
     assert {name: cli[name] for name in train} == {name: getattr(TrainConfig(), name) for name in train}
@@ -355,7 +356,7 @@ def test_generate_cli_defaults_are_the_config_defaults():
     cli = cli_defaults("distill", "generate")
     options = {"max_new_tokens": "max_new_tokens", "stop": "stop", "timeout": "timeout", "retries": "retries",
                "concurrency": "concurrency", "rate_limit": "rate_limit", "api_key_env": "api_key_env",
-               "teacher_api": "api"}
+               "teacher_api": "api", "chat_template": "chat_template"}
     assert set(cli) == {"failures", "teacher", "output", "report", "per_cluster", *options}
     assert {o: cli[o] for o in options} == {o: getattr(TeacherOptions(), f) for o, f in options.items()}
     config = GenerateConfig("f.jsonl", ["cmd:cat"])

@@ -26,6 +26,11 @@ One Result row per task per model goes to standard output (or -o); a side-by-sid
 with deltas against the first model, and each model's lineage (from its orstack.json, a
 .gguf file's metadata or a .orz pack), goes to standard error.
 
+A task may ask with `messages` (a conversation: [{role, content}], roles system, user,
+assistant) instead of `prompt`: it goes through the model's chat template (generation prompt
+on, stopping at the template's end-of-turn token). `prompt` tasks are fed as-is unless
+--chat-template is given: `model` (the model's own template) or a .jinja file.
+
 --score ROWS.jsonl scores rows that already carry `output` by the same rules, without a model.
 --fail-under ACC exits 3 (writing nothing unless --force) when a model's accuracy is below ACC.
 

@@ -87,7 +87,10 @@ trains every weight. --logits TEACHER adds logit distillation (GKD's generalised
 --kd-beta 0 forward KL, 1 reverse KL, between JSD; --kd-temperature; --t2-scale), only
 when the teacher's tokenizer is the student's (checked before loading weights).
 --recover trains on the --recover-fraction of rows with the highest loss under STUDENT
-(post-compression recovery). Rows may also be plain {"text": ...}.
+(post-compression recovery). Rows may also be plain {"text": ...}, conversations
+({"messages": [...]}: loss on the assistant turns only, through the chat template) or TRL's
+prompt/completion; --chat-template model|FILE.jinja trains prompt/response rows as a user
+turn and an assistant turn too.
 
 Example:
 
