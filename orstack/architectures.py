@@ -116,8 +116,12 @@ def weightless_model(config: Any) -> nn.Module:
 
 
 def check_config(config: Any, where: str = "") -> None:
-    """The structural check on a config alone (a meta-device model; no weight is read)."""
+    """The structural check on a config alone (a meta-device model; no weight is read): a causal
+    LM first (an encoder is refused by name), then decoder layers orstack can work on."""
+    from orstack.io.checkpoint import check_causal_lm
+
     model_type = getattr(config, "model_type", None)
+    check_causal_lm(config, where or "model")
     try:
         model = weightless_model(config)
     except (ValueError, KeyError, TypeError, AttributeError, ImportError) as e:
