@@ -182,7 +182,8 @@ def test_a_huge_prompt_is_judged_from_its_beginning(backend):
 
     huge = {"id": "h", "prompt": "rev abc=cba " * 1_000_000, "kind": "text"}  # 12 MB
     began = time.perf_counter()
-    with pytest.raises(BadInput, match=r"task 'h': field 'prompt': the prompt's first \d+ of 12000000 characters alone are"):
+    with pytest.raises(BadInput, match=r"task 'h': field 'prompt': the prompt's first \d+ of 12000000 characters "
+                                       r"alone are"):
         fit_prompts(backend, [huge], max_new_tokens=10)
     fitted, truncated = fit_prompts(backend, [huge], max_new_tokens=10, truncate=True)
     assert truncated == 1 and huge["prompt"].endswith(fitted[0]["prompt"])
