@@ -104,6 +104,43 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+
+class PromptEncoding:
+    """How both runtimes turn a prompt into token ids: a string as-is with BOS when the tokenizer
+    adds one; a conversation (or, with a --chat-template choice, any prompt) rendered by the chat
+    template and encoded as transformers' apply_chat_template does (no special tokens added: the
+    template writes them). Needs `encode`, `bos`, `chat` and `eos_ids` on the backend."""
+
+    def encode_prompt(self, prompt: str | list[dict]) -> list[int]:
+        if self.chat.wants_template(prompt):
+            return self.encode(self.chat.render(prompt))
+        ids = self.encode(prompt)
+        return [self.bos] + ids if self.bos is not None else ids
+
+    def prompt_text(self, prompt: str | list[dict]) -> str:
+        """The text the model reads for `prompt` (rendered when a template applies)."""
+        return self.chat.render(prompt) if self.chat.wants_template(prompt) else prompt
+
+    def _stop_ids(self, prompt: str | list[dict]) -> set[int]:
+        """EOS, and the template's end-of-turn token when the prompt went through the template."""
+        if self.chat.wants_template(prompt) and self.chat.end_of_turn is not None:
+            return self.eos_ids | {self.chat.end_of_turn}
+        return self.eos_ids
+
+
+def finished_text(tokens: list[int], stop: list[str], eos: set[int], decode: Callable[[list[int]], str]) -> str | None:
+    """The final text of a completion that has stopped (its last token ends it, or a stop sequence
+    appeared; the stop itself removed), else None."""
+    from orstack.tasks.stops import cut_at_stop
+
+    if tokens[-1] in eos:
+        return cut_at_stop(decode(tokens[:-1]), stop)[0]
+    if stop:
+        text, stopped = cut_at_stop(decode(tokens), stop)
+        if stopped:
+            return text
+    return None
+
 def split_pair(encode: Callable[[str], list[int]], context: str, continuation: str, *, bos: int | None,
                start_token: Callable[[], int], max_len: int | None) -> tuple[list[int], list[int]]:
     """(context tokens, continuation tokens) as lm-evaluation-harness tokenizes a pair: trailing

@@ -11,8 +11,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from orstack.backends.base import Generation, Sampling, split_pair
-from orstack.tasks.stops import cut_at_stop
+from orstack.backends.base import Generation, PromptEncoding, Sampling, finished_text, split_pair
 
 if TYPE_CHECKING:
     import torch
@@ -20,7 +19,7 @@ if TYPE_CHECKING:
     from orstack.backends.perplexity import PerplexityResult
 
 
-class HFBackend:
+class HFBackend(PromptEncoding):
     """A causal LM loaded through orstack.io.checkpoint.load_model (every orstack format)."""
 
     def __init__(self, spec: str, *, device: str = "cpu", batch_size: int = 16, dtype: str = "float32",
@@ -55,25 +54,6 @@ class HFBackend:
     # -- tokenization ------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def encode_prompt(self, prompt: str | list[dict]) -> list[int]:
-        """A prompt string as-is with BOS when the tokenizer adds one; a conversation (or, with
-        a --chat-template choice, any prompt) rendered by the chat template and encoded as
-        transformers' apply_chat_template does (no special tokens added: the template writes them)."""
-        if self.chat.wants_template(prompt):
-            return self.encode(self.chat.render(prompt))
-        ids = self.encode(prompt)
-        return [self.bos] + ids if self.bos is not None else ids
-
-    def prompt_text(self, prompt: str | list[dict]) -> str:
-        """The text the model reads for `prompt` (rendered when a template applies)."""
-        return self.chat.render(prompt) if self.chat.wants_template(prompt) else prompt
-
-    def _stop_ids(self, prompt: str | list[dict]) -> set[int]:
-        """EOS, and the template's end-of-turn token when the prompt went through the template."""
-        if self.chat.wants_template(prompt) and self.chat.end_of_turn is not None:
-            return self.eos_ids | {self.chat.end_of_turn}
-        return self.eos_ids
 
     def context_length(self) -> int | None:
         return getattr(self.model.config, "max_position_embeddings", None)
@@ -202,14 +182,7 @@ class HFBackend:
 
     def _finished_text(self, tokens: list[int], stop: list[str], eos: set[int] | None = None) -> str | None:
         """The final text when this row has stopped (EOS or a stop sequence), else None."""
-        if tokens[-1] in (self.eos_ids if eos is None else eos):
-            text = self._decode(tokens[:-1])
-            return cut_at_stop(text, stop)[0]
-        if stop:
-            text, stopped = cut_at_stop(self._decode(tokens), stop)
-            if stopped:
-                return text
-        return None
+        return finished_text(tokens, stop, self.eos_ids if eos is None else eos, self._decode)
 
     def _decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)

@@ -20,9 +20,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from orstack.backends.base import Generation, Sampling, split_pair
+from orstack.backends.base import Generation, PromptEncoding, Sampling, finished_text, split_pair
 from orstack.errors import BadInput
-from orstack.tasks.stops import cut_at_stop
 
 if TYPE_CHECKING:
     from orstack.backends.perplexity import PerplexityResult
@@ -90,7 +89,7 @@ def sample_token(logits: np.ndarray, sampling: Sampling, rng: np.random.Generato
     return int(order[rng.choice(len(order), p=p)])
 
 
-class LlamaCppBackend:
+class LlamaCppBackend(PromptEncoding):
     """A GGUF model in llama.cpp (CPU), greedy and deterministic."""
 
     def __init__(self, spec: str, *, n_ctx: int = 512, n_threads: int | None = None, seed: int = 0,
@@ -188,21 +187,6 @@ class LlamaCppBackend:
         # special=True: control tokens written in the text are parsed, as transformers does.
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
 
-    def encode_prompt(self, prompt: str | list[dict]) -> list[int]:
-        """As the transformers backend encodes it: a templated prompt without an added BOS."""
-        if self.chat.wants_template(prompt):
-            return self.encode(self.chat.render(prompt))
-        ids = self.encode(prompt)
-        return [self.bos] + ids if self.bos is not None else ids
-
-    def prompt_text(self, prompt: str | list[dict]) -> str:
-        return self.chat.render(prompt) if self.chat.wants_template(prompt) else prompt
-
-    def _stop_ids(self, prompt: str | list[dict]) -> set[int]:
-        if self.chat.wants_template(prompt) and self.chat.end_of_turn is not None:
-            return self.eos_ids | {self.chat.end_of_turn}
-        return self.eos_ids
-
     def context_length(self) -> int | None:
         return self.n_ctx_train or None
 
@@ -252,14 +236,9 @@ class LlamaCppBackend:
             logprobs.append(float(logp[tok]))
             entropies.append(float(-(np.exp(logp) * logp).sum()))
             # llama.cpp's own generate() does not stop at EOS; this loop does.
-            if tok in eos:
-                text = cut_at_stop(self.decode(tokens[:-1]), stop)[0]
+            text = finished_text(tokens, stop, eos, self.decode)
+            if text is not None:
                 break
-            if stop:
-                cut, stopped = cut_at_stop(self.decode(tokens), stop)
-                if stopped:
-                    text = cut
-                    break
             if len(tokens) < max_new_tokens:
                 self.llm.eval([tok])
         if text is None:
@@ -296,14 +275,9 @@ class LlamaCppBackend:
         for _ in range(max_new_tokens):
             tok = sample_token(logits, sampling, rng)
             tokens.append(tok)
-            if tok in eos:
-                text = cut_at_stop(self.decode(tokens[:-1]), stop)[0]
+            text = finished_text(tokens, stop, eos, self.decode)
+            if text is not None:
                 break
-            if stop:
-                cut, stopped = cut_at_stop(self.decode(tokens), stop)
-                if stopped:
-                    text = cut
-                    break
             if len(tokens) < max_new_tokens:
                 self.llm.eval([tok])
                 logits = np.array(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float64)
