@@ -15,7 +15,7 @@ LAYERS = [
     {"__init__", "errors", "console", "runtime"},
     {"io"},
     {"tasks", "backends"},
-    {"train", "layerwise", "architectures"},
+    {"train", "layerwise", "architectures", "gates", "plan"},
     {"tiny", "vocab_trim", "cluster_failures", "teachers", "distill", "prune", "awq", "gguf", "zstd_pack", "rl",
      "route"},
     {"bench"},
