@@ -35,13 +35,14 @@ def train_loop(
     lr_at: Callable[[int], float] | None = None,
     max_grad_norm: float = 1.0,
     after_step: Callable[[], None] | None = None,
-    on_step: Callable[[int, dict[str, Any]], None] | None = None,
+    on_step: Callable[[int, dict[str, Any]], bool | None] | None = None,
     desc: str = "training",
 ) -> LoopResult:
     """Train `model` in place for `steps` optimizer steps; `params` are the clipped parameters.
 
     `lr_at(step)` sets every parameter group's learning rate (None: the optimizer's own);
-    `on_step(step, figures)` sees the step's figures plus `grad_norm` and `lr`. The model is
+    `on_step(step, figures)` sees the step's figures plus `grad_norm` and `lr`, and ends the
+    loop early by returning True. The model is
     in training mode during the loop and back in its previous mode afterwards."""
     import torch
 
@@ -66,8 +67,9 @@ def train_loop(
                     after_step()
                 losses.append(figures["loss"])
                 bar.update(task, advance=1, description=f"{desc} loss {figures['loss']:.4f}")
-                if on_step is not None:
-                    on_step(i, {**figures, "grad_norm": float(grad_norm), "lr": optimizer.param_groups[0]["lr"]})
+                if on_step is not None and on_step(
+                        i, {**figures, "grad_norm": float(grad_norm), "lr": optimizer.param_groups[0]["lr"]}):
+                    break  # the caller stops early (validation patience used up)
     finally:
         model.train(was_training)
-    return LoopResult(steps, losses, time.perf_counter() - start)
+    return LoopResult(len(losses), losses, time.perf_counter() - start)

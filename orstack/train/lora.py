@@ -82,17 +82,33 @@ def lora_targets(model: Any, config: TrainConfig) -> str | list[str]:
     return rf"{re.escape(prefix)}\.\d+\.(?:{'|'.join(re.escape(r) for r in relative)})"
 
 
+def lora_config(model: Any, config: TrainConfig) -> Any:
+    """peft's LoraConfig for `model`: the structural targets, the rank, and per-module ranks
+    (--module-ranks) with alpha scaled to keep the run's alpha/rank ratio."""
+    from peft import LoraConfig
+
+    ranks = config.rank_pattern()
+    parts = {part for name, m in model.named_modules() if _is_linear(m) for part in name.split(".")}
+    unknown = [k.split("=")[0] for k in (config.module_ranks or "").split(",")
+               if k.strip() and k.split("=")[0].strip() not in parts]
+    if unknown:
+        raise BadInput(f"--module-ranks: no linear layer of this {model.config.model_type} model is under a module "
+                       f"named {', '.join(u.strip() for u in unknown)}")
+    ratio = config.alpha / config.lora_rank
+    return LoraConfig(r=config.lora_rank, lora_alpha=config.alpha, target_modules=lora_targets(model, config),
+                      rank_pattern=ranks, alpha_pattern={k: r * ratio for k, r in ranks.items()},
+                      lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+
+
 def apply_lora(model: Any, config: TrainConfig) -> Any:
     import warnings
 
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     # peft calls a transformers method that transformers 5 deprecates: not the user's concern.
     warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v6.*", category=FutureWarning)
-    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.alpha, target_modules=lora_targets(model, config),
-                      lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
     try:
-        return get_peft_model(model, lora)
+        return get_peft_model(model, lora_config(model, config))
     except ValueError as e:
         raise BadInput(f"--target-modules {config.target_modules}: {str(e).splitlines()[0][:200]}") from None
 

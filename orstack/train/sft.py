@@ -1,7 +1,7 @@
 """Supervised fine-tuning on responses, optionally with logit distillation, on orstack.train.loop.
 
 AdamW over the trainable parameters (the LoRA matrices, or everything with --full), linear
-warm-up then linear decay, gradient clipping, gradient accumulation, rows shuffled by the
+warm-up then linear, cosine or constant, gradient clipping, gradient accumulation, rows shuffled by the
 seed. The loss is the response-token cross-entropy (rows scaled by their `weight`) and,
 with a teacher, GKD's generalised JSD on the same tokens.
 """
@@ -14,12 +14,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orstack.errors import BadInput
 from orstack.train.config import TrainConfig
 from orstack.train.data import Encoded, collate
 from orstack.train.loop import train_loop
+
+if TYPE_CHECKING:
+    from orstack.train.validate import Validator
 
 
 @dataclass
@@ -40,6 +43,7 @@ class TrainResult:
     loss_last: float | None
     seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # validation, early stopping, mixing figures
 
 
 def total_steps(n_rows: int, config: TrainConfig) -> int:
@@ -60,21 +64,63 @@ def batches(data: list[Encoded], batch_size: int, seed: int):
             yield [data[j] for j in order[i:i + batch_size]]
 
 
+def _endless(data: list[Any], seed: int):
+    """One source's rows, reshuffled each pass."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        yield from (data[j] for j in torch.randperm(len(data), generator=g).tolist())
+
+
+def mixed_batches(sources: list[list[Any]], weights: list[float], batch_size: int, seed: int,
+                  drawn: list[int] | None = None):
+    """Endless batches whose every row comes from source k with probability weights[k] / sum:
+    each source is shuffled on its own, and the draws are reproducible by `seed`. `drawn` counts
+    the rows taken from each source."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    streams = [_endless(rows, seed + 1 + k) for k, rows in enumerate(sources)]
+    probs = torch.tensor(weights, dtype=torch.float64)
+    if drawn is not None:
+        drawn[:] = [0] * len(sources)
+    while True:
+        picks = torch.multinomial(probs, batch_size, replacement=True, generator=g).tolist()
+        if drawn is not None:
+            for k in picks:
+                drawn[k] += 1
+        yield [next(streams[k]) for k in picks]
+
+
+def mixture(n_main: int, mix: list[tuple[list[Any], float]], rehearsal: float) -> list[float]:
+    """Draw weights of [main data, *mix files]: the main data weighs 1 and each mix file its own
+    weight; with --rehearsal f the mix files share f of the draws (split by their weights)."""
+    if not mix:
+        return [1.0]
+    if rehearsal:
+        total = sum(w for _, w in mix)
+        return [1.0 - rehearsal, *(rehearsal * w / total for _, w in mix)]
+    return [1.0, *(w for _, w in mix)]
+
+
 def lr_at(step: int, total: int, config: TrainConfig) -> float:
-    if config.warmup_steps and step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    span = max(1, total - config.warmup_steps)
-    return config.lr * max(0.0, 1.0 - (step - config.warmup_steps) / span)
+    from orstack.train.config import lr_multiplier
+
+    return config.lr * lr_multiplier(step, total, config.warmup_steps, config.lr_scheduler)
 
 
 def train_sft(model: Any, tokenizer: Any, data: list[Encoded], config: TrainConfig, *,
               teacher: Any = None, distill: DistillLoss | None = None, log_path: str | None = None,
               rank: int = 0, world_size: int = 1, on_log: Callable[[dict[str, Any]], None] | None = None,
-              progress_desc: str = "training") -> TrainResult:
+              progress_desc: str = "training", mix: list[tuple[list[Encoded], float]] | None = None,
+              validator: Validator | None = None) -> TrainResult:
     """Train `model` in place on encoded rows (orstack.train.loop); returns the loss trajectory.
     `log_path` gets one JSONL row per `config.log_every` steps (on rank 0). With `world_size` > 1
     (torchrun; torch's process group started by orstack.train.distributed.init_distributed) this
-    process trains on its `rank`'s slice of every batch."""
+    process trains on its `rank`'s slice of every batch. `mix` adds (rows, weight) sources drawn
+    beside `data` (see `mixture`); `validator` measures the model every `config.eval_every` steps
+    and at the end, may stop training early, and puts the best weights back with --save-best."""
     import torch
 
     from orstack.train.losses import IGNORE, generalized_jsd, masked_ce
@@ -88,15 +134,23 @@ def train_sft(model: Any, tokenizer: Any, data: list[Encoded], config: TrainConf
         set_quiet(True)
     # Each optimizer step consumes batch_size x grad_accum x world rows; every process draws the
     # same global batches (same seed) and takes its own slice, and DDP averages the gradients.
-    steps = total_steps(len(data), config) if config.max_steps else max(1, math.ceil(
-        total_steps(len(data), config) / world))
+    weights = mixture(len(data), mix or [], config.rehearsal)
+    # An epoch is a pass over the main data: with mixing, its rows are only a share of the draws.
+    rows_per_epoch = math.ceil(len(data) * sum(weights) / weights[0])
+    steps = total_steps(rows_per_epoch, config) if config.max_steps else max(1, math.ceil(
+        total_steps(rows_per_epoch, config) / world))
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise BadInput("nothing to train: no parameter requires a gradient")
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    stream = batches(data, config.batch_size * world, config.seed)
+    drawn: list[int] = []
+    if mix:
+        stream = mixed_batches([data, *(rows for rows, _ in mix)], weights, config.batch_size * world, config.seed,
+                               drawn)
+    else:
+        stream = batches(data, config.batch_size * world, config.seed)
     forward = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -138,12 +192,20 @@ def train_sft(model: Any, tokenizer: Any, data: list[Encoded], config: TrainConf
     log_file = Path(log_path).open("w", encoding="utf-8") if log_path and rank == 0 else None
     start = time.perf_counter()
 
-    def on_step(i: int, figures: dict[str, Any]) -> None:
-        if (i + 1) % config.log_every and i + 1 != steps:
-            return
+    def validate(i: int) -> tuple[dict[str, Any], bool]:
+        due = validator is not None and (i + 1 == steps or (config.eval_every and (i + 1) % config.eval_every == 0))
+        if not due:
+            return {}, False
+        stop = validator.check(i + 1, model)
+        return {f"eval/{k}": v for k, v in validator.checks[-1].figures.items()}, stop
+
+    def on_step(i: int, figures: dict[str, Any]) -> bool:
+        evaluated, stop = validate(i)
+        if (i + 1) % config.log_every and i + 1 != steps and not evaluated:
+            return stop
         row = {"step": i + 1, "loss": round(figures["loss"], 6), "ce": round(figures["ce"], 6), "lr": figures["lr"],
                "grad_norm": round(figures["grad_norm"], 6), "tokens": figures["tokens"],
-               "elapsed_s": round(time.perf_counter() - start, 3)}
+               "elapsed_s": round(time.perf_counter() - start, 3), **evaluated}
         if teacher is not None:
             row["kd"] = round(figures["kd"], 6)
         history.append(row)
@@ -152,15 +214,24 @@ def train_sft(model: Any, tokenizer: Any, data: list[Encoded], config: TrainConf
             log_file.flush()
         if on_log:
             on_log(row)
+        return stop
 
     try:
         result = train_loop(model, optimizer, params, steps, step, lr_at=lambda i: lr_at(i, steps, config),
                             max_grad_norm=config.max_grad_norm, on_step=on_step, desc=progress_desc)
+        if validator is not None:
+            validator.restore_best(model)
     finally:
         if log_file:
             log_file.close()
         model.eval()
-    return TrainResult(steps, len(data), result.losses[0], result.losses[-1], result.seconds, history)
+    extra: dict[str, Any] = validator.summary() if validator is not None else {}
+    if validator is not None and result.steps < steps:
+        extra["stopped_early_at"] = result.steps
+    if mix:
+        extra["mix_drawn"] = list(drawn)
+        extra["mix_weights"] = [round(w / sum(weights), 6) for w in weights]
+    return TrainResult(result.steps, len(data), result.losses[0], result.losses[-1], result.seconds, history, extra)
 
 
 def example_losses(model: Any, tokenizer: Any, data: list[Encoded], batch_size: int = 16) -> list[float]:
