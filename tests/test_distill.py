@@ -342,7 +342,9 @@ def test_train_cli_defaults_are_the_config_defaults():
            "chat_template": "chat_template"}
     assert set(cli) == inputs_and_outputs | train | set(loss) | set(top)  # every option is accounted for
     config = DistillTrainConfig(data="d.jsonl")
-    assert {name: cli[name] for name in train} == {name: getattr(TrainConfig(), name) for name in train}
+    # repeatable options (--eval, --mix) default to [] in typer and () in the config
+    assert {name: tuple(cli[name]) if isinstance(cli[name], list) else cli[name] for name in train} == {
+        name: getattr(TrainConfig(), name) for name in train}
     assert {option: cli[option] for option in loss} == {o: getattr(DistillLoss(), f) for o, f in loss.items()}
     assert {option: cli[option] for option in top} == {o: getattr(config, f) for o, f in top.items()}
     assert config.train == TrainConfig() and config.distill == DistillLoss()

@@ -231,12 +231,13 @@ def test_rl_cli_defaults_are_the_config_defaults():
     config = RLConfig(tasks="t.jsonl")
     train = {f.name for f in dataclasses.fields(TrainConfig)} & set(cli)
     rewards = {"efficiency_weight": "efficiency_weight", "target_length": "target_length",
-               "format_regex": "format_regex", "clip_reward": "clip"}
+               "format_regex": "format_regex", "clip_reward": "clip", "efficiency_formula": "efficiency_formula"}
     top = {f.name for f in dataclasses.fields(RLConfig)} & set(cli) - {"tasks"}
     # --reward is repeatable: none given means the correctness reward alone.
     assert set(cli) == {"model", "tasks", "output", "reward"} | train | set(rewards) | top
     assert cli["reward"] == [] and RewardConfig().rewards == ("correct",)
-    assert {n: cli[n] for n in train} == {n: getattr(config.train, n) for n in train}
+    # repeatable options default to [] in typer and () in the config
+    assert {n: _tuple(cli[n]) for n in train} == {n: getattr(config.train, n) for n in train}
     assert {o: cli[o] for o in rewards} == {o: getattr(config.rewards, f) for o, f in rewards.items()}
     assert {n: cli[n] for n in top} == {n: getattr(config, n) for n in top}
     assert cli_defaults()["seed"] == config.train.seed
@@ -266,3 +267,7 @@ def test_rl_runs_under_torchrun_with_two_gloo_processes(tmp_path, random_llama):
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "out" / "adapter_config.json").exists()
     assert len(log.read_text().splitlines()) == 2
+
+
+def _tuple(value: object) -> object:
+    return tuple(value) if isinstance(value, list) else value

@@ -29,3 +29,42 @@ Log = Annotated[
                  "(or set ORSTACK_LOG: torchrun's own parser claims --log).")
 ]
 LogEvery = Annotated[int, typer.Option("--log-every", min=1, help="Optimizer steps between log rows.")]
+Warmup = Annotated[int, typer.Option("--warmup", min=0, help="Optimizer steps of linear learning-rate warm-up.")]
+LrScheduler = Annotated[
+    str, typer.Option("--lr-scheduler", help="After warm-up: linear (decay to 0), cosine (half-cosine to 0) or "
+                      "constant.")
+]
+WeightDecay = Annotated[float, typer.Option("--weight-decay", min=0.0, help="AdamW weight decay.")]
+MaxGradNorm = Annotated[float, typer.Option("--max-grad-norm", min=0.0, help="Clip the gradient norm to this.")]
+ModuleRanks = Annotated[
+    str | None, typer.Option("--module-ranks", help="Per-module LoRA ranks, NAME=RANK[,NAME=RANK...] (e.g. "
+                             "self_attn=64,mlp=32; other targets keep --lora-rank).")
+]
+Eval = Annotated[
+    list[str], typer.Option("--eval", help="Held-out FILE[:WEIGHT] to validate on (repeatable): tasks "
+                            "(accuracy) or training rows (loss); several files score as their weighted mean.")
+]
+EvalEvery = Annotated[int, typer.Option("--eval-every", min=0, help="Optimizer steps between validations "
+                                        "(0: only at the end).")]
+EarlyStop = Annotated[int, typer.Option("--early-stop", min=0, help="Stop after this many validations without "
+                                        "improvement (0: never).")]
+SaveBest = Annotated[
+    str | None, typer.Option("--save-best", help="Keep the weights of the best validation by this metric: "
+                             "accuracy or loss.")
+]
+Mix = Annotated[
+    list[str], typer.Option("--mix", help="FILE[:WEIGHT] drawn beside the main data (repeatable; the main data "
+                            "weighs 1), reproducible by --seed.")
+]
+Rehearsal = Annotated[float, typer.Option("--rehearsal", min=0.0, max=0.99, help="Fraction of the draws taken "
+                                          "from the --mix files (e.g. 0.1: a tenth from the general data).")]
+
+
+def recipe(warmup_steps: int, lr_scheduler: str, weight_decay: float, max_grad_norm: float, module_ranks: str | None,
+           eval_data: list[str], eval_every: int, early_stop: int, save_best: str | None, mix: list[str],
+           rehearsal: float) -> dict:
+    """The shared recipe options as TrainConfig fields (one mapping for every training command)."""
+    return {"warmup_steps": warmup_steps, "lr_scheduler": lr_scheduler, "weight_decay": weight_decay,
+            "max_grad_norm": max_grad_norm, "module_ranks": module_ranks, "eval_data": tuple(eval_data),
+            "eval_every": eval_every, "early_stop": early_stop, "save_best": save_best, "mix": tuple(mix),
+            "rehearsal": rehearsal}

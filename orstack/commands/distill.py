@@ -92,6 +92,14 @@ when the teacher's tokenizer is the student's (checked before loading weights).
 prompt/completion; --chat-template model|FILE.jinja trains prompt/response rows as a user
 turn and an assistant turn too.
 
+The recipe: --warmup steps, then --lr-scheduler linear|cosine|constant; --weight-decay,
+--max-grad-norm; --module-ranks self_attn=64,mlp=32 for per-module LoRA ranks. --mix
+FILE[:WEIGHT] (repeatable) draws rows from more files beside --data (the main data weighs
+1); --rehearsal F gives the --mix files F of the draws (0.1: a tenth general data against
+forgetting). --eval FILE[:WEIGHT] (repeatable; tasks: greedy accuracy, rows: loss; weighted
+mean over files) validates every --eval-every steps and at the end; --early-stop P stops
+after P validations without improvement; --save-best accuracy|loss keeps the best weights.
+
 Example:
 
 \b
@@ -124,6 +132,17 @@ def train(
     recover: Annotated[bool, typer.Option("--recover", help="Train only on the hardest rows (highest loss).")] = False,
     recover_fraction: Annotated[float, typer.Option("--recover-fraction", min=0.0, max=1.0,
                                                    help="Fraction of rows kept by --recover.")] = 0.25,
+    warmup_steps: T.Warmup = 0,
+    lr_scheduler: T.LrScheduler = "linear",
+    weight_decay: T.WeightDecay = 0.0,
+    max_grad_norm: T.MaxGradNorm = 1.0,
+    module_ranks: T.ModuleRanks = None,
+    eval_data: T.Eval = [],  # noqa: B006 - typer's repeatable option
+    eval_every: T.EvalEvery = 0,
+    early_stop: T.EarlyStop = 0,
+    save_best: T.SaveBest = None,
+    mix: T.Mix = [],  # noqa: B006
+    rehearsal: T.Rehearsal = 0.0,
     chat_template: ChatTemplate = None,
 ) -> None:
     from orstack.distill.train import DistillTrainConfig, run_train
@@ -133,7 +152,9 @@ def train(
     tc = TrainConfig(epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
                      lora_rank=lora_rank, lora_alpha=lora_alpha, target_modules=target_modules, merge=merge,
                      full=full, log=str(log) if log else None, log_every=log_every, max_length=max_length,
-                     seed=current_runtime().seed)
+                     seed=current_runtime().seed, **T.recipe(warmup_steps, lr_scheduler, weight_decay, max_grad_norm,
+                                                            module_ranks, eval_data, eval_every, early_stop,
+                                                            save_best, mix, rehearsal))
     config = DistillTrainConfig(data=str(data), train=tc, logits_teacher=logits,
                                 distill=DistillLoss(kd_beta, kd_temperature, kd_alpha, t2_scale), recover=recover,
                                 recover_fraction=recover_fraction, chat_template=chat_template)

@@ -24,6 +24,13 @@ reject is raised to the next compatible one (and said so). --srl TRAJECTORIES ru
 step-wise SFT stage (each step weighted by its reward) first. --log writes one JSONL row
 per step (reward, accuracy, completion length, KL, beta, lr).
 
+trl's GRPO variants: --loss-type dapo (default) | grpo | dr_grpo | bnpo, --importance-sampling
+sequence (GSPO), --scale-rewards group|batch|none; --kl-rule double-halve for PPO's adaptive
+KL; --efficiency-formula gentle for the half-slope penalty floored at 2.5 x the weight. The
+recipe options of distill train apply too: --warmup, --lr-scheduler, --weight-decay,
+--max-grad-norm, --module-ranks, --mix/--rehearsal (more task files drawn by weight),
+--eval/--eval-every/--early-stop/--save-best (greedy accuracy on held-out tasks).
+
 Example:
 
 \b
@@ -63,6 +70,29 @@ def rl(
     merge: T.Merge = False,
     full: T.Full = False,
     log: T.Log = None,
+    loss_type: Annotated[str, typer.Option("--loss-type", help="trl's loss: dapo (its default), grpo "
+                                           "(length-biased), dr_grpo or bnpo.")] = "dapo",
+    importance_sampling: Annotated[str, typer.Option("--importance-sampling", help="Importance ratios per token, "
+                                                     "or per sequence (GSPO).")] = "token",
+    scale_rewards: Annotated[str, typer.Option("--scale-rewards", help="Divide advantages by the reward std of "
+                                               "the group, the batch, or none (Dr. GRPO).")] = "group",
+    kl_rule: Annotated[str, typer.Option("--kl-rule", help="How --target-kl adapts beta: proportional, or "
+                                         "double-halve (x2 above 1.5 x target, /2 below 0.5 x).")] = "proportional",
+    efficiency_formula: Annotated[str, typer.Option("--efficiency-formula", help="Over-length penalty: capped "
+                                                    "(correct answers, at most the weight) or gentle (every "
+                                                    "answer, half the slope, at most 2.5 x the weight).")
+                                  ] = "capped",
+    warmup_steps: T.Warmup = 0,
+    lr_scheduler: T.LrScheduler = "linear",
+    weight_decay: T.WeightDecay = 0.0,
+    max_grad_norm: T.MaxGradNorm = 1.0,
+    module_ranks: T.ModuleRanks = None,
+    eval_data: T.Eval = [],  # noqa: B006 - typer's repeatable option
+    eval_every: T.EvalEvery = 0,
+    early_stop: T.EarlyStop = 0,
+    save_best: T.SaveBest = None,
+    mix: T.Mix = [],  # noqa: B006
+    rehearsal: T.Rehearsal = 0.0,
     chat_template: ChatTemplate = None,
 ) -> None:
     from orstack.rl.grpo import RLConfig, run
@@ -71,12 +101,17 @@ def rl(
 
     tc = TrainConfig(epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
                      lora_rank=lora_rank, lora_alpha=lora_alpha, target_modules=target_modules, merge=merge, full=full,
-                     log=str(log) if log else None, seed=current_runtime().seed)
+                     log=str(log) if log else None, seed=current_runtime().seed,
+                     **T.recipe(warmup_steps, lr_scheduler, weight_decay, max_grad_norm, module_ranks, eval_data,
+                                eval_every, early_stop, save_best, mix, rehearsal))
     rewards = RewardConfig(rewards=tuple(reward) or ("correct",), efficiency_weight=efficiency_weight,
-                           target_length=target_length, format_regex=format_regex, clip=clip_reward)
+                           target_length=target_length, format_regex=format_regex, clip=clip_reward,
+                           efficiency_formula=efficiency_formula)
     config = RLConfig(tasks=str(tasks), train=tc, rewards=rewards, num_generations=num_generations,
                       max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, min_p=min_p, beta=beta,
-                      target_kl=target_kl, srl=str(srl) if srl else None,
+                      target_kl=target_kl, kl_rule=kl_rule, loss_type=loss_type,
+                      importance_sampling=importance_sampling, scale_rewards=scale_rewards,
+                      srl=str(srl) if srl else None,
                       chat_template=chat_template)
     result = run(model, output, config, current_runtime())
     if result.kind is None:  # a torchrun process other than rank 0: it trained, rank 0 reports

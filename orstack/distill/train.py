@@ -45,9 +45,10 @@ def run_train(student: str, output: str | Path, config: DistillTrainConfig, runt
     """Check the student, data, teacher and outputs; then load, train and save (rank 0 only)."""
     from orstack.io.checkpoint import check_checkpoint
     from orstack.io.output import Output, check_outputs
-    from orstack.train.data import read_examples
+    from orstack.train.data import read_examples, read_rows_or_tasks
     from orstack.train.distributed import main_process_log
     from orstack.train.lora import save_trained
+    from orstack.train.validate import read_eval_sets
     from orstack.train.vocab import check_same_vocabulary
 
     tc = config.train
@@ -63,10 +64,13 @@ def run_train(student: str, output: str | Path, config: DistillTrainConfig, runt
     check_outputs([Output(output, "dir", "-o"), Output(tc.log, "file", "--log")],
                   inputs=[student, config.data, config.logits_teacher])
     rows = read_examples(config.data)
+    mix = [(read_rows_or_tasks(path), weight) for path, weight in tc.mix_weights()]
+    eval_sets = read_eval_sets(tc.eval_data) if tc.eval_data else None
     if config.logits_teacher:
         check_same_vocabulary(student, config.logits_teacher)  # before any weights load
     with main_process_log(tc.log, runtime) as log_path:
-        model, tokenizer, result, metrics = fine_tune(student, rows, config, runtime, log_path=log_path)
+        model, tokenizer, result, metrics = fine_tune(student, rows, config, runtime, log_path=log_path, mix=mix,
+                                                      eval_sets=eval_sets)
     kind = None
     if runtime.is_main_process:
         kind = save_trained(model, tokenizer, Path(output), stage="distill", config=tc, base=student, args=config,
@@ -75,8 +79,10 @@ def run_train(student: str, output: str | Path, config: DistillTrainConfig, runt
 
 
 def fine_tune(student: str, rows: list[dict[str, Any]], config: DistillTrainConfig, runtime: Runtime, *,
-              log_path: str | None = None) -> tuple[Any, Any, TrainResult, dict[str, Any]]:
-    """Load the student (and teacher), train, and return (model, tokenizer, result, metrics)."""
+              log_path: str | None = None, mix: list[tuple[list[dict[str, Any]], float]] | None = None,
+              eval_sets: list[Any] | None = None) -> tuple[Any, Any, TrainResult, dict[str, Any]]:
+    """Load the student (and teacher), train (drawing `mix` sources beside the rows, validating on
+    `eval_sets`), and return (model, tokenizer, result, metrics)."""
     from orstack.io.checkpoint import load_model
     from orstack.io.jsonl import display_name
     from orstack.runtime import seed_everything
@@ -84,6 +90,7 @@ def fine_tune(student: str, rows: list[dict[str, Any]], config: DistillTrainConf
     from orstack.train.distributed import init_distributed
     from orstack.train.lora import apply_lora
     from orstack.train.sft import example_losses, hardest, train_sft
+    from orstack.train.validate import make_validator
 
     tc = config.train
     device = runtime.torch_device()
@@ -106,11 +113,16 @@ def fine_tune(student: str, rows: list[dict[str, Any]], config: DistillTrainConf
             p.requires_grad_(False)
     if not tc.full:
         model = apply_lora(model, tc)
+    encoded_mix = [(encode_rows(tokenizer, mrows, tc.max_length, path, chat_template=config.chat_template,
+                                lines=getattr(mrows, "lines", None)), weight)
+                   for (mrows, weight), (path, _) in zip(mix or [], tc.mix_weights())]
+    validator = make_validator(tc, tokenizer, config.chat_template, eval_sets)
     init_distributed(runtime)
     result = train_sft(model, tokenizer, data, tc, teacher=teacher, distill=config.distill if teacher else None,
-                       log_path=log_path, rank=runtime.rank, world_size=runtime.world_size)
+                       log_path=log_path, rank=runtime.rank, world_size=runtime.world_size, mix=encoded_mix,
+                       validator=validator)
     metrics.update(steps=result.steps, trained_rows=len(data), loss_first=result.loss_first,
-                   loss_last=result.loss_last, train_seconds=round(result.seconds, 2))
+                   loss_last=result.loss_last, train_seconds=round(result.seconds, 2), **result.extra)
     return model, tokenizer, result, metrics
 
 

@@ -35,7 +35,11 @@ class RLConfig:
     min_p: float | None = None  # drop tokens below min_p x the top token's probability
     beta: float = 0.02
     target_kl: float | None = None  # adaptive beta toward this KL
-    kl_horizon: int = 100  # steps over which the adaptive controller moves beta by its full error
+    kl_rule: str = "proportional"  # proportional (Ziegler et al.) or double-halve (PPO's rule)
+    kl_horizon: int = 100  # steps over which the proportional controller moves beta by its full error
+    loss_type: str = "dapo"  # trl's loss aggregation: dapo (its default), grpo (length-biased), dr_grpo, bnpo
+    importance_sampling: str = "token"  # token, or sequence (GSPO)
+    scale_rewards: str = "group"  # advantages divided by the reward std of the group, the batch, or none
     zero_std_warn: float = 0.5  # warn when more than this fraction of groups has no reward spread
     srl: str | None = None  # trajectories for the step-wise SFT stage
     srl_epochs: float = 1.0
@@ -173,9 +177,11 @@ def srl_examples(path: str) -> list[dict[str, Any]]:
     return rows
 
 
-def make_callback(config: RLConfig, log_path: str | None, total_steps: int):  # noqa: ANN201 - a trl callback
+def make_callback(config: RLConfig, log_path: str | None, total_steps: int,  # noqa: ANN201 - a trl callback
+                  validator: Any = None):
     """A trl TrainerCallback: JSONL log row per step, progress with reward/accuracy/KL, adaptive KL,
-    and the zero-reward-spread tally."""
+    the zero-reward-spread tally, and validation (every --eval-every steps and at the end, early
+    stopping, the best weights put back) when `validator` is given."""
     from transformers import TrainerCallback
 
     from orstack.console import progress
@@ -188,6 +194,7 @@ def make_callback(config: RLConfig, log_path: str | None, total_steps: int):  # 
             self.bar = progress()
             self.task = None
             self.start = time.perf_counter()
+            self.pending: dict[str, Any] = {}
 
         def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201 - trl's hook signature
             self.bar.start()
@@ -203,12 +210,15 @@ def make_callback(config: RLConfig, log_path: str | None, total_steps: int):  # 
                    "frac_reward_zero_std": logs.get("frac_reward_zero_std"), "loss": logs.get("loss"),
                    "elapsed_s": round(time.perf_counter() - self.start, 3)}
             row.update({k: v for k, v in logs.items() if k.startswith("rewards/")})
+            row.update(self.pending)
+            self.pending = {}
             self.rows.append(row)
             if self.log:
                 self.log.write(json.dumps(row) + "\n")
                 self.log.flush()
             if config.target_kl and row["kl"] is not None and self.trainer is not None and self.trainer.beta > 0:
-                self.trainer.beta = adaptive_beta(self.trainer.beta, row["kl"], config.target_kl, config.kl_horizon)
+                self.trainer.beta = adaptive_beta(self.trainer.beta, row["kl"], config.target_kl, config.kl_horizon,
+                                                  config.kl_rule)
             desc = f"rl reward {row['reward_mean']:.3f}"
             if row["accuracy"] is not None:
                 desc += f" acc {row['accuracy']:.2f}"
@@ -216,7 +226,19 @@ def make_callback(config: RLConfig, log_path: str | None, total_steps: int):  # 
                 desc += f" kl {row['kl']:.4f}"
             self.bar.update(self.task, completed=state.global_step, description=desc)
 
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+            every = config.train.eval_every
+            if validator is None or self.trainer is None:
+                return
+            if state.global_step == total_steps or (every and state.global_step % every == 0):
+                if validator.check(state.global_step, self.trainer.model):
+                    control.should_training_stop = True
+                # trl logs the step after this hook: the figures join that step's row
+                self.pending = {f"eval/{k}": v for k, v in validator.checks[-1].figures.items()}
+
         def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+            if validator is not None and self.trainer is not None:
+                validator.restore_best(self.trainer.model)
             self.close()
 
         def close(self) -> None:
@@ -228,10 +250,37 @@ def make_callback(config: RLConfig, log_path: str | None, total_steps: int):  # 
     return Callback()
 
 
-def adaptive_beta(beta: float, kl: float, target: float, horizon: int) -> float:
-    """The adaptive KL controller of Ziegler et al. (2019): move beta by the clipped proportional error."""
+def adaptive_beta(beta: float, kl: float, target: float, horizon: int, rule: str = "proportional") -> float:
+    """Adapt the KL coefficient toward `target`: `proportional` is the controller of Ziegler et al.
+    (2019), moving beta by the clipped proportional error over `horizon` steps; `double-halve` is
+    PPO's rule (Schulman et al., 2017) as the recipe orstack follows states it: double beta when
+    the KL is above 1.5 x target, halve it below 0.5 x target."""
+    if rule == "double-halve":
+        if kl > 1.5 * target:
+            return beta * 2.0
+        if kl < 0.5 * target:
+            return beta / 2.0
+        return beta
     error = max(-0.2, min(0.2, kl / target - 1.0))
     return beta * (1.0 + error / horizon)
+
+
+LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo")
+IMPORTANCE_SAMPLING = ("token", "sequence")
+SCALE_REWARDS = ("group", "batch", "none")
+KL_RULES = ("proportional", "double-halve")
+
+
+def check_choices(config: RLConfig) -> None:
+    from orstack.rl.rewards import EFFICIENCY_FORMULAS
+
+    for flag, value, allowed in (("--loss-type", config.loss_type, LOSS_TYPES),
+                                 ("--importance-sampling", config.importance_sampling, IMPORTANCE_SAMPLING),
+                                 ("--scale-rewards", config.scale_rewards, SCALE_REWARDS),
+                                 ("--kl-rule", config.kl_rule, KL_RULES),
+                                 ("--efficiency-formula", config.rewards.efficiency_formula, EFFICIENCY_FORMULAS)):
+        if value not in allowed:
+            raise BadInput(f"{flag} {value}: expected one of {', '.join(allowed)}")
 
 
 @dataclass
@@ -279,6 +328,7 @@ def run(source: str, output: str | Path, config: RLConfig, runtime: Runtime) -> 
         except re.error as e:
             raise BadInput(f"--format-regex: {e}") from None
     tc.check()
+    check_choices(config)
     choose_batch(tc.batch_size, tc.grad_accum, config.num_generations, runtime.world_size)  # bad shapes fail first
     check_outputs([Output(output, "dir", "-o"), Output(tc.log, "file", "--log")],
                   inputs=[source, config.tasks, config.srl])
@@ -291,10 +341,18 @@ def run(source: str, output: str | Path, config: RLConfig, runtime: Runtime) -> 
     if config.chat_template is None and len(conversational) > 1:
         raise BadInput(f"{config.tasks}: both `messages` and `prompt` tasks; trl takes one format per run: pass "
                        "--chat-template model to ask the prompts as user turns, or split the file")
+    mix = [(load_tasks(path, need_answers="correct" in config.rewards.rewards, fits=prompt_fit(source, template),
+                       chat=None if template else _no_template(source)), weight) for path, weight in tc.mix_weights()]
+    eval_sets = None
+    if tc.eval_data:
+        from orstack.train.validate import read_eval_sets
+
+        eval_sets = read_eval_sets(tc.eval_data)
     if config.srl is not None:
         srl_examples(config.srl)
     with main_process_log(tc.log, runtime) as log_path:
-        trained, tokenizer, result = run_rl(source, tasks, config, runtime, log_path=log_path)
+        trained, tokenizer, result = run_rl(source, tasks, config, runtime, log_path=log_path, mix=mix,
+                                            eval_sets=eval_sets)
     result.output = Path(output)
     if runtime.is_main_process:
         result.kind = save_trained(trained, tokenizer, Path(output), stage="rl", config=tc, base=source, args=config,
@@ -336,14 +394,15 @@ def trl_prompt(task: dict[str, Any], choice: str | None) -> Any:
 
 
 def run_rl(model_spec: str, tasks: list[dict[str, Any]], config: RLConfig, runtime: Runtime, *,
-           log_path: str | None = None) -> tuple[Any, Any, RLResult]:
-    """SRL stage (optional), then GRPO. Returns (trained model, tokenizer, result)."""
+           log_path: str | None = None, mix: list[tuple[list[dict[str, Any]], float]] | None = None,
+           eval_sets: list[Any] | None = None) -> tuple[Any, Any, RLResult]:
+    """SRL stage (optional), then GRPO on `tasks` (with `mix` sources drawn beside them by weight,
+    validating on `eval_sets`). Returns (trained model, tokenizer, result)."""
     import warnings
 
     import torch
     from datasets import Dataset
-    from peft import LoraConfig
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     from orstack.io.checkpoint import load_model, quiet_transformers
     from orstack.rl.rewards import build_rewards
@@ -391,27 +450,23 @@ def run_rl(model_spec: str, tasks: list[dict[str, Any]], config: RLConfig, runti
         srl_metrics = {"srl_steps": srl.steps, "srl_rows": srl.examples, "srl_loss_first": srl.loss_first,
                        "srl_loss_last": srl.loss_last}
     elif not tc.full:
-        peft_config = LoraConfig(r=tc.lora_rank, lora_alpha=tc.alpha, target_modules=tc.modules(), lora_dropout=0.0,
-                                 bias="none", task_type="CAUSAL_LM")
+        from orstack.train.lora import lora_config
+
+        peft_config = lora_config(model, tc)  # the decoder's linears by structure, per-module ranks
 
     import tempfile
 
     workdir = tempfile.TemporaryDirectory(prefix="orstack-rl-")
+    drawn = mixed_tasks(tasks, mix or [], tc.rehearsal, tc.seed)
     dataset = Dataset.from_list([{"prompt": trl_prompt(t, config.chat_template), "task": json.dumps(t)}
-                                 for t in tasks])
+                                 for t in drawn])
     rows_per_step = shape.batch_size * shape.grad_accum * runtime.world_size // config.num_generations
-    steps = tc.max_steps or max(1, math.ceil(tc.epochs * len(tasks) / max(1, rows_per_step)))
-    args = GRPOConfig(
-        output_dir=workdir.name,
-        use_cpu=device == "cpu", report_to=[], beta=config.beta, num_generations=config.num_generations,
-        per_device_train_batch_size=shape.batch_size, gradient_accumulation_steps=shape.grad_accum,
-        max_completion_length=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
-        min_p=config.min_p, learning_rate=tc.lr,
-        max_steps=steps, logging_steps=1, save_strategy="no", seed=tc.seed, disable_tqdm=True,
-        max_grad_norm=tc.max_grad_norm, weight_decay=tc.weight_decay, warmup_steps=tc.warmup_steps,
-        lr_scheduler_type="linear",
-    )
-    callback = make_callback(config, log_path, steps)
+    steps = tc.max_steps or max(1, math.ceil(tc.epochs * len(drawn) / max(1, rows_per_step)))
+    args = grpo_args(config, shape, steps, device, workdir.name)
+    from orstack.train.validate import make_validator
+
+    validator = make_validator(tc, tokenizer, config.chat_template, eval_sets)
+    callback = make_callback(config, log_path, steps, validator)
     torch.manual_seed(tc.seed)
     trainer = GRPOTrainer(model=model, reward_funcs=rewards, args=args, train_dataset=dataset,
                           processing_class=tokenizer, peft_config=peft_config, callbacks=[callback])
@@ -432,6 +487,10 @@ def run_rl(model_spec: str, tasks: list[dict[str, Any]], config: RLConfig, runti
     zero = [r["frac_reward_zero_std"] for r in history if r.get("frac_reward_zero_std") is not None]
     metrics = summarize(history, steps, seconds)
     metrics.update(srl_metrics)
+    if validator is not None:
+        metrics.update(validator.summary())
+    if mix:
+        metrics["mix_rows"] = len(drawn)
     if any(not isinstance(row, str) for row in dataset["prompt"]):
         from orstack.backends.chat import template_record
 
@@ -443,6 +502,39 @@ def run_rl(model_spec: str, tasks: list[dict[str, Any]], config: RLConfig, runti
     model = trainer.model
     model.eval()
     return model, tokenizer, RLResult(steps, seconds, history, metrics, notes)
+
+
+def mixed_tasks(tasks: list[dict[str, Any]], mix: list[tuple[list[dict[str, Any]], float]], rehearsal: float,
+                seed: int) -> list[dict[str, Any]]:
+    """The RL dataset: the tasks alone, or (with --mix) as many rows as make the main tasks their
+    weight's share, each drawn from a source by weight (seeded), as distill train draws batches."""
+    if not mix:
+        return tasks
+    from orstack.train.sft import mixed_batches, mixture
+
+    weights = mixture(len(tasks), mix, rehearsal)
+    n = math.ceil(len(tasks) * sum(weights) / weights[0])
+    return next(mixed_batches([tasks, *(rows for rows, _ in mix)], weights, n, seed))
+
+
+def grpo_args(config: RLConfig, shape: BatchShape, steps: int, device: str, output_dir: str) -> Any:
+    """trl's GRPOConfig for a run: every orstack option that trl implements lands here."""
+    from trl import GRPOConfig
+
+    from orstack.train.config import trl_scheduler
+
+    tc = config.train
+    return GRPOConfig(
+        output_dir=output_dir,
+        use_cpu=device == "cpu", report_to=[], beta=config.beta, num_generations=config.num_generations,
+        per_device_train_batch_size=shape.batch_size, gradient_accumulation_steps=shape.grad_accum,
+        max_completion_length=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
+        min_p=config.min_p, learning_rate=tc.lr, loss_type=config.loss_type,
+        importance_sampling_level=config.importance_sampling, scale_rewards=config.scale_rewards,
+        max_steps=steps, logging_steps=1, save_strategy="no", seed=tc.seed, disable_tqdm=True,
+        max_grad_norm=tc.max_grad_norm, weight_decay=tc.weight_decay, warmup_steps=tc.warmup_steps,
+        lr_scheduler_type=trl_scheduler(tc),
+    )
 
 
 def summarize(history: list[dict[str, Any]], steps: int, seconds: float) -> dict[str, Any]:

@@ -5,8 +5,9 @@
   as bench cuts generations.
 - format: 1 when the completion ended by itself (EOS, not the length limit), has nothing
   after its first stop sequence and, with a regex, matches it in full.
-- efficiency: only for correct completions, a bonus up to `weight` for being shorter than
-  the target length and a penalty, capped at `weight`, for being longer; wrong ones get 0.
+- efficiency: for correct completions, a bonus up to `weight` for being shorter than the
+  target length; over it, a penalty (`capped`: correct ones only, at most `weight`;
+  `gentle`: every completion, half the slope, at most 2.5 x `weight`).
 - cmd:COMMAND: any program scores completions (JSONL rows with prompt, completion and the
   task's fields in; rows with `reward` out).
 Each value is clipped to [-clip, clip] when `clip` is set. Task rows travel in the dataset's
@@ -29,19 +30,33 @@ class RewardConfig:
     rewards: tuple[str, ...] = ("correct",)  # correct, format, cmd:COMMAND
     efficiency_weight: float = 0.2  # 0 turns the efficiency reward off
     target_length: int = 16  # tokens
+    efficiency_formula: str = "capped"  # capped (orstack's) or gentle (see efficiency_bonus)
     format_regex: str | None = None
     clip: float | None = None
     cmd_timeout: float = 120.0
 
 
-def efficiency_bonus(correct: bool, length: int, target: int, weight: float) -> float:
-    """+weight * (1 - length/target) when shorter than target; -weight * min(1, (length - target)/target)
-    when longer; 0 for wrong answers."""
-    if not correct or weight == 0:
+EFFICIENCY_FORMULAS = ("capped", "gentle")
+
+
+def efficiency_bonus(correct: bool, length: int, target: int, weight: float, formula: str = "capped") -> float:
+    """The token-efficiency reward. Both formulas give a correct answer shorter than the target
+    +weight * (1 - length/target). Over the target, `capped` (orstack's) penalises a correct answer
+    by weight * (length - target)/target, at most `weight`, and gives wrong ones 0; `gentle` (the
+    recipe orstack follows: 0.2 bonus, -0.1 slope, -0.5 floor) penalises every completion by half
+    that slope, at most 2.5 x weight."""
+    if weight == 0:
+        return 0.0
+    over = (length - target) / target
+    if formula == "gentle":
+        if length > target:
+            return -min(2.5 * weight, 0.5 * weight * over)
+        return weight * (1.0 - length / target) if correct else 0.0
+    if not correct:
         return 0.0
     if length <= target:
         return weight * (1.0 - length / target)
-    return -weight * min(1.0, (length - target) / target)
+    return -weight * min(1.0, over)
 
 
 def completion_text(completion: Any) -> str:
@@ -102,7 +117,8 @@ def build_rewards(config: RewardConfig, eos_token_id: int | None) -> list[Callab
         if config.efficiency_weight:
             def efficiency(prompts, completions, completion_ids, **kwargs) -> list[float]:  # noqa: ANN001
                 ok = scorer.correct(tasks_of(kwargs), [completion_text(c) for c in completions])
-                return _clip([efficiency_bonus(c, len(ids), config.target_length, config.efficiency_weight)
+                return _clip([efficiency_bonus(c, len(ids), config.target_length, config.efficiency_weight,
+                                               config.efficiency_formula)
                               for c, ids in zip(ok, completion_ids)], config.clip)
 
             funcs.append(_named("efficiency", efficiency))

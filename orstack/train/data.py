@@ -196,3 +196,22 @@ def collate(batch: list[Encoded], pad_id: int) -> dict[str, Any]:
         mask[i, :n] = 1
     weights = torch.tensor([e.weight for e in batch], dtype=torch.float32)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "weights": weights}
+
+
+def read_rows_or_tasks(path: str) -> list[dict[str, Any]]:
+    """Training rows, or a task file (e.g. the general tasks rehearsed against forgetting) whose
+    tasks train on their reference answers; every row checked before any model loads."""
+    from orstack.io.jsonl import read_jsonl_numbered
+    from orstack.train.validate import answer_row, is_task_row
+
+    first = next(iter(read_jsonl_numbered(path)), None)
+    if first is None or not is_task_row(first[1]):
+        return read_examples(path)
+    from orstack.tasks.contract import load_tasks
+
+    tasks = load_tasks(path)
+    rows = ExampleList()
+    for task in tasks:
+        rows.append(answer_row(task))
+        rows.lines.append(tasks.lines[task["id"]])
+    return rows

@@ -169,7 +169,7 @@ class Validator:
         from orstack.train.sft import example_losses
 
         if n not in self._encoded:
-            rows = s.rows if s.rows is not None else [_answer_row(t) for t in s.tasks or []]
+            rows = s.rows if s.rows is not None else [answer_row(t) for t in s.tasks or []]
             self._encoded[n] = encode_rows(self.tokenizer, rows, self.max_length, s.path,
                                            chat_template=self.chat_template)
         losses = example_losses(model, self.tokenizer, self._encoded[n])
@@ -185,7 +185,7 @@ class Validator:
         return sum(scored) / len(scored) if scored else 0.0
 
 
-def _answer_row(task: dict[str, Any]) -> dict[str, Any]:
+def answer_row(task: dict[str, Any]) -> dict[str, Any]:
     """A task as a training row whose response is its reference answer (for the validation loss)."""
     answer = task.get("answer")
     if task.get("kind") == "choice" and isinstance(answer, int) and task.get("choices"):
