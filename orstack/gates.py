@@ -278,6 +278,21 @@ def cluster_checks(before: TaskScore, after: TaskScore, clusters: Sequence[str],
     return checks
 
 
+def retention_checks(*, min_retention: float, max_ppl_rise: float | None, ppl: tuple[float, float] | None = None,
+                     tasks: tuple[TaskScore, TaskScore] | None = None, heldout: str = "heldout",
+                     eval_on: str = "eval") -> list[Check]:
+    """prune's and awq's gate: perplexity (parent, child) on held-out text and accuracy (parent,
+    child) on --eval tasks, each when measured, against the retention (default 97%)."""
+    checks = []
+    limit = ppl_rise_limit(max_ppl_rise, min_retention)
+    if ppl is not None and limit is not None:
+        option = "--max-ppl-rise" if max_ppl_rise is not None else "--min-retention"
+        checks.append(ppl_check(ppl[0], ppl[1], limit, option=option, on=heldout))
+    if tasks is not None:
+        checks.append(retention_check(tasks[0], tasks[1], min_retention, on=eval_on))
+    return checks
+
+
 def _num(value: float | None) -> str:
     return "?" if value is None else f"{value:.4g}"
 

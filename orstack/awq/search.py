@@ -57,6 +57,11 @@ class AWQConfig:
     eval_length: int = 512  # held-out perplexity window, tokens
     calib: list[str] = field(default_factory=list)
     heldout: list[str] | None = None
+    # the quality gate (orstack/gates.py): measured on --heldout and --eval against the parent
+    eval: str | None = None  # Task JSONL: accuracy before and after
+    min_retention: float = 0.97
+    max_ppl_rise: float | None = None  # None: the retention read on perplexity
+    force: bool = False
 
 
 UNSCALED_REASON = ("no op with a per-channel weight produces the input (it is the residual stream, a weightless "
@@ -154,6 +159,9 @@ def check_config(cfg: AWQConfig) -> None:
         raise BadInput("--mixed-precision needs calibration data and cannot be combined with --rtn")
     if not cfg.rtn and not cfg.calib:
         raise BadInput("--calib: calibration text is required (or use --rtn)")
+    from orstack.gates import check_limits
+
+    check_limits(min_retention=cfg.min_retention, max_ppl_rise=cfg.max_ppl_rise)
 
 
 def group_sizes(model: nn.Module, cfg: AWQConfig) -> dict[str, int]:

@@ -56,6 +56,7 @@ def run(source: str | Path, output: str | Path, config: AWQConfig, runtime: Runt
     from orstack.architectures import check_config as check_architecture
     from orstack.architectures import weightless_model
     from orstack.awq.packed import write_packed
+    from orstack.gates import decide, load_eval_tasks, measure_tasks, retention_checks
     from orstack.io.checkpoint import load_config, load_model, resolve_checkpoint, save_checkpoint
     from orstack.io.output import check_output
     from orstack.io.text import check_text_files, read_texts
@@ -69,6 +70,7 @@ def run(source: str | Path, output: str | Path, config: AWQConfig, runtime: Runt
         check_text_files(config.calib, "--calib")
     if config.heldout:
         check_text_files(config.heldout, "--heldout")
+    eval_tasks = load_eval_tasks(config.eval) if config.eval else None
     output = Path(output)
     check_output(output, kind="dir", option="-o", inputs=[checkpoint])
     model_config = load_config(checkpoint)
@@ -82,13 +84,22 @@ def run(source: str | Path, output: str | Path, config: AWQConfig, runtime: Runt
     # float32 throughout: the scales are stored in it, so packed and fake-quant weights agree bit for bit.
     model, tokenizer = load_model(checkpoint, device=device, dtype="float32", trust_pickle=runtime.trust_pickle)
     seed_everything(config.seed)
+    parent_score = measure_tasks(model, tokenizer, eval_tasks, name="parent") if eval_tasks else None
     quantization, metrics = quantize_in_place(model, tokenizer, config, calib_texts, heldout_texts)
+    child_score = measure_tasks(model, tokenizer, eval_tasks, name="awq") if eval_tasks else None
+    if eval_tasks:
+        metrics["eval_before"], metrics["eval_after"] = parent_score.as_dict(), child_score.as_dict()
+    verdict = decide("awq", retention_checks(
+        min_retention=config.min_retention, max_ppl_rise=config.max_ppl_rise,
+        ppl=(metrics["ppl_before"], metrics["ppl_after"]) if heldout_texts else None,
+        tasks=(parent_score, child_score) if eval_tasks else None, eval_on=config.eval or ""), config.force)
     write_weights, extra = None, None
     if not config.fake_quant:
         def write_weights(tmp: Path) -> None:
             write_packed(model, quantization.quantized, tmp)
 
         extra = {"weights_format": PACKED_FORMAT}
+    extra = {**(extra or {}), "gate": verdict.record()}
     save_checkpoint(model, tokenizer, output, stage="awq", args=config, parent=checkpoint, metrics=metrics,
                     extra=extra, write_weights=write_weights)
     size = sum(f.stat().st_size for f in output.glob("*.safetensors"))

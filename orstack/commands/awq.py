@@ -8,7 +8,18 @@ from typing import Annotated
 import typer
 
 from orstack import console
-from orstack.commands.options import Calib, NSamples, RequiredOutput, SeqLen, current_runtime
+from orstack.commands.options import (
+    Calib,
+    DryRun,
+    Eval,
+    Force,
+    MaxPplRise,
+    MinRetention,
+    NSamples,
+    RequiredOutput,
+    SeqLen,
+    current_runtime,
+)
 from orstack.errors import BadInput
 
 HELP = """Quantize the decoder-layer linear weights of a decoder checkpoint to 3, 4 or 8 bits.
@@ -28,6 +39,10 @@ scales, zero points; see docs/awq.md), loadable by every orstack stage and by tr
 --mixed-precision only a --symmetric output, loaded as is).
 --fake-quant writes the dequantized weights as a plain checkpoint instead. A pruned
 model keeps its zeros. --group-size auto takes the largest divisor <= 128 of each width.
+Gate (exit 3, nothing written unless --force): the output keeps --min-retention (97%) of
+the parent's --eval accuracy and of its --heldout perplexity (or rises at most
+--max-ppl-rise). --dry-run prints the per-tensor plan (group sizes, bits per weight with
+scales and zero points, output size) from the config and weight headers alone.
 
 Example:
 
@@ -67,6 +82,11 @@ def awq(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Calibration sequences per forward.")] = 8,
     heldout: Annotated[list[Path] | None, typer.Option("--heldout", help="Held-out text for perplexity.")] = None,
     eval_length: Annotated[int, typer.Option("--eval-length", min=8, help="Perplexity window, tokens.")] = 512,
+    eval_tasks: Eval = None,
+    min_retention: MinRetention = 0.97,
+    max_ppl_rise: MaxPplRise = None,
+    force: Force = False,
+    dry_run: DryRun = False,
 ) -> None:
     from orstack.awq import AWQConfig, run
 
@@ -74,7 +94,14 @@ def awq(
     config = AWQConfig(bits=bits, group_size=_group_size(group_size), symmetric=symmetric, rtn=rtn,
                        mixed_precision=mixed_precision, fake_quant=fake_quant, nsamples=nsamples, seqlen=seqlen,
                        batch_size=batch_size, eval_length=eval_length, seed=runtime.seed,
-                       calib=[str(p) for p in calib or []], heldout=[str(p) for p in heldout] if heldout else None)
+                       calib=[str(p) for p in calib or []], heldout=[str(p) for p in heldout] if heldout else None,
+                       eval=str(eval_tasks) if eval_tasks is not None else None, min_retention=min_retention,
+                       max_ppl_rise=max_ppl_rise, force=force)
+    if dry_run:
+        from orstack.awq.plan import plan
+
+        plan(model, config).emit()
+        return
     result = run(model, output, config, runtime)
     _report(result)
     if config.mixed_precision and not config.symmetric and not config.fake_quant:

@@ -15,6 +15,27 @@ Output = Annotated[
 ]
 RequiredOutput = Annotated[Path, typer.Option("-o", "--output", help="Output path (written atomically).")]
 Force = Annotated[bool, typer.Option("--force", help="Write the output even when a quality gate fails.")]
+# Quality gates (orstack/gates.py; README "Gates"): measured against the parent on held-out data.
+Eval = Annotated[
+    Path | None,
+    typer.Option("--eval", metavar="TASKS", help="Task JSONL to gate on: greedy accuracy of parent and output."),
+]
+MinRetention = Annotated[
+    float, typer.Option("--min-retention", min=0.0, max=1.0,
+                        help="Gate: keep at least this share of the parent's --eval accuracy (and, without "
+                             "--max-ppl-rise, perplexity: ppl_parent / ppl_out).")]
+MaxPplRise = Annotated[
+    float | None, typer.Option("--max-ppl-rise", min=0.0,
+                               help="Gate: largest --heldout perplexity rise over the parent, e.g. 0.03 = 3%.")]
+MaxAccuracyDrop = Annotated[
+    float, typer.Option("--max-accuracy-drop", min=0.0, metavar="PTS",
+                        help="Gate: largest fall of --eval accuracy below the parent, in points.")]
+MaxClusterDrop = Annotated[
+    float, typer.Option("--max-cluster-drop", min=0.0, metavar="PTS",
+                        help="Gate: largest fall of a targeted cluster's --eval accuracy, in points.")]
+DryRun = Annotated[
+    bool, typer.Option("--dry-run", help="Read config and weight headers only, print the per-tensor plan "
+                                         "(JSONL on standard output, a table on standard error) and exit.")]
 Calib = Annotated[
     list[Path],
     typer.Option("--calib", help="Calibration text: .txt or .jsonl (field 'text', or prompt+response). Repeatable."),

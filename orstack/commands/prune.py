@@ -8,7 +8,18 @@ from typing import Annotated
 import typer
 
 from orstack import console
-from orstack.commands.options import Calib, Dtype, NSamples, RequiredOutput, current_runtime
+from orstack.commands.options import (
+    Calib,
+    DryRun,
+    Dtype,
+    Eval,
+    Force,
+    MaxPplRise,
+    MinRetention,
+    NSamples,
+    RequiredOutput,
+    current_runtime,
+)
 
 HELP = """Prune the decoder-layer linear weights of a decoder checkpoint.
 
@@ -24,7 +35,10 @@ too unless --prune-lm-head (refused when it is tied to the embeddings).
 after each stage with pruned weights kept exactly zero. --grid 0.5,0.6,0.7 tries each
 level and keeps the best by score = -ln(ppl) - SIZE_WEIGHT x (stored bytes / dense bytes).
 Perplexity is measured on --heldout (or the start of the calibration text) before and
-after; the manifest records it with per-layer sparsity. --compress (default) stores the
+after; the manifest records it with per-layer sparsity. Gate (exit 3, nothing written
+unless --force): the output keeps --min-retention (97%) of the parent's --eval accuracy
+and of its --heldout perplexity (or rises at most --max-ppl-rise). --dry-run prints the
+per-tensor plan from the config and weight headers alone. --compress (default) stores the
 pruned matrices as bitmask + kept values (docs/prune.md), read by every orstack stage;
 --no-compress writes a plain checkpoint any transformers loads.
 
@@ -77,6 +91,11 @@ def prune(
     heldout: Annotated[list[Path] | None, typer.Option("--heldout", help="Held-out text for perplexity.")] = None,
     eval_length: Annotated[int, typer.Option("--eval-length", min=8, help="Perplexity window, tokens.")] = 512,
     dtype: Dtype = "float32",
+    eval_tasks: Eval = None,
+    min_retention: MinRetention = 0.97,
+    max_ppl_rise: MaxPplRise = None,
+    force: Force = False,
+    dry_run: DryRun = False,
 ) -> None:
     from orstack.prune import PruneConfig, parse_grid, run
 
@@ -88,7 +107,14 @@ def prune(
         compress=compress, prune_lm_head=prune_lm_head, eval_length=eval_length, dtype=dtype, seed=runtime.seed,
         calib=[str(p) for p in calib], recover=str(recover) if recover is not None else None,
         heldout=[str(p) for p in heldout] if heldout else None,
+        eval=str(eval_tasks) if eval_tasks is not None else None, min_retention=min_retention,
+        max_ppl_rise=max_ppl_rise, force=force,
     )
+    if dry_run:
+        from orstack.prune.plan import plan
+
+        plan(model, config).emit()
+        return
     result = run(model, output, config, runtime)
     metrics = result.metrics
     if "grid" in metrics:

@@ -60,6 +60,11 @@ class PruneConfig:
     calib: list[str] = field(default_factory=list)
     recover: str | None = None
     heldout: list[str] | None = None
+    # the quality gate (orstack/gates.py): measured on --heldout and --eval against the parent
+    eval: str | None = None  # Task JSONL: accuracy before and after
+    min_retention: float = 0.97
+    max_ppl_rise: float | None = None  # None: the retention read on perplexity
+    force: bool = False
 
     def __post_init__(self) -> None:
         if self.sparsity is None and self.pattern is None and self.grid is None:
@@ -97,6 +102,9 @@ class PruneConfig:
             raise BadInput("--steps needs --recover DATA (the text to fine-tune on)")
         if self.dtype not in DTYPES:
             raise BadInput(f"--dtype {self.dtype}: expected one of {', '.join(DTYPES)}")
+        from orstack.gates import check_limits
+
+        check_limits(min_retention=self.min_retention, max_ppl_rise=self.max_ppl_rise)
 
     def _sparsity_options(self) -> list[str]:
         """The sparsity options that hold a value (with --pattern or --grid: the ones given)."""
@@ -132,11 +140,13 @@ def run(source: str | Path, output: str | Path, config: PruneConfig, runtime: Ru
     --prune-lm-head), the text files, the output path and the device.
     """
     from orstack.architectures import check_config as check_architecture
-    from orstack.io.checkpoint import load_config, load_model, resolve_checkpoint, save_checkpoint
+    from orstack.gates import decide, load_eval_tasks, measure_tasks, retention_checks
+    from orstack.io.checkpoint import can_stream, load_config, load_model, resolve_checkpoint, save_checkpoint
     from orstack.io.output import check_output
     from orstack.io.text import check_text_files, read_texts
-    from orstack.layerwise import decoder_layers, weightless_model
+    from orstack.layerwise import Staging, decoder_layers, load_streamed, weightless_model
     from orstack.prune.core import check_pattern_fits, masks_of
+    from orstack.prune.streamed import can_stream_prune, prune_streamed
     from orstack.prune.storage import FORMAT, WEIGHTS, save_sparse
     from orstack.runtime import seed_everything
 
@@ -149,6 +159,7 @@ def run(source: str | Path, output: str | Path, config: PruneConfig, runtime: Ru
         check_text_files(config.heldout, "--heldout")
     if config.recover is not None:
         check_text_files([config.recover], "--recover")
+    eval_tasks = load_eval_tasks(config.eval) if config.eval else None
     output = Path(output)
     check_output(output, kind="dir", option="-o", inputs=[checkpoint])
     model_config = load_config(checkpoint)
@@ -163,20 +174,44 @@ def run(source: str | Path, output: str | Path, config: PruneConfig, runtime: Ru
     calib_texts = list(read_texts(config.calib))
     heldout_texts = list(read_texts(config.heldout)) if config.heldout else None
     recover_texts = list(read_texts(config.recover)) if config.recover else None
-    model, tokenizer = load_model(checkpoint, device=device, dtype=config.dtype, trust_pickle=runtime.trust_pickle)
+    # A one-stage prune of safetensors weights reads the model layer by layer (same output).
+    staging = Staging(output) if runtime.stream and can_stream_prune(config) and can_stream(checkpoint) else None
+    if staging is not None:
+        model, tokenizer = load_streamed(checkpoint, device=device, dtype=config.dtype)
+    else:
+        model, tokenizer = load_model(checkpoint, device=device, dtype=config.dtype,
+                                      trust_pickle=runtime.trust_pickle)
     seed_everything(config.seed)
-    metrics = prune_in_place(model, tokenizer, config, calib_texts=calib_texts, heldout_texts=heldout_texts,
-                             recover_texts=recover_texts)
+    parent_score = measure_tasks(model, tokenizer, eval_tasks, name="parent") if eval_tasks else None
+    if staging is not None:
+        model, metrics = prune_streamed(model, tokenizer, config, staging.path, calib_texts=calib_texts,
+                                        heldout_texts=heldout_texts)
+    else:
+        metrics = prune_in_place(model, tokenizer, config, calib_texts=calib_texts, heldout_texts=heldout_texts,
+                                 recover_texts=recover_texts)
+    child_score = measure_tasks(model, tokenizer, eval_tasks, name="pruned") if eval_tasks else None
+    if eval_tasks:
+        metrics["eval_before"], metrics["eval_after"] = parent_score.as_dict(), child_score.as_dict()
+    verdict = decide("prune", retention_checks(
+        min_retention=config.min_retention, max_ppl_rise=config.max_ppl_rise,
+        ppl=(metrics["ppl_before"], metrics["ppl_after"]) if heldout_texts else None,
+        tasks=(parent_score, child_score) if eval_tasks else None, eval_on=config.eval or ""), config.force)
     write_weights, extra = None, None
-    if config.compress:
+    if staging is not None:
+        write_weights = staging.move_weights
+        extra = {"weights_format": FORMAT} if config.compress else None
+    elif config.compress:
         sparse_names = set(masks_of(model))
 
         def write_weights(tmp: Path) -> None:
             metrics.update(save_sparse(model, tmp, sparse_names))
 
         extra = {"weights_format": FORMAT}
+    extra = {**(extra or {}), "gate": verdict.record()}
     save_checkpoint(model, tokenizer, output, stage="prune", args=config, parent=checkpoint, metrics=metrics,
                     extra=extra, write_weights=write_weights)
+    if staging is not None:
+        staging.cleanup()
     weights = output / WEIGHTS
     return PruneResult(output, metrics, weights.stat().st_size if weights.exists() else None)
 
@@ -202,6 +237,34 @@ def resolved_seqlen(model: nn.Module, seqlen: int | None) -> int:
     return seqlen
 
 
+@dataclass
+class EvaluationSetup:
+    """The calibration windows and the perplexity measure of a prune run (in memory or streamed)."""
+
+    seqlen: int
+    calib_ids: Any
+    ppl_on: str
+    eval_length: int
+    evaluate: Any  # model -> perplexity
+
+
+def evaluation_setup(model: nn.Module, tokenizer, config: PruneConfig, calib_texts: list[str],  # noqa: ANN001
+                     heldout_texts: list[str] | None) -> EvaluationSetup:
+    from orstack.backends.perplexity import perplexity
+    from orstack.io.text import token_windows
+
+    seqlen = resolved_seqlen(model, config.seqlen)
+    calib_ids = token_windows(tokenizer, calib_texts, config.nsamples, seqlen, config.seed)
+    ppl_on = "heldout" if heldout_texts else f"calibration text (first {HELDOUT_FALLBACK_CHARS:,} characters)"
+    eval_texts = heldout_texts or ["\n".join(calib_texts)[:HELDOUT_FALLBACK_CHARS]]
+    eval_length = min(config.eval_length, getattr(model.config, "max_position_embeddings", config.eval_length))
+
+    def evaluate(m: nn.Module) -> float:
+        return perplexity(m, tokenizer, eval_texts, max_length=eval_length).ppl
+
+    return EvaluationSetup(seqlen, calib_ids, ppl_on, eval_length, evaluate)
+
+
 def prune_in_place(
     model: nn.Module,
     tokenizer,  # noqa: ANN001 - a transformers tokenizer
@@ -212,21 +275,15 @@ def prune_in_place(
     recover_texts: list[str] | None = None,
 ) -> dict[str, Any]:
     """Prune `model` in place as `config` says; returns the manifest metrics."""
-    from orstack.backends.perplexity import perplexity
     from orstack.console import info
     from orstack.io.text import token_windows
     from orstack.prune.pipeline import Schedule, grid_search, prune_with_schedule, stored_bytes
 
-    seqlen = resolved_seqlen(model, config.seqlen)
-    calib_ids = token_windows(tokenizer, calib_texts, config.nsamples, seqlen, config.seed)
+    setup = evaluation_setup(model, tokenizer, config, calib_texts, heldout_texts)
+    seqlen, calib_ids, ppl_on, eval_length, evaluate = (setup.seqlen, setup.calib_ids, setup.ppl_on,
+                                                         setup.eval_length, setup.evaluate)
     recover_ids = (token_windows(tokenizer, recover_texts, RECOVER_WINDOWS, seqlen, config.seed + 1)
                    if recover_texts else None)
-    ppl_on = "heldout" if heldout_texts else f"calibration text (first {HELDOUT_FALLBACK_CHARS:,} characters)"
-    eval_texts = heldout_texts or ["\n".join(calib_texts)[:HELDOUT_FALLBACK_CHARS]]
-    eval_length = min(config.eval_length, getattr(model.config, "max_position_embeddings", config.eval_length))
-
-    def evaluate(m: nn.Module) -> float:
-        return perplexity(m, tokenizer, eval_texts, max_length=eval_length).ppl
 
     schedule = Schedule(gradual=config.gradual, recover_steps=config.steps if recover_ids is not None else 0,
                         lr=config.lr, seed=config.seed)
