@@ -32,7 +32,8 @@ PROGRAMS = [
     ("writes to parent dir", "open('../escaped.txt', 'w').write('escaped')\n", "failed"),
     ("writes inside its dir", "open('f.txt', 'w').write('ok')\nassert open('f.txt').read() == 'ok'\n", "passed"),
     ("exits early", "import sys\nsys.exit(0)\nassert False\n", "failed"),
-    ("kills its worker", "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n", "failed"),
+    # its parent is outside its PID namespace (getppid() is 0), so this kills its own group
+    ("kills its worker", "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n", "crashed"),
 ]
 
 
@@ -75,14 +76,11 @@ def test_background_children_are_killed(sandbox, tmp_path):
     assert not marker.exists()
 
 
-# Each program reports the worker that forked it (the last stderr line is the result's detail).
-WHOSE_WORKER = "import os, sys\nsys.stderr.write(str(os.getppid()))\n"
-
-
 def _workers_used(pool, n: int = 40) -> set[int]:
-    results = pool.run_many([WHOSE_WORKER] * n)
+    """The workers that ran n programs (each result names its worker: a program cannot see it)."""
+    results = pool.run_many(["x = 1\n"] * n)
     assert all(r.passed for r in results), results
-    return {int(r.detail) for r in results}
+    return {r.worker for r in results}
 
 
 def test_workers_are_reused_across_runs(sandbox):
