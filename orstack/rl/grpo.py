@@ -519,7 +519,12 @@ def mixed_tasks(tasks: list[dict[str, Any]], mix: list[tuple[list[dict[str, Any]
 
 def grpo_args(config: RLConfig, shape: BatchShape, steps: int, device: str, output_dir: str) -> Any:
     """trl's GRPOConfig for a run: every orstack option that trl implements lands here."""
+    import warnings
+
     from trl import GRPOConfig
+
+    # transformers 5 deprecation notices raised inside trl's config: not the user's concern.
+    warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v6.*", category=FutureWarning)
 
     from orstack.train.config import trl_scheduler
 
