@@ -130,6 +130,9 @@ def score(rows_path: str | Path, config: BenchConfig, runtime: Runtime,
     for row in scored:
         by_model.setdefault(str(row.get("model", Path(rows_path).name)), []).append(row)
     summaries = [{"model": m, "lineage": lineage(m), **accuracy_summary(r)} for m, r in by_model.items()]
+    if sandbox is not None:
+        for summary in summaries:
+            summary["sandbox"] = sandbox.confinement  # what the code ran under
     return BenchResult(config, scored, summaries, gate_failure(summaries, config.fail_under))
 
 
@@ -217,6 +220,8 @@ def bench_model(spec: str, config: BenchConfig, tasks: Sequence[dict[str, Any]] 
             rows = run_tasks(backend, asked, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
                              sandbox=sandbox)
             summary["tasks_per_s"] = len(tasks) / (time.perf_counter() - began)
+            if sandbox is not None:
+                summary["sandbox"] = sandbox.confinement  # what the model's code ran under
             summary.update(accuracy_summary(rows))
             if config.truncate_prompts:
                 summary["truncated_prompts"] = truncated

@@ -117,6 +117,9 @@ def _report(summaries: list[dict]) -> None:
     from orstack.bench.report import comparison_table, lineage_line
 
     console.table(comparison_table(summaries))
+    confinement = next((s["sandbox"] for s in summaries if "sandbox" in s), None)
+    if confinement:
+        console.info(f"sandbox: {confinement}")
     for s in summaries:
         if "ppl" in s:
             console.info(f"{s['model']}: perplexity {s['ppl']['ppl']:.4f} over {s['ppl']['tokens']} tokens, "
