@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from orstack import console
-from orstack.commands.options import Force, RequiredOutput, current_runtime
+from orstack.commands.options import DryRun, Force, RequiredOutput, current_runtime
 
 HELP = """Export a decoder checkpoint to GGUF for llama.cpp: llama, mistral, qwen2, qwen3, gemma, gemma2,
 gemma3_text, phi3, olmo2 (and olmo3), granite, smollm3.
@@ -29,9 +29,12 @@ Q6_K->Q8_0, else F16), listed per tensor. Norms and biases stay F32.
 
 --validate (default when llama-cpp-python is installed) loads the file in llama.cpp and
 compares it with the source: greedy-token agreement over --tokens tokens per prompt and
-perplexity; f32/f16 need >= 99% agreement, q8_0/bf16 >= 95%, and all of these a
-perplexity within 2%; f32 also needs every logit within 1% of the largest source logit;
-otherwise the command exits 3 and writes nothing (unless --force).
+perplexity; every type has a gate: f32/f16 need >= 99% agreement, q8_0/bf16/q6_k/q5_k/
+q5_k_m >= 95%, and all of these a perplexity within 2%; the 4-bit types >= 90% and 5%
+(--min-agreement, --max-ppl-change override); f32 also needs every logit within 1% of the
+largest source logit; otherwise the command exits 3 and writes nothing (unless --force).
+--dry-run prints the per-tensor plan (GGML type, K-quant fallbacks, real bits per weight,
+file size) from the config and weight headers alone.
 
 The file carries orstack's manifest (stage, options, parent checkpoint, lineage and the
 validation figures) as JSON in the metadata key orstack.manifest.
@@ -59,11 +62,24 @@ def gguf(
     tokens: Annotated[int, typer.Option("--tokens", min=1, help="Greedy tokens compared per prompt.")] = 100,
     max_length: Annotated[int, typer.Option("--max-length", min=16, help="Perplexity window (tokens).")] = 512,
     force: Force = False,
+    min_agreement: Annotated[float | None, typer.Option("--min-agreement", min=0.0, max=1.0,
+                                                         help="Gate: least greedy agreement [default: per "
+                                                              "type, 0.90-0.99].")] = None,
+    max_ppl_change: Annotated[float | None, typer.Option("--max-ppl-change", min=0.0,
+                                                          help="Gate: largest |perplexity change| [default: "
+                                                               "0.02, 4-bit types 0.05].")] = None,
+    dry_run: DryRun = False,
 ) -> None:
     from orstack.gguf import GgufConfig, run
 
     config = GgufConfig(type=qtype, validate=validate, prompts=str(prompts) if prompts else None,
-                        text=[str(t) for t in text or []], n_tokens=tokens, max_length=max_length, force=force)
+                        text=[str(t) for t in text or []], n_tokens=tokens, max_length=max_length, force=force,
+                        min_agreement=min_agreement, max_ppl_change=max_ppl_change)
+    if dry_run:
+        from orstack.gguf.plan import plan
+
+        plan(model, config).emit()
+        return
     _report(run(model, output, config, current_runtime()), config.type)
 
 
@@ -89,7 +105,7 @@ def _report(result, qtype: str) -> None:  # noqa: ANN001 - orstack.gguf.GgufResu
     console.table(tbl)
     v = result.validation
     if v is not None:
-        gate = f"gate >= {v.min_agreement:.0%}, ppl ±2%" if v.gated else "not gated"
+        gate = f"gate >= {v.min_agreement:.0%}, ppl ±{v.ppl_tolerance:.0%}" if v.gated else "not gated"
         console.info(f"validation (llama.cpp): greedy agreement {v.agreement:.1%} of {v.n_compared} tokens, "
                      f"perplexity {v.ppl_gguf:.3f} vs source {v.ppl_source:.3f} ({v.ppl_change:+.2%}), max logit "
                      f"difference {v.max_logit_diff:.2g} of {v.logit_scale:.3g}; {gate}")

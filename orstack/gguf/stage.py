@@ -3,7 +3,7 @@
 `run(source, output, GgufConfig(...), runtime)` loads any checkpoint orstack writes, writes
 the GGUF to a temporary sibling with the orstack manifest in its metadata, checks it in
 llama.cpp (when llama-cpp-python is installed), records the validation figures in the
-manifest and only then moves the file into place; a failed quality gate raises GateFailed
+manifest and only then moves the file into place; a failed quality gate (orstack/gates.py) raises GateTripped
 and leaves nothing behind unless `force` is set.
 """
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orstack.errors import BadInput, GateFailed
+from orstack.errors import BadInput
 from orstack.gguf.export import ExportResult, check_type
 
 if TYPE_CHECKING:
@@ -33,6 +33,8 @@ class GgufConfig:
     n_tokens: int = 100  # greedy tokens compared per prompt
     max_length: int = 512  # perplexity window
     force: bool = False  # write even when the gate fails
+    min_agreement: float | None = None  # the gate; None: the type's default (orstack/gguf/validate.py)
+    max_ppl_change: float | None = None
 
 
 @dataclass
@@ -60,6 +62,9 @@ def check_config(config: GgufConfig) -> GgufConfig:
         check_text_files(config.text, "--text")
     if config.n_tokens < 1 or config.max_length < 16:
         raise BadInput("--tokens must be >= 1 and --max-length >= 16")
+    from orstack.gates import check_limits
+
+    check_limits(min_agreement=config.min_agreement, max_ppl_change=config.max_ppl_change)
     return config
 
 
@@ -94,21 +99,15 @@ def _awq_blocks(spec: str):  # noqa: ANN202 - dict of numpy arrays, or None
     return blocks
 
 
-def _gate_message(output: str | Path, config: GgufConfig, v: Validation) -> str:
-    return (f"{output}: GGUF {config.type} disagrees with the source: greedy agreement {v.agreement:.1%} "
-            f"(gate {v.min_agreement:.0%}), perplexity {v.ppl_gguf:.3f} vs {v.ppl_source:.3f} "
-            f"({v.ppl_change:+.2%}, gate ±2%), max logit difference {v.max_logit_diff:.3g} of {v.logit_scale:.3g}"
-            + (f" (gate {v.logit_tolerance:g} x)" if v.logit_tolerance is not None else ""))
-
-
 def run(source: str, output: str | Path, config: GgufConfig, runtime: Runtime) -> GgufResult:
     """Export checkpoint `source` to the GGUF file `output` (see the module docstring)."""
     from orstack import console
+    from orstack.gates import decide
     from orstack.gguf.arch import SUPPORTED, layout
     from orstack.gguf.export import export_gguf
     from orstack.gguf.metadata import MANIFEST_KEY, replace_manifest
     from orstack.io.atomic import atomic_path
-    from orstack.io.checkpoint import check_checkpoint, load_config, load_model
+    from orstack.io.checkpoint import can_stream, check_checkpoint, load_config, load_model
     from orstack.io.jsonl import dumps
     from orstack.io.manifest import build_manifest
     from orstack.io.output import check_output
@@ -127,8 +126,15 @@ def run(source: str, output: str | Path, config: GgufConfig, runtime: Runtime) -
         console.warn("llama-cpp-python is not installed: the GGUF file is not validated")
 
     # -- load
-    model, tokenizer = load_model(source, device=device, dtype="float32", trust_pickle=runtime.trust_pickle,
-                                  architectures=SUPPORTED)
+    if runtime.stream and can_stream(source):  # each tensor read, converted and written in turn
+        from orstack.io.checkpoint import check_architecture
+        from orstack.layerwise import load_streamed
+
+        model, tokenizer = load_streamed(source, device=device, dtype="float32")
+        check_architecture(model.config, SUPPORTED, str(source))
+    else:
+        model, tokenizer = load_model(source, device=device, dtype="float32", trust_pickle=runtime.trust_pickle,
+                                      architectures=SUPPORTED)
     blocks = _awq_blocks(source) if config.type == "q4_1" else None
     manifest = build_manifest("gguf", config, parent=source)
 
@@ -141,13 +147,11 @@ def run(source: str, output: str | Path, config: GgufConfig, runtime: Runtime) -
             from orstack.gguf.validate import validate
 
             validation = validate(model, tokenizer, tmp, config.type, prompts=prompts, texts=texts,
-                                  n_tokens=config.n_tokens, max_length=config.max_length, threads=runtime.threads)
-            if not validation.passed:
-                message = _gate_message(output, config, validation)
-                if not config.force:
-                    raise GateFailed(message + "; nothing written (use --force to write anyway)")
-                console.warn(message + "; written anyway (--force)")
+                                  n_tokens=config.n_tokens, max_length=config.max_length, threads=runtime.threads,
+                                  min_agreement=config.min_agreement, max_ppl_change=config.max_ppl_change)
+            verdict = decide(f"gguf {config.type}", validation.checks(), config.force)
             manifest["metrics"] = validation.as_dict()
+            manifest["gate"] = verdict.record()
             with atomic_path(tmp) as rewritten:
                 replace_manifest(tmp, rewritten, dumps(manifest))
         export.size_bytes = tmp.stat().st_size
