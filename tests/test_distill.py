@@ -359,10 +359,12 @@ def test_generate_cli_defaults_are_the_config_defaults():
     options = {"max_new_tokens": "max_new_tokens", "stop": "stop", "timeout": "timeout", "retries": "retries",
                "concurrency": "concurrency", "rate_limit": "rate_limit", "api_key_env": "api_key_env",
                "teacher_api": "api", "chat_template": "chat_template"}
-    assert set(cli) == {"failures", "teacher", "output", "report", "per_cluster", *options}
+    judging = {"judge", "judge_min", "judge_rubric"}
+    assert set(cli) == {"failures", "teacher", "output", "report", "per_cluster", "budget", *judging, *options}
     assert {o: cli[o] for o in options} == {o: getattr(TeacherOptions(), f) for o, f in options.items()}
     config = GenerateConfig("f.jsonl", ["cmd:cat"])
-    assert cli["per_cluster"] == config.per_cluster and config.teacher == TeacherOptions()
+    assert int(cli["per_cluster"]) == config.per_cluster and config.teacher == TeacherOptions()
+    assert cli["budget"] == config.budget and cli["judge"] is None and config.judge is None
 
 
 def test_train_refuses_a_file_where_the_adapter_goes(tmp_path, random_llama):

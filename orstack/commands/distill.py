@@ -22,6 +22,11 @@ representatives. Teachers are tiers, cheapest first: a task goes to the next --t
 only when the verifier (bench's numeric/exact/choice/code scoring) rejects the answer.
 Teachers never see `answer` or `tests`. Writes Training Example rows (source = tier),
 near-duplicates removed, and prints asked/accepted/escalated per cluster and tier.
+--per-cluster auto --budget N shares N new problems among the clusters in proportion to
+their failures; the teacher is shown the cluster's label and a few of its failures.
+Open-ended (`kind: text`) answers have no verifier: with --judge SPEC (any teacher SPEC;
+a cmd: judge gets rows with question/response/reference/rubric and answers `response`
+with the score) each is graded 1-10 and kept at --judge-min (8) or above.
 
 A --teacher is a checkpoint directory, a .gguf file, http(s)://HOST:PORT/v1#MODEL
 (OpenAI-compatible; key from $OPENAI_API_KEY or --api-key-env) or cmd:COMMAND (Task
@@ -39,7 +44,16 @@ def generate(
     failures: Annotated[Path, typer.Option("--failures", help="Annotated failures JSONL ('-' for stdin).")],
     teacher: Annotated[list[str], typer.Option("--teacher", help="Teacher SPEC; repeat for tiers, cheapest first.")],
     output: Output = None,
-    per_cluster: Annotated[int, typer.Option("--per-cluster", min=0, help="New problems per cluster.")] = 0,
+    per_cluster: Annotated[str, typer.Option("--per-cluster", help="New problems per cluster, or auto: --budget "
+                                             "shared in proportion to each cluster's failures.")] = "0",
+    budget: Annotated[int | None, typer.Option("--budget", min=1, help="New problems in all, with --per-cluster "
+                                               "auto.")] = None,
+    judge: Annotated[str | None, typer.Option("--judge", help="Teacher SPEC grading `text` answers 1-10 "
+                                              "(kept at --judge-min or above).")] = None,
+    judge_min: Annotated[float, typer.Option("--judge-min", min=1.0, max=10.0, help="Lowest judge score kept.")
+                         ] = 8.0,
+    judge_rubric: Annotated[Path | None, typer.Option("--judge-rubric", help="Rubric file with {question} and "
+                                                      "{response} (default: orstack's).")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Teacher answer budget.")] = 64,
     stop: Annotated[list[str], typer.Option("--stop", help="Stop sequence (repeatable; default: the task's).")] = [],  # noqa: B006
     timeout: Annotated[float, typer.Option("--timeout", min=0.01, help="Seconds per request (or cmd: run).")] = 60.0,
@@ -57,8 +71,13 @@ def generate(
     options = TeacherOptions(max_new_tokens=max_new_tokens, stop=list(stop), timeout=timeout, retries=retries,
                              concurrency=concurrency, rate_limit=rate_limit, api_key_env=api_key_env,
                              api=teacher_api, chat_template=chat_template)
-    config = GenerateConfig(failures=str(failures), teachers=list(teacher), per_cluster=per_cluster, teacher=options,
-                            seed=current_runtime().seed)
+    from orstack.tasks.judge import JudgeConfig
+
+    judging = JudgeConfig(judge, min_score=judge_min, rubric=str(judge_rubric) if judge_rubric else None) if judge \
+        else None
+    config = GenerateConfig(failures=str(failures), teachers=list(teacher),
+                            per_cluster=int(per_cluster) if per_cluster.isdigit() else per_cluster, budget=budget,
+                            teacher=options, judge=judging, seed=current_runtime().seed)
     result = run_generate(output, config, current_runtime(), report=report)
     for note in result.notes:
         console.warn(note)

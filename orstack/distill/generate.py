@@ -24,20 +24,25 @@ from typing import TYPE_CHECKING, Any
 
 from orstack.errors import BadInput
 from orstack.tasks.contract import as_task, infer_kind, is_verifiable, validate_messages
+from orstack.tasks.judge import JudgeConfig
 from orstack.teachers.base import TeacherOptions
 
 if TYPE_CHECKING:
     from orstack.runtime import Runtime
+    from orstack.tasks.judge import Judge
 
 HIDDEN_FIELDS = {"answer", "tests"}  # what the verifier knows and the teacher must not see
 
 VARIANT_TEMPLATE = (
-    "Here is a problem and its answer.\n"
+    "A student model gets problems like these wrong{label}.\n"
+    "{others}"
+    "Here is one of them and its answer.\n"
     "Problem: {prompt}\n"
     "Answer: {answer}\n"
     "Write one new, different problem of the same kind and difficulty, in exactly the same format, "
     "and its answer, as two lines:\nProblem: ...\nAnswer: ...\n"
 )
+SHOWN_FAILURES = 3  # representative failures of the cluster shown beside the example
 VARIANT_REPLY = re.compile(r"Problem:[ \t]*(?P<prompt>.*?)\s*\n\s*Answer:[ \t]*(?P<answer>[^\n]*)", re.S | re.I)
 
 
@@ -45,11 +50,36 @@ VARIANT_REPLY = re.compile(r"Problem:[ \t]*(?P<prompt>.*?)\s*\n\s*Answer:[ \t]*(
 class GenerateConfig:
     failures: str  # annotated failures JSONL ('-': standard input)
     teachers: list[str]  # teacher SPECs, cheapest tier first
-    per_cluster: int = 0  # new problems per cluster, from its representatives
+    per_cluster: int | str = 0  # new problems per cluster, or "auto": `budget` shared by failure count
+    budget: int | None = None  # with per_cluster "auto": new problems in all, split by clusters' failures
     representatives: int = 20  # failures per cluster used as examples for new problems
     dedup_threshold: float = 0.9  # word-trigram Jaccard above which two long prompts are near-duplicates
     teacher: TeacherOptions = field(default_factory=TeacherOptions)  # how every tier is asked
+    judge: JudgeConfig | None = None  # grades `text` responses; kept at judge.min_score or above
     seed: int = 0
+
+    def check(self) -> None:
+        if isinstance(self.per_cluster, str) and self.per_cluster != "auto":
+            raise BadInput(f"--per-cluster {self.per_cluster}: expected a whole number or auto")
+        if self.per_cluster == "auto" and not self.budget:
+            raise BadInput("--per-cluster auto shares a total: give --budget N (new problems in all)")
+        if self.budget is not None and self.per_cluster != "auto":
+            raise BadInput("--budget is the total that --per-cluster auto shares out: give --per-cluster auto")
+
+
+def cluster_quotas(failures: dict[Any, list[dict[str, Any]]], config: GenerateConfig) -> dict[Any, int]:
+    """New problems per cluster: `per_cluster` each, or (auto) the budget in proportion to each
+    cluster's failure count, by largest remainder so the quotas sum to the budget exactly."""
+    if config.per_cluster != "auto":
+        return {c: int(config.per_cluster) for c in failures}
+    total = sum(len(rows) for rows in failures.values())
+    budget = int(config.budget or 0)
+    exact = {c: budget * len(rows) / total for c, rows in failures.items()}
+    quotas = {c: int(v) for c, v in exact.items()}
+    leftover = budget - sum(quotas.values())
+    for c in sorted(exact, key=lambda c: (-(exact[c] - quotas[c]), str(c)))[:leftover]:
+        quotas[c] += 1
+    return quotas
 
 
 @dataclass
@@ -154,9 +184,11 @@ class Deduper:
 
 # -- the tiered loop --------------------------------------------------------------------------
 def solve_through_tiers(teachers: list[Any], tasks: list[dict[str, Any]], report: GenerateReport,
-                        ) -> list[tuple[dict[str, Any], str, int, str] | None]:
+                        judge: Judge | None = None) -> list[tuple[dict[str, Any], str, int, str] | None]:
     """For each task: (task, response, tier, check) from the first tier whose response the
-    verifier accepts; None when every tier failed. Unverifiable tasks take the first answer."""
+    verifier accepts; None when every tier failed. Unverifiable tasks take the first answer, or
+    with a judge the first answer it scores at its minimum or above (the score lands in the task
+    as `judge_score`)."""
     from orstack.tasks.verify import score_outputs
 
     results: list[tuple[dict[str, Any], str, int, str] | None] = [None] * len(tasks)
@@ -169,6 +201,11 @@ def solve_through_tiers(teachers: list[Any], tasks: list[dict[str, Any]], report
         scored_idx = [j for j, r in enumerate(responses) if r is not None and is_verifiable(tasks[pending[j]])]
         scores = score_outputs([tasks[pending[j]] for j in scored_idx], [responses[j] for j in scored_idx])
         verdict = dict(zip(scored_idx, (ok for ok, _ in scores)))
+        judged_idx = [j for j, r in enumerate(responses) if r is not None and judge is not None
+                      and not is_verifiable(tasks[pending[j]])]
+        judged = dict(zip(judged_idx, judge.score([tasks[pending[j]] for j in judged_idx],
+                                                  [responses[j] for j in judged_idx], "failures")
+                          if judged_idx else []))
         still = []
         for j, i in enumerate(pending):
             cluster = tasks[i].get("cluster")
@@ -181,6 +218,9 @@ def solve_through_tiers(teachers: list[Any], tasks: list[dict[str, Any]], report
             elif is_verifiable(tasks[i]):
                 ok, check = bool(verdict[j]), tasks[i].get("_check", "tests" if tasks[i]["kind"] == "code"
                                                            else "answer")
+            elif j in judged:
+                ok, check = judged[j] >= judge.config.min_score, "judge"
+                tasks[i] = {**tasks[i], "judge_score": judged[j]}
             else:
                 ok, check = True, "none"
             if ok:
@@ -195,17 +235,25 @@ def solve_through_tiers(teachers: list[Any], tasks: list[dict[str, Any]], report
     return results
 
 
-def variant_requests(cluster: Any, failures: list[dict[str, Any]], config: GenerateConfig) -> list[dict[str, Any]]:
-    """`per_cluster` requests for new problems, round-robin over the cluster's representatives."""
+def variant_requests(cluster: Any, failures: list[dict[str, Any]], config: GenerateConfig,
+                     quota: int | None = None) -> list[dict[str, Any]]:
+    """`quota` (default `per_cluster`) requests for new problems, round-robin over the cluster's
+    representatives; each names the cluster's label and shows a few of its other failures."""
     # (conversations are solved as they are; new problems are made from `prompt` failures)
     reps = [f for f in failures if f.get("answer") is not None and isinstance(f.get("prompt"), str)
             ][:config.representatives]
+    count = int(config.per_cluster) if quota is None else quota
     requests = []
-    for n in range(config.per_cluster if reps else 0):
+    for n in range(count if reps else 0):
         rep = reps[n % len(reps)]
+        others = [r for r in reps if r is not rep][:SHOWN_FAILURES - 1]
+        label = rep.get("cluster_label")
+        shown = "".join(f"- {o['prompt']}\n" for o in others)
         requests.append({
             "id": f"variant-{cluster}-{n:04d}", "request": "variant", "kind": rep["kind"],
-            "prompt": VARIANT_TEMPLATE.format(prompt=rep["prompt"], answer=rep["answer"]),
+            "prompt": VARIANT_TEMPLATE.format(prompt=rep["prompt"], answer=rep["answer"],
+                                              label=f" (the capability gap '{label}')" if label else "",
+                                              others=f"Some of them:\n{shown}" if shown else ""),
             "example": {"prompt": rep["prompt"], "answer": rep["answer"]}, "n": n,
             **{k: rep[k] for k in ("family", "level", "domain", "cluster_label") if k in rep}, "cluster": cluster,
         })
@@ -220,7 +268,7 @@ def parse_variant(reply: str) -> tuple[str, str] | None:
 
 
 def new_problems(teachers: list[Any], requests: list[dict[str, Any]], report: GenerateReport,
-                 dedup: Deduper) -> list[tuple[dict[str, Any], str, int, str] | None]:
+                 dedup: Deduper, judge: Judge | None = None) -> list[tuple[dict[str, Any], str, int, str] | None]:
     """Ask the tiers for new problems. A tier's problem is kept only when solving it through the
     tiers agrees with the proposed answer; an unparsable, repeated or disagreeing proposal sends
     the request to the next tier. Returns solved (task, response, tier, check) items."""
@@ -247,7 +295,8 @@ def new_problems(teachers: list[Any], requests: list[dict[str, Any]], report: Ge
                 candidates.append((req, task))
             else:
                 rejected.append(req)
-        results = solve_through_tiers(teachers, [task for _, task in candidates], report) if candidates else []
+        results = solve_through_tiers(teachers, [task for _, task in candidates], report,
+                                      judge) if candidates else []
         for (req, task), item in zip(candidates, results):
             if item is not None and dedup.is_new(task["prompt"]):
                 solved.append(item)
@@ -263,7 +312,7 @@ def new_problems(teachers: list[Any], requests: list[dict[str, Any]], report: Ge
 
 
 def generate(failures: dict[Any, list[dict[str, Any]]], teachers: list[Any], config: GenerateConfig,
-             ) -> tuple[list[dict[str, Any]], GenerateReport]:
+             judge: Judge | None = None) -> tuple[list[dict[str, Any]], GenerateReport]:
     """Training Example rows (docs/design.md) for every failure cluster, and the per-cluster/per-tier report."""
     report = GenerateReport(tiers=[t.spec for t in teachers])
     dedup = Deduper(config.dedup_threshold)
@@ -274,10 +323,12 @@ def generate(failures: dict[Any, list[dict[str, Any]]], teachers: list[Any], con
                 tasks.append({**task, "cluster": cluster, "origin": "failure"})
             else:
                 report.duplicates += 1
-    solved = solve_through_tiers(teachers, tasks, report)
-    if config.per_cluster:
-        requests = [r for cluster, rows in failures.items() for r in variant_requests(cluster, rows, config)]
-        solved += new_problems(teachers, requests, report, dedup)
+    solved = solve_through_tiers(teachers, tasks, report, judge)
+    quotas = cluster_quotas(failures, config)
+    if any(quotas.values()):
+        requests = [r for cluster, rows in failures.items()
+                    for r in variant_requests(cluster, rows, config, quotas[cluster])]
+        solved += new_problems(teachers, requests, report, dedup, judge)
     examples = []
     counters: dict[Any, int] = defaultdict(int)
     for item in solved:
@@ -337,6 +388,16 @@ def run_generate(output: str | Path | None, config: GenerateConfig, runtime: Run
         raise BadInput(f"{config.failures}: no such file")
     if not config.teachers:
         raise BadInput("give at least one --teacher")
+    config.check()
+    if config.judge is not None:
+        from orstack.tasks.judge import read_rubric
+        from orstack.teachers.base import parse_spec
+
+        try:
+            parse_spec(config.judge.spec)
+        except BadInput as e:
+            raise BadInput(str(e).replace("--teacher", "--judge", 1)) from None
+        read_rubric(config.judge.rubric)
     if config.teacher.api not in APIS:
         raise BadInput(f"--teacher-api: expected chat or completions, got '{config.teacher.api}'")
     from orstack.backends.chat import template_file_text
@@ -345,12 +406,17 @@ def run_generate(output: str | Path | None, config: GenerateConfig, runtime: Run
     check_outputs([Output(output, "file", "-o"), Output(report, "file", "--report")], inputs=[config.failures])
     teachers = [open_teacher(spec, runtime, config.teacher) for spec in config.teachers]
     clusters = load_failures(list(read_jsonl_numbered(config.failures)), display_name(config.failures))
-    for t in teachers:
+    judge = None
+    if config.judge is not None:
+        from orstack.tasks.judge import Judge
+
+        judge = Judge(config.judge, runtime, config.teacher)
+    for t in teachers + ([judge] if judge else []):
         t.check()
     try:
-        examples, rep = generate(clusters, teachers, config)
+        examples, rep = generate(clusters, teachers, config, judge)
     finally:
-        for t in teachers:
+        for t in teachers + ([judge] if judge else []):
             t.close()
     notes = [f"teacher {t.spec}: {t.errors} failed answers (last: {t.last_error})" for t in teachers if t.errors]
     if not examples:

@@ -19,7 +19,7 @@ REQUIRED = {"numeric": ("answer",), "exact": ("answer",), "choice": ("choices", 
             "code": ("tests",), "text": ()}
 # The fields a Result row adds to its Task: what one model made of it, not part of the problem.
 RESULT_FIELDS = ("model", "output", "correct", "score", "prompt_tokens", "output_tokens", "mean_logprob",
-                 "min_logprob", "mean_entropy", "latency_ms", "error", "choice_loglikelihoods", "route")
+                 "min_logprob", "mean_entropy", "latency_ms", "error", "choice_loglikelihoods", "route", "judge_score")
 # The order of a Result row's leading fields (the task's other fields follow).
 RESULT_ORDER = ("id", "model", "prompt", "output", "answer", "correct", "score", "kind", "domain",
                 "prompt_tokens", "output_tokens", "mean_logprob", "min_logprob", "mean_entropy",
