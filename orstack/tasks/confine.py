@@ -290,23 +290,32 @@ class Jail:
     def describe(self) -> str:
         """One line: the confinement in force for every program of this worker."""
         if self.files == "landlock":
-            files = f"files: Landlock ABI {self.landlock} (read-only Python and system libraries, own dir read/write"
-            if self.overlaid:
-                files += f"; {' and '.join(self.overlaid)} replaced by a tmpfs holding only the Python"
-            files += ")"
-        elif self.files == "mount namespace":
-            files = "files: mount namespace (minimal read-only root, own dir read/write)"
+            files = f"Landlock ABI {self.landlock} (Python read-only, own dir read/write"
+            files += f"; {' and '.join(self.overlaid)} hidden)" if self.overlaid else ")"
+        elif self.files == "mount":
+            files = "mount namespace (minimal read-only root, own dir read/write)"
         else:
-            files = "files: NOT CONFINED (no Landlock, no namespaces: programs read and write what the user can)"
-        user = {"nobody": "uid/gid nobody", "user namespace": "own uid in a user namespace, no capabilities",
+            files = "files NOT CONFINED"
+        user = {"nobody": "uid nobody", "user namespace": "user namespace, no capabilities",
                 "caller": "the caller's uid"}[self.user]
-        network = "no network (empty network namespace" + (", Landlock TCP)" if self.landlock >= 4 else ")")
-        if self.user == "caller":
-            network, pids = "network NOT cut", "process group (no PID namespace)"
+        if self.namespaces:
+            network = "no network (netns" + (" + Landlock TCP)" if self.landlock >= 4 else ")")
+            pids = "PID namespace"
         else:
-            pids = "own PID namespace"
-        return (f"{files}; {user}; {network}; {pids}; environment allow-list; "
-                "limits: wall time, CPU, memory, processes, file size, open files")
+            network = "TCP refused by Landlock (no netns)" if self.landlock >= 4 else "network NOT cut"
+            pids = "process group (no PID namespace)"
+        return (f"{files}; {user}; {network}; {pids}; env allow-list; "
+                "limits: time, CPU, memory, processes, file size, open files")
+
+    def shortfalls(self) -> list[str]:
+        """What this machine cannot give that the sandbox promises (Sandbox refuses to start
+        with any, unless told to run unconfined)."""
+        missing = []
+        if self.files == "none":
+            missing.append("files are not confined (no Landlock, no user namespaces)")
+        if not self.namespaces and self.landlock < 4:
+            missing.append("the network is not cut (no network namespace, Landlock ABI < 4)")
+        return missing
 
     @property
     def namespaces(self) -> bool:

@@ -1,0 +1,205 @@
+"""Escape attempts against the code sandbox: each program below is an attack that ends by
+asserting it worked. Run outside the sandbox (a plain `python -c` child of this test, with this
+test's environment, uid and a fresh working directory) each must SUCCEED, so the attack is
+real and the test can fail; run inside it each must FAIL, for the reason given."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from orstack.tasks.sandbox import Limits, Sandbox
+
+SECRET_ENV = "ORSTACK_ESCAPE_TEST_API_KEY"
+SECRET = "sk-escape-test-0123456789"
+ROOT = Path(__file__).resolve().parents[1]
+DENIED = r"PermissionError|Permission denied|Errno 13"
+AS_ROOT = os.geteuid() == 0
+
+# name: (program, what stops it inside: a regex the result's detail matches)
+ATTACKS = {
+    "read /etc/passwd": ("assert 'root:' in open('/etc/passwd').read()\n", DENIED),
+    "read /etc/shadow": ("assert open('/etc/shadow').read()\n", DENIED),
+    # under root the home is covered by a tmpfs in the sandbox: the file is not even there
+    "read a file in the user's home": ("assert open({home_file!r}).read() == 'home secret'\n",
+                                       f"{DENIED}|FileNotFoundError"),
+    "list the user's home": ("import os\nassert {home_name!r} in os.listdir({home!r})\n", f"{DENIED}|AssertionError"),
+    "read the task file": ("assert 'hidden answer' in open({task_file!r}).read()\n", DENIED),
+    "read a file under the project": ("assert '[project]' in open({project_file!r}).read()\n", DENIED),
+    "list the project": ("import os\nassert 'pyproject.toml' in os.listdir({project!r})\n", DENIED),
+    "read an env var set in the parent": (f"import os\nassert os.environ.get({SECRET_ENV!r}) == {SECRET!r}\n",
+                                          "AssertionError"),
+    "find the secret in /proc/self/environ": (
+        f"assert {SECRET!r}.encode() in open('/proc/self/environ', 'rb').read()\n", f"{DENIED}|AssertionError"),
+    "write outside the work dir": ("open('{outside}/direct.txt', 'w').write('x')\n", DENIED),
+    "write outside via a shell child": (
+        "import os, subprocess\n"
+        "subprocess.run(['sh', '-c', 'echo ok > here.txt'], check=True)\n"  # the child itself runs
+        "assert open('here.txt').read() == 'ok\\n'\n"
+        "subprocess.run(['sh', '-c', 'echo x > {outside}/sh.txt'])\n"
+        "assert os.path.exists('{outside}/sh.txt')\n", "AssertionError"),
+    "write outside via a python child": (
+        "import subprocess, sys\n"
+        "subprocess.run([sys.executable, '-c', 'open(\"{outside}/py.txt\", \"w\").write(\"x\")'], check=True)\n",
+        "CalledProcessError"),
+    "connect to 127.0.0.1": ("import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2).close()\n",
+                             r"Errno|unreachable"),
+    "run as root": ("import os\nassert os.getuid() == 0 and os.geteuid() == 0\n", "AssertionError"),
+    "os.setuid(0) after the drop": ("import os\nos.setuid(0)\nassert os.getuid() == 0\n",
+                                    r"PermissionError|Operation not permitted"),
+    "fork bomb (200 processes)": (
+        "import os, time\npids = []\nfor _ in range(200):\n    pid = os.fork()\n    if pid == 0:\n"
+        "        time.sleep(2)\n        os._exit(0)\n    pids.append(pid)\nfor pid in pids:\n    os.waitpid(pid, 0)\n",
+        r"BlockingIOError|Resource temporarily unavailable"),
+    "memory bomb (768 MB touched)": ("chunks = [bytearray(64 * 1024 ** 2) for _ in range(12)]\n", "MemoryError"),
+    "ptrace the parent and the workers": (
+        "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        "seized = [p for p in {targets} if libc.ptrace(0x4206, p, 0, 0) == 0]\n"  # PTRACE_SEIZE: does not stop it
+        "assert seized, ctypes.get_errno()\n", "AssertionError"),
+    # the environment orstack (or a worker) was started with: where a user's exported keys are
+    "peek at /proc/<parent>/environ": ("assert any(open('/proc/%d/environ' % p, 'rb').read() for p in {targets})\n",
+                                       f"{DENIED}|FileNotFoundError|ProcessLookupError"),
+    "signal the parent": ("import os\nos.kill({parent}, 0)\n", r"ProcessLookupError|PermissionError"),
+}
+NEEDS_ROOT = {"read /etc/shadow", "run as root", "os.setuid(0) after the drop", "read a file in the user's home",
+              "list the user's home"}
+
+
+@pytest.fixture(scope="module")
+def scene():
+    """The things to attack: a secret in the environment, files in the home, the task file and
+    the project, a world-writable directory outside, a listening socket; and the pool, started
+    with the secret already exported (as a user's OPENAI_API_KEY would be)."""
+    os.environ[SECRET_ENV] = SECRET
+    home = Path.home()
+    home_file = home / ".orstack-escape-test-secret"
+    home_file.write_text("home secret")
+    shared = Path(tempfile.mkdtemp(prefix="orstack-escape-"))
+    shared.chmod(0o755)  # readable by anyone: only the sandbox stands in the way
+    task_file = shared / "tasks.jsonl"
+    task_file.write_text(json.dumps({"id": "t", "prompt": "", "answer": "hidden answer"}) + "\n")
+    task_file.chmod(0o644)
+    outside = shared / "outside"
+    outside.mkdir()
+    outside.chmod(0o777)  # writable by anyone (nobody too): only the sandbox stands in the way
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.listen(64)
+    pool = Sandbox(workers=2, limits=Limits(timeout=5.0, memory_mb=256))
+    fields = {"home_file": str(home_file), "home": str(home), "home_name": home_file.name,
+              "task_file": str(task_file), "project_file": str(ROOT / "pyproject.toml"), "project": str(ROOT),
+              "outside": str(outside),
+              "port": listener.getsockname()[1], "parent": os.getpid(),
+              "targets": [os.getpid(), *pool.worker_pids()]}
+    try:
+        yield pool, fields, outside
+    finally:
+        pool.close(kill=True)
+        listener.close()
+        home_file.unlink(missing_ok=True)
+        os.environ.pop(SECRET_ENV, None)
+        subprocess.run(["rm", "-rf", str(shared)], check=False)
+
+
+def _program(name: str, fields: dict) -> str:
+    return ATTACKS[name][0].format(**fields)
+
+
+def _clear(outside: Path) -> None:
+    for f in outside.iterdir():
+        f.unlink()
+
+
+@pytest.mark.parametrize("name", list(ATTACKS))
+def test_the_attack_works_outside_the_sandbox(scene, name, tmp_path):
+    if name in NEEDS_ROOT and not AS_ROOT:
+        pytest.skip("needs orstack to run as root (what the attack exploits)")
+    if "ptrace" in name and Path("/proc/sys/kernel/yama/ptrace_scope").exists() and \
+            Path("/proc/sys/kernel/yama/ptrace_scope").read_text().strip() != "0":
+        pytest.skip("Yama restricts ptrace to descendants on this machine")
+    _, fields, outside = scene
+    _clear(outside)
+    program = _program(name, fields)
+    done = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-1000:]
+    if "write outside" in name:
+        assert any(outside.iterdir())
+
+
+def test_every_attack_fails_inside_the_sandbox(scene):
+    import re
+
+    pool, fields, outside = scene
+    _clear(outside)
+    names = list(ATTACKS)
+    results = pool.run_many([_program(n, fields) for n in names])
+    got = {n: (r.status, r.detail) for n, r in zip(names, results)}
+    escaped = {n: d for n, (status, d) in got.items() if status == "passed"}
+    assert escaped == {}, f"escaped the sandbox: {escaped}"
+    wrong = {n: got[n] for n in names if not re.search(ATTACKS[n][1], got[n][1])}
+    assert wrong == {}, f"stopped, but not by the sandbox: {wrong}"
+    assert got["memory bomb (768 MB touched)"][0] == "memory"
+    assert list(outside.iterdir()) == []
+    # the pool survived every attack, and still runs programs as before
+    assert pool.run("assert 1 + 1 == 2\n").passed
+
+
+def test_the_confinement_is_named_and_what_is_claimed_holds(scene):
+    pool, _, _ = scene
+    line = pool.confinement
+    assert line and "NOT" not in line, line
+    if pool.report["files"] == "landlock":
+        assert f"Landlock ABI {pool.report['landlock_abi']}" in line
+    if AS_ROOT:
+        assert "uid nobody" in line
+        assert pool.run("import os\nassert os.getuid() == os.getgid() == 65534 and os.getgroups() == []\n").passed
+    env = pool.run("import os, sys\nsys.stderr.write(' '.join(sorted(os.environ)))\n")
+    assert env.passed and set(env.detail.split()) <= {"PATH", "HOME", "TMPDIR", "PYTHONDONTWRITEBYTECODE", "LANG",
+                                                      "LANGUAGE", "LC_ALL", "LC_CTYPE", "LC_MESSAGES", "LC_NUMERIC",
+                                                      "LC_COLLATE", "PYTHONHOME", "LD_LIBRARY_PATH"}
+    home = pool.run("import os\nassert os.environ['HOME'] == os.getcwd() == os.environ['TMPDIR']\n")
+    assert home.passed, home.detail
+
+
+def test_background_processes_that_leave_the_session_are_killed(scene, tmp_path):
+    """A child that calls setsid() escapes a process-group kill; the PID namespace's sweep
+    reaches it anyway (it would write into its own, still-existing directory otherwise)."""
+    pool, _, _ = scene
+    marker = tmp_path / "alive"
+    tmp_path.chmod(0o777)
+    program = ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(1.5)\n"
+               f"    open({str(marker)!r}, 'w')\n    os._exit(0)\n")
+    assert pool.run(program).passed
+    import time
+
+    time.sleep(2.5)
+    assert not marker.exists()
+
+
+def test_bench_score_keeps_the_secret_and_the_rows_file_from_the_program(tmp_path):
+    """End to end through `orstack bench --score`: the program reads neither its own rows file
+    nor the exported key, and the summary names the confinement."""
+    rows = tmp_path / "rows.jsonl"
+    tests = (f"import os\nassert {SECRET_ENV!r} not in os.environ\n"
+             f"try:\n    open({str(rows)!r}).read()\nexcept PermissionError:\n    pass\n"
+             "else:\n    raise AssertionError('read the rows file')\n")
+    rows.write_text(json.dumps({"id": "k", "kind": "code", "prompt": "", "tests": tests, "output": "",
+                                "model": "api"}) + "\n")
+    tmp_path.chmod(0o755)
+    rows.chmod(0o644)
+    out, summary = tmp_path / "scored.jsonl", tmp_path / "summary.json"
+    env = dict(os.environ, **{SECRET_ENV: SECRET})
+    done = subprocess.run([sys.executable, "-m", "orstack", "bench", "--score", str(rows), "-o", str(out),
+                           "--summary", str(summary)], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    row = json.loads(out.read_text())
+    assert row["correct"] is True, row.get("error")
+    model = json.loads(summary.read_text())["models"][0]
+    assert model["sandbox"] and "NOT" not in model["sandbox"]
+    assert "sandbox:" in done.stderr
