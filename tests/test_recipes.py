@@ -187,3 +187,34 @@ def test_rl_choice_bad_input(tmp_path, random_llama, flag, value):
     done = run_orstack("rl", str(random_llama), "--tasks", str(tasks), "-o", str(tmp_path / "o"), flag, value)
     assert done.returncode == 2 and f"{flag} {value}: expected one of" in done.stderr and one_line(done.stderr)
     assert not (tmp_path / "o").exists()
+
+
+def test_srl_weights_are_z_scores_of_the_step_rewards(tmp_path):
+    from orstack.rl.grpo import srl_examples
+
+    path = tmp_path / "traj.jsonl"
+    path.write_text(json.dumps({"prompt": "17+25=", "steps": [
+        {"action": "2", "reward": 0.5}, {"action": "4", "reward": 1.0}, {"action": "x", "reward": 0.0}]}) + "\n")
+    weights = [r["weight"] for r in srl_examples(str(path), "zscore")]
+    assert weights == pytest.approx([0.0, 1.2247449, -1.2247449])  # (r - 0.5) / std(0.5, 1, 0)
+    assert [r["weight"] for r in srl_examples(str(path), "positive")] == [0.5, 1.0]
+
+
+def test_srl_reference_kl_is_held_under_its_bound(random_llama):
+    """The KL term is zero at the start (the adapter is a no-op) and grows with training; past the
+    bound its coefficient doubles."""
+    from orstack.io.checkpoint import load_model
+    from orstack.rl.grpo import _reference_logits
+    from orstack.train.data import encode_rows
+    from orstack.train.lora import apply_lora
+    from orstack.train.sft import ReferenceKL, train_sft
+
+    model, tokenizer = load_model(str(random_llama), device="cpu")
+    model = apply_lora(model, TrainConfig(lora_rank=4))
+    rows = [{"prompt": f"{i}+1=", "response": f"{i + 1} and more text", "weight": 1.0} for i in range(8)]
+    data = encode_rows(tokenizer, rows, 64)
+    term = ReferenceKL(beta=0.01, max_kl=1e-4, reference=_reference_logits(model, None))
+    result = train_sft(model, tokenizer, data, TrainConfig(max_steps=6, lr=5e-2, batch_size=4), reference_kl=term)
+    kls = [r["kl"] for r in result.history]
+    assert kls[0] == pytest.approx(0.0, abs=1e-6) and max(kls) > 1e-4
+    assert term.raised >= 1 and term.beta == pytest.approx(0.01 * 2 ** term.raised)

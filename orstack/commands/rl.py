@@ -21,8 +21,10 @@ than --target-length tokens, a capped penalty for longer; 0 turns it off). --cli
 clips each reward. KL to the reference: --beta (0.02), or adaptive toward --target-kl.
 LoRA by default; --merge or --full as in distill train. A batch size that trl would
 reject is raised to the next compatible one (and said so). --srl TRAJECTORIES runs a
-step-wise SFT stage (each step weighted by its reward) first. --log writes one JSONL row
-per step (reward, accuracy, completion length, KL, beta, lr).
+step-wise SFT stage first: every step weighted by its reward's z-score over all steps
+(--srl-weighting positive: rewarded steps by their reward), with its own KL term to the
+starting model (--srl-beta, doubled whenever a step's KL exceeds --srl-max-kl). --log
+writes one JSONL row per step (reward, accuracy, completion length, KL, beta, lr).
 
 trl's GRPO variants: --loss-type dapo (default) | grpo | dr_grpo | bnpo, --importance-sampling
 sequence (GSPO), --scale-rewards group|batch|none; --kl-rule double-halve for PPO's adaptive
@@ -58,6 +60,13 @@ def rl(
     min_p: Annotated[float | None, typer.Option("--min-p", min=0.0, max=1.0, help="Drop tokens less likely than "
                                                 "this fraction of the most likely one.")] = None,
     srl: Annotated[Path | None, typer.Option("--srl", help="Trajectory JSONL for a step-wise SFT stage.")] = None,
+    srl_weighting: Annotated[str, typer.Option("--srl-weighting", help="zscore (step rewards normalised over all "
+                                               "steps) or positive (reward-weighted SFT on rewarded steps).")
+                             ] = "zscore",
+    srl_beta: Annotated[float, typer.Option("--srl-beta", min=0.0, help="The SRL stage's KL coefficient to the "
+                                            "starting model (0: none).")] = 0.05,
+    srl_max_kl: Annotated[float | None, typer.Option("--srl-max-kl", min=1e-9, help="KL bound per token: the SRL "
+                                                     "coefficient doubles whenever a step exceeds it.")] = 0.1,
     epochs: T.Epochs = 1.0,
     max_steps: T.MaxSteps = None,
     lr: T.LearningRate = 1e-4,
@@ -111,7 +120,8 @@ def rl(
                       max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, min_p=min_p, beta=beta,
                       target_kl=target_kl, kl_rule=kl_rule, loss_type=loss_type,
                       importance_sampling=importance_sampling, scale_rewards=scale_rewards,
-                      srl=str(srl) if srl else None,
+                      srl=str(srl) if srl else None, srl_weighting=srl_weighting, srl_beta=srl_beta,
+                      srl_max_kl=srl_max_kl,
                       chat_template=chat_template)
     result = run(model, output, config, current_runtime())
     if result.kind is None:  # a torchrun process other than rank 0: it trained, rank 0 reports

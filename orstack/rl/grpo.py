@@ -43,6 +43,10 @@ class RLConfig:
     zero_std_warn: float = 0.5  # warn when more than this fraction of groups has no reward spread
     srl: str | None = None  # trajectories for the step-wise SFT stage
     srl_epochs: float = 1.0
+    srl_weighting: str = "zscore"  # step rewards z-scored over all steps (below-average steps pushed down), or
+    #                                "positive": steps with reward > 0 weighted by their reward (plain weighted SFT)
+    srl_beta: float = 0.05  # the SRL stage's own KL coefficient to the model it starts from
+    srl_max_kl: float | None = 0.1  # nats per token: the coefficient doubles whenever a step's KL exceeds it
     chat_template: str | None = None  # None: `messages` tasks only; "model" or a .jinja path: every task
 
 
@@ -151,9 +155,15 @@ def prompt_fit(source: str, template: str | None = None) -> Callable[[Any], str 
     return fits
 
 
-def srl_examples(path: str) -> list[dict[str, Any]]:
+SRL_WEIGHTINGS = ("zscore", "positive")
+
+
+def srl_examples(path: str, weighting: str = "positive") -> list[dict[str, Any]]:
     """Trajectory rows -> one training row per step: the prompt and the steps before it, then the
-    step (reasoning, then action), weighted by the step's reward."""
+    step (reasoning, then action). `positive`: steps with a positive reward, weighted by it.
+    `zscore`: every step, weighted by its reward's z-score over all steps (steps worse than the
+    average get negative weight: their likelihood is pushed down; with equal rewards every step
+    weighs 1)."""
     from orstack.io.jsonl import display_name, read_jsonl_numbered
 
     rows = []
@@ -169,11 +179,17 @@ def srl_examples(path: str) -> list[dict[str, Any]]:
             reward = step.get("reward", 1.0)
             if not isinstance(reward, (int, float)):
                 raise BadInput(f"{where}: steps[{n}]: field 'reward' is not a number")
-            if reward > 0:
+            if reward > 0 or weighting == "zscore":
                 rows.append({"prompt": context, "response": text, "weight": float(reward)})
             context += text
     if not rows:
         raise BadInput(f"{display_name(path)}: no step with a positive reward")
+    if weighting == "zscore":
+        rewards = [r["weight"] for r in rows]
+        mean = sum(rewards) / len(rewards)
+        std = (sum((r - mean) ** 2 for r in rewards) / len(rewards)) ** 0.5
+        for r in rows:
+            r["weight"] = (r["weight"] - mean) / std if std > 0 else 1.0
     return rows
 
 
@@ -349,7 +365,9 @@ def run(source: str, output: str | Path, config: RLConfig, runtime: Runtime) -> 
 
         eval_sets = read_eval_sets(tc.eval_data)
     if config.srl is not None:
-        srl_examples(config.srl)
+        if config.srl_weighting not in SRL_WEIGHTINGS:
+            raise BadInput(f"--srl-weighting {config.srl_weighting}: expected one of {', '.join(SRL_WEIGHTINGS)}")
+        srl_examples(config.srl, config.srl_weighting)
     with main_process_log(tc.log, runtime) as log_path:
         trained, tokenizer, result = run_rl(source, tasks, config, runtime, log_path=log_path, mix=mix,
                                             eval_sets=eval_sets)
@@ -380,6 +398,19 @@ def _no_template(source: str) -> Callable[[str], None]:
         raise BadInput(no_template_message(source, where))
 
     return fail
+
+
+def _reference_logits(model: Any, frozen: Any) -> Callable[[Any, Any], Any]:
+    """The logits of the model SRL started from: a frozen copy (full fine-tuning) or the same
+    model with its LoRA adapter switched off."""
+    if frozen is not None:
+        return lambda ids, mask: frozen(input_ids=ids, attention_mask=mask).logits
+
+    def without_adapter(ids: Any, mask: Any) -> Any:
+        with model.disable_adapter():
+            return model(input_ids=ids, attention_mask=mask).logits
+
+    return without_adapter
 
 
 def trl_prompt(task: dict[str, Any], choice: str | None) -> Any:
@@ -440,15 +471,33 @@ def run_rl(model_spec: str, tasks: list[dict[str, Any]], config: RLConfig, runti
         from orstack.train.distributed import init_distributed
         from orstack.train.sft import train_sft
 
-        if not tc.full:
+        reference = None
+        if tc.full:
+            import copy
+
+            reference = copy.deepcopy(model).eval()  # the model SRL starts from, frozen
+            for p in reference.parameters():
+                p.requires_grad_(False)
+        else:
             model = apply_lora(model, tc)
-        srl_cfg = replace(tc, max_steps=None, epochs=config.srl_epochs, batch_size=max(1, shape.batch_size), log=None)
-        data = encode_rows(tokenizer, srl_examples(config.srl), tc.max_length, config.srl)
+        srl_cfg = replace(tc, max_steps=None, epochs=config.srl_epochs, batch_size=max(1, shape.batch_size), log=None,
+                          eval_data=(), eval_every=0, early_stop=0, save_best=None, mix=(), rehearsal=0.0)
+        data = encode_rows(tokenizer, srl_examples(config.srl, config.srl_weighting), tc.max_length, config.srl)
+        kl_term = None
+        if config.srl_beta > 0:
+            from orstack.train.sft import ReferenceKL
+
+            kl_term = ReferenceKL(config.srl_beta, config.srl_max_kl, _reference_logits(model, reference))
         init_distributed(runtime)
         srl = train_sft(model, tokenizer, data, srl_cfg, rank=runtime.rank, world_size=runtime.world_size,
-                        progress_desc="srl")
+                        progress_desc="srl", reference_kl=kl_term)
         srl_metrics = {"srl_steps": srl.steps, "srl_rows": srl.examples, "srl_loss_first": srl.loss_first,
-                       "srl_loss_last": srl.loss_last}
+                       "srl_loss_last": srl.loss_last, "srl_weighting": config.srl_weighting}
+        if kl_term is not None:
+            kls = [r["kl"] for r in srl.history if "kl" in r]
+            srl_metrics.update(srl_kl_max=max(kls) if kls else None, srl_kl_last=kls[-1] if kls else None,
+                               srl_beta_final=kl_term.beta, srl_beta_raised=kl_term.raised)
+        del reference
     elif not tc.full:
         from orstack.train.lora import lora_config
 

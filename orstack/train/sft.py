@@ -36,6 +36,17 @@ class DistillLoss:
 
 
 @dataclass
+class ReferenceKL:
+    """A KL(model || reference) term on the response tokens with its own coefficient, doubled
+    whenever a step's KL exceeds `max_kl` so the model is held near the reference (SRL)."""
+
+    beta: float
+    max_kl: float | None
+    reference: Callable[[Any, Any], Any]  # (input_ids, attention_mask) -> the reference's logits
+    raised: int = 0  # times beta was doubled
+
+
+@dataclass
 class TrainResult:
     steps: int
     examples: int
@@ -114,7 +125,7 @@ def train_sft(model: Any, tokenizer: Any, data: list[Encoded], config: TrainConf
               teacher: Any = None, distill: DistillLoss | None = None, log_path: str | None = None,
               rank: int = 0, world_size: int = 1, on_log: Callable[[dict[str, Any]], None] | None = None,
               progress_desc: str = "training", mix: list[tuple[list[Encoded], float]] | None = None,
-              validator: Validator | None = None) -> TrainResult:
+              validator: Validator | None = None, reference_kl: ReferenceKL | None = None) -> TrainResult:
     """Train `model` in place on encoded rows (orstack.train.loop); returns the loss trajectory.
     `log_path` gets one JSONL row per `config.log_every` steps (on rank 0). With `world_size` > 1
     (torchrun; torch's process group started by orstack.train.distributed.init_distributed) this
@@ -158,7 +169,7 @@ def train_sft(model: Any, tokenizer: Any, data: list[Encoded], config: TrainConf
         forward = DistributedDataParallel(model)
 
     def step(_: int) -> dict[str, Any]:
-        sums = {"loss": 0.0, "ce": 0.0, "kd": 0.0, "tokens": 0}
+        sums = {"loss": 0.0, "ce": 0.0, "kd": 0.0, "kl": 0.0, "tokens": 0}
         for _ in range(config.grad_accum):
             rows = next(stream)[rank::world] or [Encoded([pad_id], [IGNORE], 0.0)]
             batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
@@ -175,6 +186,12 @@ def train_sft(model: Any, tokenizer: Any, data: list[Encoded], config: TrainConf
                     kd = kd * distill.temperature**2
                 loss = (1 - distill.alpha) * ce + distill.alpha * kd
                 sums["kd"] += kd.item() / config.grad_accum
+            if reference_kl is not None:
+                with torch.no_grad():
+                    r_logits = reference_kl.reference(batch["input_ids"], batch["attention_mask"])
+                kl = generalized_jsd(out.logits, r_logits, batch["labels"], beta=1.0)  # KL(model || reference)
+                loss = loss + reference_kl.beta * kl
+                sums["kl"] += kl.item() / config.grad_accum
             (loss / config.grad_accum).backward()
             sums["loss"] += loss.item() / config.grad_accum
             sums["ce"] += ce.item() / config.grad_accum
@@ -182,10 +199,13 @@ def train_sft(model: Any, tokenizer: Any, data: list[Encoded], config: TrainConf
         if world > 1:  # log the global figures, not rank 0's slice
             import torch.distributed as dist
 
-            t = torch.tensor([sums["loss"], sums["ce"], sums["kd"], float(sums["tokens"])])
+            t = torch.tensor([sums["loss"], sums["ce"], sums["kd"], float(sums["tokens"]), sums["kl"]])
             dist.all_reduce(t)
             sums.update(loss=t[0].item() / world, ce=t[1].item() / world, kd=t[2].item() / world,
-                        tokens=int(t[3].item()))
+                        tokens=int(t[3].item()), kl=t[4].item() / world)  # every rank adapts beta alike
+        if reference_kl is not None and reference_kl.max_kl is not None and sums["kl"] > reference_kl.max_kl:
+            reference_kl.beta *= 2.0
+            reference_kl.raised += 1
         return sums
 
     history: list[dict[str, Any]] = []
@@ -208,6 +228,8 @@ def train_sft(model: Any, tokenizer: Any, data: list[Encoded], config: TrainConf
                "elapsed_s": round(time.perf_counter() - start, 3), **evaluated}
         if teacher is not None:
             row["kd"] = round(figures["kd"], 6)
+        if reference_kl is not None:
+            row.update(kl=round(figures["kl"], 6), kl_beta=reference_kl.beta)
         history.append(row)
         if log_file:
             log_file.write(json.dumps(row) + "\n")
