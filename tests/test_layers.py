@@ -17,7 +17,7 @@ LAYERS = [
     {"tasks", "backends"},
     {"train", "layerwise", "architectures", "gates", "plan"},
     {"tiny", "vocab_trim", "cluster_failures", "teachers", "distill", "prune", "awq", "gguf", "zstd_pack", "rl",
-     "route"},
+     "merge", "route"},
     {"bench"},
     {"commands"},
     {"cli", "__main__"},

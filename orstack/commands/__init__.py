@@ -8,5 +8,5 @@ so `orstack --help` and completion answer instantly.
 # The order of the pipeline, used for `orstack --help`; modules not listed come after.
 PIPELINE_ORDER = [
     "tiny", "bench", "vocab_trim", "cluster_failures", "distill", "prune", "awq",
-    "gguf", "zstd_pack", "rl", "route",
+    "gguf", "zstd_pack", "rl", "merge", "route",
 ]
