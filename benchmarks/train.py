@@ -17,6 +17,7 @@ written directly against trl (trainer.train() steps/s, for orstack's overhead).
 
     python benchmarks/train.py            # the figures quoted in the README (~25 min here)
     python benchmarks/train.py --quick    # a smaller, faster look
+    python benchmarks/train.py --only recipes   # rehearsal/mixing, early stopping, GRPO loss variants
 """
 
 from __future__ import annotations
@@ -142,7 +143,10 @@ def tier_counts(report: Path) -> dict[int, dict[str, int]]:
     return by_tier
 
 
-def distill_part(args: argparse.Namespace, tiny: Path, tasks: Path, work: Path) -> None:
+def targeted_data(args: argparse.Namespace, tiny: Path, tasks: Path, work: Path
+                  ) -> tuple[list[dict], set, int, float | None]:
+    """Probe the tiny on its training split, cluster the failures and generate failure-targeted
+    examples: (probe tasks, failing (family, level) cells, clusters, generation seconds)."""
     train_rows = read(tasks / "train.jsonl")
     random.Random(0).shuffle(train_rows)
     probe = train_rows[:args.probe]
@@ -158,6 +162,11 @@ def distill_part(args: argparse.Namespace, tiny: Path, tasks: Path, work: Path) 
                 "--annotate", str(work / "failures.jsonl"), "--embedder", "tfidf", "-k", "auto")
     n_clusters = len(read(work / "clusters.jsonl"))
     t_gen = generate(work, work / "failures.jsonl", "targeted.jsonl", [ORACLE], args.per_cluster)
+    return probe, failing, n_clusters, t_gen
+
+
+def distill_part(args: argparse.Namespace, tiny: Path, tasks: Path, work: Path) -> None:
+    probe, failing, n_clusters, t_gen = targeted_data(args, tiny, tasks, work)
     n = len(read(work / "targeted.jsonl"))
     # The same number of examples drawn at random from all families, answered by the same teacher.
     if not (work / "random.jsonl").exists():
@@ -303,13 +312,102 @@ def rl_part(args: argparse.Namespace, tiny: Path, tasks: Path, work: Path) -> No
           f"(trainer.train() steps/s, correctness-only run): {100 * (plain / rows[2][2]['steps_per_s'] - 1):+.1f}%")
 
 
+def recipe_train(tiny: Path, out: Path, data: Path, steps: int, *extra: str) -> dict:
+    """distill train with the benchmark's fixed settings plus `extra` recipe options; its metrics."""
+    if not out.exists():
+        orstack("distill", "train", str(tiny), "--data", str(data), "-o", str(out), "--max-steps", str(steps),
+                "--batch-size", "32", "--lr", "2e-3", "--lora-rank", "32", "--merge", *extra)
+    return json.loads((out / "orstack.json").read_text())["metrics"]
+
+
+def recipes_part(args: argparse.Namespace, tiny: Path, tasks: Path, work: Path) -> None:
+    """Rehearsal and mixing against forgetting, and validation with early stopping and the best
+    checkpoint, on the failure-targeted data; then trl's GRPO loss variants on the efficiency task."""
+    probe, failing, _, _ = targeted_data(args, tiny, tasks, work)
+    heldout = tasks / "heldout.jsonl"
+    base = bench(tiny, heldout, work / "base_heldout.jsonl")
+    targeted = work / "targeted.jsonl"
+    general = tasks / "train.jsonl"  # the tiny's own training tasks: what rehearsal replays
+    # validation sets drawn fresh from the training distribution (never held-out or probe prompts)
+    seen = {r["prompt"] for r in probe}
+    if not (work / "val_failing.jsonl").exists():
+        write(fresh_tasks(tasks, 200, 31, seen, lambda r: (r["family"], r["level"]) in failing),
+              work / "val_failing.jsonl")
+        write(fresh_tasks(tasks, 200, 32, seen), work / "val_general.jsonl")
+    steps = args.distill_steps
+    every = max(1, steps // 10)
+    arms = [("targeted (last step)", recipe_train(tiny, work / "r-targeted", targeted, steps), "r-targeted"),
+            ("targeted + 10% rehearsal", recipe_train(tiny, work / "r-rehearsal", targeted, steps,
+                                                       "--mix", str(general), "--rehearsal", "0.1"), "r-rehearsal"),
+            ("65/35 general/targeted", recipe_train(tiny, work / "r-6535", targeted, steps, "--mix", str(general),
+                                                     "--rehearsal", "0.65"), "r-6535"),
+            ("targeted, best of validations", recipe_train(
+                tiny, work / "r-best", targeted, steps, "--eval", f"{work / 'val_failing.jsonl'}:0.7",
+                "--eval", f"{work / 'val_general.jsonl'}:0.3", "--eval-every", str(every), "--early-stop", "6",
+                "--save-best", "accuracy"), "r-best")]
+    rows = {name: bench(work / d, heldout, work / f"{d}_heldout.jsonl") for name, _, d in arms}
+    other = {(r["family"], r["level"]) for r in base} - failing
+    gain = accuracy(rows["targeted (last step)"], failing) - accuracy(base, failing)
+    print(f"\n## distill recipes ({steps} LoRA r32 steps x 32 rows, lr 2e-3, merged; held-out accuracy on "
+          f"{len(failing)} failing cells and the {len(other)} other cells; general = the tiny's train split)\n")
+    print("| recipe | failing cells | other cells | overall | share of targeted gain | steps run | selected step |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(f"| base (tiny default) | {accuracy(base, failing):.3f} | {accuracy(base, other):.3f} | "
+          f"{accuracy(base):.3f} | - | - | - |")
+    for name, metrics, _ in arms:
+        res = rows[name]
+        share = (accuracy(res, failing) - accuracy(base, failing)) / gain if gain else float("nan")
+        print(f"| {name} | {accuracy(res, failing):.3f} | {accuracy(res, other):.3f} | {accuracy(res):.3f} | "
+              f"{100 * share:.0f}% | {metrics['steps']} | {metrics.get('selected_step', '-')} |")
+    best = json.loads((work / "r-best" / "orstack.json").read_text())["metrics"]
+    print(f"\nvalidation (70% failing-cell + 30% general accuracy, every {every} steps, patience 6): best "
+          f"{best['eval_best_accuracy']:.3f} at step {best['eval_best_step']}, last {best['eval_last_accuracy']:.3f} "
+          f"at step {best['eval_last_step']}" + (f", stopped early at {best['stopped_early_at']}"
+                                                 if best.get("stopped_early_at") else ""))
+    rl_variants_part(args, tiny, tasks, work)
+
+
+def rl_variants_part(args: argparse.Namespace, tiny: Path, tasks: Path, work: Path) -> None:
+    """trl's GRPO loss variants from the verbose student with the efficiency reward."""
+    rl_tasks = work / "rl_tasks.jsonl"
+    if not rl_tasks.exists():
+        write(fresh_tasks(tasks, args.rl_tasks, 21, set(), small_arithmetic), rl_tasks)
+    evaluation = work / "rl_eval.jsonl"
+    if not evaluation.exists():
+        write(fresh_tasks(tasks, 1000, 22, {r["prompt"] for r in read(rl_tasks)}, small_arithmetic), evaluation)
+    verbose = verbose_student(tiny, tasks, work, {r["prompt"] for r in read(evaluation)})
+    steps = args.variant_steps
+    table = []
+    for name, extra in (("grpo", ["--loss-type", "grpo"]), ("dapo (trl's default)", ["--loss-type", "dapo"]),
+                        ("dr_grpo, no reward scaling", ["--loss-type", "dr_grpo", "--scale-rewards", "none"]),
+                        ("GSPO (sequence ratios)", ["--loss-type", "dapo", "--importance-sampling", "sequence"])):
+        tag = name.split()[0].replace(",", "")
+        out = work / f"rlv-{tag}"
+        if not out.exists():
+            orstack("rl", str(verbose), "--tasks", str(rl_tasks), "-o", str(out), "--max-steps", str(steps),
+                    "--num-generations", "8", "--batch-size", "32", "--lr", RL_LR, "--max-new-tokens",
+                    RL_MAX_NEW_TOKENS, "--temperature", RL_TEMPERATURE, "--efficiency-weight", "0.2",
+                    "--target-length", "4", *extra)
+        metrics = json.loads((out / "orstack.json").read_text())["metrics"]
+        table.append((name, bench(out, evaluation, work / f"rlv_eval_{tag}.jsonl", RL_MAX_NEW_TOKENS), metrics))
+    start = bench(verbose, evaluation, work / "rl_eval_verbose.jsonl", RL_MAX_NEW_TOKENS)
+    print(f"\n## rl loss variants ({steps} GRPO steps from the verbose student, efficiency reward 0.2, target 4 "
+          f"tokens; greedy on 1,000 unseen arithmetic problems)\n")
+    print("| loss | accuracy | mean output tokens | final KL | steps/s |")
+    print("|---|---:|---:|---:|---:|")
+    print(f"| (start: verbose student) | {accuracy(start):.3f} | {mean_tokens(start):.2f} | - | - |")
+    for name, res, m in table:
+        kl = "-" if m.get("kl_last") is None else f"{m['kl_last']:.4f}"
+        print(f"| {name} | {accuracy(res):.3f} | {mean_tokens(res):.2f} | {kl} | {m['steps_per_s']:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="Smaller settings (figures not quoted).")
     parser.add_argument("--tiny", help="Tiny default checkpoint (default: the demo's cached build, else built).")
     parser.add_argument("--tasks", help="Its task directory (train.jsonl, heldout.jsonl).")
     parser.add_argument("--work", default="/tmp/orstack-bench-train")
-    parser.add_argument("--only", choices=("distill", "rl"))
+    parser.add_argument("--only", choices=("distill", "rl", "recipes"))
     parser.add_argument("--gguf-teacher", help="Checkpoint exported as the GGUF teacher (default: `orstack tiny "
                         "--steps 3000`, built once in the work directory).")
     args = parser.parse_args()
@@ -318,14 +416,18 @@ def main() -> None:
     args.distill_steps = 500 if args.quick else 1500
     args.rl_steps = 200 if args.quick else 500
     args.rl_tasks = 600
+    args.variant_steps = 100 if args.quick else 300
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     tiny, tasks = find_tiny(args, work)
     start = time.perf_counter()
-    if args.only != "rl":
-        distill_part(args, tiny, tasks, work)
-    if args.only != "distill":
-        rl_part(args, tiny, tasks, work)
+    if args.only == "recipes":
+        recipes_part(args, tiny, tasks, work)
+    else:
+        if args.only != "rl":
+            distill_part(args, tiny, tasks, work)
+        if args.only != "distill":
+            rl_part(args, tiny, tasks, work)
     print(f"\n(total {time.perf_counter() - start:.0f} s)")
 
 
