@@ -230,9 +230,17 @@ def test_cli_defaults_are_the_config_defaults():
     fields = {f.name: f for f in dataclasses.fields(BenchConfig)}
     defaults = {name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
                 for name, f in fields.items()}
-    seen = set()
+    # endpoint models' options are flat on the command, one EndpointOptions in the config
+    from orstack.backends.endpoint import EndpointOptions
+
+    endpoint = {f.name: f.default for f in dataclasses.fields(EndpointOptions)}
+    seen, seen_endpoint = set(), set()
     for param in command.params:
         if param.name in NOT_CONFIG:
+            continue
+        if param.name in endpoint:
+            assert param.default == endpoint[param.name], param.name
+            seen_endpoint.add(param.name)
             continue
         assert param.name in fields, f"option {param.name} is neither a BenchConfig field nor listed in NOT_CONFIG"
         default = param.default
@@ -240,7 +248,8 @@ def test_cli_defaults_are_the_config_defaults():
             default = []
         assert default == defaults[param.name], param.name
         seen.add(param.name)
-    assert set(fields) - seen == {"seed"}  # the global --seed (Runtime.seed) fills it
+    assert set(fields) - seen == {"seed", "endpoint"}  # the global --seed (Runtime.seed) fills seed
+    assert set(endpoint) - seen_endpoint == {"backoff"}
 
 
 def test_fail_under_exits_3_and_writes_nothing_unless_forced(random_llama, tmp_path, tasks_file):

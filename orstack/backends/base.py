@@ -2,7 +2,8 @@
 
 A backend generates (greedily, or sampled), scores log-likelihoods and perplexity, gives
 raw next-token logits, and knows its size on disk. The transformers backend lives in hf.py,
-the llama.cpp one in llamacpp.py; `open_backend` picks one from the MODEL spec the user gave.
+the llama.cpp one in llamacpp.py, a served model (OpenAI-compatible) in endpoint.py;
+`open_backend` picks one from the MODEL spec the user gave.
 Every caller that asks a model something goes through this interface, never the runtime's
 own objects, so any backend serves any caller.
 """
@@ -19,6 +20,7 @@ from orstack.errors import BadInput
 if TYPE_CHECKING:
     import numpy as np
 
+    from orstack.backends.endpoint import EndpointOptions
     from orstack.backends.perplexity import PerplexityResult
     from orstack.runtime import Runtime
 
@@ -49,6 +51,7 @@ class Generation:
     token_logprobs: list[float] = field(default_factory=list)  # natural-log p of each generated token
     token_entropies: list[float] = field(default_factory=list)  # entropy (nats) of each next-token distribution
     latency_ms: float = 0.0  # wall time attributed to this row
+    error: str | None = None  # why no completion came (an endpoint's failed request, with keep_going)
 
 
 @runtime_checkable
@@ -161,10 +164,16 @@ def split_pair(encode: Callable[[str], list[int]], context: str, continuation: s
     return ctx, cont
 
 
-def open_backend(spec: str, runtime: Runtime, *, batch_size: int = 16, chat_template: str | None = None) -> Backend:
-    """A `.gguf` path opens the llama.cpp backend; anything else the transformers one
-    (through orstack.io.checkpoint.load_model, so every format orstack writes loads).
-    `chat_template` is the run's --chat-template choice (orstack/backends/chat.py)."""
+def open_backend(spec: str, runtime: Runtime, *, batch_size: int = 16, chat_template: str | None = None,
+                 endpoint: EndpointOptions | None = None) -> Backend:
+    """`http(s)://HOST:PORT/v1#MODEL` (several servers: `URL,URL#MODEL`) opens the endpoint
+    backend with `endpoint`'s options; a `.gguf` path the llama.cpp backend; anything else the
+    transformers one (through orstack.io.checkpoint.load_model, so every format orstack writes
+    loads). `chat_template` is the run's --chat-template choice (orstack/backends/chat.py)."""
+    if str(spec).startswith(("http://", "https://")):
+        from orstack.backends.endpoint import open_endpoint
+
+        return open_endpoint(str(spec), endpoint, chat_template)
     if str(spec).lower().endswith(".gguf"):
         return _open_gguf(spec, runtime, chat_template)
     from orstack.backends.hf import HFBackend

@@ -1,11 +1,13 @@
 """An OpenAI-compatible HTTP client: what vLLM, llama.cpp's server and hosted APIs speak.
 
-One client for every endpoint orstack talks to (`http(s)://HOST:PORT/v1#MODEL` teachers,
-the cluster-failures labeler). stdlib urllib only. Each request has a timeout; timeouts,
-connection errors, HTTP 408/409/429 and 5xx are retried with exponential backoff
-(honouring Retry-After, capped); a rate limiter shared by all threads spaces request starts.
-The API key is read from the environment variable the caller names (`--api-key-env`), so
-the secret never travels in a config or a manifest.
+One client for every endpoint orstack talks to (`http(s)://HOST:PORT/v1#MODEL` teachers and
+models under test, the cluster-failures labeler). stdlib urllib only. Each request has a
+timeout; timeouts, connection errors, HTTP 408/409/429 and 5xx are retried with exponential
+backoff (honouring Retry-After, capped); a rate limiter shared by all threads spaces request
+starts. A spec may name several servers of one model (`http://a:8000/v1,http://b:8000/v1#M`):
+each attempt goes to the one with the fewest requests in flight, so load spreads and a retry
+can land on a healthy server. The API key is read from the environment variable the caller
+names (`--api-key-env`), so the secret never travels in a config or a manifest.
 """
 
 from __future__ import annotations
@@ -54,14 +56,32 @@ class RateLimiter:
             time.sleep(start - now)
 
 
-class OpenAIClient:
-    """Completions from one model behind an OpenAI-compatible base URL (`.../v1`); thread-safe."""
+def parse_endpoint(spec: str, what: str) -> tuple[list[str], str]:
+    """(base URLs, model) of `URL[,URL...]#MODEL`; BadInput naming `what` when malformed."""
+    base, _, model = spec.partition("#")
+    if not model:
+        raise BadInput(f"{what} {spec}: name the model after '#', e.g. http://127.0.0.1:8080/v1#my-model")
+    urls = [u.strip().rstrip("/") for u in base.split(",")]
+    bad = next((u for u in urls if not u.startswith(("http://", "https://")) or len(u.split("//", 1)[1]) == 0), None)
+    if bad is not None:
+        raise BadInput(f"{what} {spec}: '{bad}' is not an http(s):// URL")
+    return urls, model
 
-    def __init__(self, base_url: str, model: str, *, api: str = "chat", timeout: float = 60.0, retries: int = 3,
-                 backoff: float = 0.5, rate_limit: float | None = None, api_key_env: str = "OPENAI_API_KEY") -> None:
+
+class OpenAIClient:
+    """Completions from one model behind one or more OpenAI-compatible base URLs (`.../v1`);
+    thread-safe."""
+
+    def __init__(self, base_url: str | list[str], model: str, *, api: str = "chat", timeout: float = 60.0,
+                 retries: int = 3, backoff: float = 0.5, rate_limit: float | None = None,
+                 api_key_env: str = "OPENAI_API_KEY") -> None:
         if api not in APIS:
             raise ValueError(f"api: expected chat or completions, got '{api}'")
-        self.base_url = base_url.rstrip("/")
+        urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        self.base_urls = [u.rstrip("/") for u in urls]
+        self.base_url = self.base_urls[0]
+        self.in_flight = dict.fromkeys(self.base_urls, 0)
+        self.sent = dict.fromkeys(self.base_urls, 0)  # requests per server, retries included
         self.model = model
         self.api = api
         self.timeout = timeout
@@ -79,16 +99,19 @@ class OpenAIClient:
         return headers
 
     def check_reachable(self, what: str) -> None:
-        """A server that answers at all (any HTTP status) is reachable; a refusing or silent one is bad input."""
-        request = urllib.request.Request(f"{self.base_url}/models", headers=self.headers())
-        try:
-            with urllib.request.urlopen(request, timeout=min(self.timeout, 10.0)):  # noqa: S310 - user-given URL
-                pass
-        except urllib.error.HTTPError:
-            return
-        except (urllib.error.URLError, OSError) as e:
-            reason = getattr(e, "reason", e)
-            raise BadInput(f"{what}: cannot reach the server ({reason})") from None
+        """A server that answers at all (any HTTP status) is reachable; a refusing or silent one is
+        bad input (every server of the spec is probed)."""
+        for url in self.base_urls:
+            request = urllib.request.Request(f"{url}/models", headers=self.headers())
+            try:
+                with urllib.request.urlopen(request, timeout=min(self.timeout, 10.0)):  # noqa: S310 - user-given URL
+                    pass
+            except urllib.error.HTTPError:
+                continue
+            except (urllib.error.URLError, OSError) as e:
+                reason = getattr(e, "reason", e)
+                where = f" {url}" if len(self.base_urls) > 1 else ""
+                raise BadInput(f"{what}: cannot reach the server{where} ({reason})") from None
 
     def complete(self, prompt: str | list[dict[str, Any]], *, max_tokens: int, temperature: float = 0.0,
                  stop: list[str] | None = None) -> str:
@@ -96,18 +119,33 @@ class OpenAIClient:
         list of {role, content}) always goes to /chat/completions as its `messages`, whatever
         the api; EndpointError when no text came."""
         path, payload = self._payload(prompt, max_tokens, temperature, stop)
+        return self._text(self.post(path, payload), chat=path == "/chat/completions")
+
+    def post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """The JSON answer to one request, retried as the module says; EndpointError when none came."""
         delay, attempt = self.backoff, 0
         while True:
             self.limiter.wait()
-            with self.lock:
-                self.requests += 1
+            url = self._pick()
             try:
-                return self._text(self._post(path, payload), chat=path == "/chat/completions")
+                return self._post(path, payload, url)
             except RetryableError as e:
                 if attempt == self.retries:
                     raise EndpointError(str(e)) from None
                 time.sleep(min(e.retry_after, MAX_RETRY_AFTER) if e.retry_after else delay)
                 delay, attempt = delay * 2, attempt + 1
+            finally:
+                with self.lock:
+                    self.in_flight[url] -= 1
+
+    def _pick(self) -> str:
+        """The server with the fewest requests in flight (then the fewest sent), now one busier."""
+        with self.lock:
+            url = min(self.base_urls, key=lambda u: (self.in_flight[u], self.sent[u]))
+            self.in_flight[url] += 1
+            self.sent[url] += 1
+            self.requests += 1
+        return url
 
     def _payload(self, prompt: str | list[dict[str, Any]], max_tokens: int, temperature: float,
                  stop: list[str] | None) -> tuple[str, dict[str, Any]]:
@@ -121,9 +159,10 @@ class OpenAIClient:
             return "/chat/completions", {**common, "messages": [{"role": "user", "content": prompt}]}
         return "/completions", {**common, "prompt": prompt}
 
-    def _post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+    def _post(self, path: str, payload: dict[str, Any], url: str | None = None) -> dict[str, Any]:
         data = json.dumps(payload).encode("utf-8")
-        request = urllib.request.Request(f"{self.base_url}{path}", data=data, headers=self.headers(), method="POST")
+        request = urllib.request.Request(f"{url or self.base_url}{path}", data=data, headers=self.headers(),
+                                         method="POST")
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310 - user-given URL
                 return json.loads(response.read().decode("utf-8"))
@@ -131,7 +170,7 @@ class OpenAIClient:
             message = f"HTTP {e.code} from {path}"
             if e.code in RETRY_STATUS:
                 raise RetryableError(message, _retry_after(e.headers.get("Retry-After"))) from None
-            raise EndpointError(message) from None
+            raise EndpointError(message + _error_detail(e)) from None
         except TimeoutError:
             raise RetryableError(f"timed out after {self.timeout:g} s") from None
         except urllib.error.URLError as e:
@@ -151,6 +190,21 @@ class OpenAIClient:
         except (KeyError, IndexError, TypeError):
             raise EndpointError("response has no choices[0] text") from None
         return str(text or "")
+
+
+def _error_detail(e: urllib.error.HTTPError) -> str:
+    """The server's own reason for a refusal (OpenAI's {"error": {"message"}} or any short body)."""
+    try:
+        body = e.read(2000).decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    try:
+        err = json.loads(body).get("error", body)
+        body = str(err.get("message", err) if isinstance(err, dict) else err)
+    except (json.JSONDecodeError, AttributeError):
+        pass
+    body = " ".join(body.split())[:200]
+    return f": {body}" if body else ""
 
 
 def _retry_after(value: str | None) -> float | None:

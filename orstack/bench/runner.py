@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from orstack.backends.endpoint import EndpointOptions, is_endpoint
 from orstack.errors import BadInput
 from orstack.io.output import Output, check_outputs
 from orstack.tasks.results import accuracy_summary, fit_prompts, run_tasks
@@ -43,6 +44,7 @@ class BenchConfig:
     code_timeout: float = 5.0  # sandbox seconds per code program (a task's `timeout` wins)
     code_memory_mb: int = 512  # sandbox memory per code program (a task's `memory_mb` wins)
     chat_template: str | None = None  # None: `messages` tasks only; "model" or a .jinja path: every task
+    endpoint: EndpointOptions = field(default_factory=EndpointOptions)  # how http(s):// models are asked
     seed: int = 0
 
 
@@ -86,7 +88,7 @@ def run(models: Sequence[str], config: BenchConfig, runtime: Runtime,
     models = [str(m) for m in models]
     _check_usage(models, config, outputs)
     check_outputs(outputs.policy(), inputs=[config.tasks, *config.ppl, *models])
-    uses_torch = any(not _is_gguf(m) for m in models)
+    uses_torch = any(not _is_gguf(m) and not is_endpoint(m) for m in models)
     if uses_torch:
         runtime.torch_device()  # --device cuda without CUDA: one line, before any work
     for spec in models:
@@ -150,6 +152,10 @@ def _check_usage(models: list[str], config: BenchConfig, outputs: BenchOutputs) 
         raise BadInput("--plot needs --tasks (it plots task accuracy against size)")
     if not (config.tasks or config.ppl or config.speed):
         raise BadInput("nothing to measure: give --tasks, --ppl and/or --speed")
+    served = next((m for m in models if is_endpoint(m)), None)
+    if served and (config.ppl or config.speed):
+        raise BadInput(f"{served}: --ppl and --speed need the weights (bench them locally); an endpoint's "
+                       "throughput is its tasks/s")
     from orstack.backends.chat import template_file_text
 
     template_file_text(config.chat_template)  # a --chat-template FILE that cannot be used: before any model
@@ -162,6 +168,11 @@ def _is_gguf(spec: str) -> bool:
 def _check_model(spec: str) -> None:
     """A model is checked without loading its weights: a GGUF file's header and tensor extents,
     or a checkpoint's weight headers, config and that it is a causal language model."""
+    if is_endpoint(spec):
+        from orstack.backends.openai import parse_endpoint
+
+        parse_endpoint(spec, "MODEL")  # reachability is checked when it opens
+        return
     if _is_gguf(spec):
         if not Path(spec).is_file():
             raise BadInput(f"{spec}: no such GGUF file")
@@ -206,7 +217,8 @@ def bench_model(spec: str, config: BenchConfig, tasks: Sequence[dict[str, Any]] 
     reset_peak_rss()
     rss_before = rss_mb()
     began = time.perf_counter()
-    backend = open_backend(spec, runtime, batch_size=config.batch_size, chat_template=config.chat_template)
+    backend = open_backend(spec, runtime, batch_size=config.batch_size, chat_template=config.chat_template,
+                           endpoint=config.endpoint)
     load_s = time.perf_counter() - began
     try:
         summary: dict[str, Any] = {"model": spec, "lineage": lineage(spec)}
@@ -220,6 +232,8 @@ def bench_model(spec: str, config: BenchConfig, tasks: Sequence[dict[str, Any]] 
             rows = run_tasks(backend, asked, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
                              sandbox=sandbox)
             summary["tasks_per_s"] = len(tasks) / (time.perf_counter() - began)
+            if is_endpoint(spec):
+                summary["endpoint_errors"] = backend.errors
             if sandbox is not None:
                 summary["sandbox"] = sandbox.confinement  # what the model's code ran under
             summary.update(accuracy_summary(rows))
@@ -251,6 +265,8 @@ def _import_runtime(spec: str) -> None:
     """Import the model runtime before the load clock starts, so the first model's load time
     is not charged with library imports the later ones skip."""
     try:
+        if is_endpoint(spec):
+            return
         if _is_gguf(spec):
             import llama_cpp  # noqa: F401
         else:

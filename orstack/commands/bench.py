@@ -15,7 +15,13 @@ from orstack.errors import BadInput, GateFailed
 HELP = """Benchmark models: task accuracy, perplexity, speed, memory and size, side by side.
 
 MODEL is a Hugging Face checkpoint directory (every checkpoint orstack writes, including
-LoRA adapters, sparse, packed 4-bit and .orz models) or a .gguf file (llama.cpp backend).
+LoRA adapters, sparse, packed 4-bit and .orz models), a .gguf file (llama.cpp backend) or a
+served model, http(s)://HOST:PORT/v1#NAME (OpenAI-compatible: vLLM, llama.cpp's server,
+SGLang, hosted APIs; several servers of one model as URL,URL#NAME, spread by load): prompts
+go to /completions and conversations to /chat/completions, --concurrency at a time, with
+--timeout, --retries and --rate-limit, logprobs requested for the signal fields, choice tasks
+scored from echoed prompt logprobs. A request that still fails exits 2 with nothing written,
+or with --keep-going leaves an `error` on that row (unscored).
 Tasks (JSONL: id, prompt, kind, answer/choices/tests) are answered greedily in batches and
 scored by kind: numeric (last number, tolerance), exact (normalised match), choice
 (highest log-likelihood choice) or code (run against `tests` in a sandboxed worker pool
@@ -72,7 +78,20 @@ def bench(
     code_memory_mb: Annotated[int, typer.Option("--code-memory-mb", min=64, help="Memory per code program (MB).")
                               ] = 512,
     chat_template: ChatTemplate = None,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.01, help="Endpoint models: seconds per request.")
+                       ] = 60.0,
+    retries: Annotated[int, typer.Option("--retries", min=0, help="Endpoint models: retries per request.")] = 3,
+    concurrency: Annotated[int, typer.Option("--concurrency", min=1, help="Endpoint models: requests in flight.")
+                           ] = 4,
+    rate_limit: Annotated[float | None, typer.Option("--rate-limit", min=0.001,
+                                                     help="Endpoint models: requests per second.")] = None,
+    api_key_env: Annotated[str, typer.Option("--api-key-env", help="Variable holding the endpoint's API key.")
+                           ] = "OPENAI_API_KEY",
+    keep_going: Annotated[bool, typer.Option("--keep-going", help="Endpoint models: a request that fails for good "
+                                                                   "is an error on its row, not the end of the run.")
+                          ] = False,
 ) -> None:
+    from orstack.backends.endpoint import EndpointOptions
     from orstack.bench import BenchConfig, BenchOutputs
     from orstack.bench import run as run_bench
     from orstack.bench import score as score_rows
@@ -84,7 +103,10 @@ def bench(
                          ppl_max_length=ppl_max_length, speed=speed, speed_runs=speed_runs,
                          max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit,
                          truncate_prompts=truncate_prompts, fail_under=fail_under, code_timeout=code_timeout,
-                         code_memory_mb=code_memory_mb, chat_template=chat_template, seed=runtime.seed)
+                         code_memory_mb=code_memory_mb, chat_template=chat_template, seed=runtime.seed,
+                         endpoint=EndpointOptions(concurrency=concurrency, timeout=timeout, retries=retries,
+                                                  rate_limit=rate_limit, api_key_env=api_key_env,
+                                                  keep_going=keep_going))
     outputs = BenchOutputs(rows=output, summary=summary, plot=plot)
     if score is not None:
         if models:

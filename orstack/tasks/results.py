@@ -50,6 +50,10 @@ def run_tasks(backend: Backend, tasks: Sequence[dict[str, Any]], *, max_new_toke
     ordered = [outputs[i][0] for i in range(len(tasks))]
     rows = [result_row(task, backend.name, outputs[i][0], outputs[i][1]) | extras[i] for i, task in enumerate(tasks)]
     score_rows(rows, tasks, ordered, sandbox)
+    for i, (_, gen) in outputs.items():
+        error = (gen.error if gen is not None else None) or extras[i].get("error")
+        if error:  # no answer came (an endpoint's request failed, with keep_going): not scored
+            rows[i].update(output=None, correct=None, score=None, error=error)
     return rows
 
 
@@ -80,6 +84,10 @@ def _score_choices(backend: Backend, tasks: Sequence[dict], batch: list[int],
     for i, s in zip(owners, scores):
         by_task[i].append(s)
     for i in batch:
+        if any(math.isnan(s) for s in by_task[i]):  # a choice's request failed (an endpoint, with keep_going)
+            outputs[i] = ("", None)
+            extras[i] = {"error": "endpoint: a choice's log-likelihood request failed"}
+            continue
         best, _ = pick_choice(tasks[i], by_task[i])
         outputs[i] = (tasks[i]["choices"][best], None)
         extras[i] = {"choice_loglikelihoods": by_task[i], "latency_ms": per_task_ms}
@@ -163,6 +171,10 @@ def accuracy_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 groups[str(r[key])].append(bool(r["correct"]))
         if len(groups) > 1 or (groups and key in ("family",)):
             summary[f"by_{key}"] = {k: sum(v) / len(v) for k, v in sorted(groups.items())}
+    clustered = [r for r in scored if r.get("cluster") is not None]
+    if clustered:  # tasks of known failure clusters (cluster-failures' annotation), apart
+        summary["cluster_accuracy"] = _mean(r["correct"] for r in clustered)
+        summary["cluster_tasks"] = len(clustered)
     tokens = [r["output_tokens"] for r in rows if r.get("output_tokens") is not None]
     if tokens:
         summary["mean_output_tokens"] = sum(tokens) / len(tokens)

@@ -4,7 +4,8 @@ Requests go through orstack's one OpenAI-compatible client (orstack/backends/ope
 timeout, retries with backoff, rate limit, API key from `api_key_env`) on a thread pool of
 `concurrency` workers; greedy (temperature 0), with the run's or the task's stop sequences.
 A `messages` task is sent as its conversation to /chat/completions (the server applies the
-model's template), whatever --teacher-api says.
+model's template), whatever --teacher-api says. `URL,URL,...#MODEL` spreads the requests over
+several servers of one model (the client sends each to the least busy).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from orstack.backends.openai import APIS, EndpointError, OpenAIClient
+from orstack.backends.openai import APIS, EndpointError, OpenAIClient, parse_endpoint
 from orstack.errors import BadInput
 from orstack.tasks.contract import prompt_of
 from orstack.tasks.stops import cut_at_stop
@@ -26,7 +27,8 @@ class HTTPTeacher(Teacher):
         super().__init__(spec, options)
         if options.api not in APIS:
             raise BadInput(f"--teacher-api: expected chat or completions, got '{options.api}'")
-        self.client = OpenAIClient(base_url, model, api=options.api, timeout=options.timeout, retries=options.retries,
+        urls, model = parse_endpoint(spec, "--teacher")  # several servers: `URL,URL#MODEL`, spread by load
+        self.client = OpenAIClient(urls, model, api=options.api, timeout=options.timeout, retries=options.retries,
                                    backoff=options.backoff, rate_limit=options.rate_limit,
                                    api_key_env=options.api_key_env)
 
