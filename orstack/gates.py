@@ -60,7 +60,7 @@ class Gate:
 
     def show(self, value: float) -> str:
         if self.unit == "%":
-            return f"{value:+.2%}" if self.measure.endswith(("rise", "change")) else f"{value:.2%}"
+            return f"{value:+.2%}" if self.measure.endswith(("rise", "rose", "change")) else f"{value:.2%}"
         if self.unit == "pts":
             return f"{value:+.2f} pts" if self.measure.endswith("change") else f"{value:.2f} pts"
         return f"{value:.4g}"

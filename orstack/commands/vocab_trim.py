@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from orstack import console
-from orstack.commands.options import Force, RequiredOutput, current_runtime
+from orstack.commands.options import DryRun, Force, MaxPplRise, RequiredOutput, current_runtime
 from orstack.errors import BadInput
 from orstack.vocab_trim.trim import VocabTrimConfig
 
@@ -20,8 +20,11 @@ tokens, the 256 byte tokens (any input still encodes), --keep tokens and every t
 kept token's BPE merges need. Rebuilds tokenizer.json (vocabulary, merges, special ids),
 slices the embedding and output rows (tied or not) and stores the old->new id map in
 orstack.json. With --validate HELDOUT it checks that every line still decodes to itself,
-tokens per word rise at most 5% and bits per byte at most 3%; otherwise it exits 3 and
-writes nothing, unless --force. Byte-level BPE tokenizers only (GPT-2, Llama-3, SmolLM, Qwen).
+tokens per word rise at most 5% and perplexity (per parent token, so that a changed
+tokenization cannot hide a loss) at most --max-ppl-rise (3%), bits per byte reported;
+otherwise it exits 3 and writes nothing, unless --force. --dry-run prints the kept
+vocabulary and the sliced tensors from the tokenizer, corpus and weight headers alone.
+Byte-level BPE tokenizers only (GPT-2, Llama-3, SmolLM, Qwen).
 
 Example:
 
@@ -50,13 +53,21 @@ def vocab_trim(
     ] = None,
     force: Force = False,
     max_length: Annotated[int, typer.Option("--max-length", min=16, help="Perplexity window in tokens.")] = 512,
+    max_ppl_rise: MaxPplRise = 0.03,
+    dry_run: DryRun = False,
 ) -> None:
     coverage_given = ctx.get_parameter_source("coverage").name != "DEFAULT"
     if coverage_given and max_vocab is not None:
         raise BadInput("--coverage and --max-vocab are exclusive: give one")
     config = VocabTrimConfig(corpus=[str(p) for p in corpus], coverage=None if max_vocab else coverage,
                              max_vocab=max_vocab, keep=str(keep) if keep else None,
-                             validate=str(validate) if validate else None, force=force, max_length=max_length)
+                             validate=str(validate) if validate else None, force=force, max_length=max_length,
+                             max_ppl_rise=max_ppl_rise)
+    if dry_run:
+        from orstack.vocab_trim.plan import plan
+
+        plan(model, config).emit()
+        return
     from orstack.vocab_trim import run
 
     result = run(model, output, config, current_runtime(), report=_report)
@@ -80,6 +91,7 @@ def _report(m: dict) -> None:
         tbl.add_row("same tokens on held-out", "", f"{m['heldout_agreement']:.2%}")
         tbl.add_row("tokens per word", f"{m['tokens_per_word_before']:.3f}", f"{m['tokens_per_word_after']:.3f}")
         tbl.add_row("bits per byte", f"{m['bits_per_byte_before']:.4f}", f"{m['bits_per_byte_after']:.4f}")
+        tbl.add_row("perplexity (per parent token)", f"{m['ppl_before']:.4f}", f"{m['ppl_after']:.4f}")
     console.table(tbl)
 
 

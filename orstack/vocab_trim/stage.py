@@ -8,8 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orstack import console
-from orstack.errors import GateFailed
+from orstack.gates import decide
 from orstack.io.jsonl import check_input_file
 from orstack.io.output import check_output
 from orstack.io.text import check_text_files, read_texts
@@ -31,7 +30,7 @@ def run(source: str | Path, output: str | Path, config: VocabTrimConfig, runtime
     """Trim the vocabulary of `source` to the tokens config.corpus uses and write `output`.
 
     `report(metrics)` is called once the trim is measured, before the quality gate decides,
-    so the numbers are shown even when the gate refuses the result (GateFailed, nothing
+    so the numbers are shown even when the gate refuses the result (GateTripped, nothing
     written, unless config.force)."""
     from orstack.io.checkpoint import (
         check_checkpoint,
@@ -67,15 +66,12 @@ def run(source: str | Path, output: str | Path, config: VocabTrimConfig, runtime
     result = vocab_trim(model, tokenizer, config, plan=plan)
     if report is not None:
         report(result.metrics)
-    if result.gate_failures:
-        message = "; ".join(result.gate_failures)
-        if not config.force:
-            raise GateFailed(f"vocab-trim: quality gate failed ({message}); nothing written (use --force to keep it)")
-        console.warn(f"quality gate failed ({message}); writing anyway (--force)")
+    verdict = decide("vocab-trim", result.checks, config.force)
     metrics = {**result.metrics, "seconds": round(time.perf_counter() - start, 1)}
     save_checkpoint(result.model, result.tokenizer, output, stage="vocab-trim", args=config, parent=source,
-                    metrics=metrics, extra={"vocab_map": {"old_to_new": result.plan.old_to_new}})
-    return VocabTrimResult(output=output, metrics=metrics, gate_failures=result.gate_failures,
+                    metrics=metrics, extra={"vocab_map": {"old_to_new": result.plan.old_to_new},
+                                            "gate": verdict.record()})
+    return VocabTrimResult(output=output, metrics=metrics, gate_failures=[c.describe() for c in verdict.failures],
                            weights_before=_weights_bytes(Path(str(source))), weights_after=_weights_bytes(output))
 
 

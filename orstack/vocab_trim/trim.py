@@ -8,7 +8,6 @@ agreement and bits per byte against the original. `vocab_trim` runs all three.
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -38,7 +37,6 @@ BLOCK_CHARS = 1 << 16  # corpus text is tokenized in blocks of whole lines of ab
 SAMPLE_CHARS = 1 << 20  # corpus text kept to check that tokenization is unchanged
 MAX_ROUND_TRIP_LOSS = 0.0  # every line the original round-trips must still round-trip
 MAX_TOKENS_PER_WORD_RISE = 0.05
-MAX_BITS_PER_BYTE_RISE = 0.03
 
 
 @dataclass
@@ -50,6 +48,7 @@ class VocabTrimConfig:
     validate: str | None = None
     force: bool = False
     max_length: int = 512  # perplexity window (tokens)
+    max_ppl_rise: float = 0.03  # the gate: the seed's rollback at +3% held-out perplexity (orstack/gates.py)
 
     def check(self) -> None:
         """The options alone make sense (BadInput naming the option otherwise)."""
@@ -65,6 +64,9 @@ class VocabTrimConfig:
             raise BadInput(f"--max-length: expected at least 16, got {self.max_length}")
         if not self.corpus:
             raise BadInput("--corpus: at least one file is required")
+        from orstack.gates import check_limits
+
+        check_limits(max_ppl_rise=self.max_ppl_rise)
 
 
 @dataclass
@@ -314,11 +316,11 @@ def text_lines(texts: Iterable[str]) -> list[str]:
     return [line for text in texts for line in text.splitlines() if line.strip()]
 
 
-def bits_per_byte(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
-                  max_length: int) -> float:
+def heldout_loss(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
+                 max_length: int):  # noqa: ANN201 - PerplexityResult
     from orstack.backends.perplexity import default_max_length, perplexity
 
-    return perplexity(model, tokenizer, texts, max_length=min(max_length, default_max_length(model))).bits_per_byte
+    return perplexity(model, tokenizer, texts, max_length=min(max_length, default_max_length(model)))
 
 
 @dataclass
@@ -327,7 +329,7 @@ class TrimResult:
     tokenizer: Any
     plan: TrimPlan
     metrics: dict[str, Any]
-    gate_failures: list[str]
+    checks: list[Any]  # orstack.gates.Check: the quality gate, decided by the stage
 
 
 def vocab_trim(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: VocabTrimConfig,
@@ -342,7 +344,7 @@ def vocab_trim(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, confi
     if plan is None:
         plan = plan_trim(tokenizer, [model.config, getattr(model, "generation_config", None)], config)
     heldout = list(read_texts([config.validate])) if config.validate else []
-    bpb_before = bits_per_byte(model, tokenizer, heldout, config.max_length) if heldout else None
+    loss_before = heldout_loss(model, tokenizer, heldout, config.max_length) if heldout else None
     params_before = count_parameters(model)
     vocab_before = model.get_input_embeddings().weight.shape[0]
     tokenizer_json, n_merges = trimmed_tokenizer_json(plan.bpe, plan.old_to_new)
@@ -363,25 +365,30 @@ def vocab_trim(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, confi
 
         warn(f"tokenization changed on {1 - metrics['corpus_agreement_kept']:.2%} of corpus lines "
              "whose tokens were all kept")
-    failures: list[str] = []
+    checks: list[Any] = []
     if heldout:
+        from orstack.gates import Gate, ppl_check, ppl_in_parent_tokens
+
         lines = text_lines(heldout)
         old_rt, new_rt = round_trips(old_tk, lines), round_trips(new_tk, lines)
         lost = sum(o and not n for o, n in zip(old_rt, new_rt))
         ascii_lines = [ok for ok, line in zip(new_rt, lines) if line.isascii()]
         tpw_before, tpw_after = tokens_per_word(old_tk, lines), tokens_per_word(new_tk, lines)
-        bpb_after = bits_per_byte(model, new_tokenizer, heldout, config.max_length)
+        loss_after = heldout_loss(model, new_tokenizer, heldout, config.max_length)
+        ppl_before, ppl_after = ppl_in_parent_tokens(loss_before, loss_after)
         metrics.update({
             "heldout_lines": len(lines), "round_trip": round(sum(new_rt) / max(len(lines), 1), 6),
             "round_trip_ascii": round(sum(ascii_lines) / len(ascii_lines), 6) if ascii_lines else None,
             "heldout_agreement": round(agreement(old_tk, new_tk, plan.old_to_new, lines)[0], 6),
             "tokens_per_word_before": round(tpw_before, 4), "tokens_per_word_after": round(tpw_after, 4),
-            "bits_per_byte_before": round(bpb_before, 5), "bits_per_byte_after": round(bpb_after, 5),
+            "bits_per_byte_before": round(loss_before.bits_per_byte, 5),
+            "bits_per_byte_after": round(loss_after.bits_per_byte, 5),
+            "ppl_before": round(ppl_before, 5), "ppl_after": round(ppl_after, 5),
+            "ppl_per": "parent token",
         })
-        if lost > len(lines) * MAX_ROUND_TRIP_LOSS:
-            failures.append(f"{lost} held-out lines no longer decode to themselves")
-        if tpw_after > tpw_before * (1 + MAX_TOKENS_PER_WORD_RISE):
-            failures.append(f"tokens per word rose {tpw_after / tpw_before - 1:.1%} (limit 5%)")
-        if not math.isfinite(bpb_after) or bpb_after > bpb_before * (1 + MAX_BITS_PER_BYTE_RISE):
-            failures.append(f"bits per byte rose {bpb_after / bpb_before - 1:.1%} (limit 3%)")
-    return TrimResult(model=model, tokenizer=new_tokenizer, plan=plan, metrics=metrics, gate_failures=failures)
+        checks.append(ppl_check(ppl_before, ppl_after, config.max_ppl_rise, on=str(config.validate)))
+        checks.append(Gate("held-out lines that no longer decode to themselves", len(lines) * MAX_ROUND_TRIP_LOSS,
+                           "max", "(round-trip rule)").check(lost, on=str(config.validate)))
+        checks.append(Gate("tokens per word rose", MAX_TOKENS_PER_WORD_RISE, "max", "(tokens-per-word rule)", "%")
+                      .check(tpw_after / tpw_before - 1, before=tpw_before, after=tpw_after, on=str(config.validate)))
+    return TrimResult(model=model, tokenizer=new_tokenizer, plan=plan, metrics=metrics, checks=checks)
