@@ -24,12 +24,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orstack.architectures import decoder_layers, linear_modules, weightless_model
 
-__all__ = ["InputStats", "LayerInputs", "capture_layer_inputs", "decoder_layers", "linear_modules",
-           "record_input_stats", "run_layer", "weightless_model"]
+__all__ = ["InputStats", "LayerInputs", "StreamedModel", "capture_layer_inputs", "decoder_layers", "held",
+           "linear_modules", "load_streamed", "record_input_stats", "run_layer", "stream_of", "weightless_model"]
 
 if TYPE_CHECKING:
     import torch
@@ -90,8 +91,10 @@ def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: 
 
     for index, layer in enumerate(layers):
         layer.forward = stand_in(index)
+    stream = stream_of(model)
     try:
-        with torch.no_grad():
+        # a streamed model's layers must not be read for a pass that does not run them
+        with torch.no_grad(), held(model, model.get_input_embeddings()), _paused(stream):
             for start in range(0, input_ids.shape[0], batch_size):
                 batch = input_ids[start:start + batch_size].to(device)
                 model.get_decoder()(input_ids=batch, use_cache=False)
@@ -101,6 +104,18 @@ def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: 
     captured.kwargs = per_layer[0]
     captured.layer_kwargs = {id(layer): kwargs for layer, kwargs in zip(layers, per_layer)}
     return captured
+
+
+@contextmanager
+def _paused(stream: StreamedModel | None) -> Iterator[None]:
+    if stream is None:
+        yield
+        return
+    before, stream.paused = stream.paused, True
+    try:
+        yield
+    finally:
+        stream.paused = before
 
 
 def _detach(value: Any) -> Any:
@@ -194,3 +209,288 @@ def record_input_stats(
     finally:
         for h in handles:
             h.remove()
+
+
+# ---------------------------------------------------------------------------- streaming
+
+class StreamedModel:
+    """A model whose decoder layers and embedding matrices stay on disk until they are used.
+
+    Built from the config with every parameter an empty tensor (ties kept: a tied lm_head is
+    the embedding's own Parameter), it holds in memory only the small tensors outside the
+    decoder layers (final norm, rotary tables). A *unit* -- a decoder layer, the input
+    embedding, the output projection -- is read from the checkpoint (in its stored dtype,
+    then cast to `dtype`, the dtype of the arithmetic) when a forward pass reaches it and
+    dropped when the pass leaves it, so a whole-model forward (perplexity, generation) costs
+    one unit of weights at a time. A stage that changes a unit holds it (`hold`) while it
+    works and writes it out before letting go. The anchor is llm-compressor's sequential
+    onloading; this reads with plain file reads (orstack.io.safetensors_file.TensorReader).
+    """
+
+    def __init__(self, model: nn.Module, reader: Any, dtype: torch.dtype, device: str = "cpu") -> None:
+        import torch
+
+        from orstack.errors import BadInput
+
+        self.model, self.reader, self.dtype, self.device = model, reader, dtype, device
+        self.paused = False
+        named = model.state_dict(keep_vars=True)
+        shapes = {name: tuple(t.shape) for name, t in named.items()}
+        self.shapes = shapes
+        by_param: dict[int, list[str]] = {}
+        for name, t in named.items():
+            by_param.setdefault(id(t), []).append(name)
+        fresh: dict[int, torch.nn.Parameter] = {}
+        for module in model.modules():
+            for key, p in list(module._parameters.items()):
+                if p is None:
+                    continue
+                if id(p) not in fresh:
+                    fresh[id(p)] = torch.nn.Parameter(torch.empty(0, dtype=p.dtype, device=device),
+                                                      requires_grad=False)
+                    by_param[id(fresh[id(p)])] = by_param.pop(id(p))
+                module._parameters[key] = fresh[id(p)]
+        # checkpoint name -> (Parameter, shape); a tied pair is one entry under the stored name
+        self.params: dict[str, tuple[torch.nn.Parameter, tuple[int, ...]]] = {}
+        missing = []
+        for p in fresh.values():
+            names = by_param[id(p)]
+            stored = next((n for n in names if n in reader), None)
+            if stored is None:
+                missing.append(names[0])
+                continue
+            if tuple(reader.shape(stored)) != shapes[stored]:
+                raise BadInput(f"{reader.directory}: {stored} is {list(reader.shape(stored))} in the checkpoint, "
+                               f"{list(shapes[stored])} in config.json")
+            self.params[stored] = (p, shapes[stored])
+        unexpected = sorted(n for n in reader.keys() if n not in self.params and n not in named
+                            and not n.endswith("rotary_emb.inv_freq"))
+        if missing or unexpected:
+            raise BadInput(f"{reader.directory}: weights do not match config.json "
+                           f"(missing {sorted(missing)[:3]}, unexpected {unexpected[:3]})")
+        self.units: list[nn.Module] = list(decoder_layers(model))
+        for head in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if head is not None and all(head is not u for u in self.units):
+                self.units.append(head)
+        self._unit_names = {id(u): self._names_in(u) for u in self.units}
+        in_units = {n for names in self._unit_names.values() for n in names}
+        self.resident = [n for n in self.params if n not in in_units]
+        for name in self.resident:
+            self._load(name)
+        for name, t in named.items():  # persistent buffers stored with the weights
+            if name in reader and not isinstance(t, torch.nn.Parameter):
+                t.data = reader.get(name).to(device=device, dtype=t.dtype)
+        self._held: dict[int, int] = {}
+        self._transient: set[int] = set()
+        for unit in self.units:
+            unit.register_forward_pre_hook(self._before)
+            unit.register_forward_hook(self._after)
+        model._orstack_stream = self
+
+    def _names_in(self, unit: nn.Module) -> list[str]:
+        ids = {id(p) for p in unit.parameters()}
+        return [n for n, (p, _) in self.params.items() if id(p) in ids]
+
+    def names(self, unit: nn.Module) -> list[str]:
+        """The checkpoint names of a unit's weights."""
+        return self._unit_names[id(unit)]
+
+    def _load(self, name: str) -> None:
+        p, _ = self.params[name]
+        t = self.reader.get(name)
+        p.data = t.to(device=self.device, dtype=self.dtype if t.is_floating_point() else t.dtype)
+
+    def _drop(self, name: str) -> None:
+        import torch
+
+        p, _ = self.params[name]
+        p.data = torch.empty(0, dtype=p.dtype, device=self.device)
+
+    def is_loaded(self, unit: nn.Module) -> bool:
+        return all(self.params[n][0].numel() == int(_numel(self.params[n][1])) for n in self.names(unit))
+
+    def load(self, unit: nn.Module) -> None:
+        for name in self.names(unit):
+            if self.params[name][0].numel() != _numel(self.params[name][1]):
+                self._load(name)
+
+    def release(self, unit: nn.Module) -> None:
+        for name in self.names(unit):
+            self._drop(name)
+
+    @contextmanager
+    def hold(self, unit: nn.Module) -> Iterator[nn.Module]:
+        """Keep `unit` in memory (as read, then as the caller changes it) until the block ends."""
+        key = id(unit)
+        self.load(unit)
+        self._held[key] = self._held.get(key, 0) + 1
+        try:
+            yield unit
+        finally:
+            self._held[key] -= 1
+            if not self._held[key]:
+                del self._held[key]
+                self.release(unit)
+
+    def _before(self, unit: nn.Module, _args: Any) -> None:
+        if self.paused or id(unit) in self._held:
+            return
+        if not self.is_loaded(unit):
+            self.load(unit)
+            self._transient.add(id(unit))
+
+    def _after(self, unit: nn.Module, _args: Any, _output: Any) -> None:
+        if id(unit) in self._transient and id(unit) not in self._held:
+            self._transient.discard(id(unit))
+            self.release(unit)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """One weight as stored (a unit's weight is read from disk, not from the model)."""
+        return self.reader.get(name)
+
+    def stored_dtype(self, name: str) -> torch.dtype:
+        return self.reader.dtype(name)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    import math
+
+    return math.prod(shape)
+
+
+def stream_of(model: nn.Module) -> StreamedModel | None:
+    """The StreamedModel behind `model`, or None for a model held in memory."""
+    return getattr(model, "_orstack_stream", None)
+
+
+@contextmanager
+def held(model: nn.Module, unit: nn.Module) -> Iterator[nn.Module]:
+    """`unit` in memory for the block: a no-op for a model held in memory."""
+    stream = stream_of(model)
+    if stream is None:
+        yield unit
+    else:
+        with stream.hold(unit):
+            yield unit
+
+
+@contextmanager
+def params_on_meta() -> Iterator[None]:
+    """Build modules with their parameters on the meta device and their buffers real (rotary
+    tables are computed at construction, not stored): each parameter is moved to meta the
+    moment it is registered, so no weight of the model is ever materialised."""
+    import torch
+    from torch import nn
+
+    original = nn.Module.register_parameter
+
+    def register(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(self, name, param)
+        if param is not None and param.device.type != "meta":
+            self._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def load_streamed(spec: str | Path, *, device: str = "cpu", dtype: str | None = None, with_tokenizer: bool = True,
+                  ) -> tuple[nn.Module, Any]:
+    """A causal LM from a local safetensors checkpoint as a StreamedModel (see there), and its
+    tokenizer: what `load_model` gives, without reading the weights. `dtype` is the dtype of
+    the arithmetic (default float32); each tensor keeps its stored dtype on disk."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from orstack.io.checkpoint import (
+        check_causal_lm,
+        load_config,
+        load_tokenizer,
+        open_weights,
+        quiet_transformers,
+        resolve_checkpoint,
+        resolve_dtype,
+    )
+
+    source = resolve_checkpoint(spec)
+    torch_dtype = resolve_dtype(dtype)
+    config = load_config(source)
+    check_causal_lm(config, str(spec))
+    reader = open_weights(source)
+    quiet_transformers()
+    with params_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=False)
+    if (Path(source) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(source))
+    StreamedModel(model, reader, torch_dtype, device)
+    model.eval()
+    return model, load_tokenizer(source) if with_tokenizer else None
+
+
+class Staging:
+    """A scratch directory beside a stage's output where a streamed stage writes its weights
+    before its gate decides; `move_weights(tmp)` moves them into the output being committed.
+    Removed when the run ends, however it ends (the directory object's finalizer)."""
+
+    def __init__(self, output: str | Path) -> None:
+        import tempfile
+
+        output = Path(output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        self._dir = tempfile.TemporaryDirectory(prefix=f".{output.name}.staging-", dir=output.parent)
+        self.path = Path(self._dir.name)
+
+    def move_weights(self, tmp: Path) -> None:
+        from orstack.io.safetensors_file import INDEX_SUFFIX
+
+        for f in sorted(self.path.iterdir()):
+            if f.name.endswith((".safetensors", INDEX_SUFFIX)):
+                f.replace(tmp / f.name)
+
+    def cleanup(self) -> None:
+        self._dir.cleanup()
+
+
+def write_stored(stream: StreamedModel, writer: Any, names: list[str] | None = None) -> int:
+    """Copy weights from a streamed model's checkpoint to `writer` as stored, one at a time
+    (default: every weight not yet in the writer); returns the bytes copied."""
+    done = set(writer.weight_map) | set(writer._entries)
+    total = 0
+    for name in names if names is not None else list(stream.params):
+        if name in done or f"{name}.values" in done:
+            continue
+        t = stream.tensor(name)
+        writer.add(name, t)
+        total += t.numel() * t.element_size()
+    return total
+
+
+@contextmanager
+def held_params(model: nn.Module, module: nn.Module) -> Iterator[nn.Module]:
+    """A module's own parameters (not its children's) in memory for the block; a no-op for a
+    model in memory or parameters already there."""
+    stream = stream_of(model)
+    if stream is None:
+        yield module
+        return
+    ids = {id(p) for p in module.parameters(recurse=False)}
+    names = [n for n, (p, shape) in stream.params.items() if id(p) in ids and p.numel() != _numel(shape)]
+    for name in names:
+        stream._load(name)
+    try:
+        yield module
+    finally:
+        for name in names:
+            stream._drop(name)
+
+
+def param_shape(model: nn.Module, param: torch.Tensor) -> tuple[int, ...]:
+    """The shape a parameter has in the checkpoint (a streamed model's may be empty now)."""
+    stream = stream_of(model)
+    if stream is not None:
+        for p, shape in stream.params.values():
+            if p is param:
+                return shape
+    return tuple(param.shape)

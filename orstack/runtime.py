@@ -28,6 +28,9 @@ class Runtime:
     trust_pickle: bool = False
     rank: int = 0  # which process this is under torchrun / accelerate launch (their RANK)
     world_size: int = 1  # how many processes train together (their WORLD_SIZE)
+    # Compression stages read the model layer by layer from its safetensors files where they can
+    # (the same output, a fraction of the memory); False loads the whole model first.
+    stream: bool = True
 
     @property
     def is_main_process(self) -> bool:

@@ -175,22 +175,32 @@ def probe_norms(model, out: Layout) -> None:
     which of x/rms(x) * w and x/rms(x) * (1 + w) it computes."""
     import torch
 
+    from orstack.layerwise import held_params
+
     generator = torch.Generator().manual_seed(0)
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if not name.endswith("norm") or weight is None or weight.ndim != 1 or getattr(module, "bias", None) is not None:
             continue
-        eps = float(_value(module, "variance_epsilon", "eps", default=1e-6))
-        x = torch.randn(2, weight.shape[0], generator=generator)
-        with torch.no_grad():
-            y = module(x.to(weight.dtype)).float()
-        normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-        w = weight.detach().float()
-        plain = (y - normed * w).abs().max().item()
-        offset = (y - normed * (1 + w)).abs().max().item()
-        tol = 1e-2 * normed.abs().max().item() * (1 + w.abs().max().item())
-        if min(plain, offset) > tol:
-            raise BadInput(f"{name}: {type(module).__name__} is neither x/rms(x)*w nor x/rms(x)*(1+w); "
-                           "llama.cpp's RMS norm cannot run it")
-        if offset < plain:
-            out.offset_norms.add(f"{name}.weight")
+        with held_params(model, module):  # a streamed model's norm, read for the probe
+            _probe_norm(name, module, generator, out)
+
+
+def _probe_norm(name: str, module, generator, out: Layout) -> None:  # noqa: ANN001
+    import torch
+
+    weight = module.weight
+    eps = float(_value(module, "variance_epsilon", "eps", default=1e-6))
+    x = torch.randn(2, weight.shape[0], generator=generator)
+    with torch.no_grad():
+        y = module(x.to(weight.dtype)).float()
+    normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    w = weight.detach().float()
+    plain = (y - normed * w).abs().max().item()
+    offset = (y - normed * (1 + w)).abs().max().item()
+    tol = 1e-2 * normed.abs().max().item() * (1 + w.abs().max().item())
+    if min(plain, offset) > tol:
+        raise BadInput(f"{name}: {type(module).__name__} is neither x/rms(x)*w nor x/rms(x)*(1+w); "
+                       "llama.cpp's RMS norm cannot run it")
+    if offset < plain:
+        out.offset_norms.add(f"{name}.weight")

@@ -123,17 +123,43 @@ def _permute_rotary(w, n_heads: int):
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def hf_tensors(model) -> list[tuple[str, np.ndarray]]:
-    """(HF name, float32 numpy array) for every tensor to export; tied lm_head left out."""
-    import torch
+def hf_tensors(model) -> list[tuple[str, tuple[int, ...]]]:
+    """(HF name, shape) of every tensor to export, in the model's order; tied lm_head left out.
+    The data comes from `hf_tensor`, one tensor at a time."""
+    from orstack.layerwise import stream_of
 
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    out = []
-    for name, tensor in model.state_dict().items():
-        if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
-            continue
-        out.append((name, tensor.detach().to(torch.float32).cpu().numpy()))
-    return out
+    stream = stream_of(model)
+    shapes = stream.shapes if stream is not None else {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    return [(name, shape) for name, shape in shapes.items()
+            if not (name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"))]
+
+
+def hf_tensor(model, name: str, state: dict | None = None) -> np.ndarray:
+    """One tensor as float32 numpy: read from the checkpoint for a streamed model (as stored,
+    then upcast -- the same numbers a float32 load gives), else from `state` (the state dict)."""
+    import torch
+
+    from orstack.layerwise import stream_of
+
+    stream = stream_of(model)
+    if stream is not None and name in stream.params:
+        tensor = stream.tensor(name)
+    else:
+        tensor = (state if state is not None else model.state_dict())[name]
+    return tensor.detach().to(torch.float32).cpu().numpy()
+
+
+def _nbytes(shape: tuple[int, ...], ggml_type: str) -> int:
+    import math
+
+    import gguf
+
+    if ggml_type == "F32":
+        return 4 * math.prod(shape)
+    if ggml_type == "F16":
+        return 2 * math.prod(shape)
+    return math.prod(gguf.quant_shape_to_byte_shape(shape, gguf.GGMLQuantizationType[ggml_type]))
 
 
 PHI3_NAMES = ("phi3", "phi-3")
@@ -165,10 +191,12 @@ def export_gguf(model, tokenizer, out: Path, qtype: str, *, name: str = "model",
     of those weights when the plan stores them as Q4_1. `metadata` adds string keys after all
     the others (the orstack manifest)."""
     import gguf
+    import numpy as np
 
     from orstack.console import track
     from orstack.gguf.arch import layout, probe_norms
     from orstack.gguf.vocab import build_vocab
+    from orstack.layerwise import param_shape, stream_of
 
     start = time.perf_counter()
     config = model.config
@@ -178,7 +206,7 @@ def export_gguf(model, tokenizer, out: Path, qtype: str, *, name: str = "model",
     qtype = check_type(qtype)
     n_layers, n_heads, n_kv, head_dim = shape.n_layers, shape.n_heads, shape.n_kv, shape.head_dim
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    n_vocab = model.get_input_embeddings().weight.shape[0]
+    n_vocab = param_shape(model, model.get_input_embeddings().weight)[0]
     vocab = build_vocab(tokenizer, n_vocab, where=name)
     name, name_note = safe_name(name, vocab.tokens)
     if name_note:
@@ -210,30 +238,42 @@ def export_gguf(model, tokenizer, out: Path, qtype: str, *, name: str = "model",
     for key, value in (metadata or {}).items():
         writer.add_string(key, value)
 
-    plans = []
-    tensors = hf_tensors(model)
-    for hf_name, data in track(tensors, "quantizing", unit="tensors") if progress else tensors:
+    # Two passes so no more than one tensor is in memory: the plan (names, shapes, types, sizes)
+    # goes into the header first, then each tensor is read, converted and written in turn.
+    plans, jobs = [], []
+    for hf_name, hf_shape in hf_tensors(model):
         gg_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gg_name is None:
             raise BadInput(f"{name}: tensor '{hf_name}' has no GGUF name for architecture {arch}")
-        if shape.permute and (".self_attn.q_proj." in hf_name or ".self_attn.k_proj." in hf_name):
-            data = _permute_rotary(data, n_heads if ".q_proj." in hf_name else n_kv)
-        if hf_name in shape.offset_norms:
-            data = data + 1.0  # llama.cpp's RMS norm multiplies by the stored weight alone
-        plan = plan_tensor(gg_name, tuple(data.shape), qtype, n_layers, tied)
-        if q4_1_blocks and hf_name in q4_1_blocks and plan.ggml_type == "Q4_1":
-            stored = q4_1_blocks[hf_name]
-            if shape.permute and (".self_attn.q_proj." in hf_name or ".self_attn.k_proj." in hf_name):
-                stored = _permute_rotary(stored, n_heads if ".q_proj." in hf_name else n_kv)  # rows = outputs
+        plan = plan_tensor(gg_name, tuple(hf_shape), qtype, n_layers, tied)
+        blocks = q4_1_blocks.get(hf_name) if q4_1_blocks and plan.ggml_type == "Q4_1" else None
+        if blocks is not None:
             plan.note = "AWQ scales/zero points mapped onto Q4_1"
+            plan.nbytes = blocks.nbytes
         else:
-            stored = quantize(data, plan.ggml_type)
+            plan.nbytes = _nbytes(plan.shape, plan.ggml_type)
         raw = None if plan.ggml_type in ("F32", "F16") else gguf.GGMLQuantizationType[plan.ggml_type]
-        writer.add_tensor(gg_name, stored, raw_dtype=raw)
-        plan.nbytes = stored.nbytes
+        writer.add_tensor_info(gg_name, list(plan.shape), np.float16 if plan.ggml_type == "F16" else np.float32,
+                               plan.nbytes, raw_dtype=raw)
         plans.append(plan)
+        jobs.append((hf_name, plan, blocks))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+    writer.write_ti_data_to_file()
+    state = None if stream_of(model) is not None else model.state_dict()
+    for hf_name, plan, blocks in track(jobs, "quantizing", unit="tensors") if progress else jobs:
+        rotary = shape.permute and (".self_attn.q_proj." in hf_name or ".self_attn.k_proj." in hf_name)
+        heads = n_heads if ".q_proj." in hf_name else n_kv
+        if blocks is not None:
+            stored = _permute_rotary(blocks, heads) if rotary else blocks  # rows = outputs
+        else:
+            data = hf_tensor(model, hf_name, state)
+            if rotary:
+                data = _permute_rotary(data, heads)
+            if hf_name in shape.offset_norms:
+                data = data + 1.0  # llama.cpp's RMS norm multiplies by the stored weight alone
+            stored = quantize(data, plan.ggml_type)
+        writer.write_tensor_data(stored)
+        del stored
     writer.close()
     return ExportResult(out, arch, file_type, plans, out.stat().st_size, time.perf_counter() - start, vocab.notes)

@@ -38,16 +38,23 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 FORMAT_LOADERS: dict[str, str] = {}
 # format name -> predicate on a checkpoint directory; checked in order, first match wins.
 FORMAT_DETECTORS: list[tuple[str, Callable[[Path], bool]]] = []
+# format name -> "module:function" giving a tensor reader over the directory (the interface of
+# orstack.io.safetensors_file.TensorReader, weights decoded to what the model holds): the
+# formats a stage can stream layer by layer. Plain safetensors ("hf") needs none.
+FORMAT_READERS: dict[str, str] = {}
 # format name -> "module:function" giving the directory that holds the tokenizer, for formats
 # whose path is not itself a tokenizer directory (a .orz pack, say).
 FORMAT_TOKENIZERS: dict[str, str] = {}
 
 
-def register_format(name: str, loader: str, detect: Callable[[Path], bool], tokenizer: str | None = None) -> None:
+def register_format(name: str, loader: str, detect: Callable[[Path], bool], tokenizer: str | None = None,
+                    reader: str | None = None) -> None:
     FORMAT_LOADERS[name] = loader
     FORMAT_DETECTORS.append((name, detect))
     if tokenizer is not None:
         FORMAT_TOKENIZERS[name] = tokenizer
+    if reader is not None:
+        FORMAT_READERS[name] = reader
 
 
 def _call(ref: str, *args: Any) -> Any:
@@ -274,6 +281,29 @@ def load_model(
     model.eval()
     tokenizer = load_tokenizer(source) if with_tokenizer else None
     return model, tokenizer
+
+
+def can_stream(spec: str | Path) -> bool:
+    """Whether a checkpoint's weights can be read one tensor at a time: a local directory of
+    safetensors files, plain or in a format that registered a reader."""
+    if not isinstance(spec, Path) and is_hub_id(str(spec)):
+        return False
+    path = Path(spec)
+    if not path.is_dir() or not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
+        return False
+    fmt = detect_format(path)
+    return fmt == "hf" or fmt in FORMAT_READERS
+
+
+def open_weights(spec: str | Path) -> Any:
+    """A tensor reader over a checkpoint directory (see can_stream); BadInput otherwise."""
+    from orstack.io.safetensors_file import TensorReader
+
+    path = Path(spec)
+    if not can_stream(path):
+        raise BadInput(f"{spec}: not a directory of safetensors weights that can be read tensor by tensor")
+    fmt = detect_format(path)
+    return TensorReader(path) if fmt == "hf" else _call(FORMAT_READERS[fmt], path)
 
 
 def quiet_transformers() -> None:

@@ -25,7 +25,7 @@ def lazy(ref: str) -> Callable[[Path], bool]:
 
 # prune: pruned linear weights stored as bitmask + kept values (docs/prune.md)
 register_format("orstack-sparse-bitmask", "orstack.prune.storage:load_sparse",
-                lazy("orstack.prune.storage:is_sparse_checkpoint"))
+                lazy("orstack.prune.storage:is_sparse_checkpoint"), reader="orstack.prune.storage:sparse_reader")
 
 # awq: compressed-tensors "pack-quantized" int3/4/8 weights, dequantized on load (docs/awq.md)
 register_format("compressed-tensors-pack-quantized", "orstack.awq.packed:load_packed",

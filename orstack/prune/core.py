@@ -8,6 +8,7 @@ too unless asked (`lm_head=True`, only when it is not tied to the embeddings).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -85,16 +86,27 @@ def prune_matrix(
     return torch.where(keep, weight, torch.zeros_like(weight))
 
 
-def prune_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: PruneSpec) -> PruneReport:
+def prune_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: PruneSpec,
+                on_unit: Callable[[nn.Module], None] | None = None) -> PruneReport:
     """Prune every decoder-layer Linear of `model` in place; returns per-matrix sparsity.
 
-    `calib_ids` [n, seqlen] feeds Wanda and SparseGPT; magnitude pruning needs none.
+    `calib_ids` [n, seqlen] feeds Wanda and SparseGPT; magnitude pruning needs none. A
+    streamed model (orstack.layerwise.StreamedModel) has each layer read when its turn comes
+    and dropped after `on_unit(layer)` (which writes it out) -- and lm_head too with
+    `spec.lm_head`; a model in memory just calls `on_unit` after each.
     """
     import torch
 
     from orstack.architectures import layer_prefix
     from orstack.console import progress
-    from orstack.layerwise import capture_layer_inputs, decoder_layers, linear_modules, record_input_stats, run_layer
+    from orstack.layerwise import (
+        capture_layer_inputs,
+        decoder_layers,
+        held,
+        linear_modules,
+        record_input_stats,
+        run_layer,
+    )
 
     layers = decoder_layers(model)
     if spec.pattern is not None:
@@ -109,30 +121,37 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: PruneSpe
     with progress() as bar:
         task = bar.add_task(f"{spec.method} {spec.pattern_text}", total=len(layers), unit="layers")
         for index, layer in enumerate(layers):
-            modules = linear_modules(layer)
-            prefix = layer_prefix(model, index)
-            stats = None
-            if needs_data:
-                with record_input_stats(modules, hessian=spec.method == "sparsegpt") as stats:
-                    run_layer(layer, inputs)
-            for name, module in modules.items():
-                full = f"{prefix}.{name}.weight"
-                with torch.no_grad():
-                    new = prune_matrix(module.weight.data, spec, spec.sparsity_for(name),
-                                       stats[name] if stats else None)
-                    if spec.pattern is not None:
-                        check_nm(new, *spec.pattern, name=full)
-                    module.weight.data.copy_(new)
-                zeros = int((new == 0).sum())
-                report.layers[full] = zeros / new.numel()
-                report.zeros += zeros
-                report.total += new.numel()
-            del stats
-            if needs_data:
-                inputs = run_layer(layer, inputs)
+            with held(model, layer):
+                modules = linear_modules(layer)
+                prefix = layer_prefix(model, index)
+                stats = None
+                if needs_data:
+                    with record_input_stats(modules, hessian=spec.method == "sparsegpt") as stats:
+                        run_layer(layer, inputs)
+                for name, module in modules.items():
+                    full = f"{prefix}.{name}.weight"
+                    with torch.no_grad():
+                        new = prune_matrix(module.weight.data, spec, spec.sparsity_for(name),
+                                           stats[name] if stats else None)
+                        if spec.pattern is not None:
+                            check_nm(new, *spec.pattern, name=full)
+                        module.weight.data.copy_(new)
+                    zeros = int((new == 0).sum())
+                    report.layers[full] = zeros / new.numel()
+                    report.zeros += zeros
+                    report.total += new.numel()
+                del stats
+                if needs_data:
+                    inputs = run_layer(layer, inputs)
+                if on_unit is not None:
+                    on_unit(layer)
             bar.advance(task)
     if spec.lm_head:
-        _prune_lm_head(model, inputs, spec, report)
+        head = lm_head_of(model)
+        with held(model, head):
+            _prune_lm_head(model, inputs, spec, report)
+            if on_unit is not None:
+                on_unit(head)
     return report
 
 
@@ -140,7 +159,8 @@ def lm_head_of(model: nn.Module) -> nn.Linear:
     """The output projection, if it may be pruned on its own (not tied to the embeddings)."""
     head = model.get_output_embeddings()
     embed = model.get_input_embeddings()
-    if head is None or head.weight.data_ptr() == embed.weight.data_ptr():
+    if head is None or head.weight is embed.weight or (
+            head.weight.numel() and head.weight.data_ptr() == embed.weight.data_ptr()):
         raise BadInput("--prune-lm-head: lm_head is tied to the input embeddings; pruning it would prune them too")
     return head
 

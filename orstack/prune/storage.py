@@ -130,9 +130,86 @@ def _sort_metadata(path: Path) -> None:
             f.write(text + b" " * (size - len(text)))
 
 
+def add_tensor(writer, name: str, tensor: torch.Tensor, sparse: bool) -> int:  # noqa: ANN001 - ShardedWriter
+    """Write one tensor to a ShardedWriter, as bitmask + values when `sparse` and that is smaller
+    (the layout of `encode`); returns the bytes stored."""
+    t = tensor.detach().cpu().contiguous()
+    if sparse and t.dim() == 2 and sparse_bytes(t) < t.numel() * t.element_size():
+        keep = t != 0
+        bitmask, values = pack_bits(keep), t[keep].contiguous()
+        writer.add(f"{name}.bitmask", bitmask)
+        writer.add(f"{name}.values", values)
+        writer.shard_json.setdefault(METADATA_KEY, {})[name] = list(t.shape)
+        return bitmask.numel() + values.numel() * values.element_size()
+    writer.add(name, t)
+    return t.numel() * t.element_size()
+
+
+def sparse_writer(directory: Path, shard_bytes: int | None = None):  # noqa: ANN201 - ShardedWriter
+    """A ShardedWriter whose every shard says in its metadata which of its matrices are sparse."""
+    from orstack.io.safetensors_file import DEFAULT_SHARD_BYTES, ShardedWriter
+
+    writer = ShardedWriter(directory, shard_bytes=shard_bytes or DEFAULT_SHARD_BYTES, metadata={"format": "pt"})
+    writer.shard_json[METADATA_KEY] = {}
+    return writer
+
+
+class SparseReader:
+    """A TensorReader over a sparse checkpoint (one file or shards) that gives every matrix
+    back dense, decoded when it is read."""
+
+    def __init__(self, directory: Path) -> None:
+        from orstack.io.safetensors_file import TensorReader
+
+        self.raw = TensorReader(directory)
+        self.directory = self.raw.directory
+        self.sparse: dict[str, list[int]] = {}
+        for meta in self.raw.file_metadata:
+            self.sparse.update(json.loads(meta.get(METADATA_KEY, "{}")))
+        self._names = [k for k in self.raw.keys() if not k.endswith((".bitmask", ".values"))] + list(self.sparse)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.sparse or (name in self.raw and not name.endswith((".bitmask", ".values")))
+
+    def keys(self) -> list[str]:
+        return list(self._names)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.sparse[name]) if name in self.sparse else self.raw.shape(name)
+
+    def dtype(self, name: str):  # noqa: ANN201 - torch.dtype
+        return self.raw.dtype(f"{name}.values") if name in self.sparse else self.raw.dtype(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.sparse:
+            return self.raw.get(name)
+        try:
+            tensors = {k: self.raw.get(k) for k in (f"{name}.bitmask", f"{name}.values")}
+        except KeyError as e:
+            raise BadInput(f"{self.directory}: sparse checkpoint: {e.args[0]} is missing") from None
+        return decode(tensors, {name: self.sparse[name]})[name]
+
+
+def sparse_reader(path: Path) -> SparseReader:
+    return SparseReader(Path(path))
+
+
+def _first_weight_file(path: Path) -> Path:
+    from orstack.io.safetensors_file import INDEX_FILE
+
+    index = path / INDEX_FILE
+    if not (path / WEIGHTS).is_file() and index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            return path / shards[0]
+        except (ValueError, KeyError, TypeError, IndexError):
+            pass
+    return path / WEIGHTS
+
+
 def is_sparse_checkpoint(path: Path) -> bool:
-    """A directory whose model.safetensors carries the sparse metadata (header read only)."""
-    weights = Path(path) / WEIGHTS
+    """A directory whose model.safetensors (or first shard) carries the sparse metadata (header read only)."""
+    weights = _first_weight_file(Path(path))
     if not weights.is_file():
         return False
     try:
@@ -147,13 +224,8 @@ def is_sparse_checkpoint(path: Path) -> bool:
 
 
 def read_sparse_state(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    weights = Path(path) / WEIGHTS
-    with safe_open(str(weights), framework="pt") as f:
-        shapes = json.loads((f.metadata() or {}).get(METADATA_KEY, "{}"))
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return decode(tensors, shapes)
+    reader = SparseReader(Path(path))
+    return {name: reader.get(name) for name in reader.keys()}
 
 
 def load_sparse(path: Path, device: str, dtype: torch.dtype, trust_pickle: bool = False) -> PreTrainedModel:
