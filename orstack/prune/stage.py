@@ -146,8 +146,8 @@ def run(source: str | Path, output: str | Path, config: PruneConfig, runtime: Ru
     from orstack.io.text import check_text_files, read_texts
     from orstack.layerwise import Staging, decoder_layers, load_streamed, weightless_model
     from orstack.prune.core import check_pattern_fits, masks_of
-    from orstack.prune.streamed import can_stream_prune, prune_streamed
     from orstack.prune.storage import FORMAT, WEIGHTS, save_sparse
+    from orstack.prune.streamed import can_stream_prune, prune_streamed
     from orstack.runtime import seed_everything
 
     config.validate()
