@@ -110,13 +110,19 @@ def _gone(pid: int) -> bool:
 
 
 def _children(pid: int) -> list[int]:
+    """The child processes of `pid`, not counting a worker's PID-namespace init (PID 1 there),
+    which every worker has from its start."""
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
+            if int(fields[1]) != pid:
+                continue
+            nspid = next(line.split()[1:] for line in (stat.parent / "status").read_text().splitlines()
+                         if line.startswith("NSpid:"))
+        except (OSError, StopIteration):
             continue
-        if int(fields[1]) == pid:
+        if not (len(nspid) > 1 and nspid[-1] == "1"):
             found.append(int(stat.parent.name))
     return found
 

@@ -15,9 +15,12 @@ Layers, all applied to every program (a step that fails stops the program, repor
   the system's shared libraries and /usr/bin for child processes), read/write beneath its
   own working directory and /dev/null, nothing else. From ABI 4 TCP bind/connect is refused
   too; from ABI 6 signals and abstract UNIX sockets are scoped to the program's own domain.
-- network: an empty network namespace (created once per worker, joined with setns).
-- processes: its own PID namespace (the program is PID 1 there: it sees and signals no
-  process outside, and everything it started dies with it), RLIMIT_NPROC.
+- network: the worker moves into an empty network namespace at start-up; a program given
+  Limits(network=True) goes back to the host's (root only).
+- processes: the worker makes a PID namespace at start-up whose init is its first child;
+  programs are forked into it, so they see and signal no process outside (getppid() is 0),
+  and after each program the init kills whatever is left there (kill(-1) reaches only the
+  namespace), processes that left the program's session included. RLIMIT_NPROC.
 - user: run as root, the program drops to nobody:nogroup (65534) with no supplementary
   groups; otherwise the worker sits in a user namespace of its own (needed for the PID and
   network namespaces) and the program's capabilities there are cleared.
@@ -25,20 +28,26 @@ Layers, all applied to every program (a step that fails stops the program, repor
 - limits: RLIMIT_AS, RLIMIT_CPU, RLIMIT_FSIZE, RLIMIT_NOFILE, RLIMIT_NPROC, RLIMIT_CORE 0,
   plus the worker's wall-clock timeout.
 
-Fallback order for the files (the layer that needs the most from the kernel):
-1. Landlock, when `landlock_abi() >= 1`;
-2. otherwise a mount namespace: the worker moves into a fresh root (a tmpfs holding
-   read-only bind mounts of the same paths, and a writable /tmp for the working
-   directories) with pivot_root, before it runs anything; as non-root inside its user
-   namespace;
-3. otherwise (no Landlock, no namespaces) files are NOT confined; `Jail.describe()` says so
-   and the sandbox refuses to start unless asked for that explicitly (`allow_unconfined`).
+Fallback order, chosen once per worker from what the kernel accepts:
+1. files: Landlock when `landlock_abi() >= 1` (kernel >= 5.13, landlock in the LSM list);
+   else a mount namespace: the worker pivots into a fresh root (a tmpfs holding read-only
+   bind mounts of the same paths, and a writable /tmp for the working directories) before
+   it runs anything;
+2. namespaces: as root directly; as a normal user inside a user namespace of the worker's
+   own. Where unprivileged user namespaces are switched off (some distributions' AppArmor
+   policy), Landlock alone: files confined, TCP refused from ABI 4, programs run with the
+   caller's uid, without PID namespace (a process-group kill) or RLIMIT_NPROC;
+3. what cannot be had is listed by `Jail.shortfalls()` — files not confined (no Landlock
+   and no user namespaces), network not cut (no namespace and Landlock ABI < 4) — and the
+   sandbox refuses to start with any unless told to (`allow_unconfined`); `describe()` is
+   the one line that says what is in force.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import os
 import resource
 import signal
@@ -220,8 +229,8 @@ class Jail:
             if libc().unshare(CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWPID | mounts) == 0:
                 _map_ids(uid, gid)
                 user = "user namespace"
-            elif method != "none" and files == "mount":
-                raise ConfineError("no Landlock and no user namespaces: files cannot be confined")
+            elif method == "mount":
+                raise ConfineError("mount namespace: unprivileged user namespaces are not available")
             else:  # e.g. unprivileged user namespaces switched off: Landlock alone
                 user = "caller"
                 files = "none" if files == "mount" else files
@@ -236,8 +245,11 @@ class Jail:
         if user != "caller":
             jail._start_init()
         if files == "landlock":
-            jail.rules = [(os.open(p, os.O_PATH | os.O_CLOEXEC), FS_READ) for p in read_paths()]
-            jail.rules += [(os.open(p, os.O_PATH | os.O_CLOEXEC), r) for p, r in DEVICES.items() if os.path.exists(p)]
+            wanted = [(p, FS_READ) for p in read_paths()] + [(p, r) for p, r in DEVICES.items() if os.path.exists(p)]
+            for path, allowed in wanted:
+                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+                allowed &= fs_rights(abi) & (~0 if stat.S_ISDIR(os.fstat(fd).st_mode) else FILE_ONLY)
+                jail.rules.append((fd, allowed))
             allowed = [os.path.realpath(p) for p in read_paths()]
             jail.sys_path = [p for p in sys.path if p and _beneath_any(os.path.realpath(p), allowed)]
         else:
@@ -304,8 +316,9 @@ class Jail:
         else:
             network = "TCP refused by Landlock (no netns)" if self.landlock >= 4 else "network NOT cut"
             pids = "process group (no PID namespace)"
+        processes = "processes, " if self.namespaces else ""
         return (f"{files}; {user}; {network}; {pids}; env allow-list; "
-                "limits: time, CPU, memory, processes, file size, open files")
+                f"limits: time, CPU, memory, {processes}file size, open files")
 
     def shortfalls(self) -> list[str]:
         """What this machine cannot give that the sandbox promises (Sandbox refuses to start
@@ -338,7 +351,7 @@ class Jail:
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         memory = limits.memory_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-        cpu = int(limits.timeout) + 2
+        cpu = math.ceil(limits.timeout) + 1
         resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
         size = limits.output_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
@@ -369,10 +382,7 @@ class Jail:
                               ctypes.c_uint32(0)), "landlock_create_ruleset")
         own = os.open(workdir, os.O_PATH | os.O_CLOEXEC)
         try:
-            for target, allowed in [*self.rules, (own, rights)]:
-                allowed &= rights
-                if not stat.S_ISDIR(os.fstat(target).st_mode):
-                    allowed &= FILE_ONLY
+            for target, allowed in [*self.rules, (own, rights)]:  # rights fitted to each target in prepare()
                 rule = _PathBeneath(allowed, target)
                 _check(c.syscall(SYS_LANDLOCK_ADD_RULE, fd, LANDLOCK_RULE_PATH_BENEATH, ctypes.byref(rule),
                                  ctypes.c_uint32(0)), "landlock_add_rule")
