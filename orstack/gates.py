@@ -206,7 +206,12 @@ class TaskScore:
     cluster_sizes: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"accuracy": self.accuracy, "tasks": self.n, "by_cluster": self.by_cluster}
+        return {"accuracy": self.accuracy, "tasks": self.n, "by_cluster": self.by_cluster,
+                "cluster_sizes": self.cluster_sizes}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TaskScore:
+        return cls(d["accuracy"], d["tasks"], dict(d.get("by_cluster", {})), dict(d.get("cluster_sizes", {})))
 
 
 def load_eval_tasks(path: str) -> list[dict[str, Any]]:
@@ -217,7 +222,8 @@ def load_eval_tasks(path: str) -> list[dict[str, Any]]:
 
 
 def measure_tasks(model: Any, tokenizer: Any, tasks: Sequence[dict[str, Any]], *, max_new_tokens: int = 32,
-                  batch_size: int = 16, name: str = "model", source: str = "--eval") -> TaskScore:
+                  batch_size: int = 16, name: str = "model", source: str = "--eval",
+                  chat_template: str | None = None) -> TaskScore:
     """Greedy accuracy of a model in memory on `tasks` (the bench's scoring, orstack/tasks)."""
     from contextlib import nullcontext
 
@@ -228,7 +234,7 @@ def measure_tasks(model: Any, tokenizer: Any, tasks: Sequence[dict[str, Any]], *
 
     was_training = getattr(model, "training", False)
     model.eval()
-    backend = HFBackend.from_model(model, tokenizer, name=name, batch_size=batch_size)
+    backend = HFBackend.from_model(model, tokenizer, name=name, batch_size=batch_size, chat_template=chat_template)
     sandbox_cm = nullcontext()
     if any(t.get("kind") == "code" for t in tasks):
         from orstack.tasks.sandbox import Sandbox
@@ -290,6 +296,23 @@ def retention_checks(*, min_retention: float, max_ppl_rise: float | None, ppl: t
         checks.append(ppl_check(ppl[0], ppl[1], limit, option=option, on=heldout))
     if tasks is not None:
         checks.append(retention_check(tasks[0], tasks[1], min_retention, on=eval_on))
+    return checks
+
+
+def eval_set_tasks(eval_sets: Sequence[Any] | None) -> list[dict[str, Any]]:
+    """The tasks of the --eval files of distill train and rl (orstack/train/validate.py's
+    EvalSet); files of training rows have no accuracy to gate on."""
+    return [t for s in eval_sets or [] if getattr(s, "tasks", None) for t in s.tasks]
+
+
+def training_checks(before: TaskScore, after: TaskScore, *, max_accuracy_drop: float,
+                    max_cluster_drop: float | None = None, clusters: Sequence[str] = (),
+                    on: str = "eval") -> list[Check]:
+    """distill train's and rl's gate: general accuracy may fall at most `max_accuracy_drop`
+    points; each targeted cluster (when `max_cluster_drop` is given) at most that many."""
+    checks = [accuracy_drop_check(before, after, max_accuracy_drop, on=on)]
+    if max_cluster_drop is not None:
+        checks += cluster_checks(before, after, clusters, max_cluster_drop, on=on)
     return checks
 
 

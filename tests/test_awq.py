@@ -322,7 +322,7 @@ def test_cli_defaults_are_the_config_defaults():
     not_options = {"seed", "alpha_steps", "search_rows", "clip_steps", "max_shrink", "promote_fraction"}
     as_config = {"group_size": int, "calib": lambda v: list(v or [])}  # how the command converts the option
     fields = {f.name: f for f in dataclasses.fields(AWQConfig)}
-    assert set(cli) - {"model", "output"} == set(fields) - not_options
+    assert set(cli) - {"model", "output", "dry_run"} == set(fields) - not_options  # --dry-run plans, not runs
     for name in set(fields) - not_options:
         f = fields[name]
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default

@@ -380,7 +380,7 @@ def test_cli_defaults_are_the_config_defaults():
     not_options = {"seed"}  # the global --seed, copied from the Runtime
     required = {"calib"}  # --calib has no default
     fields = {f.name: f for f in dataclasses.fields(PruneConfig)}
-    assert set(cli) - {"model", "output"} == set(fields) - not_options
+    assert set(cli) - {"model", "output", "dry_run"} == set(fields) - not_options  # --dry-run plans, not runs
     assert all(cli[name] is None for name in required)
     for name in set(fields) - not_options - required:
         f = fields[name]

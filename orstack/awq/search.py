@@ -58,7 +58,7 @@ class AWQConfig:
     calib: list[str] = field(default_factory=list)
     heldout: list[str] | None = None
     # the quality gate (orstack/gates.py): measured on --heldout and --eval against the parent
-    eval: str | None = None  # Task JSONL: accuracy before and after
+    eval_tasks: str | None = None  # --eval: Task JSONL: accuracy before and after
     min_retention: float = 0.97
     max_ppl_rise: float | None = None  # None: the retention read on perplexity
     force: bool = False

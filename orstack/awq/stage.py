@@ -70,7 +70,7 @@ def run(source: str | Path, output: str | Path, config: AWQConfig, runtime: Runt
         check_text_files(config.calib, "--calib")
     if config.heldout:
         check_text_files(config.heldout, "--heldout")
-    eval_tasks = load_eval_tasks(config.eval) if config.eval else None
+    eval_tasks = load_eval_tasks(config.eval_tasks) if config.eval_tasks else None
     output = Path(output)
     check_output(output, kind="dir", option="-o", inputs=[checkpoint])
     model_config = load_config(checkpoint)
@@ -92,7 +92,7 @@ def run(source: str | Path, output: str | Path, config: AWQConfig, runtime: Runt
     verdict = decide("awq", retention_checks(
         min_retention=config.min_retention, max_ppl_rise=config.max_ppl_rise,
         ppl=(metrics["ppl_before"], metrics["ppl_after"]) if heldout_texts else None,
-        tasks=(parent_score, child_score) if eval_tasks else None, eval_on=config.eval or ""), config.force)
+        tasks=(parent_score, child_score) if eval_tasks else None, eval_on=config.eval_tasks or ""), config.force)
     write_weights, extra = None, None
     if not config.fake_quant:
         def write_weights(tmp: Path) -> None:

@@ -95,7 +95,7 @@ def awq(
                        mixed_precision=mixed_precision, fake_quant=fake_quant, nsamples=nsamples, seqlen=seqlen,
                        batch_size=batch_size, eval_length=eval_length, seed=runtime.seed,
                        calib=[str(p) for p in calib or []], heldout=[str(p) for p in heldout] if heldout else None,
-                       eval=str(eval_tasks) if eval_tasks is not None else None, min_retention=min_retention,
+                       eval_tasks=str(eval_tasks) if eval_tasks is not None else None, min_retention=min_retention,
                        max_ppl_rise=max_ppl_rise, force=force)
     if dry_run:
         from orstack.awq.plan import plan

@@ -9,7 +9,15 @@ import typer
 
 from orstack import console
 from orstack.commands import _train_options as T
-from orstack.commands.options import ChatTemplate, Output, RequiredOutput, current_runtime
+from orstack.commands.options import (
+    ChatTemplate,
+    Force,
+    MaxAccuracyDrop,
+    MaxClusterDrop,
+    Output,
+    RequiredOutput,
+    current_runtime,
+)
 
 distill_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None)
 
@@ -118,6 +126,9 @@ FILE[:WEIGHT] (repeatable) draws rows from more files beside --data (the main da
 forgetting). --eval FILE[:WEIGHT] (repeatable; tasks: greedy accuracy, rows: loss; weighted
 mean over files) validates every --eval-every steps and at the end; --early-stop P stops
 after P validations without improvement; --save-best accuracy|loss keeps the best weights.
+Gate (exit 3, nothing written unless --force): on the --eval tasks the output's accuracy may
+fall at most --max-accuracy-drop (2) points below the student's, and no cluster the training
+rows target (their `cluster`) more than --max-cluster-drop (0) points.
 
 Example:
 
@@ -163,6 +174,9 @@ def train(
     mix: T.Mix = [],  # noqa: B006
     rehearsal: T.Rehearsal = 0.0,
     chat_template: ChatTemplate = None,
+    max_accuracy_drop: MaxAccuracyDrop = 2.0,
+    max_cluster_drop: MaxClusterDrop = 0.0,
+    force: Force = False,
 ) -> None:
     from orstack.distill.train import DistillTrainConfig, run_train
     from orstack.train.config import TrainConfig
@@ -176,7 +190,8 @@ def train(
                                                             save_best, mix, rehearsal))
     config = DistillTrainConfig(data=str(data), train=tc, logits_teacher=logits,
                                 distill=DistillLoss(kd_beta, kd_temperature, kd_alpha, t2_scale), recover=recover,
-                                recover_fraction=recover_fraction, chat_template=chat_template)
+                                recover_fraction=recover_fraction, chat_template=chat_template,
+                                max_accuracy_drop=max_accuracy_drop, max_cluster_drop=max_cluster_drop, force=force)
     result = run_train(student, output, config, current_runtime())
     if result.kind is None:  # a torchrun process other than rank 0: it trained, rank 0 reports
         return

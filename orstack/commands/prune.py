@@ -107,7 +107,7 @@ def prune(
         compress=compress, prune_lm_head=prune_lm_head, eval_length=eval_length, dtype=dtype, seed=runtime.seed,
         calib=[str(p) for p in calib], recover=str(recover) if recover is not None else None,
         heldout=[str(p) for p in heldout] if heldout else None,
-        eval=str(eval_tasks) if eval_tasks is not None else None, min_retention=min_retention,
+        eval_tasks=str(eval_tasks) if eval_tasks is not None else None, min_retention=min_retention,
         max_ppl_rise=max_ppl_rise, force=force,
     )
     if dry_run:

@@ -9,7 +9,7 @@ import typer
 
 from orstack import console
 from orstack.commands import _train_options as T
-from orstack.commands.options import ChatTemplate, RequiredOutput, current_runtime
+from orstack.commands.options import ChatTemplate, Force, MaxAccuracyDrop, RequiredOutput, current_runtime
 
 HELP = """Train MODEL with GRPO (trl) on tasks whose answers can be checked.
 
@@ -32,6 +32,8 @@ KL; --efficiency-formula gentle for the half-slope penalty floored at 2.5 x the 
 recipe options of distill train apply too: --warmup, --lr-scheduler, --weight-decay,
 --max-grad-norm, --module-ranks, --mix/--rehearsal (more task files drawn by weight),
 --eval/--eval-every/--early-stop/--save-best (greedy accuracy on held-out tasks).
+Gate (exit 3, nothing written unless --force): on the --eval tasks the output's accuracy
+may fall at most --max-accuracy-drop (2) points below the source model's.
 
 Example:
 
@@ -103,6 +105,8 @@ def rl(
     mix: T.Mix = [],  # noqa: B006
     rehearsal: T.Rehearsal = 0.0,
     chat_template: ChatTemplate = None,
+    max_accuracy_drop: MaxAccuracyDrop = 2.0,
+    force: Force = False,
 ) -> None:
     from orstack.rl.grpo import RLConfig, run
     from orstack.rl.rewards import RewardConfig
@@ -122,7 +126,7 @@ def rl(
                       importance_sampling=importance_sampling, scale_rewards=scale_rewards,
                       srl=str(srl) if srl else None, srl_weighting=srl_weighting, srl_beta=srl_beta,
                       srl_max_kl=srl_max_kl,
-                      chat_template=chat_template)
+                      chat_template=chat_template, max_accuracy_drop=max_accuracy_drop, force=force)
     result = run(model, output, config, current_runtime())
     if result.kind is None:  # a torchrun process other than rank 0: it trained, rank 0 reports
         return

@@ -27,6 +27,10 @@ class DistillTrainConfig:
     recover: bool = False  # train only on the hardest rows
     recover_fraction: float = 0.25  # --recover keeps this fraction of the rows (highest loss first)
     chat_template: str | None = None  # None: only chat rows use the template; "model" or a .jinja path: every row
+    # the quality gate on the --eval tasks (orstack/gates.py): parent (the student) against the output
+    max_accuracy_drop: float = 2.0  # points of general accuracy
+    max_cluster_drop: float = 0.0  # points, each cluster the training rows target
+    force: bool = False
 
 
 @dataclass
@@ -57,6 +61,9 @@ def run_train(student: str, output: str | Path, config: DistillTrainConfig, runt
         check_checkpoint(config.logits_teacher)
     if config.recover and config.recover_fraction <= 0:
         raise BadInput("--recover-fraction must be > 0")
+    from orstack.gates import check_limits
+
+    check_limits(max_accuracy_drop=config.max_accuracy_drop, max_cluster_drop=config.max_cluster_drop)
     tc.check()
     from orstack.backends.chat import template_file_text
 
@@ -71,10 +78,11 @@ def run_train(student: str, output: str | Path, config: DistillTrainConfig, runt
     with main_process_log(tc.log, runtime) as log_path:
         model, tokenizer, result, metrics = fine_tune(student, rows, config, runtime, log_path=log_path, mix=mix,
                                                       eval_sets=eval_sets)
+    verdict = _gate(config, rows, metrics)
     kind = None
     if runtime.is_main_process:
         kind = save_trained(model, tokenizer, Path(output), stage="distill", config=tc, base=student, args=config,
-                            metrics=metrics)
+                            metrics=metrics, extra={"gate": verdict.record()})
     return DistillTrainResult(result.steps, result.loss_first, result.loss_last, metrics, kind, Path(output))
 
 
@@ -83,6 +91,7 @@ def fine_tune(student: str, rows: list[dict[str, Any]], config: DistillTrainConf
               eval_sets: list[Any] | None = None) -> tuple[Any, Any, TrainResult, dict[str, Any]]:
     """Load the student (and teacher), train (drawing `mix` sources beside the rows, validating on
     `eval_sets`), and return (model, tokenizer, result, metrics)."""
+    from orstack.gates import eval_set_tasks, measure_tasks
     from orstack.io.checkpoint import load_model
     from orstack.io.jsonl import display_name
     from orstack.runtime import seed_everything
@@ -96,6 +105,9 @@ def fine_tune(student: str, rows: list[dict[str, Any]], config: DistillTrainConf
     device = runtime.torch_device()
     seed_everything(tc.seed)
     model, tokenizer = load_model(student, device=device, trust_pickle=runtime.trust_pickle)
+    gate_tasks = eval_set_tasks(eval_sets)
+    parent = (measure_tasks(model, tokenizer, gate_tasks, name="parent", chat_template=config.chat_template)
+              if gate_tasks else None)
     data = encode_rows(tokenizer, rows, tc.max_length, display_name(config.data), chat_template=config.chat_template,
                        lines=getattr(rows, "lines", None))
     metrics: dict[str, Any] = {"rows": len(data), **_template_metrics(tokenizer, rows, config.chat_template)}
@@ -123,7 +135,25 @@ def fine_tune(student: str, rows: list[dict[str, Any]], config: DistillTrainConf
                        validator=validator)
     metrics.update(steps=result.steps, trained_rows=len(data), loss_first=result.loss_first,
                    loss_last=result.loss_last, train_seconds=round(result.seconds, 2), **result.extra)
+    if parent is not None:
+        child = measure_tasks(model, tokenizer, gate_tasks, name="trained", chat_template=config.chat_template)
+        metrics["eval_before"], metrics["eval_after"] = parent.as_dict(), child.as_dict()
     return model, tokenizer, result, metrics
+
+
+def _gate(config: DistillTrainConfig, rows: list[dict[str, Any]], metrics: dict[str, Any]):  # noqa: ANN202 - Verdict
+    """General accuracy on the --eval tasks may not fall more than --max-accuracy-drop points, nor
+    any cluster the training rows target (their `cluster`) more than --max-cluster-drop."""
+    from orstack.gates import TaskScore, decide, training_checks
+
+    checks = []
+    if "eval_before" in metrics:
+        targeted = sorted({str(r["cluster"]) for r in rows if r.get("cluster") is not None})
+        checks = training_checks(TaskScore.from_dict(metrics["eval_before"]),
+                                 TaskScore.from_dict(metrics["eval_after"]),
+                                 max_accuracy_drop=config.max_accuracy_drop, max_cluster_drop=config.max_cluster_drop,
+                                 clusters=targeted, on=", ".join(config.train.eval_data))
+    return decide("distill train", checks, config.force)
 
 
 def _template_metrics(tokenizer: Any, rows: list[dict[str, Any]], choice: str | None) -> dict[str, Any]:

@@ -61,7 +61,7 @@ class PruneConfig:
     recover: str | None = None
     heldout: list[str] | None = None
     # the quality gate (orstack/gates.py): measured on --heldout and --eval against the parent
-    eval: str | None = None  # Task JSONL: accuracy before and after
+    eval_tasks: str | None = None  # --eval: Task JSONL: accuracy before and after
     min_retention: float = 0.97
     max_ppl_rise: float | None = None  # None: the retention read on perplexity
     force: bool = False
@@ -159,7 +159,7 @@ def run(source: str | Path, output: str | Path, config: PruneConfig, runtime: Ru
         check_text_files(config.heldout, "--heldout")
     if config.recover is not None:
         check_text_files([config.recover], "--recover")
-    eval_tasks = load_eval_tasks(config.eval) if config.eval else None
+    eval_tasks = load_eval_tasks(config.eval_tasks) if config.eval_tasks else None
     output = Path(output)
     check_output(output, kind="dir", option="-o", inputs=[checkpoint])
     model_config = load_config(checkpoint)
@@ -195,7 +195,7 @@ def run(source: str | Path, output: str | Path, config: PruneConfig, runtime: Ru
     verdict = decide("prune", retention_checks(
         min_retention=config.min_retention, max_ppl_rise=config.max_ppl_rise,
         ppl=(metrics["ppl_before"], metrics["ppl_after"]) if heldout_texts else None,
-        tasks=(parent_score, child_score) if eval_tasks else None, eval_on=config.eval or ""), config.force)
+        tasks=(parent_score, child_score) if eval_tasks else None, eval_on=config.eval_tasks or ""), config.force)
     write_weights, extra = None, None
     if staging is not None:
         write_weights = staging.move_weights

@@ -48,6 +48,9 @@ class RLConfig:
     srl_beta: float = 0.05  # the SRL stage's own KL coefficient to the model it starts from
     srl_max_kl: float | None = 0.1  # nats per token: the coefficient doubles whenever a step's KL exceeds it
     chat_template: str | None = None  # None: `messages` tasks only; "model" or a .jinja path: every task
+    # the quality gate on the --eval tasks (orstack/gates.py): the output's accuracy against the source's
+    max_accuracy_drop: float = 2.0  # points
+    force: bool = False
 
 
 @dataclass
@@ -329,6 +332,9 @@ def run(source: str, output: str | Path, config: RLConfig, runtime: Runtime) -> 
 
     tc = config.train
     check_checkpoint(source)  # exists, sound weight headers, a causal LM
+    from orstack.gates import check_limits
+
+    check_limits(max_accuracy_drop=config.max_accuracy_drop)
     if config.tasks != "-" and not Path(config.tasks).is_file():
         raise BadInput(f"{config.tasks}: no such file")
     if config.srl is not None and not Path(config.srl).is_file():
@@ -372,10 +378,23 @@ def run(source: str, output: str | Path, config: RLConfig, runtime: Runtime) -> 
         trained, tokenizer, result = run_rl(source, tasks, config, runtime, log_path=log_path, mix=mix,
                                             eval_sets=eval_sets)
     result.output = Path(output)
+    verdict = _gate(config, result.metrics)
     if runtime.is_main_process:
         result.kind = save_trained(trained, tokenizer, Path(output), stage="rl", config=tc, base=source, args=config,
-                                   metrics=result.metrics)
+                                   metrics=result.metrics, extra={"gate": verdict.record()})
     return result
+
+
+def _gate(config: RLConfig, metrics: dict[str, Any]):  # noqa: ANN202 - orstack.gates.Verdict
+    """Accuracy on the --eval tasks may not fall more than --max-accuracy-drop points below the source's."""
+    from orstack.gates import TaskScore, decide, training_checks
+
+    checks = []
+    if "eval_before" in metrics:
+        before, after = TaskScore.from_dict(metrics["eval_before"]), TaskScore.from_dict(metrics["eval_after"])
+        checks = training_checks(before, after, max_accuracy_drop=config.max_accuracy_drop,
+                                 on=", ".join(config.train.eval_data))
+    return decide("rl", checks, config.force)
 
 
 def rl_template(source: str, choice: str | None) -> str | None:
@@ -455,6 +474,11 @@ def run_rl(model_spec: str, tasks: list[dict[str, Any]], config: RLConfig, runti
     model, tokenizer = load_model(model_spec, device=device, trust_pickle=runtime.trust_pickle)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    from orstack.gates import eval_set_tasks, measure_tasks
+
+    gate_tasks = eval_set_tasks(eval_sets)
+    parent = (measure_tasks(model, tokenizer, gate_tasks, name="parent", chat_template=config.chat_template)
+              if gate_tasks else None)
     from orstack.backends.chat import template_file_text
 
     chat_file = template_file_text(config.chat_template)
@@ -550,6 +574,9 @@ def run_rl(model_spec: str, tasks: list[dict[str, Any]], config: RLConfig, runti
                      "a higher --temperature, or tasks nearer the model's ability")
     model = trainer.model
     model.eval()
+    if parent is not None:
+        child = measure_tasks(model, tokenizer, gate_tasks, name="trained", chat_template=config.chat_template)
+        metrics["eval_before"], metrics["eval_after"] = parent.as_dict(), child.as_dict()
     return model, tokenizer, RLResult(steps, seconds, history, metrics, notes)
 
 

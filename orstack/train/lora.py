@@ -151,20 +151,21 @@ def _dtype_name(dtype: Any) -> str | None:
 
 
 def save_trained(model: Any, tokenizer: Any, out: Path, *, stage: str, config: TrainConfig, base: str,
-                 args: dict[str, Any], metrics: dict[str, Any]) -> str:
-    """Save the result of a run; returns what was written: 'adapter', 'merged' or 'full'."""
+                 args: dict[str, Any], metrics: dict[str, Any], extra: dict[str, Any] | None = None) -> str:
+    """Save the result of a run; returns what was written: 'adapter', 'merged' or 'full'.
+    `extra` adds top-level manifest entries (the quality gate's verdict)."""
     quiet_transformers()
     if config.full:
-        save_checkpoint(model, tokenizer, out, stage=stage, args=args, parent=base, metrics=metrics)
+        save_checkpoint(model, tokenizer, out, stage=stage, args=args, parent=base, metrics=metrics, extra=extra)
         return "full"
     if config.merge:
         merged = model.merge_and_unload()
-        save_checkpoint(merged, tokenizer, out, stage=stage, args=args, parent=base, metrics=metrics)
+        save_checkpoint(merged, tokenizer, out, stage=stage, args=args, parent=base, metrics=metrics, extra=extra)
         return "merged"
     with atomic_path(out, directory=True) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_manifest(tmp, build_manifest(stage, args, parent=base, metrics=metrics,
-                                           extra={"base": base, "weights_format": ADAPTER_FORMAT}))
+                                           extra={**(extra or {}), "base": base, "weights_format": ADAPTER_FORMAT}))
     return "adapter"
