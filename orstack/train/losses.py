@@ -37,6 +37,33 @@ def masked_ce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor 
     return ce.sum() / mask.sum().clamp_min(1)
 
 
+def response_positions(labels: torch.Tensor) -> torch.Tensor:
+    """The positions whose logits any loss reads: those predicting a counted token (labels
+    shifted by one) in at least one row. Prompt and padding positions are never scored, so a
+    model asked for logits only here (transformers' `logits_to_keep`) skips most of the output
+    projection and the vocabulary-wide softmax."""
+    import torch
+
+    return torch.nonzero((labels[:, 1:] != IGNORE).any(0)).flatten()
+
+
+def ce_sum_at(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor,
+              weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The summed (row-weighted) cross-entropy of `logits` computed only at `positions`
+    ([b, len(positions), vocab], as `logits_to_keep=positions` returns them) against the
+    tokens that follow those positions. Divided by the batch's counted tokens it equals
+    masked_ce on full logits."""
+    import torch.nn.functional as F
+
+    target = labels[:, positions + 1]
+    mask = target != IGNORE
+    ce = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), target.clamp_min(0).reshape(-1),
+                         reduction="none").view(target.shape) * mask
+    if weights is not None:
+        ce = ce * weights.to(ce.dtype)[:, None]
+    return ce.sum()
+
+
 def per_example_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of each row over its own counted tokens (0 for a fully masked row)."""
     ce, mask = token_losses(logits, labels)

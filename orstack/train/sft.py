@@ -134,7 +134,7 @@ def train_sft(model: Any, tokenizer: Any, data: list[Encoded], config: TrainConf
     and at the end, may stop training early, and puts the best weights back with --save-best."""
     import torch
 
-    from orstack.train.losses import IGNORE, generalized_jsd, masked_ce
+    from orstack.train.losses import IGNORE, ce_sum_at, generalized_jsd, masked_ce, response_positions
 
     if not data:
         raise BadInput("no training rows")
@@ -168,10 +168,36 @@ def train_sft(model: Any, tokenizer: Any, data: list[Encoded], config: TrainConf
 
         forward = DistributedDataParallel(model)
 
+    # Plain cross-entropy (no teacher, no reference, one process) takes the fast path: the
+    # batch split into micro-batches of similar length and logits only at response positions;
+    # the same rows and the same loss, without the padding and the prompt positions' logits.
+    fast = teacher is None and reference_kl is None and world == 1 and accepts_logits_to_keep(model)
+
+    def fast_step(rows: list[Encoded]) -> tuple[float, int]:
+        counted = sum(e.counted() for e in rows)
+        ce_total = 0.0
+        for chunk in length_chunks(rows):
+            batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
+            positions = response_positions(batch["labels"])
+            if positions.numel() == 0:
+                continue
+            out = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          logits_to_keep=positions)
+            part = ce_sum_at(out.logits, batch["labels"], positions, batch["weights"]) / max(counted, 1)
+            (part / config.grad_accum).backward()
+            ce_total += part.item()
+        return ce_total, counted
+
     def step(_: int) -> dict[str, Any]:
         sums = {"loss": 0.0, "ce": 0.0, "kd": 0.0, "kl": 0.0, "tokens": 0}
         for _ in range(config.grad_accum):
             rows = next(stream)[rank::world] or [Encoded([pad_id], [IGNORE], 0.0)]
+            if fast:
+                ce_value, counted = fast_step(rows)
+                sums["loss"] += ce_value / config.grad_accum
+                sums["ce"] += ce_value / config.grad_accum
+                sums["tokens"] += counted
+                continue
             batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
             out = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             ce = masked_ce(out.logits, batch["labels"], batch["weights"])
@@ -254,6 +280,37 @@ def train_sft(model: Any, tokenizer: Any, data: list[Encoded], config: TrainConf
         extra["mix_drawn"] = list(drawn)
         extra["mix_weights"] = [round(w / sum(weights), 6) for w in weights]
     return TrainResult(result.steps, len(data), result.losses[0], result.losses[-1], result.seconds, history, extra)
+
+
+def accepts_logits_to_keep(model: Any) -> bool:
+    """Whether the causal LM under any adapter wrapper takes transformers' `logits_to_keep`."""
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+PADDING_SLACK = 1.3  # padded tokens per real token a micro-batch may carry before it is split
+
+
+def length_chunks(rows: list[Encoded]) -> list[list[Encoded]]:
+    """The rows sorted by length and cut into micro-batches whose padded size stays within
+    PADDING_SLACK of their real tokens (a 400-token code row no longer pads seven 60-token
+    questions to 400)."""
+    chunks: list[list[Encoded]] = []
+    real = 0
+    for e in sorted(rows, key=lambda e: len(e.input_ids)):
+        n = len(e.input_ids)
+        if chunks and (len(chunks[-1]) + 1) * n <= PADDING_SLACK * (real + n):
+            chunks[-1].append(e)
+            real += n
+        else:
+            chunks.append([e])
+            real = n
+    return chunks
 
 
 def example_losses(model: Any, tokenizer: Any, data: list[Encoded], batch_size: int = 16) -> list[float]:
