@@ -180,6 +180,11 @@ def test_the_confinement_is_named_and_what_is_claimed_holds(scene):
                                                       "LC_COLLATE", "PYTHONHOME", "LD_LIBRARY_PATH"}
     home = pool.run("import os\nassert os.environ['HOME'] == os.getcwd() == os.environ['TMPDIR']\n")
     assert home.passed, home.detail
+    # nothing the worker holds (its init's pipes, the host's network namespace, Landlock's
+    # directory handles) is left open for the program to use
+    fds = pool.run("import os, sys\nopen_fds = []\nfor fd in range(1024):\n    try:\n        os.fstat(fd)\n"
+                   "        open_fds.append(fd)\n    except OSError:\n        pass\nsys.stderr.write(repr(open_fds))\n")
+    assert fds.passed and fds.detail == "[0, 1, 2]", fds
 
 
 def test_background_processes_that_leave_the_session_are_killed(scene, tmp_path):

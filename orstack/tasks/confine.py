@@ -371,6 +371,9 @@ class Jail:
             _clear_capabilities()
             # The user namespace keeps no count of its own before the first fork; set it after.
             resource.setrlimit(resource.RLIMIT_NPROC, (limits.processes, limits.processes))
+        # Nothing the worker holds stays open: the namespace init's pipes, the host's network
+        # namespace, the Landlock rules' directories (stdin, stdout and stderr are the program's).
+        os.closerange(3, 1 << 16)
 
     def _landlock(self, workdir: str, network: bool) -> None:
         rights = fs_rights(self.landlock)
