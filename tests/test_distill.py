@@ -361,7 +361,9 @@ def test_generate_cli_defaults_are_the_config_defaults():
                "concurrency": "concurrency", "rate_limit": "rate_limit", "api_key_env": "api_key_env",
                "teacher_api": "api", "chat_template": "chat_template"}
     judging = {"judge", "judge_min", "judge_rubric"}
-    assert set(cli) == {"failures", "teacher", "output", "report", "per_cluster", "budget", *judging, *options}
+    assert set(cli) == {"failures", "teacher", "output", "report", "per_cluster", "budget", "shard", *judging,
+                        *options}
+    assert cli["shard"] is None and GenerateConfig("f.jsonl", ["cmd:cat"]).shard is None
     assert {o: cli[o] for o in options} == {o: getattr(TeacherOptions(), f) for o, f in options.items()}
     config = GenerateConfig("f.jsonl", ["cmd:cat"])
     assert int(cli["per_cluster"]) == config.per_cluster and config.teacher == TeacherOptions()

@@ -39,6 +39,7 @@ class BenchConfig:
     max_new_tokens: int = 32
     batch_size: int = 16
     limit: int | None = None  # only the first N tasks
+    shard: str | None = None  # "I/N": only the I-th of N contiguous blocks of the tasks (orstack/tasks/shard.py)
     truncate_prompts: bool = False  # keep the end of a prompt longer than the context, instead of refusing it
     fail_under: float | None = None  # the accuracy gate
     code_timeout: float = 5.0  # sandbox seconds per code program (a task's `timeout` wins)
@@ -94,6 +95,8 @@ def run(models: Sequence[str], config: BenchConfig, runtime: Runtime,
     for spec in models:
         _check_model(spec)
     tasks = load_tasks(config.tasks, config.limit) if config.tasks else None
+    if tasks is not None and config.shard is not None:
+        tasks = _shard_of(tasks, config)
     texts = list(read_texts(config.ppl)) if config.ppl else None
     if config.ppl and not any(texts):
         raise BadInput(f"{', '.join(config.ppl)}: no text to measure perplexity on")
@@ -146,6 +149,12 @@ def _check_usage(models: list[str], config: BenchConfig, outputs: BenchOutputs) 
         raise BadInput("no MODEL given (or use --score ROWS.jsonl)")
     if config.ppl_rule not in RULES:
         raise BadInput(f"--ppl-rule: expected {' or '.join(RULES)}, got '{config.ppl_rule}'")
+    if config.shard is not None:
+        from orstack.tasks.shard import parse_shard
+
+        parse_shard(config.shard)
+        if not config.tasks or config.ppl or config.speed:
+            raise BadInput("--shard splits --tasks: give --tasks, and measure --ppl and --speed unsharded")
     if config.fail_under is not None and not config.tasks:
         raise BadInput("--fail-under needs --tasks or --score (it gates task accuracy)")
     if outputs.plot is not None and not config.tasks:
@@ -159,6 +168,15 @@ def _check_usage(models: list[str], config: BenchConfig, outputs: BenchOutputs) 
     from orstack.backends.chat import template_file_text
 
     template_file_text(config.chat_template)  # a --chat-template FILE that cannot be used: before any model
+
+
+def _shard_of(tasks: list[dict[str, Any]], config: BenchConfig) -> list[dict[str, Any]]:
+    from orstack.tasks.shard import take_shard
+
+    part = take_shard(tasks, config.shard)
+    if not part:
+        raise BadInput(f"--shard {config.shard}: no tasks in this shard ({len(tasks)} tasks in all)")
+    return part
 
 
 def _is_gguf(spec: str) -> bool:

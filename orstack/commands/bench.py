@@ -71,6 +71,9 @@ def bench(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Generation budget per task.")] = 32,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompts per forward pass.")] = 16,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Use only the first N tasks.")] = None,
+    shard: Annotated[str | None, typer.Option("--shard", metavar="I/N",
+                                              help="Only the I-th (from 0) of N contiguous blocks of the tasks; "
+                                                   "the N outputs concatenated are the whole run's.")] = None,
     truncate_prompts: Annotated[bool, typer.Option("--truncate-prompts",
                                                    help="Cut prompts longer than the context from the left "
                                                         "(default: refuse them).")] = False,
@@ -101,7 +104,7 @@ def bench(
         runtime = dataclasses.replace(runtime, threads=threads)
     config = BenchConfig(tasks=str(tasks) if tasks else None, ppl=[str(p) for p in ppl or []], ppl_rule=ppl_rule,
                          ppl_max_length=ppl_max_length, speed=speed, speed_runs=speed_runs,
-                         max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit,
+                         max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit, shard=shard,
                          truncate_prompts=truncate_prompts, fail_under=fail_under, code_timeout=code_timeout,
                          code_memory_mb=code_memory_mb, chat_template=chat_template, seed=runtime.seed,
                          endpoint=EndpointOptions(concurrency=concurrency, timeout=timeout, retries=retries,

@@ -71,6 +71,9 @@ def generate(
     api_key_env: Annotated[str, typer.Option("--api-key-env", help="Variable holding the API key.")] = "OPENAI_API_KEY",
     teacher_api: Annotated[str, typer.Option("--teacher-api", help="Endpoint API: chat or completions.")] = "chat",
     report: Annotated[Path | None, typer.Option("--report", help="Also write the report as JSON.")] = None,
+    shard: Annotated[str | None, typer.Option("--shard", metavar="I/N",
+                                              help="Only the I-th (from 0) of N contiguous blocks of the clusters; "
+                                                   "the N outputs concatenated are the whole run's.")] = None,
     chat_template: ChatTemplate = None,
 ) -> None:
     from orstack.distill.generate import GenerateConfig, run_generate
@@ -85,7 +88,7 @@ def generate(
         else None
     config = GenerateConfig(failures=str(failures), teachers=list(teacher),
                             per_cluster=int(per_cluster) if per_cluster.isdigit() else per_cluster, budget=budget,
-                            teacher=options, judge=judging, seed=current_runtime().seed)
+                            teacher=options, judge=judging, shard=shard, seed=current_runtime().seed)
     result = run_generate(output, config, current_runtime(), report=report)
     for note in result.notes:
         console.warn(note)

@@ -56,6 +56,7 @@ class GenerateConfig:
     dedup_threshold: float = 0.9  # word-trigram Jaccard above which two long prompts are near-duplicates
     teacher: TeacherOptions = field(default_factory=TeacherOptions)  # how every tier is asked
     judge: JudgeConfig | None = None  # grades `text` responses; kept at judge.min_score or above
+    shard: str | None = None  # "I/N": only the I-th of N contiguous blocks of the clusters (orstack/tasks/shard.py)
     seed: int = 0
 
     def check(self) -> None:
@@ -181,6 +182,11 @@ class Deduper:
                 self.long.append(grams)
         return True
 
+    def copy(self) -> Deduper:
+        other = Deduper(self.threshold)
+        other.seen, other.long = set(self.seen), list(self.long)
+        return other
+
 
 # -- the tiered loop --------------------------------------------------------------------------
 def solve_through_tiers(teachers: list[Any], tasks: list[dict[str, Any]], report: GenerateReport,
@@ -268,10 +274,12 @@ def parse_variant(reply: str) -> tuple[str, str] | None:
 
 
 def new_problems(teachers: list[Any], requests: list[dict[str, Any]], report: GenerateReport,
-                 dedup: Deduper, judge: Judge | None = None) -> list[tuple[dict[str, Any], str, int, str] | None]:
+                 dedup: dict[Any, Deduper], judge: Judge | None = None,
+                 ) -> list[tuple[dict[str, Any], str, int, str] | None]:
     """Ask the tiers for new problems. A tier's problem is kept only when solving it through the
-    tiers agrees with the proposed answer; an unparsable, repeated or disagreeing proposal sends
-    the request to the next tier. Returns solved (task, response, tier, check) items."""
+    tiers agrees with the proposed answer; an unparsable, repeated (`dedup[cluster]`: every
+    failure and the cluster's new problems so far) or disagreeing proposal sends the request to
+    the next tier. Returns solved (task, response, tier, check) items."""
     solved: list[tuple[dict[str, Any], str, int, str] | None] = []
     pending = list(requests)
     for tier, teacher in enumerate(teachers):
@@ -285,7 +293,7 @@ def new_problems(teachers: list[Any], requests: list[dict[str, Any]], report: Ge
             if reply is None:
                 report.add(req.get("cluster"), tier, "variant", errors=1)
             parsed = parse_variant(reply) if reply is not None else None
-            if parsed and dedup.is_new(parsed[0], add=False):
+            if parsed and dedup[req.get("cluster")].is_new(parsed[0], add=False):
                 prompt, answer = parsed
                 task = {k: v for k, v in req.items() if k not in ("request", "example", "n", "prompt")}
                 task.update({"id": req["id"].replace("variant-", "new-"), "prompt": prompt, "answer": answer,
@@ -298,7 +306,7 @@ def new_problems(teachers: list[Any], requests: list[dict[str, Any]], report: Ge
         results = solve_through_tiers(teachers, [task for _, task in candidates], report,
                                       judge) if candidates else []
         for (req, task), item in zip(candidates, results):
-            if item is not None and dedup.is_new(task["prompt"]):
+            if item is not None and dedup[req.get("cluster")].is_new(task["prompt"]):
                 solved.append(item)
                 report.add(req.get("cluster"), tier, "variant", accepted=1)
             else:
@@ -313,22 +321,34 @@ def new_problems(teachers: list[Any], requests: list[dict[str, Any]], report: Ge
 
 def generate(failures: dict[Any, list[dict[str, Any]]], teachers: list[Any], config: GenerateConfig,
              judge: Judge | None = None) -> tuple[list[dict[str, Any]], GenerateReport]:
-    """Training Example rows (docs/design.md) for every failure cluster, and the per-cluster/per-tier report."""
+    """Training Example rows (docs/design.md) for every failure cluster (with `config.shard`, the
+    shard's clusters), cluster by cluster in file order, and the per-cluster/per-tier report.
+
+    Nothing a cluster gets depends on another cluster's answers (duplicates are judged against
+    every failure, new problems against the failures and their own cluster's), so the shards'
+    outputs concatenated are the unsharded output."""
+    from orstack.tasks.shard import take_shard
+
     report = GenerateReport(tiers=[t.spec for t in teachers])
+    order = list(failures)
+    mine = set(take_shard(order, config.shard))
     dedup = Deduper(config.dedup_threshold)
     tasks: list[dict[str, Any]] = []
     for cluster, rows in failures.items():
         for task in rows:
             if dedup.is_new(_dedup_text(task)):
-                tasks.append({**task, "cluster": cluster, "origin": "failure"})
-            else:
+                if cluster in mine:
+                    tasks.append({**task, "cluster": cluster, "origin": "failure"})
+            elif cluster in mine:
                 report.duplicates += 1
     solved = solve_through_tiers(teachers, tasks, report, judge)
     quotas = cluster_quotas(failures, config)
-    if any(quotas.values()):
-        requests = [r for cluster, rows in failures.items()
+    if any(quotas[c] for c in mine):
+        requests = [r for cluster, rows in failures.items() if cluster in mine
                     for r in variant_requests(cluster, rows, config, quotas[cluster])]
-        solved += new_problems(teachers, requests, report, dedup, judge)
+        solved += new_problems(teachers, requests, report, {c: dedup.copy() for c in mine}, judge)
+    rank = {c: i for i, c in enumerate(order)}
+    solved.sort(key=lambda item: rank[item[0].get("cluster")] if item is not None else -1)
     examples = []
     counters: dict[Any, int] = defaultdict(int)
     for item in solved:
@@ -403,9 +423,15 @@ def run_generate(output: str | Path | None, config: GenerateConfig, runtime: Run
     from orstack.backends.chat import template_file_text
 
     template_file_text(config.teacher.chat_template)  # an unusable --chat-template FILE: before any teacher
+    from orstack.tasks.shard import parse_shard, take_shard
+
+    parse_shard(config.shard)
     check_outputs([Output(output, "file", "-o"), Output(report, "file", "--report")], inputs=[config.failures])
     teachers = [open_teacher(spec, runtime, config.teacher) for spec in config.teachers]
     clusters = load_failures(list(read_jsonl_numbered(config.failures)), display_name(config.failures))
+    if not take_shard(list(clusters), config.shard):
+        raise BadInput(f"--shard {config.shard}: no clusters in this shard ({len(clusters)} clusters in all); "
+                       "nothing written")
     judge = None
     if config.judge is not None:
         from orstack.tasks.judge import Judge
