@@ -23,6 +23,7 @@ SECRET = "sk-escape-test-0123456789"
 ROOT = Path(__file__).resolve().parents[1]
 DENIED = r"PermissionError|Permission denied|Errno 13"
 AS_ROOT = os.geteuid() == 0
+TMP_NAME = f"orstack-escape-test-{os.getpid()}.txt"
 
 # name: (program, what stops it inside: a regex the result's detail matches)
 ATTACKS = {
@@ -40,6 +41,9 @@ ATTACKS = {
     "find the secret in /proc/self/environ": (
         f"assert {SECRET!r}.encode() in open('/proc/self/environ', 'rb').read()\n", f"{DENIED}|AssertionError"),
     "write outside the work dir": ("open('{outside}/direct.txt', 'w').write('x')\n", DENIED),
+    "write to /tmp beside the work dir": ("import os\nopen('/tmp/' + {tmp_name!r}, 'w').write('x')\n"
+                                          "assert os.path.exists('/tmp/' + {tmp_name!r})\n",
+                                          r"PermissionError|Permission denied|Read-only file system"),
     "write outside via a shell child": (
         "import os, subprocess\n"
         "subprocess.run(['sh', '-c', 'echo ok > here.txt'], check=True)\n"  # the child itself runs
@@ -95,7 +99,7 @@ def scene():
     pool = Sandbox(workers=2, limits=Limits(timeout=5.0, memory_mb=256))
     fields = {"home_file": str(home_file), "home": str(home), "home_name": home_file.name,
               "task_file": str(task_file), "project_file": str(ROOT / "pyproject.toml"), "project": str(ROOT),
-              "outside": str(outside),
+              "outside": str(outside), "tmp_name": TMP_NAME,
               "port": listener.getsockname()[1], "parent": os.getpid(),
               "targets": [os.getpid(), *pool.worker_pids()]}
     try:
@@ -115,6 +119,7 @@ def _program(name: str, fields: dict) -> str:
 def _clear(outside: Path) -> None:
     for f in outside.iterdir():
         f.unlink()
+    Path("/tmp", TMP_NAME).unlink(missing_ok=True)
 
 
 @pytest.mark.parametrize("name", list(ATTACKS))
@@ -131,6 +136,7 @@ def test_the_attack_works_outside_the_sandbox(scene, name, tmp_path):
     assert done.returncode == 0, done.stderr[-1000:]
     if "write outside" in name:
         assert any(outside.iterdir())
+    _clear(outside)
 
 
 # In the mount-namespace fallback most of the file system is simply not there.
@@ -157,7 +163,7 @@ def test_every_attack_fails_inside_the_sandbox(scene, method):
         wrong = {n: got[n] for n in names if not re.search(reason[n], got[n][1])}
         assert wrong == {}, f"stopped, but not by the sandbox: {wrong}"
         assert got["memory bomb (768 MB touched)"][0] == "memory"
-        assert list(outside.iterdir()) == []
+        assert list(outside.iterdir()) == [] and not Path("/tmp", TMP_NAME).exists()
         # the pool survived every attack, and still runs programs as before
         assert pool.run("assert 1 + 1 == 2\n").passed
     finally:

@@ -335,13 +335,19 @@ class Jail:
         return self.user != "caller"
 
     # -- in the forked child ----------------------------------------------------------------------
-    def enter(self, limits: Limits) -> None:
+    def enter(self, workdir: str, limits: Limits) -> None:
         """In the forked child, first: the worker's network namespace is empty; a program
-        allowed the network goes back to the host's (root only)."""
+        allowed the network goes back to the host's (root only). In the mount fallback the
+        program gets a mount namespace of its own in which only its directory is writable."""
         if limits.network and self.namespaces:
             if self.netns is None:
                 raise ConfineError("network=True: only when orstack runs as root")
             _check(libc().setns(self.netns, CLONE_NEWNET), "setns(host network)")
+        if self.files == "mount":
+            _check(libc().unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+            _mount(workdir, workdir, None, MS_BIND)
+            _mount("none", "/tmp", None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+            os.chdir(workdir)  # into the writable mount just made on top of it
 
     def confine(self, workdir: str, limits: Limits) -> None:
         """In the program's own process, last thing before its code: everything else."""
@@ -514,15 +520,18 @@ def _pivot_into_minimal_root() -> None:
             flags = os.statvfs(path).f_flag
             kept = flags & (MS_NOSUID | MS_NODEV | 8 | 1024 | 2048) | ((1 << 21) if flags & 4096 else 0)
             _mount("none", target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | kept)
+    # The working directories' own file system: each program gets it read-only but for its
+    # own directory (enter()); 0711, so that nobody reaches its directory but lists nothing.
     work = new_root + "/tmp"
-    os.makedirs(work, mode=0o1777, exist_ok=True)
-    os.chmod(work, 0o1777)
+    os.makedirs(work, exist_ok=True)
+    _mount("orstack-sandbox-tmp", work, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0711,size=256m")
     old = new_root + "/.old-root"
     os.makedirs(old, exist_ok=True)
     _check(libc().syscall(SYS_PIVOT_ROOT, new_root.encode(), old.encode()), "pivot_root")
     os.chdir("/")
     _check(libc().umount2(b"/.old-root", MNT_DETACH), "umount the old root")
     os.rmdir("/.old-root")
+    _mount("none", "/", None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
     os.environ["TMPDIR"] = "/tmp"
     tempfile.tempdir = "/tmp"
 

@@ -18,7 +18,8 @@ session, so a Ctrl-C at the terminal reaches only orstack) each run one program 
   running program's process group and exits; a worker that does not exit is SIGKILLed.
 Each worker reports at start-up the confinement it enforces (`Sandbox.confinement`, one
 line; bench prints it), after applying all of it once to an empty program. A machine that
-cannot confine files at all makes Sandbox() refuse to start unless `allow_unconfined`.
+cannot confine the files or cut the network makes Sandbox() refuse to start unless
+`allow_unconfined`.
 Not covered: seccomp (the kernel's whole system-call surface is reachable), the names and
 metadata of files (stat is not confined by Landlock), pathname UNIX sockets the uid may
 connect to (Landlock ABI <= 7), and memory summed over a program's processes.
@@ -94,7 +95,7 @@ def _child(program: str, workdir: str, limits: Limits, worker: int, jail: confin
         for fd in (out, err, null):
             os.close(fd)
         try:
-            jail.enter(limits)
+            jail.enter(workdir, limits)
             jail.confine(workdir, limits)
         except (confine.ConfineError, OSError) as e:
             os.write(2, f"sandbox: {e}\n".encode())
