@@ -26,7 +26,7 @@ BASE ?= $(ORSTACK_CACHE)/smollm2-135m-instruct
 LICENSES ?= /usr/share/common-licenses
 
 ifdef SMOKE
-PER_CELL ?= 1
+PER_CELL ?= 2
 FAMILIES ?= add,copy,last-word,upper
 HUMANEVAL ?= 1
 SFT_STEPS ?= 2

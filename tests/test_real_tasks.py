@@ -98,3 +98,11 @@ def test_example_scripts_write_the_suite_and_the_oracle_answers_it(tmp_path):
     answers = {r["id"]: r["response"] for r in map(json.loads, done.stdout.splitlines())}
     assert all(ok for ok, _ in score_outputs(tasks, [answers[t["id"]] for t in tasks]))
     assert "Repeat exactly this text" in (tmp_path / "suite.txt").read_text()
+
+
+def test_chat_failures_cluster_on_what_was_asked():
+    from orstack.cluster_failures.embed import row_text
+
+    a, _ = suites.make_suite(suites.SuiteConfig(per_cell=1, humaneval=0), [])
+    row = {**a[0], "prompt": None, "output": "The answer is 3."}
+    assert row_text(row, ["prompt", "output"], "x") == user_text(a[0]) + "\nThe answer is 3."

@@ -29,6 +29,9 @@ def row_text(row: dict[str, Any], fields: Sequence[str], where: str) -> str:
     parts = []
     for name in fields:
         value = row.get(name)
+        if value is None and name == "prompt" and isinstance(row.get("messages"), list):
+            # a chat task's row keeps its conversation and a null prompt: what was asked is its turns
+            value = "\n".join(str(m.get("content", "")) for m in row["messages"] if isinstance(m, dict))
         if value is None:
             continue
         if isinstance(value, (dict, list)):
