@@ -59,6 +59,12 @@ ATTACKS = {
     "run as root": ("import os\nassert os.getuid() == 0 and os.geteuid() == 0\n", "AssertionError"),
     "os.setuid(0) after the drop": ("import os\nos.setuid(0)\nassert os.getuid() == 0\n",
                                     r"PermissionError|Operation not permitted"),
+    "become root in a user namespace of its own": (
+        "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\nuid, gid = os.getuid(), os.getgid()\n"
+        "assert libc.unshare(0x10000000) == 0, ctypes.get_errno()\n"  # CLONE_NEWUSER: every capability there
+        "open('/proc/self/setgroups', 'w').write('deny')\n"
+        "open('/proc/self/uid_map', 'w').write(f'0 {{uid}} 1')\nopen('/proc/self/gid_map', 'w').write(f'0 {{gid}} 1')\n"
+        "assert os.getuid() == 0 and open('/etc/shadow').read()\n", DENIED),
     "fork bomb (200 processes)": (
         "import os, time\npids = []\nfor _ in range(200):\n    pid = os.fork()\n    if pid == 0:\n"
         "        time.sleep(2)\n        os._exit(0)\n    pids.append(pid)\nfor pid in pids:\n    os.waitpid(pid, 0)\n",
@@ -73,8 +79,8 @@ ATTACKS = {
                                        f"{DENIED}|FileNotFoundError|ProcessLookupError"),
     "signal the parent": ("import os\nos.kill({parent}, 0)\n", r"ProcessLookupError|PermissionError"),
 }
-NEEDS_ROOT = {"read /etc/shadow", "run as root", "os.setuid(0) after the drop", "read a file in the user's home",
-              "list the user's home"}
+NEEDS_ROOT = {"read /etc/shadow", "become root in a user namespace of its own", "run as root",
+              "os.setuid(0) after the drop", "read a file in the user's home", "list the user's home"}
 
 
 @pytest.fixture(scope="module")
@@ -233,12 +239,14 @@ def test_bench_score_keeps_the_secret_and_the_rows_file_from_the_program(tmp_pat
 
 NORMAL_USER_ATTACKS = ["read /etc/passwd", "read the task file", "read a file under the project",
                        "read an env var set in the parent", "write outside the work dir",
+                       "write to /tmp beside the work dir",
                        "write outside via a shell child", "connect to 127.0.0.1", "os.setuid(0) after the drop",
                        "memory bomb (768 MB touched)", "ptrace the parent and the workers", "signal the parent"]
 
 
 @pytest.mark.skipif(not AS_ROOT or shutil.which("unshare") is None, reason="simulated from root with unshare -U")
-def test_as_a_normal_user_the_user_namespace_path_confines_too(scene):
+@pytest.mark.parametrize("method", ["auto", "mount"])
+def test_as_a_normal_user_the_user_namespace_path_confines_too(scene, method):
     """orstack run by a normal user: no uid to drop to, so the worker makes a user namespace of
     its own (for the network and PID namespaces) and clears the program's capabilities there.
     Simulated with `unshare -U --map-user=1000`: the pool runs as uid 1000 (root's file access
@@ -250,7 +258,7 @@ def test_as_a_normal_user_the_user_namespace_path_confines_too(scene):
     script = (
         "import json, os, sys\nfrom orstack.tasks.sandbox import Limits, Sandbox\n"
         "programs = json.loads(sys.stdin.read())\n"
-        "with Sandbox(workers=1, limits=Limits(timeout=5.0, memory_mb=256)) as pool:\n"
+        f"with Sandbox(workers=1, limits=Limits(timeout=5.0, memory_mb=256), method={method!r}) as pool:\n"
         "    targets = repr([os.getpid(), *pool.worker_pids()])\n"
         "    programs = {n: p.replace(repr(TARGETS), targets) for n, p in programs.items()}\n"
         "    results = dict(zip(programs, pool.run_many(list(programs.values()))))\n"
@@ -268,6 +276,7 @@ def test_as_a_normal_user_the_user_namespace_path_confines_too(scene):
 
     escaped = {n: r for n, r in report["results"].items() if r[0] == "passed"}
     assert escaped == {}
-    wrong = {n: r for n, r in report["results"].items() if not re.search(ATTACKS[n][1] + r"|Invalid argument", r[1])}
+    also = r"|Invalid argument" + ("|" + ABSENT if method == "mount" else "")
+    wrong = {n: r for n, r in report["results"].items() if not re.search(ATTACKS[n][1] + also, r[1])}
     assert wrong == {}, wrong  # setuid(0) there: EINVAL, uid 0 is not mapped
     assert list(outside.iterdir()) == []
