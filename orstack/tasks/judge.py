@@ -32,7 +32,8 @@ RUBRIC = (
     "Question:\n{question}\n"
     "{reference_block}"
     "Response:\n{response}\n"
-    "Reply with the score alone, a whole number from 1 to 10."
+    "Reply with the score alone, a whole number from 1 to 10.\n"
+    "Score:"
 )
 SCORE = re.compile(r"(?<![\d.])(10|[1-9])(?![\d.])")
 
