@@ -245,13 +245,15 @@ NORMAL_USER_ATTACKS = ["read /etc/passwd", "read the task file", "read a file un
 
 
 @pytest.mark.skipif(not AS_ROOT or shutil.which("unshare") is None, reason="simulated from root with unshare -U")
-@pytest.mark.parametrize("method", ["auto", "mount"])
-def test_as_a_normal_user_the_user_namespace_path_confines_too(scene, method):
+@pytest.mark.parametrize(("method", "user_namespaces"), [("auto", True), ("mount", True), ("auto", False)])
+def test_as_a_normal_user_the_sandbox_confines_too(scene, method, user_namespaces):
     """orstack run by a normal user: no uid to drop to, so the worker makes a user namespace of
     its own (for the network and PID namespaces) and clears the program's capabilities there.
     Simulated with `unshare -U --map-user=1000`: the pool runs as uid 1000 (root's file access
     on the host stays, so what is refused here is refused by the sandbox). Not covered by the
-    simulation: RLIMIT_NPROC, which the kernel does not apply to host root (the fork bomb)."""
+    simulation: RLIMIT_NPROC, which the kernel does not apply to host root (the fork bomb).
+    Without user namespaces (their limit set to none left, in a user namespace of the test's
+    own), Landlock alone: the caller's uid, no network or PID namespace."""
     _, fields, outside = scene
     _clear(outside)
     programs = {n: _program(n, fields) for n in NORMAL_USER_ATTACKS}
@@ -265,13 +267,17 @@ def test_as_a_normal_user_the_user_namespace_path_confines_too(scene, method):
         "    print(json.dumps({'uid': os.getuid(), 'confinement': pool.confinement,\n"
         "                      'results': {n: [r.status, r.detail] for n, r in results.items()}}))\n"
     ).replace("TARGETS", repr(fields["targets"]))
-    done = subprocess.run(["unshare", "-U", "--map-user=1000", "--map-group=1000", sys.executable, "-c", script],
-                          input=json.dumps(programs), capture_output=True, text=True, timeout=120)
+    command = ["unshare", "-U", "--map-user=1000", "--map-group=1000", sys.executable, "-c", script]
+    if not user_namespaces:
+        command = ["unshare", "-U", "--map-root-user", "sh", "-c",
+                   'echo 1 > /proc/sys/user/max_user_namespaces && exec "$@"', "sh", *command]
+    done = subprocess.run(command, input=json.dumps(programs), capture_output=True, text=True, timeout=120)
     if done.returncode != 0 and "unshare failed" in done.stderr:
         pytest.skip(f"no user namespaces here: {done.stderr.strip()}")
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout)
-    assert report["uid"] == 1000 and "user namespace" in report["confinement"], report
+    expected = "user namespace" if user_namespaces else "the caller's uid; TCP refused by Landlock (no netns)"
+    assert report["uid"] == 1000 and expected in report["confinement"], report
     import re
 
     escaped = {n: r for n, r in report["results"].items() if r[0] == "passed"}

@@ -194,7 +194,7 @@ def fs_rights(abi: int) -> int:
 class Jail:
     """What a worker prepares once and applies to each program it forks."""
 
-    files: str  # "landlock" | "mount namespace" | "none"
+    files: str  # "landlock" | "mount" (namespace) | "none"
     landlock: int  # the ABI in use (0: none)
     user: str  # "nobody" | "user namespace" | "caller"
     netns: int | None  # the host's network namespace, for Limits(network=True) (root only)
@@ -204,6 +204,7 @@ class Jail:
     overlaid: list[str] = field(default_factory=list)  # directories nobody cannot search, replaced by a tmpfs
     sys_path: list[str] = field(default_factory=list)  # the import path a program keeps (what it may read)
     init: tuple[int, int, int] | None = None  # the PID namespace's init: (pid, ask fd, done fd)
+    namespaces: bool = True  # the worker is in its own network and PID namespaces
 
     @classmethod
     def prepare(cls, method: str = "auto") -> Jail:
@@ -222,27 +223,32 @@ class Jail:
         mounts = CLONE_NEWNS if files == "mount" or blocked else 0
         if root:
             host_net = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)  # for Limits(network=True)
-            _check(libc().unshare(CLONE_NEWNET | CLONE_NEWPID | mounts), "unshare(network, PID, mount namespaces)")
             user = "nobody"
+            # refused e.g. in a container without CAP_SYS_ADMIN: then Landlock alone, still as nobody
+            namespaces = libc().unshare(CLONE_NEWNET | CLONE_NEWPID | mounts) == 0
         else:
             uid, gid = os.getuid(), os.getgid()
-            if libc().unshare(CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWPID | mounts) == 0:
+            # refused where unprivileged user namespaces are switched off: then Landlock alone
+            namespaces = libc().unshare(CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWPID | mounts) == 0
+            if namespaces:
                 _map_ids(uid, gid)
-                user = "user namespace"
-            elif method == "mount":
-                raise ConfineError("mount namespace: unprivileged user namespaces are not available")
-            else:  # e.g. unprivileged user namespaces switched off: Landlock alone
-                user = "caller"
-                files = "none" if files == "mount" else files
-        if mounts and user != "caller":
+            user = "user namespace" if namespaces else "caller"
+        if not namespaces:
+            if files == "mount" and method == "mount":
+                raise ConfineError("mount namespace: refused by this kernel (or container)")
+            if blocked:
+                raise ConfineError(f"nobody cannot reach the Python beneath {', '.join(blocked)}, and no mount "
+                                   "namespace can be made to show it just that")
+            files = "none" if files == "mount" else files
+        if mounts and namespaces:
             _mount("none", "/", None, MS_REC | MS_PRIVATE)
         if files == "mount":
             _pivot_into_minimal_root()
         elif blocked:
             overlaid = _overlay(blocked, read_paths())
         jail = cls(files=files, landlock=abi if files == "landlock" else 0, user=user, netns=host_net,
-                   overlaid=overlaid)
-        if user != "caller":
+                   overlaid=overlaid, namespaces=namespaces)
+        if namespaces:
             jail._start_init()
         if files == "landlock":
             wanted = [(p, FS_READ) for p in read_paths()] + [(p, r) for p, r in DEVICES.items() if os.path.exists(p)]
@@ -329,10 +335,6 @@ class Jail:
         if not self.namespaces and self.landlock < 4:
             missing.append("the network is not cut (no network namespace, Landlock ABI < 4)")
         return missing
-
-    @property
-    def namespaces(self) -> bool:
-        return self.user != "caller"
 
     # -- in the forked child ----------------------------------------------------------------------
     def enter(self, workdir: str, limits: Limits) -> None:
