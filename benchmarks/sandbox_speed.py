@@ -7,8 +7,9 @@ interleaved (A B A B ...) so that the machine's load falls on both alike.
 
 The baseline is orstack/tasks/sandbox.py at --baseline-rev (it imports only the standard
 library), run from a throw-away copy with its own worker processes. CPU ms per program
-counts the workers and every program they ran (reaped children), worker start-up included,
-and does not grow with the machine's load the way wall time does.
+counts the workers and every program they ran (reaped children), worker start-up included
+(shown on its own too, from an idle pool), and grows less with the machine's load than wall
+time does.
 """
 
 from __future__ import annotations
@@ -67,14 +68,20 @@ def cpu_seconds() -> float:
                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
-def one_round(module, programs: list[str], workers: int) -> tuple[float, float, int]:  # noqa: ANN001
-    """(programs/s wall, CPU ms per program, passed) for one pool of `module`'s Sandbox."""
+def one_round(module, programs: list[str], workers: int) -> tuple[float, float, int, float]:  # noqa: ANN001
+    """(programs/s wall, CPU ms per program, passed, CPU ms to start and stop an idle pool) for
+    `module`'s Sandbox."""
+    cpu = cpu_seconds()
+    with module.Sandbox(workers=workers, limits=module.Limits(timeout=10.0)):
+        pass
+    idle = (cpu_seconds() - cpu) * 1000
     cpu = cpu_seconds()
     with module.Sandbox(workers=workers, limits=module.Limits(timeout=10.0)) as pool:
         began = time.perf_counter()
         results = pool.run_many(programs)
         seconds = time.perf_counter() - began
-    return len(programs) / seconds, (cpu_seconds() - cpu) * 1000 / len(programs), sum(r.passed for r in results)
+    return (len(programs) / seconds, (cpu_seconds() - cpu) * 1000 / len(programs), sum(r.passed for r in results),
+            idle)
 
 
 def main() -> None:
@@ -89,7 +96,7 @@ def main() -> None:
     programs = humaneval_programs()
     with tempfile.TemporaryDirectory() as tmp:
         baseline = baseline_module(args.baseline_rev, Path(tmp))
-        runs: dict[str, list[tuple[float, float, int]]] = {"hardened": [], "baseline": []}
+        runs: dict[str, list[tuple[float, float, int, float]]] = {"hardened": [], "baseline": []}
         for _ in range(args.rounds):
             for name, module in (("baseline", baseline), ("hardened", hardened)):
                 runs[name].append(one_round(module, programs, args.workers))
@@ -106,6 +113,8 @@ def main() -> None:
              " ".join(f"{r[0]:.1f}" for r in runs["baseline"]), ""),
             ("CPU ms per program (median)", f"{med('hardened', 1):.2f}", f"{med('baseline', 1):.2f}",
              f"{med('hardened', 1) / med('baseline', 1):.3f}"),
+            ("  CPU ms to start and stop the pool", f"{med('hardened', 3):.0f}", f"{med('baseline', 3):.0f}",
+             f"{med('hardened', 3) / med('baseline', 3):.3f}"),
             ("canonical solutions passed", f"{min(r[2] for r in runs['hardened'])}/164",
              f"{min(r[2] for r in runs['baseline'])}/164", "")]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
