@@ -115,7 +115,7 @@ def scene():
         listener.close()
         home_file.unlink(missing_ok=True)
         os.environ.pop(SECRET_ENV, None)
-        subprocess.run(["rm", "-rf", str(shared)], check=False)
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 def _program(name: str, fields: dict) -> str:
