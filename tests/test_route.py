@@ -87,12 +87,13 @@ def test_route_train_cli_writes_router_and_plot(tmp_path):
     acc = write_rows(tmp_path / "acc.jsonl", [dict(r, correct=True, latency_ms=40.0) for r in rows])
     out, plot = tmp_path / "router", tmp_path / "rel.png"
     result = run_orstack("route", "train", "--results", str(base), "--results-accurate", str(acc), "--optimize",
-                         "--plot", str(plot), "-o", str(out))
+                         "--plot", str(plot), "--max-ece", "0.2", "-o", str(out))
     assert result.returncode == 0, result.stderr
     manifest = json.loads((out / "orstack.json").read_text())
     assert manifest["stage"] == "route" and 0.7 <= manifest["metrics"]["threshold"] <= 0.9
     assert len(manifest["metrics"]["sweep"]) == 11
     assert plot.read_bytes()[:4] == b"\x89PNG"
+    assert manifest["gate"]["passed"] and manifest["gate"]["checks"][0]["limit"] == 0.2
 
 
 def test_route_train_bad_input(tmp_path):
@@ -186,7 +187,8 @@ def test_route_run_forced_modes_and_auto(random_llama, adapters, tmp_path):
     results = [dict(r, mean_logprob=r.get("mean_logprob") or -1.0) for r in synthetic_results()]
     base_rows = write_rows(tmp_path / "base.jsonl", results)
     router = tmp_path / "router"
-    assert run_orstack("route", "train", "--results", str(base_rows), "-o", str(router)).returncode == 0
+    trained = run_orstack("route", "train", "--results", str(base_rows), "--max-ece", "0.2", "-o", str(router))
+    assert trained.returncode == 0, trained.stderr
     auto = run_orstack("route", "run", str(tasks), "--base", str(random_llama), "--router", str(router), *modifiers,
                        "--summary", str(tmp_path / "s.json"))
     assert auto.returncode == 0, auto.stderr
@@ -207,7 +209,7 @@ def test_route_run_bad_input(random_llama, adapters, tmp_path):
     router = tmp_path / "router"
     rows = [dict(r, model=str(random_llama)) for r in synthetic_results()]
     assert run_orstack("route", "train", "--results", str(write_rows(tmp_path / "b.jsonl", rows)),
-                       "-o", str(router)).returncode == 0
+                       "--max-ece", "0.2", "-o", str(router)).returncode == 0
     other = tmp_path / "other"
     import shutil
 
@@ -250,7 +252,7 @@ def test_route_train_manifest_is_the_config(tmp_path):
     base = write_rows(tmp_path / "base.jsonl", synthetic_results())
     acc = write_rows(tmp_path / "acc.jsonl", [dict(r, correct=True, latency_ms=40.0) for r in synthetic_results()])
     config = RouterConfig(threshold=0.75, optimize=True, cost_weight=0.1, seed=3, results=str(base),
-                          results_accurate=str(acc))
+                          results_accurate=str(acc), max_ece=None, cost="latency")
     result = train(tmp_path / "router", config, Runtime(device="cpu"))
     manifest = json.loads((tmp_path / "router" / "orstack.json").read_text())
     assert config_from_manifest(manifest) == config == config_from_args(RouterConfig, manifest["args"])
@@ -260,6 +262,9 @@ def test_route_train_manifest_is_the_config(tmp_path):
     again = train(tmp_path / "router2", config_from_manifest(manifest), Runtime(device="cpu"))
     rows = synthetic_results()
     assert np.array_equal(again.router.predict(rows), Router.load(tmp_path / "router").predict(rows))
+    # the intervals are seeded too
+    assert again.router.metrics["routing"] == result.router.metrics["routing"]
+    assert again.router.metrics["test_split"]["ece_after_ci95"] == result.router.metrics["test_split"]["ece_after_ci95"]
 
 
 def test_route_cli_defaults_are_the_config_defaults():
@@ -268,7 +273,8 @@ def test_route_cli_defaults_are_the_config_defaults():
 
     params, fields = _cli_defaults(train), _field_defaults(RouterConfig)
     for option, name in {"threshold": "threshold", "optimize": "optimize", "cost_weight": "cost_weight",
-                         "embedder": "embedder", "results_accurate": "results_accurate"}.items():
+                         "embedder": "embedder", "results_accurate": "results_accurate", "max_ece": "max_ece",
+                         "cost": "cost"}.items():
         assert params[option].default == fields[name], option
     assert params["results"].required
     params, fields = _cli_defaults(run), _field_defaults(RouteRunConfig)
@@ -368,7 +374,7 @@ def test_route_run_with_a_gguf_base(random_llama, gguf_base, adapters, tmp_path)
 
     router = tmp_path / "router"
     results = write_rows(tmp_path / "base.jsonl", [dict(r, model=str(gguf_base)) for r in synthetic_results()])
-    assert run_orstack("route", "train", "--results", results, "-o", router).returncode == 0
+    assert run_orstack("route", "train", "--results", results, "--max-ece", "0.2", "-o", router).returncode == 0
     assert json.loads((router / "router.json").read_text())["base"]["model"] == str(gguf_base)
     auto = run_orstack("route", "run", tasks, "--base", gguf_base, "--router", router, "--accurate", random_llama,
                        "--compare", "--summary", tmp_path / "s.json")
@@ -401,7 +407,8 @@ def test_route_run_with_a_gguf_base(random_llama, gguf_base, adapters, tmp_path)
 def trained_router(random_llama, tmp_path_factory):
     root = tmp_path_factory.mktemp("trained-router")
     results = write_rows(root / "base.jsonl", [dict(r, model=str(random_llama)) for r in synthetic_results()])
-    assert run_orstack("route", "train", "--results", results, "-o", root / "router").returncode == 0
+    trained = run_orstack("route", "train", "--results", results, "--max-ece", "0.2", "-o", root / "router")
+    assert trained.returncode == 0, trained.stderr
     return root / "router"
 
 
@@ -517,3 +524,65 @@ def test_route_train_refuses_outputs_of_the_wrong_type_and_bad_rows(tmp_path):
     for args, message in cases:
         assert message in _one_line_error(run_orstack("route", "train", *args)), args
     assert _snapshot(tmp_path) == before and not (tmp_path / "r").exists()
+
+
+# -- held-out sweep, intervals, the ECE gate ----------------------------------------------------
+
+def test_threshold_sweep_uses_only_the_heldout_split():
+    from orstack.route.router import heldout_indices, optimise_threshold, outcome_for
+    from orstack.route.sweep import accuracy_at_threshold
+
+    rows = synthetic_results()
+    config = RouterConfig(seed=0)
+    test = set(heldout_indices(len(rows), config).tolist())
+    # the accurate path is right on the held-out rows and wrong on every row the router saw
+    accurate = [dict(r, correct=i in test, output_tokens=3) for i, r in enumerate(rows)]
+    router = train_router(rows, config)
+    table = optimise_threshold(router, rows, accurate)
+    assert router.metrics["sweep_rows"] == len(test) == 80
+    held = sorted(test)
+    outcome = outcome_for(router, [rows[i] for i in held], [accurate[i] for i in held])
+    everything = outcome_for(router, rows, accurate)
+    for row in table:
+        assert row["accuracy"] == accuracy_at_threshold(outcome, row["threshold"])[0]
+    # on all rows the figures would differ (the accurate path is wrong on 320 of them)
+    assert any(row["accuracy"] != accuracy_at_threshold(everything, row["threshold"])[0] for row in table)
+    routing = router.metrics["routing"]
+    assert routing["rows"] == 80 and routing["accuracy_ci95"][0] <= routing["accuracy"] <= routing["accuracy_ci95"][1]
+    assert routing["apgr_ci95"][0] < routing["apgr_ci95"][1]
+
+
+def test_sweep_cost_is_tokens_by_default_and_latency_on_request():
+    from orstack.route.router import heldout_indices, optimise_threshold
+
+    rows = synthetic_results()
+    accurate = [dict(r, correct=True, output_tokens=20, latency_ms=999.0) for r in rows]
+    test = heldout_indices(len(rows), RouterConfig())
+    fast_tokens = np.mean([rows[i]["prompt_tokens"] + rows[i]["output_tokens"] for i in test])
+    for cost, fast, strong in (("tokens", fast_tokens, 25.0), ("latency", 10.0, 999.0)):
+        router = train_router(rows, RouterConfig(cost=cost))
+        table = optimise_threshold(router, rows, accurate)
+        for row in table:  # every escalated query costs both paths
+            assert row["cost"] == pytest.approx(fast + row["strong_share"] * strong)
+
+
+def test_ece_gate_trips_writes_nothing_and_force_marks_the_manifest(tmp_path):
+    from conftest import tree_hash
+
+    base = write_rows(tmp_path / "base.jsonl", synthetic_results())
+    acc = write_rows(tmp_path / "acc.jsonl", [dict(r, correct=True) for r in synthetic_results()])
+    out, plot = tmp_path / "router", tmp_path / "rel.png"
+    argv = ["route", "train", "--results", str(base), "--results-accurate", str(acc), "--plot", str(plot),
+            "-o", str(out), "--max-ece", "0.01"]
+    before = tree_hash(tmp_path)
+    result = run_orstack(*argv)
+    assert result.returncode == 3, result.stderr
+    assert "route train: quality gate failed: ece" in result.stderr and "(--max-ece)" in result.stderr
+    assert tree_hash(tmp_path) == before
+    result = run_orstack(*argv, "--force")
+    assert result.returncode == 0, result.stderr
+    gate = json.loads((out / "orstack.json").read_text())["gate"]
+    assert gate["forced"] and not gate["passed"] and gate["checks"][0]["value"] > 0.01
+    assert Router.load(out).threshold == 0.8 and plot.exists()
+    result = run_orstack("route", "train", "--results", str(base), "-o", str(tmp_path / "r2"), "--cost", "money")
+    assert result.returncode == 2 and "--cost" in result.stderr

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from orstack.commands.options import ChatTemplate, Output, RequiredOutput, current_runtime
+from orstack.commands.options import ChatTemplate, Force, Output, RequiredOutput, current_runtime
 
 route_app = typer.Typer(
     help="""Calibrated confidence routing between a fast base and accurate modifiers.
@@ -42,6 +42,13 @@ def train(
     embedder: Annotated[
         str, typer.Option("--embedder", help="Prompt embedding: tfidf, none, minilm or a model dir.")
     ] = "tfidf",
+    cost: Annotated[
+        str, typer.Option("--cost", help="A path's cost in the sweep: tokens (prompt + output) or latency (ms).")
+    ] = "tokens",
+    max_ece: Annotated[
+        float | None, typer.Option("--max-ece", min=0.0, help="Gate: calibrated ECE on the test split at most this.")
+    ] = 0.05,
+    force: Force = False,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a reliability-diagram PNG.")] = None,
 ) -> None:
     """Learn P(base answer is correct) from bench results, calibrate it, choose a threshold.
@@ -49,6 +56,9 @@ def train(
     Features: the base model's mean/min log-probability, mean entropy and output length, the
     prompt's length, domain and embedding. Logistic regression and a small MLP (class-weighted)
     are compared by held-out log-loss; the winner is Platt-calibrated on a held-out split.
+    The rows are split train / calibration / test (60/20/20, --seed); the threshold sweep, APGR
+    and ECE are measured on the test split only, with 95% bootstrap intervals. Exit 3, writing
+    nothing unless --force, when the calibrated test-split ECE is above --max-ece (default 0.05).
 
     Example:
 
@@ -57,11 +67,11 @@ def train(
     from orstack import console, route
 
     config = route.RouterConfig(embedder=embedder, threshold=threshold, optimize=optimize, cost_weight=cost_weight,
-                                seed=current_runtime().seed, results=str(results),
+                                max_ece=max_ece, cost=cost, seed=current_runtime().seed, results=str(results),
                                 results_accurate=str(results_accurate) if results_accurate is not None else None)
-    result = route.train(output, config, current_runtime(), plot=plot)
+    result = route.train(output, config, current_runtime(), plot=plot, force=force)
     if result.sweep is not None:
-        _print_sweep(result.sweep, result.router.threshold)
+        _print_sweep(result.sweep, result.router.threshold, result.router.metrics, config.cost)
     _print_calibration(result.router.metrics)
     console.info(f"router ({result.router.classifier.kind}, threshold {result.router.threshold:.2f}) "
                  f"written to {output}")
@@ -131,22 +141,37 @@ def _print_run_summary(stats: dict) -> None:
 def _print_calibration(metrics: dict) -> None:
     from orstack import console
 
-    tbl = console.new_table("test split", "before", "after", title=f"calibration ({metrics['chosen']})")
     report = metrics["test_split"]
+    tbl = console.new_table("test split", "before", "after",
+                            title=f"calibration ({metrics['chosen']}, {metrics['rows']['test']} test rows)")
     for name in ("ece", "brier", "log_loss"):
         tbl.add_row(name, f"{report[name + '_before']:.4f}", f"{report[name + '_after']:.4f}")
+    low, high = report.get("ece_after_ci95") or (None, None)
+    if low is not None:
+        tbl.add_row("  ece after, 95% CI", "", f"[{low:.4f}, {high:.4f}]")
     console.table(tbl)
 
 
-def _print_sweep(sweep: list[dict], chosen: float) -> None:
+def _print_sweep(sweep: list[dict], chosen: float, metrics: dict, cost: str) -> None:
     from orstack import console
 
-    tbl = console.new_table("threshold", "accuracy", "accurate share", "cost ms", "score", title="threshold sweep")
+    unit = "tokens" if cost == "tokens" else "ms"
+    tbl = console.new_table("threshold", "accuracy", "accurate share", f"cost {unit}", "score",
+                            title=f"threshold sweep (held-out split, {metrics.get('sweep_rows', '?')} rows)")
     for row in sweep:
         mark = " *" if abs(row["threshold"] - chosen) < 1e-9 else ""
         tbl.add_row(f"{row['threshold']:.2f}{mark}", f"{row['accuracy']:.3f}", f"{row['strong_share']:.3f}",
                     f"{row['cost']:.1f}", f"{row['score']:.4f}")
     console.table(tbl)
+    routing = metrics.get("routing")
+    if routing:
+        acc_lo, acc_hi = routing["accuracy_ci95"]
+        line = (f"at threshold {routing['threshold']:.2f}: accuracy {routing['accuracy']:.3f} "
+                f"[95% CI {acc_lo:.3f}, {acc_hi:.3f}]")
+        if routing.get("apgr") is not None:
+            lo, hi = routing["apgr_ci95"]
+            line += f"; APGR {routing['apgr']:.3f} [95% CI {lo:.3f}, {hi:.3f}] (random = 0.5)"
+        console.info(line + f" on {routing['rows']} held-out rows")
 
 
 def register(app: typer.Typer) -> None:

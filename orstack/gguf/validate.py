@@ -107,7 +107,7 @@ class Validation:
                   Gate("ppl_change", self.ppl_tolerance, "max", ppl_option, "%").check(
                       abs(self.ppl_change), before=self.ppl_source, after=self.ppl_gguf)]
         if self.logit_tolerance is not None:
-            checks.append(Gate("max_logit_diff / logit_scale", self.logit_tolerance, "max", "(f32 rule)").check(
+            checks.append(Gate("max_logit_diff / logit_scale", self.logit_tolerance, "max", "f32 logit rule").check(
                 self.max_logit_diff / max(self.logit_scale, 1e-30)))
         return checks
 

@@ -6,7 +6,15 @@ import math
 from pathlib import Path
 
 from orstack.errors import BadInput
-from orstack.plan import TORCH_DTYPE_BYTES, Plan, TensorPlan, checkpoint_headers, keep_row, meta_tensors
+from orstack.plan import (
+    TORCH_DTYPE_BYTES,
+    Plan,
+    TensorPlan,
+    checkpoint_headers,
+    keep_row,
+    meta_tensors,
+    stored_float_bytes,
+)
 from orstack.prune.stage import PruneConfig
 
 
@@ -31,6 +39,10 @@ def plan(source: str | Path, config: PruneConfig) -> Plan:
     width = TORCH_DTYPE_BYTES[config.dtype]
     levels = config.grid or [spec.sparsity]
     result = Plan("prune", str(source), bytes_in=sum(t.nbytes for t in headers.values()))
+    stored_width = stored_float_bytes(headers, model_config)
+    if stored_width != width:
+        result.notes.append(f"--dtype {config.dtype}: values stored in {width} bytes (the checkpoint holds "
+                            f"{stored_width}-byte floats)")
     if config.grid:
         result.notes.append(f"--grid: sizes shown at {levels[0]:.2f}; the run tries {', '.join(map(str, levels))}")
     targets = {}

@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 
 from orstack.errors import BadInput
-from orstack.route.calibration import Platt, calibration_report, log_loss, sigmoid
+from orstack.route.calibration import Platt, calibration_report, ece, log_loss, sigmoid
 from orstack.route.features import Featurizer
+from orstack.stats import bootstrap_interval
 
 ROUTER_FILE = "router.json"
 WEIGHTS_FILE = "router.safetensors"
@@ -33,6 +34,8 @@ class RouterConfig:
     calib_fraction: float = 0.25
     test_fraction: float = 0.2
     hidden: int = 32
+    max_ece: float | None = 0.05  # the gate: calibrated ECE on the test split (the seed's ECE < 0.05); None: off
+    cost: str = "tokens"  # what a path costs in the sweep: "tokens" (prompt + output, reproducible) or "latency"
     seed: int = 0
     results: str | None = None  # bench Result rows of the base (fast) model
     results_accurate: str | None = None  # the accurate path's rows on the same tasks (for the sweep)
@@ -274,13 +277,17 @@ def train_router(rows: list[dict], config: RouterConfig) -> Router:
     scored.sort(key=lambda item: item[0])
     _, classifier, platt = scored[0]
     raw_test = classifier.predict(x[test])
+    test_report = calibration_report(y[test], raw_test, platt(raw_test))
+    calibrated_test = platt(raw_test)
+    test_report["ece_after_ci95"] = list(bootstrap_interval(
+        lambda idx: ece(y[test][idx], calibrated_test[idx]), len(test), n_resamples=1000, seed=config.seed))
     metrics = {
         "model_selection": {clf.kind: loss for loss, clf, _ in scored},
         "chosen": classifier.kind,
         "rows": {"train": len(train), "calibration": len(calib), "test": len(test)},
         "calibration_split": calibration_report(y[calib], classifier.predict(x[calib]),
                                                 platt(classifier.predict(x[calib]))),
-        "test_split": calibration_report(y[test], raw_test, platt(raw_test)),
+        "test_split": test_report,
         "test_split_15_bins": calibration_report(y[test], raw_test, platt(raw_test), bins=15),
         "base_accuracy": float(y.mean()),
     }
@@ -308,20 +315,72 @@ def join_accurate(rows: list[dict], accurate: list[dict], where: str) -> list[di
     return [by_id[r.get("id")] for r in rows]
 
 
-def outcome_for(router: Router, rows: list[dict], accurate: list[dict]):
+COSTS = ("tokens", "latency")
+
+
+def row_cost(row: dict, cost: str = "tokens") -> float:
+    """What answering one row cost: the tokens the model read and wrote (the same on every
+    rerun), or the measured wall time (latency_ms, which varies with the machine and its load)."""
+    if cost == "latency":
+        return float(row.get("latency_ms") or 0.0)
+    return float((row.get("prompt_tokens") or 0) + (row.get("output_tokens") or 0))
+
+
+def outcome_for(router: Router, rows: list[dict], accurate: list[dict], cost: str | None = None):
     from orstack.route.sweep import Outcome
 
-    fast_cost = np.array([float(r.get("latency_ms") or 0.0) for r in rows])
-    strong_cost = np.array([float(r.get("latency_ms") or 0.0) for r in accurate])
+    cost = cost or router.config.cost
+    fast_cost = np.array([row_cost(r, cost) for r in rows])
+    strong_cost = np.array([row_cost(r, cost) for r in accurate])
     return Outcome(router.predict(rows), labels(rows), labels(accurate), fast_cost, strong_cost)
 
 
+def heldout_indices(n: int, config: RouterConfig) -> np.ndarray:
+    """The test split of `train_router` (rows it neither fitted nor calibrated on)."""
+    return split_indices(n, config.calib_fraction, config.test_fraction, config.seed)[2]
+
+
+SWEEP_THRESHOLDS = np.round(np.arange(0.70, 0.9001, 0.02), 2)
+
+
 def optimise_threshold(router: Router, rows: list[dict], accurate: list[dict]) -> list[dict]:
-    """Sweep 0.70-0.90 on held-out rows and keep the best quality-per-cost score."""
+    """Sweep 0.70-0.90 on the held-out (test) split only, and with --optimize keep the best
+    quality-per-cost score: a threshold chosen on the rows the classifier was fitted on would
+    flatter it. The test split's size is in router.metrics["sweep_rows"]."""
     from orstack.route.sweep import sweep
 
-    table = sweep(outcome_for(router, rows, accurate), np.round(np.arange(0.70, 0.9001, 0.02), 2),
-                  router.config.cost_weight)
+    test = heldout_indices(len(rows), router.config)
+    outcome = outcome_for(router, [rows[i] for i in test], [accurate[i] for i in test])
+    table = sweep(outcome, SWEEP_THRESHOLDS, router.config.cost_weight)
     if router.config.optimize:
         router.threshold = max(table, key=lambda row: row["score"])["threshold"]
+    router.metrics["sweep_rows"] = len(test)
+    router.metrics["routing"] = routing_intervals(outcome, router.threshold, router.config.seed)
     return table
+
+
+def routing_intervals(outcome, threshold: float, seed: int, n_resamples: int = 1000) -> dict:  # noqa: ANN001
+    """APGR and the accuracy at `threshold` on the held-out outcome, each with a 95% bootstrap
+    interval over its rows (seeded)."""
+    from orstack.route.sweep import Outcome, accuracy_at_threshold, apgr
+    from orstack.stats import bootstrap_interval
+
+    def subset(idx: np.ndarray) -> Outcome:
+        return Outcome(outcome.p_fast_ok[idx], outcome.fast_correct[idx], outcome.strong_correct[idx],
+                       outcome.fast_cost[idx], outcome.strong_cost[idx])
+
+    def apgr_of(idx: np.ndarray) -> float:
+        o = subset(idx)
+        return apgr(o) if o.strong_correct.mean() > o.fast_correct.mean() else float("nan")  # no gap, no PGR
+
+    n = len(outcome.p_fast_ok)
+    accuracy = accuracy_at_threshold(outcome, threshold)[0]
+    gap = outcome.strong_correct.mean() > outcome.fast_correct.mean()
+    return {
+        "rows": n, "threshold": threshold,
+        "accuracy": accuracy,
+        "accuracy_ci95": list(bootstrap_interval(lambda idx: accuracy_at_threshold(subset(idx), threshold)[0], n,
+                                                 n_resamples=n_resamples, seed=seed)),
+        "apgr": apgr(outcome) if gap else None,
+        "apgr_ci95": list(bootstrap_interval(apgr_of, n, n_resamples=n_resamples, seed=seed)) if gap else None,
+    }

@@ -12,6 +12,7 @@ from orstack.route.router import Router, RouterConfig
 from orstack.route.routing import RouteRunConfig
 
 if TYPE_CHECKING:
+    from orstack.gates import Verdict
     from orstack.runtime import Runtime
 
 
@@ -19,8 +20,9 @@ if TYPE_CHECKING:
 class RouteTrainResult:
     router: Router
     output: Path
-    sweep: list[dict] | None  # threshold sweep rows when accurate-path results were given
+    sweep: list[dict] | None  # threshold sweep rows (held-out split) when accurate-path results were given
     plot: Path | None = None
+    verdict: Verdict | None = None  # the ECE gate (None: --max-ece off)
 
 
 @dataclass
@@ -33,15 +35,18 @@ class RouteRunResult:
 
 
 def train(output: str | Path, config: RouterConfig, runtime: Runtime, *, plot: str | Path | None = None,
-          ) -> RouteTrainResult:
+          force: bool = False) -> RouteTrainResult:
     """Learn P(base answer is correct) from `config.results`, calibrate it, choose the threshold
-    (swept over `config.results_accurate` when given) and write the router directory `output`."""
+    (swept over the held-out split of `config.results_accurate` when given) and write the router
+    directory `output`. The ECE gate (`config.max_ece`, on the calibrated test split) raises
+    GateTripped, writing nothing, unless `force`; a forced router's manifest says so."""
+    from orstack.gates import check_limits
     from orstack.io.atomic import atomic_path
     from orstack.io.jsonl import check_input_file
     from orstack.io.manifest import build_manifest, write_manifest
     from orstack.io.output import Output, check_outputs
     from orstack.route.features import load_results
-    from orstack.route.router import MIN_ROWS, base_identity, join_accurate, optimise_threshold, train_router
+    from orstack.route.router import COSTS, MIN_ROWS, base_identity, join_accurate, optimise_threshold, train_router
 
     if config.results is None:
         raise BadInput("route train needs --results (bench Result rows of the base model)")
@@ -50,6 +55,9 @@ def train(output: str | Path, config: RouterConfig, runtime: Runtime, *, plot: s
     check_input_file(config.results, "--results")
     if config.results_accurate is not None:
         check_input_file(config.results_accurate, "--results-accurate")
+    check_limits(max_ece=config.max_ece)
+    if config.cost not in COSTS:
+        raise BadInput(f"--cost: expected {' or '.join(COSTS)}, got '{config.cost}'")
     if config.optimize and config.results_accurate is None:
         raise BadInput("--optimize needs --results-accurate (the accurate path's results on the same tasks)")
     if config.embedder not in ("tfidf", "none"):
@@ -70,17 +78,32 @@ def train(output: str | Path, config: RouterConfig, runtime: Runtime, *, plot: s
     sweep = None
     if accurate is not None:
         sweep = router.metrics["sweep"] = optimise_threshold(router, rows, accurate)
+    verdict = ece_gate(router, force)
     with atomic_path(output, directory=True) as tmp:
         router.save(tmp)
+        extra = {"gate": verdict.record()} if verdict is not None else None
         write_manifest(tmp, build_manifest("route", config, parent=router.base.get("model"),
-                                           metrics={**router.metrics, "threshold": router.threshold}))
+                                           metrics={**router.metrics, "threshold": router.threshold}, extra=extra))
     if plot is not None:
         from orstack.route.calibration import plot_reliability
         from orstack.route.router import labels
 
         raw = router.classifier.predict(router.featurizer.transform(rows))
         plot_reliability(labels(rows), raw, router.platt(raw), plot)
-    return RouteTrainResult(router, Path(output), sweep, Path(plot) if plot is not None else None)
+    return RouteTrainResult(router, Path(output), sweep, Path(plot) if plot is not None else None, verdict)
+
+
+def ece_gate(router: Router, force: bool) -> Verdict | None:
+    """The calibrated router's ECE on the test split (rows it was neither fitted nor calibrated
+    on) against --max-ece; GateTripped unless it passes or `force`."""
+    if router.config.max_ece is None:
+        return None
+    from orstack.gates import Gate, decide
+
+    report = router.metrics["test_split"]
+    on = f"test split, {router.metrics['rows']['test']} rows, {report['bins']} bins"
+    check = Gate("ece", router.config.max_ece, "max", "--max-ece").check(report["ece_after"], on=on)
+    return decide("route train", [check], force)
 
 
 def run(tasks: str | Path, output: str | Path | None, config: RouteRunConfig, runtime: Runtime, *,

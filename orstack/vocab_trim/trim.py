@@ -388,7 +388,7 @@ def vocab_trim(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, confi
         })
         checks.append(ppl_check(ppl_before, ppl_after, config.max_ppl_rise, on=str(config.validate)))
         checks.append(Gate("held-out lines that no longer decode to themselves", len(lines) * MAX_ROUND_TRIP_LOSS,
-                           "max", "(round-trip rule)").check(lost, on=str(config.validate)))
-        checks.append(Gate("tokens per word rose", MAX_TOKENS_PER_WORD_RISE, "max", "(tokens-per-word rule)", "%")
+                           "max", "round-trip rule").check(lost, on=str(config.validate)))
+        checks.append(Gate("tokens per word rose", MAX_TOKENS_PER_WORD_RISE, "max", "tokens-per-word rule", "%")
                       .check(tpw_after / tpw_before - 1, before=tpw_before, after=tpw_after, on=str(config.validate)))
     return TrimResult(model=model, tokenizer=new_tokenizer, plan=plan, metrics=metrics, checks=checks)
