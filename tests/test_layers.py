@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1] / "orstack"
 
 # Lowest first; a module may import from its own layer or below (docs/design.md, Layout).
 LAYERS = [
-    {"__init__", "errors", "console", "runtime"},
+    {"__init__", "errors", "console", "runtime", "stats"},
     {"io"},
     {"tasks", "backends"},
     {"train", "layerwise", "architectures", "gates", "plan"},

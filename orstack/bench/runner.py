@@ -8,6 +8,7 @@ before any work.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -16,6 +17,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orstack.backends.endpoint import EndpointOptions, is_endpoint
+from orstack.bench.compare import (
+    KLReference,
+    check_domains,
+    check_gates,
+    comparisons,
+    gate_failures,
+    parse_fail_under,
+)
 from orstack.errors import BadInput
 from orstack.io.output import Output, check_outputs
 from orstack.tasks.results import accuracy_summary, fit_prompts, run_tasks
@@ -41,7 +50,9 @@ class BenchConfig:
     limit: int | None = None  # only the first N tasks
     shard: str | None = None  # "I/N": only the I-th of N contiguous blocks of the tasks (orstack/tasks/shard.py)
     truncate_prompts: bool = False  # keep the end of a prompt longer than the context, instead of refusing it
-    fail_under: float | None = None  # the accuracy gate
+    fail_under: list[str] = field(default_factory=list)  # accuracy gates: "ACC" (overall) or "DOMAIN=ACC"
+    max_regression: float | None = None  # gate: points a model may fall below the first (when significant)
+    alpha: float = 0.05  # significance level for --max-regression (McNemar's exact test)
     code_timeout: float = 5.0  # sandbox seconds per code program (a task's `timeout` wins)
     code_memory_mb: int = 512  # sandbox memory per code program (a task's `memory_mb` wins)
     chat_template: str | None = None  # None: `messages` tasks only; "model" or a .jinja path: every task
@@ -67,7 +78,8 @@ class BenchResult:
     config: BenchConfig
     rows: list[dict[str, Any]]  # Result rows, every model's in turn
     summaries: list[dict[str, Any]]  # one per model: accuracy, perplexity, speed, size, lineage
-    failure: str | None = None  # why the --fail-under gate failed (None: passed, or no gate)
+    failure: str | None = None  # why an accuracy gate failed (None: passed, or no gate)
+    comparisons: list[dict[str, Any]] = field(default_factory=list)  # every later model vs the first (compare.py)
 
     def summary_json(self) -> dict[str, Any]:
         """The --summary file: the whole config (and its class, for config_from_manifest) and
@@ -75,7 +87,7 @@ class BenchResult:
         from orstack.io.manifest import as_args, config_class_name
 
         return {"config": as_args(self.config), "config_class": config_class_name(self.config),
-                "models": self.summaries}
+                "models": self.summaries, "comparisons": self.comparisons}
 
 
 def run(models: Sequence[str], config: BenchConfig, runtime: Runtime,
@@ -83,6 +95,7 @@ def run(models: Sequence[str], config: BenchConfig, runtime: Runtime,
     """Benchmark `models` side by side. Every input and output is checked before any model
     is loaded; then each model in turn answers the tasks, scores the perplexity text and is
     timed; the accuracy gate is applied last."""
+    from orstack.io.jsonl import display_name
     from orstack.io.text import read_texts
     from orstack.tasks.contract import load_tasks
 
@@ -95,6 +108,8 @@ def run(models: Sequence[str], config: BenchConfig, runtime: Runtime,
     for spec in models:
         _check_model(spec)
     tasks = load_tasks(config.tasks, config.limit) if config.tasks else None
+    if tasks is not None:
+        check_domains(parse_fail_under(config.fail_under)[1], tasks, display_name(config.tasks))
     if tasks is not None and config.shard is not None:
         tasks = _shard_of(tasks, config)
     texts = list(read_texts(config.ppl)) if config.ppl else None
@@ -108,12 +123,27 @@ def run(models: Sequence[str], config: BenchConfig, runtime: Runtime,
         seed_everything(config.seed)
     rows: list[dict[str, Any]] = []
     summaries: list[dict[str, Any]] = []
-    with _sandbox_for(tasks, config) as sandbox:
+    kl_results: list[dict[str, Any] | None] = []
+    with _sandbox_for(tasks, config) as sandbox, tempfile.TemporaryDirectory(prefix="orstack-kl-") as kl_dir:
+        kl = KLReference(kl_dir, texts, rule=config.ppl_rule) if texts and len(models) > 1 else None
         for spec in models:
-            model_rows, summary = bench_model(spec, config, tasks, texts, runtime=runtime, sandbox=sandbox)
+            model_rows, summary = bench_model(spec, config, tasks, texts, runtime=runtime, sandbox=sandbox, kl=kl)
+            kl_results.append(summary.pop("kl", None))
             rows.extend(model_rows)
             summaries.append(summary)
-    return BenchResult(config, rows, summaries, gate_failure(summaries, config.fail_under))
+    return _result(config, rows, summaries, models, kl_results)
+
+
+def _result(config: BenchConfig, rows: list[dict[str, Any]], summaries: list[dict[str, Any]],
+            models: Sequence[str], kl_results: Sequence[dict[str, Any] | None] = ()) -> BenchResult:
+    """The rows and summaries with the comparisons against the first model, gated."""
+    compared = comparisons(rows, models, seed=config.seed, alpha=config.alpha)
+    for entry, kl in zip(compared, list(kl_results)[1:]):
+        if kl is not None:
+            entry["kl"] = kl
+    failures = gate_failures(summaries, rows, compared, fail_under=config.fail_under,
+                             max_regression=config.max_regression, alpha=config.alpha)
+    return BenchResult(config, rows, summaries, "; ".join(failures) or None, compared)
 
 
 def score(rows_path: str | Path, config: BenchConfig, runtime: Runtime,
@@ -121,12 +151,14 @@ def score(rows_path: str | Path, config: BenchConfig, runtime: Runtime,
     """`--score`: rows that already carry `output` (made anywhere) scored by bench's rules,
     other fields kept; one summary per `model` named in the rows."""
     from orstack.bench.report import lineage
+    from orstack.io.jsonl import display_name
     from orstack.tasks.results import load_scored_rows, rescore
 
     if config.tasks or config.ppl or config.speed:
         raise BadInput("--score scores existing outputs: give no MODEL, --tasks, --ppl or --speed with it")
     if outputs.plot is not None:
         raise BadInput("--plot needs --tasks (it plots task accuracy against size)")
+    check_gates(config.fail_under, config.max_regression, config.alpha)
     check_outputs(outputs.policy(), inputs=[rows_path])
     rows = load_scored_rows(rows_path)
     with _sandbox_for(rows, config) as sandbox:
@@ -138,7 +170,10 @@ def score(rows_path: str | Path, config: BenchConfig, runtime: Runtime,
     if sandbox is not None:
         for summary in summaries:
             summary["sandbox"] = sandbox.confinement  # what the code ran under
-    return BenchResult(config, scored, summaries, gate_failure(summaries, config.fail_under))
+    check_domains(parse_fail_under(config.fail_under)[1], scored, display_name(rows_path))
+    if config.max_regression is not None and len(by_model) < 2:
+        raise BadInput(f"--max-regression compares models with the first: {rows_path} has rows of one model only")
+    return _result(config, scored, summaries, list(by_model))
 
 
 def _check_usage(models: list[str], config: BenchConfig, outputs: BenchOutputs) -> None:
@@ -155,8 +190,12 @@ def _check_usage(models: list[str], config: BenchConfig, outputs: BenchOutputs) 
         parse_shard(config.shard)
         if not config.tasks or config.ppl or config.speed:
             raise BadInput("--shard splits --tasks: give --tasks, and measure --ppl and --speed unsharded")
-    if config.fail_under is not None and not config.tasks:
+    check_gates(config.fail_under, config.max_regression, config.alpha)
+    if config.fail_under and not config.tasks:
         raise BadInput("--fail-under needs --tasks or --score (it gates task accuracy)")
+    if config.max_regression is not None and (not config.tasks or len(models) < 2):
+        raise BadInput("--max-regression needs --tasks (or --score) and two or more models (it compares each "
+                       "with the first)")
     if outputs.plot is not None and not config.tasks:
         raise BadInput("--plot needs --tasks (it plots task accuracy against size)")
     if not (config.tasks or config.ppl or config.speed):
@@ -213,19 +252,12 @@ def _sandbox_for(rows: Sequence[dict[str, Any]] | None, config: BenchConfig) -> 
     return Sandbox(limits=Limits(timeout=config.code_timeout, memory_mb=config.code_memory_mb))
 
 
-def gate_failure(summaries: Sequence[dict[str, Any]], fail_under: float | None) -> str | None:
-    """Which models are below the --fail-under accuracy (a model without accuracy fails too)."""
-    if fail_under is None:
-        return None
-    below = [f"{s['model']} {s['accuracy'] if s.get('accuracy') is None else round(s['accuracy'], 4)}"
-             for s in summaries if s.get("accuracy") is None or s["accuracy"] < fail_under]
-    return f"accuracy below --fail-under {fail_under}: {', '.join(below)}" if below else None
-
-
 def bench_model(spec: str, config: BenchConfig, tasks: Sequence[dict[str, Any]] | None = None,
                 texts: Sequence[str] | None = None, *, runtime: Runtime,
-                sandbox: Sandbox | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Everything asked of one model: (Result rows, summary)."""
+                sandbox: Sandbox | None = None, kl: KLReference | None = None,
+                ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Everything asked of one model: (Result rows, summary; with `kl`, the summary's "kl" is the
+    model's KL from the first model, which the first records)."""
     from orstack.backends.base import open_backend
     from orstack.bench.report import lineage
     from orstack.bench.speed import measure_speed, peak_rss_mb, reset_peak_rss, rss_mb
@@ -265,6 +297,8 @@ def bench_model(spec: str, config: BenchConfig, tasks: Sequence[dict[str, Any]] 
             except ValueError as e:  # e.g. a text shorter than one llama.cpp-rule chunk
                 raise BadInput(f"--ppl: {e}") from None
             summary["ppl"] = result.as_dict()
+            if kl is not None:
+                summary["kl"] = kl.measure(backend, max_length)
         size = backend.size_bytes()
         summary["size_mb"] = size / 1e6
         if config.speed:

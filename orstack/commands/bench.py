@@ -38,7 +38,16 @@ on, stopping at the template's end-of-turn token). `prompt` tasks are fed as-is 
 --chat-template is given: `model` (the model's own template) or a .jinja file.
 
 --score ROWS.jsonl scores rows that already carry `output` by the same rules, without a model.
---fail-under ACC exits 3 (writing nothing unless --force) when a model's accuracy is below ACC.
+--fail-under ACC exits 3 (writing nothing unless --force) when a model's accuracy is below ACC;
+--fail-under DOMAIN=ACC (repeatable) gates the accuracy on the tasks of one domain.
+
+With two or more models, each is compared with the first on the same tasks: the accuracy
+difference in points with a 95% paired bootstrap interval (seeded by --seed), McNemar's exact
+p-value and the tasks that flipped each way, overall, per domain and per cluster (rows
+annotated by cluster-failures); with --ppl, the mean KL divergence of its next-token
+distributions from the first model's (n/a, with the reason, for another vocabulary or
+tokenization). --max-regression PTS exits 3 when a model is more than PTS points below the
+first and McNemar's p is below --alpha.
 
 Example:
 
@@ -65,8 +74,15 @@ def bench(
     output: Output = None,
     summary: Annotated[Path | None, typer.Option("--summary", help="Write the per-model summary as JSON.")] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG of accuracy against size.")] = None,
-    fail_under: Annotated[float | None, typer.Option("--fail-under", min=0.0, max=1.0,
-                                                     help="Exit 3 when a model's accuracy is below this.")] = None,
+    fail_under: Annotated[list[str] | None, typer.Option("--fail-under", metavar="[DOMAIN=]ACC",
+                                                         help="Exit 3 when a model's accuracy (in DOMAIN) is below "
+                                                              "ACC. Repeatable.")] = None,
+    max_regression: Annotated[float | None, typer.Option("--max-regression", metavar="PTS", min=0.0, max=100.0,
+                                                         help="Exit 3 when a model is more than PTS accuracy points "
+                                                              "below the first, significantly (--alpha).")] = None,
+    alpha: Annotated[float, typer.Option("--alpha", min=0.0, max=1.0,
+                                         help="Significance level for --max-regression (McNemar's exact test).")
+                     ] = 0.05,
     force: Force = False,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Generation budget per task.")] = 32,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompts per forward pass.")] = 16,
@@ -105,7 +121,8 @@ def bench(
     config = BenchConfig(tasks=str(tasks) if tasks else None, ppl=[str(p) for p in ppl or []], ppl_rule=ppl_rule,
                          ppl_max_length=ppl_max_length, speed=speed, speed_runs=speed_runs,
                          max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit, shard=shard,
-                         truncate_prompts=truncate_prompts, fail_under=fail_under, code_timeout=code_timeout,
+                         truncate_prompts=truncate_prompts, fail_under=list(fail_under or []),
+                         max_regression=max_regression, alpha=alpha, code_timeout=code_timeout,
                          code_memory_mb=code_memory_mb, chat_template=chat_template, seed=runtime.seed,
                          endpoint=EndpointOptions(concurrency=concurrency, timeout=timeout, retries=retries,
                                                   rate_limit=rate_limit, api_key_env=api_key_env,
@@ -117,7 +134,7 @@ def bench(
         result = score_rows(score, config, runtime, outputs)
     else:
         result = run_bench(models or [], config, runtime, outputs)
-    _report(result.summaries)
+    _report(result.summaries, result.comparisons)
     if result.failure and not force:
         raise GateFailed(f"{result.failure}; nothing written (--force writes the results and still exits 3)")
     _write(result, outputs)
@@ -138,10 +155,15 @@ def _write(result, outputs) -> None:  # noqa: ANN001 - BenchResult, BenchOutputs
         plot_accuracy_vs_size(result.summaries, outputs.plot)
 
 
-def _report(summaries: list[dict]) -> None:
+def _report(summaries: list[dict], comparisons: list[dict]) -> None:
+    from orstack.bench.compare import kl_notes, statistics_tables
     from orstack.bench.report import comparison_table, lineage_line
 
     console.table(comparison_table(summaries))
+    for tbl in statistics_tables(comparisons):
+        console.table(tbl)
+    for note in kl_notes(comparisons):
+        console.info(note)
     confinement = next((s["sandbox"] for s in summaries if "sandbox" in s), None)
     if confinement:
         console.info(f"sandbox: {confinement}")
