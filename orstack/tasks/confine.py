@@ -245,7 +245,12 @@ class Jail:
         if files == "mount":
             _pivot_into_minimal_root()
         elif blocked:
+            import tempfile
+
+            work = os.path.realpath(tempfile.gettempdir())
             overlaid = _overlay(blocked, read_paths())
+            if any(work.startswith(b + "/") for b in blocked):  # a TMPDIR nobody could not enter, now hidden
+                tempfile.tempdir = "/tmp"
         jail = cls(files=files, landlock=abi if files == "landlock" else 0, user=user, netns=host_net,
                    overlaid=overlaid, namespaces=namespaces)
         if namespaces:
