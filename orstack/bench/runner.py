@@ -27,6 +27,7 @@ from orstack.bench.compare import (
 )
 from orstack.errors import BadInput
 from orstack.io.output import Output, check_outputs
+from orstack.tasks.judge import JudgeConfig
 from orstack.tasks.results import accuracy_summary, fit_prompts, run_tasks
 
 if TYPE_CHECKING:
@@ -57,6 +58,7 @@ class BenchConfig:
     code_memory_mb: int = 512  # sandbox memory per code program (a task's `memory_mb` wins)
     chat_template: str | None = None  # None: `messages` tasks only; "model" or a .jinja path: every task
     endpoint: EndpointOptions = field(default_factory=EndpointOptions)  # how http(s):// models are asked
+    judge: JudgeConfig | None = None  # grades `text` outputs 1-10 (orstack/tasks/judge.py)
     seed: int = 0
 
 
@@ -124,14 +126,51 @@ def run(models: Sequence[str], config: BenchConfig, runtime: Runtime,
     rows: list[dict[str, Any]] = []
     summaries: list[dict[str, Any]] = []
     kl_results: list[dict[str, Any] | None] = []
+    judge = _open_judge(config, tasks, runtime)
     with _sandbox_for(tasks, config) as sandbox, tempfile.TemporaryDirectory(prefix="orstack-kl-") as kl_dir:
         kl = KLReference(kl_dir, texts, rule=config.ppl_rule) if texts and len(models) > 1 else None
-        for spec in models:
-            model_rows, summary = bench_model(spec, config, tasks, texts, runtime=runtime, sandbox=sandbox, kl=kl)
-            kl_results.append(summary.pop("kl", None))
-            rows.extend(model_rows)
-            summaries.append(summary)
+        try:
+            for spec in models:
+                model_rows, summary = bench_model(spec, config, tasks, texts, runtime=runtime, sandbox=sandbox,
+                                                  kl=kl)
+                if judge is not None:
+                    _judge(judge, model_rows, summary, display_name(config.tasks))
+                kl_results.append(summary.pop("kl", None))
+                rows.extend(model_rows)
+                summaries.append(summary)
+        finally:
+            if judge is not None:
+                judge.close()
     return _result(config, rows, summaries, models, kl_results)
+
+
+def _open_judge(config: BenchConfig, tasks: Sequence[dict[str, Any]] | None, runtime: Runtime) -> Any:
+    """The --judge, checked (and reachable) before any model loads; None without one."""
+    if config.judge is None:
+        return None
+    if not tasks or not any(t["kind"] == "text" for t in tasks):
+        raise BadInput("--judge grades `kind: text` tasks and there are none to grade")
+    from orstack.tasks.judge import Judge, read_rubric
+    from orstack.teachers.base import parse_spec
+
+    try:
+        parse_spec(config.judge.spec)
+    except BadInput as e:
+        raise BadInput(str(e).replace("--teacher", "--judge", 1)) from None
+    read_rubric(config.judge.rubric)
+    judge = Judge(config.judge, runtime)
+    judge.check()
+    return judge
+
+
+def _judge(judge: Any, rows: list[dict[str, Any]], summary: dict[str, Any], where: str) -> None:
+    """Grade a model's `text` rows (judge_score, score, correct) and recount its accuracy."""
+    from orstack.tasks.judge import judge_rows
+
+    judge_rows(judge, rows, rows, where)
+    summary.update(accuracy_summary(rows))
+    summary["judge"] = {"spec": judge.config.spec, "min_score": judge.config.min_score,
+                        "judged": sum(1 for r in rows if "judge_score" in r)}
 
 
 def _result(config: BenchConfig, rows: list[dict[str, Any]], summaries: list[dict[str, Any]],
@@ -163,6 +202,14 @@ def score(rows_path: str | Path, config: BenchConfig, runtime: Runtime,
     rows = load_scored_rows(rows_path)
     with _sandbox_for(rows, config) as sandbox:
         scored = rescore(rows, sandbox)
+    judge = _open_judge(config, scored, runtime)
+    if judge is not None:
+        try:
+            from orstack.tasks.judge import judge_rows
+
+            judge_rows(judge, scored, scored, display_name(rows_path))
+        finally:
+            judge.close()
     by_model: dict[str, list[dict[str, Any]]] = {}
     for row in scored:
         by_model.setdefault(str(row.get("model", Path(rows_path).name)), []).append(row)

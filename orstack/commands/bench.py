@@ -97,6 +97,12 @@ def bench(
     code_memory_mb: Annotated[int, typer.Option("--code-memory-mb", min=64, help="Memory per code program (MB).")
                               ] = 512,
     chat_template: ChatTemplate = None,
+    judge: Annotated[str | None, typer.Option("--judge", help="Teacher SPEC grading `text` outputs 1-10 "
+                                              "(correct at --judge-min or above).")] = None,
+    judge_min: Annotated[float, typer.Option("--judge-min", min=1.0, max=10.0, help="Lowest passing judge score.")
+                         ] = 7.0,
+    judge_rubric: Annotated[Path | None, typer.Option("--judge-rubric", help="Rubric file with {question} and "
+                                                      "{response} (default: orstack's).")] = None,
     timeout: Annotated[float, typer.Option("--timeout", min=0.01, help="Endpoint models: seconds per request.")
                        ] = 60.0,
     retries: Annotated[int, typer.Option("--retries", min=0, help="Endpoint models: retries per request.")] = 3,
@@ -124,6 +130,7 @@ def bench(
                          truncate_prompts=truncate_prompts, fail_under=list(fail_under or []),
                          max_regression=max_regression, alpha=alpha, code_timeout=code_timeout,
                          code_memory_mb=code_memory_mb, chat_template=chat_template, seed=runtime.seed,
+                         judge=_judge_config(judge, judge_min, judge_rubric),
                          endpoint=EndpointOptions(concurrency=concurrency, timeout=timeout, retries=retries,
                                                   rate_limit=rate_limit, api_key_env=api_key_env,
                                                   keep_going=keep_going))
@@ -175,6 +182,12 @@ def _report(summaries: list[dict], comparisons: list[dict]) -> None:
             context = f"its context of {s['context_length']} tokens" if s["context_length"] else "its context"
             console.info(f"{s['model']}: {s['truncated_prompts']} prompt(s) truncated from the left to fit {context}")
         console.info(f"{s['model']} lineage: {lineage_line(s.get('lineage', []))}")
+
+
+def _judge_config(spec: str | None, min_score: float, rubric: Path | None):  # noqa: ANN202 - JudgeConfig | None
+    from orstack.tasks.judge import JudgeConfig
+
+    return JudgeConfig(spec, min_score=min_score, rubric=str(rubric) if rubric else None) if spec else None
 
 
 def register(app: typer.Typer) -> None:
