@@ -116,3 +116,40 @@ def test_budget_bad_input(tmp_path, args, message):
     done = run_orstack("distill", "generate", "--failures", str(_failures(tmp_path)), "--teacher", teacher,
                        *args, "-o", str(out))
     assert done.returncode == 2 and message in done.stderr and one_line(done.stderr) and not out.exists()
+
+
+def test_bench_judges_text_tasks_and_counts_them(tmp_path, random_llama):
+    """A random model's outputs graded by a judge that passes everything except a marked task:
+    `correct` follows the judge (score >= 7), numeric tasks keep bench's verifier."""
+    judge = tmp_path / "judge.py"
+    judge.write_text("import json, sys\nfor line in sys.stdin:\n    t = json.loads(line)\n"
+                     "    print(json.dumps({'id': t['id'], 'response': '3' if 'hard' in t['question'] else '9'}))\n")
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps(t) + "\n" for t in [
+        {"id": "a", "prompt": "Write a poem.", "kind": "text"},
+        {"id": "b", "prompt": "A hard essay.", "kind": "text"},
+        {"id": "c", "prompt": "1+1=", "answer": "2", "kind": "numeric"}]))
+    out, summary = tmp_path / "rows.jsonl", tmp_path / "summary.json"
+    done = run_orstack("bench", str(random_llama), "--tasks", str(tasks), "--max-new-tokens", "4",
+                       "--judge", f"cmd:{sys.executable} {judge}", "-o", str(out), "--summary", str(summary))
+    assert done.returncode == 0, done.stderr
+    rows = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert (rows["a"]["judge_score"], rows["a"]["correct"], rows["a"]["score"]) == (9, True, 0.9)
+    assert (rows["b"]["judge_score"], rows["b"]["correct"]) == (3, False)
+    assert "judge_score" not in rows["c"]
+    s = json.loads(summary.read_text())["models"][0] if "models" in json.loads(summary.read_text()) else None
+    assert s is None or s["judge"]["judged"] == 2
+    # a judge that says nothing usable: one line, exit 2, nothing written
+    out2 = tmp_path / "rows2.jsonl"
+    done = run_orstack("bench", str(random_llama), "--tasks", str(tasks), "--max-new-tokens", "4",
+                       "--judge", f"cmd:{sys.executable} -c 'import sys; [print(\"{{}}\") for _ in sys.stdin]'",
+                       "-o", str(out2))
+    last = done.stderr.strip().splitlines()[-1]  # (after bench's progress line)
+    assert done.returncode == 2 and last.startswith("orstack: error: --judge") and "no score" in last
+    assert "Traceback" not in done.stderr and not out2.exists()
+    # no text task to judge
+    numeric = tmp_path / "numeric.jsonl"
+    numeric.write_text(json.dumps({"id": "c", "prompt": "1+1=", "answer": "2", "kind": "numeric"}) + "\n")
+    done = run_orstack("bench", str(random_llama), "--tasks", str(numeric), "--judge", f"cmd:{sys.executable} {judge}",
+                       "-o", str(out2))
+    assert done.returncode == 2 and "--judge grades `kind: text` tasks" in done.stderr
