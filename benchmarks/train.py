@@ -407,7 +407,8 @@ def main() -> None:
     parser.add_argument("--tiny", help="Tiny default checkpoint (default: the demo's cached build, else built).")
     parser.add_argument("--tasks", help="Its task directory (train.jsonl, heldout.jsonl).")
     parser.add_argument("--work", default="/tmp/orstack-bench-train")
-    parser.add_argument("--only", choices=("distill", "rl", "recipes"))
+    parser.add_argument("--only", choices=("distill", "rl", "recipes", "rl-variants"))
+    parser.add_argument("--variant-steps", type=int, help="GRPO steps per loss variant (default 300, --quick 100).")
     parser.add_argument("--gguf-teacher", help="Checkpoint exported as the GGUF teacher (default: `orstack tiny "
                         "--steps 3000`, built once in the work directory).")
     args = parser.parse_args()
@@ -416,13 +417,15 @@ def main() -> None:
     args.distill_steps = 500 if args.quick else 1500
     args.rl_steps = 200 if args.quick else 500
     args.rl_tasks = 600
-    args.variant_steps = 100 if args.quick else 300
+    args.variant_steps = args.variant_steps or (100 if args.quick else 300)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     tiny, tasks = find_tiny(args, work)
     start = time.perf_counter()
     if args.only == "recipes":
         recipes_part(args, tiny, tasks, work)
+    elif args.only == "rl-variants":
+        rl_variants_part(args, tiny, tasks, work)
     else:
         if args.only != "rl":
             distill_part(args, tiny, tasks, work)
