@@ -419,6 +419,8 @@ def load_streamed(spec: str | Path, *, device: str = "cpu", dtype: str | None = 
     config = load_config(source)
     check_causal_lm(config, str(spec))
     reader = open_weights(source)
+    if hasattr(config, "quantization_config"):  # a packed checkpoint: its reader gives plain weights
+        del config.quantization_config
     quiet_transformers()
     with params_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=False)
@@ -455,10 +457,13 @@ class Staging:
 
 def write_stored(stream: StreamedModel, writer: Any, names: list[str] | None = None) -> int:
     """Copy weights from a streamed model's checkpoint to `writer` as stored, one at a time
-    (default: every weight not yet in the writer); returns the bytes copied."""
+    (default: every weight outside the decoder layers not yet in the writer); returns the bytes copied."""
     done = set(writer.weight_map) | set(writer._entries)
+    if names is None:
+        in_layers = {n for layer in decoder_layers(stream.model) for n in stream.names(layer)}
+        names = [n for n in stream.params if n not in in_layers]
     total = 0
-    for name in names if names is not None else list(stream.params):
+    for name in names:
         if name in done or f"{name}.values" in done:
             continue
         t = stream.tensor(name)

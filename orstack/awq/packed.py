@@ -143,3 +143,96 @@ def load_packed(path: Path, device: str = "cpu", dtype: torch.dtype | None = Non
     if tied:
         model.tie_weights()
     return model.to(device).eval()
+
+
+def compress_module(q: Quantized, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One Linear's packed tensors (weight_packed, weight_scale, weight_zero_point, weight_shape),
+    through compressed-tensors' own per-module compressor: the bytes `write_packed` gives."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    spec = q.spec
+    args = QuantizationArgs(num_bits=spec.bits, type="int", symmetric=spec.symmetric, strategy="group",
+                            group_size=spec.group_size)
+    local = {"weight": q.dequantize(dtype), "weight_scale": q.scale.to(dtype).clone()}
+    if q.zero_point is not None:
+        local["weight_zero_point"] = q.zero_point.clone()
+    compressor = BaseCompressor.get_value_from_registry(FORMAT)
+    return compressor.compress(local, QuantizationScheme(targets=[], weights=args))
+
+
+def write_packed_config(quantized: dict[str, Quantized], out_dir: Path, ignore: list[str]) -> None:
+    """Add the `quantization_config` that `write_packed` writes to out_dir/config.json."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationStatus
+
+    config = quantization_config(quantized)
+    config.quantization_status = QuantizationStatus.COMPRESSED
+    for scheme in config.config_groups.values():
+        scheme.format = FORMAT
+    config.ignore = list(ignore)
+    ModelCompressor(quantization_config=config).update_config(str(out_dir))
+
+
+class PackedReader:
+    """A TensorReader over a pack-quantized checkpoint that gives every packed Linear's `weight`
+    dequantized (compressed-tensors' decompressor, per module), the rest as stored."""
+
+    SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+
+    def __init__(self, directory: Path) -> None:
+        from compressed_tensors.quantization import QuantizationConfig
+
+        from orstack.io.safetensors_file import TensorReader
+
+        self.raw = TensorReader(directory)
+        self.directory = self.raw.directory
+        raw = json.loads((self.directory / "config.json").read_text(encoding="utf-8"))
+        self.qconfig = QuantizationConfig.model_validate(raw["quantization_config"])
+        self.packed = {k[: -len(".weight_packed")] for k in self.raw.keys() if k.endswith(".weight_packed")}
+        self._names = ([k for k in self.raw.keys() if not self._is_part(k)]
+                       + [f"{m}.weight" for m in sorted(self.packed)])
+
+    def _is_part(self, name: str) -> bool:
+        module, _, attr = name.rpartition(".")
+        return module in self.packed and attr in self.SUFFIXES
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._names
+
+    def keys(self) -> list[str]:
+        return list(self._names)
+
+    def _module(self, name: str) -> str | None:
+        module = name[: -len(".weight")] if name.endswith(".weight") else None
+        return module if module in self.packed else None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        module = self._module(name)
+        if module is None:
+            return self.raw.shape(name)
+        return tuple(int(x) for x in self.raw.get(f"{module}.weight_shape"))
+
+    def dtype(self, name: str):  # noqa: ANN201 - torch.dtype
+        module = self._module(name)
+        return self.raw.dtype(f"{module}.weight_scale") if module else self.raw.dtype(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        from compressed_tensors.compressors import BaseCompressor
+
+        from orstack.errors import BadInput
+
+        module = self._module(name)
+        if module is None:
+            return self.raw.get(name)
+        groups = list(self.qconfig.config_groups.values())
+        # orstack names every target; a checkpoint with one group (any targets) has one scheme
+        scheme = next((s for s in groups if module in s.targets), groups[0] if len(groups) == 1 else None)
+        if scheme is None:
+            raise BadInput(f"{self.directory}: packed module {module} matches no config group")
+        local = {attr: self.raw.get(f"{module}.{attr}") for attr in self.SUFFIXES if f"{module}.{attr}" in self.raw}
+        return BaseCompressor.get_value_from_registry(FORMAT).decompress(local, scheme)["weight"]
+
+
+def packed_reader(path: Path) -> PackedReader:
+    return PackedReader(Path(path))

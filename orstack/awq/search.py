@@ -21,6 +21,7 @@ clipping search; the run says so once and the manifest lists those groups
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -63,6 +64,9 @@ class AWQConfig:
     max_ppl_rise: float | None = None  # None: the retention read on perplexity
     force: bool = False
 
+
+# on_layer(layer index, layer, codes by the Linear's name in the layer): a streamed stage writes the layer out
+OnLayer = Callable[[int, "nn.Module", dict[str, Quantized]], None]
 
 UNSCALED_REASON = ("no op with a per-channel weight produces the input (it is the residual stream, a weightless "
                    "norm's or an activation's output), so any scale would change the function: scale 1, "
@@ -178,31 +182,50 @@ def group_sizes(model: nn.Module, cfg: AWQConfig) -> dict[str, int]:
     return {name: cfg.group_size for name in linears}
 
 
-def quantize_rtn(model: nn.Module, cfg: AWQConfig, sizes: dict[str, int]) -> Quantization:
+def quantize_rtn(model: nn.Module, cfg: AWQConfig, sizes: dict[str, int], on_layer: OnLayer | None = None,
+                 ) -> Quantization:
     """Round-to-nearest every target Linear in place (the baseline; no calibration)."""
     import torch
+
+    from orstack.layerwise import decoder_layers, held, linear_modules
 
     start = time.perf_counter()
     quantized = {}
     with torch.no_grad():
-        for name, module in target_linears(model).items():
-            q = quantize(module.weight.data.float(), QuantSpec(cfg.bits, sizes[name], cfg.symmetric))
-            module.weight.data.copy_(q.dequantize(module.weight.dtype))
-            quantized[name] = q
+        for i, layer in enumerate(decoder_layers(model)):
+            with held(model, layer):
+                prefix = _layer_prefix(model, i)
+                layer_q = {}
+                for local, module in linear_modules(layer).items():
+                    name = f"{prefix}.{local}"
+                    q = quantize(module.weight.data.float(), QuantSpec(cfg.bits, sizes[name], cfg.symmetric))
+                    module.weight.data.copy_(q.dequantize(module.weight.dtype))
+                    layer_q[local] = quantized[name] = q
+                if on_layer is not None:
+                    on_layer(i, layer, layer_q)
     return Quantization(quantized, [], sizes, {n: cfg.bits for n in quantized}, time.perf_counter() - start)
 
 
 def quantize_awq(model: nn.Module, input_ids: torch.Tensor, cfg: AWQConfig, sizes: dict[str, int],
-                 bits: dict[str, int] | None = None, progress: Any = None) -> Quantization:
+                 bits: dict[str, int] | None = None, progress: Any = None, on_layer: OnLayer | None = None,
+                 ) -> Quantization:
     """AWQ every decoder layer of `model` in place on calibration windows `input_ids` [n, seq].
 
     `bits` gives a width per Linear (mixed precision); by default every Linear gets cfg.bits.
-    `progress(i, n)` is called after each layer.
+    `progress(i, n)` is called after each layer. A streamed model has each layer read when its
+    turn comes and dropped after `on_layer(i, layer, codes by local name)` wrote it out.
     """
     import torch
 
     from orstack.architectures import discover
-    from orstack.layerwise import capture_layer_inputs, decoder_layers, linear_modules, record_input_stats, run_layer
+    from orstack.layerwise import (
+        capture_layer_inputs,
+        decoder_layers,
+        held,
+        linear_modules,
+        record_input_stats,
+        run_layer,
+    )
 
     start = time.perf_counter()
     layers = decoder_layers(model)
@@ -213,21 +236,25 @@ def quantize_awq(model: nn.Module, input_ids: torch.Tensor, cfg: AWQConfig, size
     quantized: dict[str, Quantized] = {}
     reports = []
     for i, layer in enumerate(layers):
-        prefix = _layer_prefix(model, i)
-        modules = linear_modules(layer)
-        hidden, kwargs = next(probe.batches(layer))
-        groups = discover(layer, hidden, kwargs)
-        with record_input_stats(modules, hessian=True) as stats:
-            run_layer(layer, inputs)
-        specs = {name: QuantSpec(bits[f"{prefix}.{name}"], sizes[f"{prefix}.{name}"], cfg.symmetric)
-                 for name in modules}
-        with torch.no_grad():
-            report, layer_q = _quantize_layer(layer, groups, stats, specs, cfg)
-        report.layer = i
-        reports.append(report)
-        quantized.update({f"{prefix}.{name}": q for name, q in layer_q.items()})
-        inputs = run_layer(layer, inputs)
-        probe = run_layer(layer, probe)
+        with held(model, layer):
+            prefix = _layer_prefix(model, i)
+            modules = linear_modules(layer)
+            hidden, kwargs = next(probe.batches(layer))
+            groups = discover(layer, hidden, kwargs)
+            with record_input_stats(modules, hessian=True) as stats:
+                run_layer(layer, inputs)
+            specs = {name: QuantSpec(bits[f"{prefix}.{name}"], sizes[f"{prefix}.{name}"], cfg.symmetric)
+                     for name in modules}
+            with torch.no_grad():
+                report, layer_q = _quantize_layer(layer, groups, stats, specs, cfg)
+            del stats
+            report.layer = i
+            reports.append(report)
+            quantized.update({f"{prefix}.{name}": q for name, q in layer_q.items()})
+            inputs = run_layer(layer, inputs)
+            probe = run_layer(layer, probe)
+            if on_layer is not None:
+                on_layer(i, layer, layer_q)
         if progress is not None:
             progress(i + 1, len(layers))
     return Quantization(quantized, reports, sizes, bits, time.perf_counter() - start)
@@ -346,23 +373,32 @@ def sensitivities(model: nn.Module, input_ids: torch.Tensor, cfg: AWQConfig, siz
     tr(Δ G Δᵀ) / tr(W G Wᵀ) of RTN, on the dense model's calibration inputs."""
     import torch
 
-    from orstack.layerwise import capture_layer_inputs, decoder_layers, linear_modules, record_input_stats, run_layer
+    from orstack.layerwise import (
+        capture_layer_inputs,
+        decoder_layers,
+        held,
+        linear_modules,
+        record_input_stats,
+        run_layer,
+    )
 
     inputs = capture_layer_inputs(model, input_ids, cfg.batch_size)
     out: dict[str, dict[int, float]] = {}
     layers = decoder_layers(model)
     for i, layer in enumerate(layers):
-        prefix = _layer_prefix(model, i)
-        modules = linear_modules(layer)
-        with record_input_stats(modules, hessian=True) as stats:
-            inputs = run_layer(layer, inputs)
-        with torch.no_grad():
-            for name, module in modules.items():
-                w, gram = module.weight.data.float(), stats[name].hessian()
-                base = max(output_error(w, gram), 1e-30)
-                full = f"{prefix}.{name}"
-                specs = {b: QuantSpec(b, sizes[full], cfg.symmetric) for b in widths}
-                out[full] = {b: output_error(fake_quantize(w, spec) - w, gram) / base for b, spec in specs.items()}
+        with held(model, layer):
+            prefix = _layer_prefix(model, i)
+            modules = linear_modules(layer)
+            with record_input_stats(modules, hessian=True) as stats:
+                inputs = run_layer(layer, inputs)
+            with torch.no_grad():
+                for name, module in modules.items():
+                    w, gram = module.weight.data.float(), stats[name].hessian()
+                    base = max(output_error(w, gram), 1e-30)
+                    full = f"{prefix}.{name}"
+                    specs = {b: QuantSpec(b, sizes[full], cfg.symmetric) for b in widths}
+                    out[full] = {b: output_error(fake_quantize(w, spec) - w, gram) / base
+                                 for b, spec in specs.items()}
         if progress is not None:
             progress(i + 1, len(layers))
     return out

@@ -56,10 +56,12 @@ def run(source: str | Path, output: str | Path, config: AWQConfig, runtime: Runt
     from orstack.architectures import check_config as check_architecture
     from orstack.architectures import weightless_model
     from orstack.awq.packed import write_packed
+    from orstack.awq.streamed import quantize_streamed
     from orstack.gates import decide, load_eval_tasks, measure_tasks, retention_checks
-    from orstack.io.checkpoint import load_config, load_model, resolve_checkpoint, save_checkpoint
+    from orstack.io.checkpoint import can_stream, load_config, load_model, resolve_checkpoint, save_checkpoint
     from orstack.io.output import check_output
     from orstack.io.text import check_text_files, read_texts
+    from orstack.layerwise import Staging, load_streamed
     from orstack.runtime import seed_everything
 
     check_config(config)
@@ -82,10 +84,19 @@ def run(source: str | Path, output: str | Path, config: AWQConfig, runtime: Runt
     calib_texts = list(read_texts(config.calib)) if config.calib else None
     heldout_texts = list(read_texts(config.heldout)) if config.heldout else None
     # float32 throughout: the scales are stored in it, so packed and fake-quant weights agree bit for bit.
-    model, tokenizer = load_model(checkpoint, device=device, dtype="float32", trust_pickle=runtime.trust_pickle)
+    # safetensors weights are read layer by layer (the same output; orstack/awq/streamed.py)
+    staging = Staging(output) if runtime.stream and can_stream(checkpoint) else None
+    if staging is not None:
+        model, tokenizer = load_streamed(checkpoint, device=device, dtype="float32")
+    else:
+        model, tokenizer = load_model(checkpoint, device=device, dtype="float32", trust_pickle=runtime.trust_pickle)
     seed_everything(config.seed)
     parent_score = measure_tasks(model, tokenizer, eval_tasks, name="parent") if eval_tasks else None
-    quantization, metrics = quantize_in_place(model, tokenizer, config, calib_texts, heldout_texts)
+    if staging is not None:
+        streamed = quantize_streamed(model, tokenizer, config, staging.path, calib_texts, heldout_texts)
+        model, quantization, metrics = streamed.model, streamed.quantization, streamed.metrics
+    else:
+        quantization, metrics = quantize_in_place(model, tokenizer, config, calib_texts, heldout_texts)
     child_score = measure_tasks(model, tokenizer, eval_tasks, name="awq") if eval_tasks else None
     if eval_tasks:
         metrics["eval_before"], metrics["eval_after"] = parent_score.as_dict(), child_score.as_dict()
@@ -94,7 +105,10 @@ def run(source: str | Path, output: str | Path, config: AWQConfig, runtime: Runt
         ppl=(metrics["ppl_before"], metrics["ppl_after"]) if heldout_texts else None,
         tasks=(parent_score, child_score) if eval_tasks else None, eval_on=config.eval_tasks or ""), config.force)
     write_weights, extra = None, None
-    if not config.fake_quant:
+    if staging is not None:
+        write_weights = streamed.write_weights
+        extra = None if config.fake_quant else {"weights_format": PACKED_FORMAT}
+    elif not config.fake_quant:
         def write_weights(tmp: Path) -> None:
             write_packed(model, quantization.quantized, tmp)
 
@@ -102,14 +116,19 @@ def run(source: str | Path, output: str | Path, config: AWQConfig, runtime: Runt
     extra = {**(extra or {}), "gate": verdict.record()}
     save_checkpoint(model, tokenizer, output, stage="awq", args=config, parent=checkpoint, metrics=metrics,
                     extra=extra, write_weights=write_weights)
+    if staging is not None:
+        staging.cleanup()
     size = sum(f.stat().st_size for f in output.glob("*.safetensors"))
     return AWQResult(output, metrics, quantization.layers, size)
 
 
 def quantize_in_place(model: nn.Module, tokenizer: Any, cfg: AWQConfig, calib_texts: list[str] | None,
-                      heldout_texts: list[str] | None = None) -> tuple[Quantization, dict[str, Any]]:
+                      heldout_texts: list[str] | None = None, on_layer: Any = None,
+                      ) -> tuple[Quantization, dict[str, Any]]:
     """Quantize `model` in place (its Linear weights become the dequantized values) and return
-    the codes plus metrics (held-out perplexity before/after when `heldout_texts` is given)."""
+    the codes plus metrics (held-out perplexity before/after when `heldout_texts` is given).
+    With `on_layer` (a streamed model: orstack.awq.streamed) each layer is handed to it once
+    quantized, and the checks on the whole model are left to the caller."""
     import torch
 
     from orstack.io.text import check_seqlen, token_windows
@@ -119,9 +138,9 @@ def quantize_in_place(model: nn.Module, tokenizer: Any, cfg: AWQConfig, calib_te
     metrics: dict[str, Any] = {}
     if heldout_texts:
         metrics["ppl_before"] = _ppl(model, tokenizer, heldout_texts, cfg.eval_length)
-    sparse_before = _zero_masks(model)
+    sparse_before = _zero_masks(model) if on_layer is None else {}
     if cfg.rtn:
-        quantization = quantize_rtn(model, cfg, sizes)
+        quantization = quantize_rtn(model, cfg, sizes, on_layer)
     else:
         check_seqlen(model, cfg.seqlen)
         ids = token_windows(tokenizer, calib_texts, cfg.nsamples, cfg.seqlen, cfg.seed)
@@ -131,12 +150,13 @@ def quantize_in_place(model: nn.Module, tokenizer: Any, cfg: AWQConfig, calib_te
             with console.progress() as bar:
                 task = bar.add_task("sensitivity", total=len(decoder_layers(model)), unit="layers")
                 sens = sensitivities(model, ids, cfg, sizes, widths, lambda i, n: bar.update(task, completed=i))
-            params = {name: m.weight.numel() for name, m in target_linears(model).items()}
+            params = {name: m.in_features * m.out_features for name, m in target_linears(model).items()}
             bits = allocate_bits(sens, params, cfg.bits, cfg.promote_fraction)
         with console.progress() as bar:
             task = bar.add_task("awq", total=len(decoder_layers(model)), unit="layers")
             with torch.no_grad():
-                quantization = quantize_awq(model, ids, cfg, sizes, bits, lambda i, n: bar.update(task, completed=i))
+                quantization = quantize_awq(model, ids, cfg, sizes, bits, lambda i, n: bar.update(task, completed=i),
+                                            on_layer=on_layer)
         unscaled = quantization.unscaled_groups()
         if unscaled:
             console.info(f"awq: nothing to fold a scale into for {'; '.join(unscaled)} "
@@ -147,6 +167,8 @@ def quantize_in_place(model: nn.Module, tokenizer: Any, cfg: AWQConfig, calib_te
     if cfg.group_size == "auto":
         metrics["group_size_per_layer"] = {name.split(".", 3)[-1]: g for name, g in quantization.group_sizes.items()
                                            if name.startswith(_first_layer_prefix(quantization))}
+    if on_layer is not None:
+        return quantization, metrics
     linears = target_linears(model)
     lost = [name for name, mask in sparse_before.items() if bool(linears[name].weight[mask].any())]
     if lost:

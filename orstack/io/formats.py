@@ -29,7 +29,7 @@ register_format("orstack-sparse-bitmask", "orstack.prune.storage:load_sparse",
 
 # awq: compressed-tensors "pack-quantized" int3/4/8 weights, dequantized on load (docs/awq.md)
 register_format("compressed-tensors-pack-quantized", "orstack.awq.packed:load_packed",
-                lazy("orstack.awq.packed:is_packed"))
+                lazy("orstack.awq.packed:is_packed"), reader="orstack.awq.packed:packed_reader")
 
 # distill/rl: a LoRA adapter directory (adapter_config.json): base from orstack.json "base" + the adapter
 register_format("lora-adapter", "orstack.train.lora:load_adapter",
