@@ -123,9 +123,21 @@ def _permute_rotary(w, n_heads: int):
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def hf_tensors(model) -> list[tuple[str, tuple[int, ...]]]:
-    """(HF name, shape) of every tensor to export, in the model's order; tied lm_head left out.
-    The data comes from `hf_tensor`, one tensor at a time."""
+def hf_tensors(model) -> list[tuple[str, np.ndarray]]:
+    """(HF name, float32 numpy array) for every tensor to export; tied lm_head left out. All at
+    once: the export itself reads them one at a time (`tensor_shapes`, `hf_tensor`)."""
+    state = None if _stream(model) is not None else model.state_dict()
+    return [(name, hf_tensor(model, name, state)) for name, _ in tensor_shapes(model)]
+
+
+def _stream(model):  # noqa: ANN202
+    from orstack.layerwise import stream_of
+
+    return stream_of(model)
+
+
+def tensor_shapes(model) -> list[tuple[str, tuple[int, ...]]]:
+    """(HF name, shape) of every tensor to export, in the model's order; tied lm_head left out."""
     from orstack.layerwise import stream_of
 
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
@@ -241,7 +253,7 @@ def export_gguf(model, tokenizer, out: Path, qtype: str, *, name: str = "model",
     # Two passes so no more than one tensor is in memory: the plan (names, shapes, types, sizes)
     # goes into the header first, then each tensor is read, converted and written in turn.
     plans, jobs = [], []
-    for hf_name, hf_shape in hf_tensors(model):
+    for hf_name, hf_shape in tensor_shapes(model):
         gg_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gg_name is None:
             raise BadInput(f"{name}: tensor '{hf_name}' has no GGUF name for architecture {arch}")
