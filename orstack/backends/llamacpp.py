@@ -7,6 +7,14 @@ tokenization rules as the transformers backend (orstack/backends/hf.py, perplexi
 figures from the two backends are directly comparable. The KV cache is F32 so an F32
 GGUF reproduces transformers' float32 logits (the default F16 cache alone moves them
 by ~1e-2).
+
+With `batch_size` > 1, `generate` decodes up to that many prompts together (a second context
+on the same model, one sequence per prompt in a shared KV cache, one llama_decode per step for
+all of them). On F32 weights the outputs are those of one prompt at a time (logits within
+~1e-6; tests/test_llamacpp_batch.py); llama.cpp's quantized matmul kernels round a batch
+differently from a single row, so on quantized weights a near-tied greedy choice can flip
+(SmolLM2-135M Q4_1: 29 of 32 answers identical). That is why `open_backend` (bench, teachers)
+keeps one prompt at a time, the path whose outputs bench's batch invariance promises.
 """
 
 from __future__ import annotations
@@ -93,7 +101,7 @@ class LlamaCppBackend(PromptEncoding):
     """A GGUF model in llama.cpp (CPU), greedy and deterministic."""
 
     def __init__(self, spec: str, *, n_ctx: int = 512, n_threads: int | None = None, seed: int = 0,
-                 chat_template: str | None = None) -> None:
+                 chat_template: str | None = None, batch_size: int = 1) -> None:
         path = Path(spec)
         if not path.is_file():
             raise BadInput(f"{spec}: no such GGUF file")
@@ -102,6 +110,8 @@ class LlamaCppBackend(PromptEncoding):
                 raise BadInput(f"{spec}: not a GGUF file (bad magic)")
         self.name = str(spec)
         self.path = path
+        self.batch_size = batch_size  # sequences generated at once (1: one prompt at a time)
+        self._batched: _BatchedContext | None = None
         self.n_threads = n_threads or _default_threads()
         self.seed = seed
         self.llm = None
@@ -216,7 +226,66 @@ class LlamaCppBackend(PromptEncoding):
 
     # -- generation --------------------------------------------------------------------------
     def generate(self, prompts: list[str], *, max_new_tokens: int, stop: list[str]) -> list[Generation]:
-        return [self._generate_one(p, max_new_tokens, stop) for p in prompts]
+        if self.batch_size <= 1 or len(prompts) <= 1:
+            return [self._generate_one(p, max_new_tokens, stop) for p in prompts]
+        encoded = [self.encode_prompt(p) for p in prompts]
+        stops = [self._stop_ids(p) for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+        results: list[Generation | None] = [None] * len(prompts)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            began = time.perf_counter()
+            gens = self._generate_batch([encoded[i] for i in chunk], max_new_tokens, stop, [stops[i] for i in chunk])
+            per_row_ms = (time.perf_counter() - began) * 1000 / len(chunk)
+            for i, g in zip(chunk, gens):
+                g.latency_ms = per_row_ms
+                results[i] = g
+        return results  # type: ignore[return-value]
+
+    def _generate_batch(self, batch: list[list[int]], max_new_tokens: int, stop: list[str],
+                        eos: list[set[int]]) -> list[Generation]:
+        """Greedy completions of several prompts at once: one sequence each in a llama.cpp
+        context with a KV cache shared by all, every step one decode of one token per active
+        sequence; a finished sequence is dropped from the cache."""
+        need = max(len(b) for b in batch) + max_new_tokens
+        if self._batched is None or not self._batched.fits(len(batch), need):
+            if self._batched is not None:
+                self._batched.close()
+            self._batched = _BatchedContext(self.llm, self.batch_size, need, sum(len(b) for b in batch),
+                                            self.n_threads)
+        ctx = self._batched
+        n = len(batch)
+        tokens: list[list[int]] = [[] for _ in range(n)]
+        logprobs: list[list[float]] = [[] for _ in range(n)]
+        entropies: list[list[float]] = [[] for _ in range(n)]
+        texts: list[str | None] = [None] * n
+        ctx.clear()
+        logits = ctx.prefill(batch)
+        active = list(range(n))
+        positions = [len(b) for b in batch]
+        for _ in range(max_new_tokens):
+            next_tokens = []
+            for row, row_logits in zip(active, logits):
+                logp = _log_softmax(row_logits)
+                tok = int(logp.argmax())
+                tokens[row].append(tok)
+                logprobs[row].append(float(logp[tok]))
+                entropies[row].append(float(-(np.exp(logp) * logp).sum()))
+                texts[row] = finished_text(tokens[row], stop, eos[row], self.decode)
+                next_tokens.append(tok)
+            still = [(row, tok) for row, tok in zip(active, next_tokens) if texts[row] is None]
+            for row in active:
+                if texts[row] is not None:
+                    ctx.drop(row)
+            if not still or len(tokens[still[0][0]]) >= max_new_tokens:
+                break
+            active = [row for row, _ in still]
+            logits = ctx.step([(row, tok, positions[row]) for row, tok in still])
+            for row in active:
+                positions[row] += 1
+        return [Generation(text=texts[r] if texts[r] is not None else self.decode(tokens[r]),
+                           prompt_tokens=len(batch[r]), output_tokens=len(tokens[r]), token_logprobs=logprobs[r],
+                           token_entropies=entropies[r]) for r in range(n)]
 
     def _generate_one(self, prompt: str, max_new_tokens: int, stop: list[str]) -> Generation:
         began = time.perf_counter()
@@ -363,6 +432,78 @@ class LlamaCppBackend(PromptEncoding):
         return self.path.stat().st_size
 
     def close(self) -> None:
+        if self._batched is not None:  # before the model it was made from
+            self._batched.close()
+            self._batched = None
         if self.llm is not None:
             self.llm.close()
         self.llm = None
+
+
+class _BatchedContext:
+    """A second llama.cpp context on the backend's model for batched greedy decoding: `n_seq`
+    sequences of up to `seq_len` tokens each in one unified F32 KV cache (as the main context's,
+    so the logits are the same), logits kept only where asked."""
+
+    def __init__(self, llm, n_seq: int, seq_len: int, prefill_tokens: int, n_threads: int) -> None:  # noqa: ANN001
+        import llama_cpp
+
+        self.lib = llama_cpp
+        self.n_seq, self.seq_len = n_seq, seq_len
+        self.n_vocab = llm.n_vocab()
+        # the main context's settings (F32 cache, no flash attention, rope, threads), room for n_seq
+        params = type(llm.context_params).from_buffer_copy(llm.context_params)
+        params.n_ctx = n_seq * seq_len
+        self.n_batch = max(prefill_tokens, n_seq, 512)
+        params.n_batch = params.n_ubatch = self.n_batch
+        params.n_seq_max = n_seq
+        params.kv_unified = True
+        params.n_threads = params.n_threads_batch = n_threads
+        self.ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
+        if not self.ctx:
+            raise RuntimeError("llama.cpp could not create a batched context")
+        self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+
+    def fits(self, n_seq: int, seq_len: int) -> bool:
+        return n_seq <= self.n_seq and seq_len <= self.seq_len
+
+    def clear(self) -> None:
+        self.lib.llama_memory_clear(self.memory, True)
+
+    def drop(self, seq: int) -> None:
+        self.lib.llama_memory_seq_rm(self.memory, seq, -1, -1)
+
+    def prefill(self, prompts: list[list[int]]) -> list[np.ndarray]:
+        """Evaluate every prompt (sequence i = prompts[i]); the logits after each one's last token."""
+        items = [(seq, tok, pos, pos == len(p) - 1) for seq, p in enumerate(prompts) for pos, tok in enumerate(p)]
+        rows: list[np.ndarray] = []
+        for start in range(0, len(items), self.n_batch):
+            rows.extend(self._decode(items[start : start + self.n_batch]))
+        return rows
+
+    def step(self, items: list[tuple[int, int, int]]) -> list[np.ndarray]:
+        """One token per (sequence, token, position); the logits after each."""
+        return self._decode([(seq, tok, pos, True) for seq, tok, pos in items])
+
+    def _decode(self, items: list[tuple[int, int, int, bool]]) -> list[np.ndarray]:
+        b = self.batch
+        for i, (seq, tok, pos, want) in enumerate(items):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, want
+            b.seq_id[i][0] = seq
+        b.n_tokens = len(items)
+        status = self.lib.llama_decode(self.ctx, b)
+        if status != 0:
+            raise RuntimeError(f"llama_decode failed ({status})")
+        out = []
+        for i, (*_, want) in enumerate(items):
+            if want:
+                ptr = self.lib.llama_get_logits_ith(self.ctx, i)
+                out.append(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
+        return out
+
+    def close(self) -> None:
+        if self.ctx:
+            self.lib.llama_batch_free(self.batch)
+            self.lib.llama_free(self.ctx)
+            self.ctx = None

@@ -1,0 +1,42 @@
+"""llama.cpp backend, several sequences decoded at once: the same greedy outputs as one prompt
+at a time (F32 weights; quantized kernels round batched matmuls differently, see the backend)."""
+
+from __future__ import annotations
+
+import pytest
+
+from orstack.runtime import Runtime
+
+PROMPTS = ["12+345=", "rev abc=", "1", "sort 3 1 2=", "the quick brown fox jumps over", "9*9=", "a", "7-2="]
+
+
+@pytest.fixture(scope="module")
+def gguf_f32(random_llama, tmp_path_factory):
+    pytest.importorskip("llama_cpp")
+    from orstack.gguf import GgufConfig, run
+
+    out = tmp_path_factory.mktemp("gguf-batch") / "model.gguf"
+    run(str(random_llama), out, GgufConfig(type="f32", validate=False), Runtime(device="cpu"))
+    return out
+
+
+@pytest.mark.parametrize("stop", [[], ["a"]])
+def test_batched_generation_equals_one_prompt_at_a_time(gguf_f32, stop):
+    from orstack.backends.llamacpp import LlamaCppBackend
+
+    one = LlamaCppBackend(str(gguf_f32), n_threads=1)
+    many = LlamaCppBackend(str(gguf_f32), n_threads=1, batch_size=3)
+    try:
+        ours = one.generate(PROMPTS, max_new_tokens=8, stop=stop)
+        batched = many.generate(PROMPTS, max_new_tokens=8, stop=stop)
+        again = many.generate(PROMPTS[::-1], max_new_tokens=8, stop=stop)[::-1]  # other neighbours
+    finally:
+        one.close()
+        many.close()
+    for o, b, a in zip(ours, batched, again):
+        assert (b.text, b.output_tokens, b.prompt_tokens) == (o.text, o.output_tokens, o.prompt_tokens)
+        assert a.text == o.text
+        assert b.token_logprobs == pytest.approx(o.token_logprobs, abs=1e-4)
+        assert b.token_entropies == pytest.approx(o.token_entropies, abs=1e-4)
+    if stop:
+        assert any(g.output_tokens < 8 for g in batched)  # some rows stopped early and left the batch
