@@ -27,10 +27,10 @@ def test_examples_pipeline_smoke(tiny_trained, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     models = summary["models"] if isinstance(summary, dict) and "models" in summary else summary
-    assert len(models) == 10
+    assert len(models) == 11
     routed = [json.loads(line) for line in (out / "routed.jsonl").read_text().splitlines()]
     assert routed and all("route" in r for r in routed)
-    for artefact in ("pruned", "awq", "trimmed", "distilled", "rl", "router"):
+    for artefact in ("pruned", "awq", "trimmed", "distilled", "rl", "merged", "router"):
         assert (out / artefact / "orstack.json").exists() or (out / artefact / "router.json").exists()
     assert (out / "awq-q4_1.gguf").stat().st_size > 0 and (out / "trimmed.orz").stat().st_size > 0
     assert (out / "pipeline.png").read_bytes()[:4] == b"\x89PNG"

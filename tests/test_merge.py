@@ -228,6 +228,17 @@ def test_merged_adapters_load_in_peft_and_compute_the_merge(adapters, tmp_path):
     torch.testing.assert_close(hf_logits(tmp_path / "fold", ids), want, rtol=1e-4, atol=1e-4)
 
 
+def test_one_adapter_folded_is_peft_merge_and_unload(adapters, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base, a1, _ = adapters
+    assert run_orstack("merge", a1, "--fold", "-o", tmp_path / "fold").returncode == 0
+    want = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(a1)).merge_and_unload()
+    got = weights_of(tmp_path / "fold")
+    assert all(torch.equal(got[k], v) for k, v in want.state_dict().items() if k in got)
+
+
 def test_adapters_of_different_bases_are_refused(adapters, llamas, tmp_path):
     base, a1, _ = adapters
     other = make_adapter(llamas[1], tmp_path / "other", 3)

@@ -57,9 +57,13 @@ class MergeConfig:
         if self.method not in METHODS:
             raise BadInput(f"--method {self.method}: unknown method (use {', '.join(METHODS)})")
         n = len(self.models)
-        if n < 2 and not (n == 1 and self.method in TASK_VECTOR_METHODS and self.base is not None):
+        # One model is a merge only as an adapter folded into its base (--fold) or as one task
+        # vector scaled against --base; anything else needs two.
+        single_ok = self.fold or (self.method in TASK_VECTOR_METHODS and self.base is not None)
+        if n < 2 and not (n == 1 and single_ok):
             raise BadInput(f"merge needs at least two models, got {n}"
-                           + (" (or one with --base and a task-vector method)" if n == 1 else ""))
+                           + (" (one is enough only for an adapter with --fold, or with --base and a task-vector "
+                              "method)" if n == 1 else ""))
         if self.method == "slerp" and n != 2:
             raise BadInput(f"--method slerp interpolates between exactly two models, got {n}")
         if self.weights is not None:
