@@ -33,6 +33,7 @@ def run(source: str | Path, output: str | Path, config: VocabTrimConfig, runtime
     so the numbers are shown even when the gate refuses the result (GateTripped, nothing
     written, unless config.force)."""
     from orstack.io.checkpoint import (
+        can_stream,
         check_checkpoint,
         checkpoint_directory,
         load_config,
@@ -40,6 +41,8 @@ def run(source: str | Path, output: str | Path, config: VocabTrimConfig, runtime
         load_tokenizer,
         save_checkpoint,
     )
+    from orstack.layerwise import Staging, load_streamed
+    from orstack.vocab_trim.streamed import streamed_slicer
 
     start = time.perf_counter()
     config.check()
@@ -62,15 +65,24 @@ def run(source: str | Path, output: str | Path, config: VocabTrimConfig, runtime
     # --max-vocab, is reported before the weights are read.
     tokenizer = load_tokenizer(source)
     plan = plan_trim(tokenizer, [load_config(source), _generation_config(checkpoint_directory(resolved))], config)
-    model, _ = load_model(source, device=device, trust_pickle=runtime.trust_pickle, with_tokenizer=False)
-    result = vocab_trim(model, tokenizer, config, plan=plan)
+    # safetensors weights are copied tensor by tensor (the same output; orstack/vocab_trim/streamed.py)
+    staging = Staging(output) if runtime.stream and can_stream(resolved) else None
+    if staging is not None:
+        model, _ = load_streamed(resolved, device=device, with_tokenizer=False)
+    else:
+        model, _ = load_model(source, device=device, trust_pickle=runtime.trust_pickle, with_tokenizer=False)
+    result = vocab_trim(model, tokenizer, config, plan=plan,
+                        slicer=streamed_slicer(staging.path) if staging is not None else None)
     if report is not None:
         report(result.metrics)
     verdict = decide("vocab-trim", result.checks, config.force)
     metrics = {**result.metrics, "seconds": round(time.perf_counter() - start, 1)}
     save_checkpoint(result.model, result.tokenizer, output, stage="vocab-trim", args=config, parent=source,
                     metrics=metrics, extra={"vocab_map": {"old_to_new": result.plan.old_to_new},
-                                            "gate": verdict.record()})
+                                            "gate": verdict.record()},
+                    write_weights=staging.move_weights if staging is not None else None)
+    if staging is not None:
+        staging.cleanup()
     return VocabTrimResult(output=output, metrics=metrics, gate_failures=[c.describe() for c in verdict.failures],
                            weights_before=_weights_bytes(Path(str(source))), weights_after=_weights_bytes(output))
 

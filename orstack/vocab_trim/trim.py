@@ -272,6 +272,13 @@ def build_tokenizer(tokenizer: PreTrainedTokenizerBase, tokenizer_json: str,
 
 def count_parameters(model: PreTrainedModel) -> int:
     """Distinct parameters (a tied embedding counts once)."""
+    from orstack.layerwise import stream_of
+
+    stream = stream_of(model)
+    if stream is not None:
+        import math
+
+        return sum(math.prod(shape) for _, shape in stream.params.values())
     seen, total = set(), 0
     for p in model.parameters():
         if p.data_ptr() not in seen:
@@ -333,24 +340,30 @@ class TrimResult:
 
 
 def vocab_trim(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: VocabTrimConfig,
-               plan: TrimPlan | None = None) -> TrimResult:
+               plan: TrimPlan | None = None, slicer: Any = None) -> TrimResult:
     """Trim `model` (in place) and its tokenizer to the corpus; validate on config.validate.
 
-    `plan` (from `plan_trim`) may be made before the model is loaded, to fail fast on bad options."""
+    `plan` (from `plan_trim`) may be made before the model is loaded, to fail fast on bad options.
+    `slicer(model, plan)` -> trimmed model replaces the in-place slicing (a streamed model:
+    orstack.vocab_trim.streamed)."""
     from tokenizers import Tokenizer
 
     from orstack.io.text import read_texts
+    from orstack.layerwise import param_shape
 
     if plan is None:
         plan = plan_trim(tokenizer, [model.config, getattr(model, "generation_config", None)], config)
     heldout = list(read_texts([config.validate])) if config.validate else []
     loss_before = heldout_loss(model, tokenizer, heldout, config.max_length) if heldout else None
     params_before = count_parameters(model)
-    vocab_before = model.get_input_embeddings().weight.shape[0]
+    vocab_before = param_shape(model, model.get_input_embeddings().weight)[0]
     tokenizer_json, n_merges = trimmed_tokenizer_json(plan.bpe, plan.old_to_new)
     old_tk, new_tk = backend(tokenizer), Tokenizer.from_str(tokenizer_json)
     new_tokenizer = build_tokenizer(tokenizer, tokenizer_json, plan.old_to_new)
-    slice_embeddings(model, plan.kept, plan.old_to_new)
+    if slicer is None:
+        slice_embeddings(model, plan.kept, plan.old_to_new)
+    else:
+        model = slicer(model, plan)
     metrics: dict[str, Any] = {
         "coverage": round(plan.coverage, 6), "corpus_tokens": plan.corpus_tokens,
         "corpus_distinct_tokens": plan.corpus_distinct,
