@@ -68,7 +68,9 @@ TRIM_ARGS ?= --coverage 1.0
 GGUF_ARGS ?=
 TEACHER ?= cmd:$(PYTHON) $(HERE)/real_oracle.py
 
-TIMER = /usr/bin/time -f "%e\t%M\t$(notdir $@)" -a -o $(OUT)/times.tsv
+# a directory target (DIR/orstack.json, DIR/adapter_config.json, DIR/router.json) is timed as DIR
+STAGE = $(notdir $(patsubst %/orstack.json,%,$(patsubst %/adapter_config.json,%,$(patsubst %/router.json,%,$@))))
+TIMER = /usr/bin/time -f "%e\t%M\t$(STAGE)" -a -o $(OUT)/times.tsv
 O = $(TIMER) $(ORSTACK) --seed $(SEED)
 T := $(OUT)/tasks
 FAMILY_ARG := $(if $(strip $(FAMILIES)),--families $(FAMILIES))
@@ -183,9 +185,11 @@ endif
 ARTEFACTS ?= $(BASE) $(OUT)/distilled $(OUT)/trimmed $(OUT)/pruned $(OUT)/awq $(OUT)/awq-q4_k_m.gguf \
 	$(OUT)/trimmed-q5_k_m.gguf $(OUT)/trimmed-q8_0.gguf $(OUT)/trimmed.orz $(RL_ART)
 
-$(OUT)/summary.json: $(OUT)/heldout-b.jsonl $(T)/heldout.txt $(OUT)/routed.jsonl $(OUT)/awq-q4_k_m.gguf \
-		$(OUT)/trimmed-q5_k_m.gguf $(OUT)/trimmed-q8_0.gguf $(OUT)/trimmed.orz $(OUT)/pruned/orstack.json \
-		$(RL_ART:%=%/orstack.json)
+# ROUTE=0 leaves routing out (a model that gets nothing right, as in the smoke test, has nothing to route on)
+ROUTE ?= 1
+ROUTED := $(if $(filter 0,$(ROUTE)),,$(OUT)/routed.jsonl)
+$(OUT)/summary.json: $(OUT)/heldout-b.jsonl $(T)/heldout.txt $(OUT)/awq-q4_k_m.gguf $(OUT)/trimmed-q5_k_m.gguf \
+		$(OUT)/trimmed-q8_0.gguf $(OUT)/trimmed.orz $(OUT)/pruned/orstack.json $(RL_ART:%=%/orstack.json) $(ROUTED)
 	$(O) bench $(ARTEFACTS) --tasks $(OUT)/heldout-b.jsonl --batch-size $(BATCH) \
 		--ppl $(T)/heldout.txt --ppl-max-length $(EVAL_LEN) $(SPEED) \
 		--summary $@ --plot $(OUT)/pipeline.png -o $(OUT)/final-results.jsonl
