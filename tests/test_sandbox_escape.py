@@ -184,8 +184,12 @@ def test_the_confinement_is_named_and_what_is_claimed_holds(scene):
     if pool.report["files"] == "landlock":
         assert f"Landlock ABI {pool.report['landlock_abi']}" in line
     if AS_ROOT:
-        assert "uid nobody" in line
-        assert pool.run("import os\nassert os.getuid() == os.getgid() == 65534 and os.getgroups() == []\n").passed
+        # a uid of the worker's own (no account's, no group), one per worker, or nobody's
+        whoami = ("import os, sys\nassert os.getuid() == os.getgid() and not os.getgroups()\n"
+                  "print(os.getuid(), file=sys.stderr)\n")
+        uids = {r.worker: r.detail for r in pool.run_many([whoami] * 8)}
+        assert all(int(uid) in (65534, 0xFF000000 + worker) for worker, uid in uids.items()), uids
+        assert f"uid {uids[pool.worker_pids()[0]]}" in line or "uid nobody" in line
     env = pool.run("import os, sys\nsys.stderr.write(' '.join(sorted(os.environ)))\n")
     assert env.passed and set(env.detail.split()) <= {"PATH", "HOME", "TMPDIR", "PYTHONDONTWRITEBYTECODE", "LANG",
                                                       "LANGUAGE", "LC_ALL", "LC_CTYPE", "LC_MESSAGES", "LC_NUMERIC",
@@ -212,6 +216,19 @@ def test_background_processes_that_leave_the_session_are_killed(scene, tmp_path)
 
     time.sleep(2.5)
     assert not marker.exists()
+
+
+def test_an_unbounded_fork_bomb_is_contained_and_leaves_nothing_behind(scene):
+    """Two bombs at once whose children leave the session: stopped at the time limit, and
+    every process they made is gone (reaped too: a zombie would still count against the
+    process limit), so the next programs fork as usual."""
+    pool, _, _ = scene
+    bomb = ("import os, time\nwhile True:\n    try:\n        if os.fork() == 0:\n            os.setsid()\n"
+            "            time.sleep(60)\n    except OSError:\n        time.sleep(0.01)\n")
+    assert [r.status for r in pool.run_many([bomb, bomb], Limits(timeout=1.5))] == ["timeout", "timeout"]
+    forks = ("import os\npids = []\nfor _ in range(10):\n    pid = os.fork()\n    if pid == 0:\n        os._exit(0)\n"
+             "    pids.append(pid)\nassert all(os.waitpid(p, 0)[1] == 0 for p in pids)\n")
+    assert all(r.passed for r in pool.run_many([forks, forks])), "the bombs' processes still hold the limit"
 
 
 def test_bench_score_keeps_the_secret_and_the_rows_file_from_the_program(tmp_path):

@@ -21,9 +21,12 @@ Layers, all applied to every program (a step that fails stops the program, repor
   programs are forked into it, so they see and signal no process outside (getppid() is 0),
   and after each program the init kills whatever is left there (kill(-1) reaches only the
   namespace), processes that left the program's session included. RLIMIT_NPROC.
-- user: run as root, the program drops to nobody:nogroup (65534) with no supplementary
-  groups; otherwise the worker sits in a user namespace of its own (needed for the PID and
-  network namespaces) and the program's capabilities there are cleared.
+- user: run as root, the program drops to a uid and gid of its worker's own (UID_BASE +
+  the worker's pid: no account has one, so nothing on the machine is theirs, and the process
+  limit is not shared with other workers or other orstack runs; nobody:nogroup where such a
+  uid cannot be set) with no supplementary groups; otherwise the worker sits in a user
+  namespace of its own (needed for the PID and network namespaces) and the program's
+  capabilities there are cleared.
   PR_SET_NO_NEW_PRIVS always (so no setuid binary can undo any of this).
 - limits: RLIMIT_AS, RLIMIT_CPU, RLIMIT_FSIZE, RLIMIT_NOFILE, RLIMIT_NPROC, RLIMIT_CORE 0,
   plus the worker's wall-clock timeout.
@@ -80,6 +83,9 @@ FS_TRUNCATE, FS_IOCTL_DEV = 1 << 14, 1 << 15
 FS_READ = FS_EXECUTE | FS_READ_FILE | FS_READ_DIR
 FILE_ONLY = FS_EXECUTE | FS_WRITE_FILE | FS_READ_FILE | FS_TRUNCATE | FS_IOCTL_DEV  # the rights a file rule may hold
 NOBODY = 65534
+# Far above any account (SSSD's Active Directory ranges end near 2e9) and below the special
+# (uid_t)-2 and -1; plus a pid (< 2**22), unique among the workers running at once.
+UID_BASE = 0xFF000000
 
 # Read-only beyond the Python installation: shared libraries (extension modules load
 # them), the loader's cache, and the usual programs, so a program may start a child process
@@ -196,12 +202,12 @@ class Jail:
 
     files: str  # "landlock" | "mount" (namespace) | "none"
     landlock: int  # the ABI in use (0: none)
-    user: str  # "nobody" | "user namespace" | "caller"
+    user: str  # "dropped" (root: an unprivileged uid) | "user namespace" | "caller"
     netns: int | None  # the host's network namespace, for Limits(network=True) (root only)
     rules: list[tuple[int, int]] = field(default_factory=list)  # (O_PATH fd, rights) for the Landlock rules
     uid: int = NOBODY
     gid: int = NOBODY
-    overlaid: list[str] = field(default_factory=list)  # directories nobody cannot search, replaced by a tmpfs
+    overlaid: list[str] = field(default_factory=list)  # directories the dropped uid cannot search, covered by a tmpfs
     sys_path: list[str] = field(default_factory=list)  # the import path a program keeps (what it may read)
     init: tuple[int, int, int] | None = None  # the PID namespace's init: (pid, ask fd, done fd)
     namespaces: bool = True  # the worker is in its own network and PID namespaces
@@ -219,12 +225,13 @@ class Jail:
         files = method if method != "auto" else ("landlock" if abi >= 1 else "mount")
         overlaid: list[str] = []
         host_net = None
-        blocked = _unsearchable(read_paths(), NOBODY, NOBODY) if root else []
+        drop_to = _own_uid() if root else NOBODY
+        blocked = _unsearchable(read_paths(), drop_to, drop_to) if root else []
         mounts = CLONE_NEWNS if files == "mount" or blocked else 0
         if root:
             host_net = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)  # for Limits(network=True)
-            user = "nobody"
-            # refused e.g. in a container without CAP_SYS_ADMIN: then Landlock alone, still as nobody
+            user = "dropped"
+            # refused e.g. in a container without CAP_SYS_ADMIN: then Landlock alone, still dropping the uid
             namespaces = libc().unshare(CLONE_NEWNET | CLONE_NEWPID | mounts) == 0
         else:
             uid, gid = os.getuid(), os.getgid()
@@ -237,8 +244,8 @@ class Jail:
             if files == "mount" and method == "mount":
                 raise ConfineError("mount namespace: refused by this kernel (or container)")
             if blocked:
-                raise ConfineError(f"nobody cannot reach the Python beneath {', '.join(blocked)}, and no mount "
-                                   "namespace can be made to show it just that")
+                raise ConfineError(f"an unprivileged uid cannot reach the Python beneath {', '.join(blocked)}, "
+                                   "and no mount namespace can be made to show it just that")
             files = "none" if files == "mount" else files
         if mounts and namespaces:
             _mount("none", "/", None, MS_REC | MS_PRIVATE)
@@ -249,10 +256,12 @@ class Jail:
 
             work = os.path.realpath(tempfile.gettempdir())
             overlaid = _overlay(blocked, read_paths())
-            if any(work.startswith(b + "/") for b in blocked):  # a TMPDIR nobody could not enter, now hidden
+            if any(work.startswith(b + "/") for b in blocked):  # a TMPDIR the dropped uid could not enter, now hidden
                 tempfile.tempdir = "/tmp"
         jail = cls(files=files, landlock=abi if files == "landlock" else 0, user=user, netns=host_net,
                    overlaid=overlaid, namespaces=namespaces)
+        if user == "dropped":
+            jail.uid = jail.gid = drop_to
         if namespaces:
             jail._start_init()
         if files == "landlock":
@@ -281,14 +290,16 @@ class Jail:
                 set_death_signal()
                 os.setsid()
                 while os.read(ask_r, 1):
-                    try:
-                        os.kill(-1, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+                    # Until none is left: one forked while kill(-1) went through the list is
+                    # caught by the next round, and the dead are reaped at once (a zombie still
+                    # counts against the program's RLIMIT_NPROC).
                     while True:
                         try:
-                            if os.waitpid(-1, os.WNOHANG)[0] == 0:
-                                break
+                            os.kill(-1, signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
+                        try:
+                            os.waitpid(-1, 0)
                         except ChildProcessError:
                             break
                     os.write(done_w, b"1")
@@ -325,7 +336,8 @@ class Jail:
             files = "mount namespace (minimal read-only root, own dir read/write)"
         else:
             files = "files NOT CONFINED"
-        user = {"nobody": "uid nobody", "user namespace": "user namespace, no capabilities",
+        unprivileged = "uid nobody" if self.uid == NOBODY else f"own unprivileged uid {self.uid}"
+        user = {"dropped": unprivileged, "user namespace": "user namespace, no capabilities",
                 "caller": "the caller's uid"}[self.user]
         if self.namespaces:
             network = "no network (netns" + (" + Landlock TCP)" if self.landlock >= 4 else ")")
@@ -375,12 +387,12 @@ class Jail:
         size = limits.output_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
         resource.setrlimit(resource.RLIMIT_NOFILE, (limits.open_files, limits.open_files))
-        if self.user == "nobody":
+        if self.user == "dropped":
             resource.setrlimit(resource.RLIMIT_NPROC, (limits.processes, limits.processes))
         _check(libc().prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
         if self.files == "landlock":
             self._landlock(workdir, limits.network)
-        if self.user == "nobody":
+        if self.user == "dropped":
             os.setgroups([])
             os.setresgid(self.gid, self.gid, self.gid)
             os.setresuid(self.uid, self.uid, self.uid)
@@ -447,6 +459,22 @@ def _mount(source: str, target: str, fstype: str | None, flags: int, data: str |
     c = libc()
     _check(c.mount(source.encode(), target.encode(), fstype.encode() if fstype else None, ctypes.c_ulong(flags),
                    data.encode() if data else None), f"mount {source} on {target}")
+
+
+def _own_uid() -> int:
+    """UID_BASE + this worker's pid, if this kernel (or container's uid map) lets root become
+    it; otherwise nobody's."""
+    uid = UID_BASE + os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            os._exit(0)
+        except BaseException:  # noqa: BLE001 - a forked child reports by exit code only
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    return uid if status == 0 else NOBODY
 
 
 def _may_search(st: os.stat_result, uid: int, gid: int) -> bool:
@@ -534,7 +562,7 @@ def _pivot_into_minimal_root() -> None:
             kept = flags & (MS_NOSUID | MS_NODEV | 8 | 1024 | 2048) | ((1 << 21) if flags & 4096 else 0)
             _mount("none", target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | kept)
     # The working directories' own file system: each program gets it read-only but for its
-    # own directory (enter()); 0711, so that nobody reaches its directory but lists nothing.
+    # own directory (enter()); 0711, so that the program reaches its directory but lists nothing.
     work = new_root + "/tmp"
     os.makedirs(work, exist_ok=True)
     _mount("orstack-sandbox-tmp", work, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0711,size=256m")

@@ -136,7 +136,7 @@ def run_program(program: str, limits: Limits, jail: confine.Jail) -> RunResult:
     began = time.perf_counter()
     worker = os.getpid()
     try:
-        if jail.user == "nobody":
+        if jail.user == "dropped":
             os.chown(workdir, jail.uid, jail.gid)
         pid = os.fork()
         if pid == 0:
