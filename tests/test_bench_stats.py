@@ -212,3 +212,14 @@ def test_kl_from_the_first_model_hf_gguf_perturbed_and_another_vocabulary(random
         assert kl[str(models[2])]["mean"] < 1e-5 and kl[str(models[2])]["positions"] == itself["positions"]
     assert "KL needs one vocabulary" in kl[str(models[-2])]["n/a"]
     assert "KL from model (nats/token)" in result.stderr and "KL n/a" in result.stderr
+
+
+def test_samples_of_one_task_pair_as_its_share_correct_and_no_shared_task_is_no_number():
+    ref = [{"id": "a", "correct": True}, {"id": "b", "correct": False}]
+    other = [{"id": "a", "correct": s} for s in (True, False, False, False)] + [{"id": "b", "correct": True}]
+    result = compare_rows(ref, other)
+    assert result["tasks"] == 2 and result["accuracy"] == pytest.approx((0.25 + 1) / 2)
+    assert (result["gained"], result["lost"]) == (1, 1) and result["p_value"] == 1.0
+    disjoint = compare_rows(ref, [{"id": "z", "correct": True}])
+    assert disjoint["tasks"] == 0 and disjoint["difference"] is None and disjoint["ci95"] == [None, None]
+    json.dumps(disjoint, allow_nan=False)  # the --summary stays valid JSON

@@ -34,25 +34,35 @@ if TYPE_CHECKING:
 
 # -- tasks ---------------------------------------------------------------------------------
 
-def compare_pairs(reference: Sequence[bool], other: Sequence[bool], *, seed: int = 0,
+def compare_pairs(reference: Sequence[float], other: Sequence[float], *, seed: int = 0,
                   n_resamples: int = stats.BOOTSTRAP_RESAMPLES) -> dict[str, Any]:
-    """One paired comparison: `reference[i]` and `other[i]` are the two models' verdicts on task i."""
+    """One paired comparison: `reference[i]` and `other[i]` are the two models' verdicts on task i
+    (1/0, or the share of correct samples when a task has several). `gained`/`lost` count the
+    tasks that got better/worse, and p is the exact sign test on them: McNemar's exact test
+    when every verdict is 1/0."""
     a = np.asarray(reference, dtype=np.float64)
     b = np.asarray(other, dtype=np.float64)
-    gained, lost = int(((a == 0) & (b == 1)).sum()), int(((a == 1) & (b == 0)).sum())
+    gained, lost = int((b > a).sum()), int((b < a).sum())
     low, high = stats.paired_bootstrap(b - a, n_resamples=n_resamples, seed=seed)
-    return {"tasks": int(a.size), "reference_accuracy": float(a.mean()) if a.size else None,
-            "accuracy": float(b.mean()) if b.size else None,
-            "difference": float((b - a).mean()) if a.size else None, "ci95": [low, high],
+    defined = a.size > 0
+    return {"tasks": int(a.size), "reference_accuracy": float(a.mean()) if defined else None,
+            "accuracy": float(b.mean()) if defined else None,
+            "difference": float((b - a).mean()) if defined else None,
+            "ci95": [low, high] if defined else [None, None],
             "p_value": stats.mcnemar_exact(gained, lost), "gained": gained, "lost": lost}
 
 
-def _scored_by_id(rows: Sequence[dict[str, Any]]) -> dict[Any, dict[str, Any]]:
-    return {_key(r["id"]): r for r in rows if r.get("correct") is not None}
-
-
-def _key(task_id: Any) -> str:
-    return str(task_id)
+def _scored_by_id(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """One entry per task id: its first row (domain, cluster) and `verdict`, the share of its
+    scored rows that are correct (rows sharing an id are samples of one task, as for pass@k)."""
+    tasks: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if r.get("correct") is None:
+            continue
+        entry = tasks.setdefault(str(r["id"]), {"row": r, "n": 0, "right": 0})
+        entry["n"] += 1
+        entry["right"] += bool(r["correct"])
+    return {k: {**e["row"], "verdict": e["right"] / e["n"]} for k, e in tasks.items()}
 
 
 def compare_rows(reference: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], *,
@@ -61,7 +71,7 @@ def compare_rows(reference: Sequence[dict[str, Any]], rows: Sequence[dict[str, A
     scored): overall, then by domain (when the tasks have two or more) and by cluster."""
     ref = _scored_by_id(reference)
     pairs = [(ref[k], r) for k, r in _scored_by_id(rows).items() if k in ref]
-    verdicts = lambda ps: ([bool(a["correct"]) for a, _ in ps], [bool(b["correct"]) for _, b in ps])  # noqa: E731
+    verdicts = lambda ps: ([a["verdict"] for a, _ in ps], [b["verdict"] for _, b in ps])  # noqa: E731
     result = compare_pairs(*verdicts(pairs), seed=seed)
     for field, name in (("domain", "by_domain"), ("cluster", "by_cluster")):
         groups: dict[str, list] = {}
