@@ -80,7 +80,9 @@ def tasks(tiny_trained, tmp_path_factory) -> Path:
     """Held-out tiny tasks of both generated kinds, and choice tasks (one with the choice
     glued to the prompt, one whose prompt ends in a space that moves onto the choices)."""
     rows = read_jsonl(tiny_trained.tasks / "heldout.jsonl")
+    # longer answers too: a repetition penalty (llama-cpp-python's server default) changes them
     picked = [r for r in rows if r["kind"] == "numeric"][:8] + [r for r in rows if r["kind"] == "exact"][:8]
+    picked += [r for r in rows if r.get("level", 1) >= 2][:8]
     picked += [{"id": "c1", "prompt": "1+1=", "kind": "choice", "choices": ["2", "3", "8"], "answer": 0,
                 "target_delimiter": ""},
                {"id": "c2", "prompt": "2+3= ", "kind": "choice", "choices": ["5", "6"], "answer": 0},
@@ -90,7 +92,7 @@ def tasks(tiny_trained, tmp_path_factory) -> Path:
 
 def bench_rows(tmp_path: Path, model: str, tasks: Path, *extra: str) -> list[dict]:
     out = tmp_path / f"rows-{abs(hash(model))}.jsonl"
-    result = run_orstack("bench", model, "--tasks", str(tasks), "--max-new-tokens", "8", "-o", str(out), *extra)
+    result = run_orstack("bench", model, "--tasks", str(tasks), "--max-new-tokens", "16", "-o", str(out), *extra)
     assert result.returncode == 0, result.stderr
     return read_jsonl(out)
 

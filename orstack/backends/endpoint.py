@@ -36,6 +36,10 @@ from orstack.errors import BadInput
 from orstack.tasks.stops import cut_at_stop
 
 TOP_LOGPROBS = 20  # vLLM's default cap; llama.cpp's server takes any number
+# The model's own distribution, unpenalised (as the local backends decode): llama-cpp-python's
+# server applies a repetition penalty of 1.1 unless told otherwise (vLLM, SGLang and
+# llama-server default to none). Hosted APIs may refuse the field.
+NO_PENALTY = {"repeat_penalty": 1.0}
 
 
 @dataclass(frozen=True)
@@ -146,14 +150,17 @@ class EndpointBackend:
                           latency_ms=(time.perf_counter() - began) * 1000)
 
     def _post_with_logprobs(self, path: str, payload: dict[str, Any], chat: bool) -> dict[str, Any]:
+        """The answer with logprobs and no repetition penalty asked for, or, when the
+        server refuses the request as asked (hosted APIs cap or refuse logprobs and unknown
+        fields), without them from then on."""
         if self.logprobs:
             asked = ({"logprobs": True, "top_logprobs": TOP_LOGPROBS} if chat else {"logprobs": TOP_LOGPROBS})
+            asked.update(NO_PENALTY)
             try:
                 return self.client.post(path, {**payload, **asked})
             except EndpointError as e:
                 if not str(e).startswith(("HTTP 400", "HTTP 422")):
                     raise
-            # A refusal of the request as asked: perhaps the logprobs (hosted APIs cap or refuse them).
             body = self.client.post(path, payload)
             self.logprobs = False
             return body
@@ -184,7 +191,7 @@ class EndpointBackend:
             continuation, context = context[-n_spaces:] + continuation, context[:-n_spaces]
         whole = context + continuation
         payload = {"model": self.client.model, "prompt": whole, "max_tokens": 1, "temperature": 0.0, "echo": True,
-                   "logprobs": 1}
+                   "logprobs": 1}  # the generated token is ignored, so its penalty does not matter
         try:
             body = self.client.post("/completions", payload)
         except EndpointError as e:
