@@ -336,7 +336,7 @@ class Jail:
             files = "mount namespace (minimal read-only root, own dir read/write)"
         else:
             files = "files NOT CONFINED"
-        unprivileged = "uid nobody" if self.uid == NOBODY else f"own unprivileged uid {self.uid}"
+        unprivileged = "uid nobody" if self.uid == NOBODY else "unprivileged uid of its own"
         user = {"dropped": unprivileged, "user namespace": "user namespace, no capabilities",
                 "caller": "the caller's uid"}[self.user]
         if self.namespaces:
