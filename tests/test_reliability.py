@@ -713,7 +713,8 @@ def fixtures(tmp_path_factory) -> dict:
     fx["accurate"].write_text(_fake_results(root / "big", correct=lambda i: True))
     for args in (("gguf", fx["llama"], "--no-validate", "-o", fx["gguf"]),
                  ("zstd-pack", fx["llama"], "-o", fx["orz"]),
-                 ("route", "train", "--results", fx["results"], "--embedder", "tfidf", "-o", fx["router"])):
+                 ("route", "train", "--results", fx["results"], "--embedder", "tfidf", "--max-ece", "1",
+                  "-o", fx["router"])):  # fake results, a router to damage
         result = run_orstack(*map(str, args))
         assert result.returncode == 0, (args, result.stderr)
     fx["ro"], fx["ro_reason"] = _read_only_dir(root)
