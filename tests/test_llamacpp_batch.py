@@ -20,6 +20,7 @@ def gguf_f32(random_llama, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # a GGUF export and three backends (~30 s); the path bench does not take by default
 @pytest.mark.parametrize("stop", [[], ["a"]])
 def test_batched_generation_equals_one_prompt_at_a_time(gguf_f32, stop):
     from orstack.backends.llamacpp import LlamaCppBackend

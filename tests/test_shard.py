@@ -43,6 +43,7 @@ def _without_timing(text: str) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow  # three bench runs (~20 s)
 def test_bench_shards_concatenate_to_the_whole_run(random_llama, tmp_path):
     tasks = write_jsonl(tmp_path / "t.jsonl", [
         {"id": f"t{i}", "prompt": f"{i}+{i * 3}=", "kind": "numeric", "answer": str(4 * i)} for i in range(7)

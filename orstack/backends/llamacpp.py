@@ -163,7 +163,9 @@ class LlamaCppBackend(PromptEncoding):
                 self.llm = Llama(model_path=str(self.path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=True,
                                  type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, verbose=False,
                                  seed=self.seed,
-                                 n_threads=self.n_threads)
+                                 # prompts too: llama-cpp-python's default for them is every core,
+                                 # and its extra worker then contends with each one-token decode
+                                 n_threads=self.n_threads, n_threads_batch=self.n_threads)
         except (ValueError, RuntimeError) as e:
             raise BadInput(f"{self.name}: llama.cpp cannot load it ({e})") from None
         self._n_ctx = n_ctx
