@@ -12,11 +12,13 @@ from orstack.io.manifest import read_manifest
 # (summary key path, label, format, higher is better)
 METRICS = [
     (("accuracy",), "accuracy", "{:.3f}", True),
+    (("cluster_accuracy",), "clusters", "{:.3f}", True),
     (("pass@1",), "pass@1", "{:.3f}", True),
     (("pass@5",), "pass@5", "{:.3f}", True),
     (("pass@10",), "pass@10", "{:.3f}", True),
     (("mean_output_tokens",), "output tokens (mean)", "{:.1f}", False),
     (("tasks_per_s",), "tasks/s", "{:.1f}", True),
+    (("ppl_answers", "ppl"), "answer ppl", "{:.3f}", False),
     (("ppl", "ppl"), "perplexity", "{:.3f}", False),
     (("ppl", "bits_per_byte"), "bits/byte", "{:.4f}", False),
     (("speed", "load_s"), "load s", "{:.2f}", False),
@@ -113,6 +115,14 @@ def group_rows(summaries: Sequence[dict[str, Any]]) -> list[tuple[str, list[floa
 
 # Beyond this many models the table turns: one row per model, the headline metrics across.
 MAX_MODEL_COLUMNS = 3
+# The many-models table's columns, most telling first; those that do not fit the width are left
+# out (the --summary JSON has them all). Accuracy deltas are in points: "+3.2" fits where
+# "(+0.032)" does not.
+HEADLINE = ["accuracy", "clusters", "pass@1", "answer ppl", "size MB", "decode tok/s", "perplexity",
+            "bits/byte", "output tokens (mean)", "peak RSS MB", "tasks/s", "pass@5", "pass@10"]
+SHORT = {"output tokens (mean)": "out tok", "decode tok/s": "tok/s", "peak RSS MB": "RSS MB",
+         "answer ppl": "ans ppl", "perplexity": "ppl"}
+POINTS = {"accuracy", "clusters", "pass@1", "pass@5", "pass@10"}
 
 
 def _cell(values: list[float | None], i: int, fmt: str) -> str:
@@ -125,9 +135,20 @@ def _cell(values: list[float | None], i: int, fmt: str) -> str:
     return f"{fmt.format(v)} ({'+' if v - values[0] >= 0 else '-'}{fmt.format(abs(v - values[0]))})"
 
 
-def comparison_table(summaries: Sequence[dict[str, Any]]):  # noqa: ANN201 - rich Table
+def _short_cell(values: list[float | None], i: int, fmt: str, label: str) -> str:
+    """A value and, for accuracies after the first model, its difference in points."""
+    v = values[i]
+    if v is None:
+        return "-"
+    if label not in POINTS or i == 0 or values[0] is None:
+        return fmt.format(v)
+    return f"{fmt.format(v)} {100 * (v - values[0]):+.1f}"
+
+
+def comparison_table(summaries: Sequence[dict[str, Any]], width: int | None = None):  # noqa: ANN201 - rich Table
     """Metrics down and models across (with per-family accuracy) for a few models; for many,
-    one row per model with the headline metrics. Deltas are against the first model."""
+    one row per model with as many headline metrics as fit in `width` columns (None: all).
+    Deltas are against the first model."""
     from orstack.console import new_table
 
     names = [s["model"] for s in summaries]
@@ -137,11 +158,42 @@ def comparison_table(summaries: Sequence[dict[str, Any]]):  # noqa: ANN201 - ric
         for label, values, fmt in rows:
             tbl.add_row(label, *(_cell(values, i, fmt) for i in range(len(values))))
         return tbl
-    headline = [r for r in rows if not r[0].startswith("  ") and r[0] not in ("load s", "prefill tok/s")]
-    tbl = new_table("model", *(label for label, _, _ in headline), title="orstack bench")
-    for i, name in enumerate(names):
-        tbl.add_row(Path(name).name or name, *(_cell(values, i, fmt) for _, values, fmt in headline))
+    present = {label: (values, fmt) for label, values, fmt in rows}
+    headline = [label for label in HEADLINE if label in present]
+    shown = [Path(n).name or n for n in names]
+    for n_columns in range(len(headline), 0, -1):
+        tbl = _row_per_model(shown, [(label, *present[label]) for label in headline[:n_columns]])
+        if width is None or n_columns == 1 or _measure(tbl) <= width:
+            break
+    left_out = headline[n_columns:]
+    notes = ["accuracy deltas in points against the first model"]
+    if "clusters" in present:
+        notes.append("clusters: tasks annotated with a failure cluster")
+    if left_out:
+        notes.append(f"not shown at this width: {', '.join(left_out)}")
+    tbl.caption = "; ".join(notes)
     return tbl
+
+
+def _row_per_model(names: list[str], columns: list[tuple[str, list[float | None], str]]):  # noqa: ANN202
+    from rich import box
+
+    from orstack.console import new_table
+
+    tbl = new_table("model", *(SHORT.get(label, label) for label, _, _ in columns), title="orstack bench")
+    tbl.box = box.SIMPLE_HEAD
+    tbl.pad_edge = False
+    for i, name in enumerate(names):
+        tbl.add_row(name, *(_short_cell(values, i, fmt, label) for label, values, fmt in columns))
+    return tbl
+
+
+def _measure(tbl) -> int:  # noqa: ANN001 - rich Table
+    """The width `tbl` needs to print without wrapping a cell."""
+    from rich.console import Console
+
+    console = Console(width=10_000)
+    return console.measure(tbl).maximum
 
 
 def plot_accuracy_vs_size(summaries: Sequence[dict[str, Any]], path: str | Path) -> None:

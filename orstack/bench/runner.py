@@ -44,6 +44,7 @@ class BenchConfig:
     ppl: list[str] = field(default_factory=list)  # perplexity text files
     ppl_rule: str = "rolling"
     ppl_max_length: int | None = None  # None: the model's context, at most 2048
+    ppl_answers: bool = False  # perplexity of each task's answer given its prompt (bench/answers.py)
     speed: bool = False
     speed_runs: int = 5
     max_new_tokens: int = 32
@@ -114,6 +115,10 @@ def run(models: Sequence[str], config: BenchConfig, runtime: Runtime,
         check_domains(parse_fail_under(config.fail_under)[1], tasks, display_name(config.tasks))
     if tasks is not None and config.shard is not None:
         tasks = _shard_of(tasks, config)
+    if tasks is not None and config.ppl_answers:
+        from orstack.bench.answers import check_answer_tasks
+
+        check_answer_tasks(tasks, display_name(config.tasks))
     texts = list(read_texts(config.ppl)) if config.ppl else None
     if config.ppl and not any(texts):
         raise BadInput(f"{', '.join(config.ppl)}: no text to measure perplexity on")
@@ -248,7 +253,11 @@ def _check_usage(models: list[str], config: BenchConfig, outputs: BenchOutputs) 
     if not (config.tasks or config.ppl or config.speed):
         raise BadInput("nothing to measure: give --tasks, --ppl and/or --speed")
     served = next((m for m in models if is_endpoint(m)), None)
-    if served and (config.ppl or config.speed):
+    if config.ppl_answers and not config.tasks:
+        raise BadInput("--ppl-answers needs --tasks (it scores each task's answer given its prompt)")
+    if config.ppl_answers and config.chat_template is not None:
+        raise BadInput("--ppl-answers scores plain prompts: give it without --chat-template")
+    if served and (config.ppl or config.ppl_answers or config.speed):
         raise BadInput(f"{served}: --ppl and --speed need the weights (bench them locally); an endpoint's "
                        "throughput is its tasks/s")
     from orstack.backends.chat import template_file_text
@@ -337,6 +346,10 @@ def bench_model(spec: str, config: BenchConfig, tasks: Sequence[dict[str, Any]] 
             if config.truncate_prompts:
                 summary["truncated_prompts"] = truncated
                 summary["context_length"] = backend.context_length()
+            if config.ppl_answers:
+                from orstack.bench.answers import answer_perplexity
+
+                summary["ppl_answers"] = answer_perplexity(backend, tasks).as_dict()
         if texts:
             max_length = config.ppl_max_length or min(backend.context_length() or 2048, 2048)
             try:

@@ -37,6 +37,10 @@ assistant) instead of `prompt`: it goes through the model's chat template (gener
 on, stopping at the template's end-of-turn token). `prompt` tasks are fed as-is unless
 --chat-template is given: `model` (the model's own template) or a .jinja file.
 
+--ppl-answers measures the perplexity of each task's answer tokens given its prompt (numeric
+and exact tasks; one pooled figure): the measure that means something for a model trained
+on answers only, whose text perplexity on random prompts does not.
+
 --score ROWS.jsonl scores rows that already carry `output` by the same rules, without a model.
 --fail-under ACC exits 3 (writing nothing unless --force) when a model's accuracy is below ACC;
 --fail-under DOMAIN=ACC (repeatable) gates the accuracy on the tasks of one domain.
@@ -67,6 +71,9 @@ def bench(
     ppl_max_length: Annotated[int | None, typer.Option("--ppl-max-length", min=2,
                                                        help="Window length in tokens (default: the model's context).")
                               ] = None,
+    ppl_answers: Annotated[bool, typer.Option("--ppl-answers",
+                                              help="Perplexity of each task's answer tokens given its prompt.")
+                           ] = False,
     speed: Annotated[bool, typer.Option("--speed", help="Load time, prefill/decode tokens/s, peak RSS, size.")] = False,
     speed_runs: Annotated[int, typer.Option("--speed-runs", min=1, help="Timed runs for --speed (median).")] = 5,
     threads: Annotated[int | None, typer.Option("--threads", min=1,
@@ -125,7 +132,7 @@ def bench(
     if threads is not None:  # bench's own --threads overrides the global one
         runtime = dataclasses.replace(runtime, threads=threads)
     config = BenchConfig(tasks=str(tasks) if tasks else None, ppl=[str(p) for p in ppl or []], ppl_rule=ppl_rule,
-                         ppl_max_length=ppl_max_length, speed=speed, speed_runs=speed_runs,
+                         ppl_max_length=ppl_max_length, ppl_answers=ppl_answers, speed=speed, speed_runs=speed_runs,
                          max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit, shard=shard,
                          truncate_prompts=truncate_prompts, fail_under=list(fail_under or []),
                          max_regression=max_regression, alpha=alpha, code_timeout=code_timeout,
@@ -166,7 +173,7 @@ def _report(summaries: list[dict], comparisons: list[dict]) -> None:
     from orstack.bench.compare import kl_notes, statistics_tables
     from orstack.bench.report import comparison_table, lineage_line
 
-    console.table(comparison_table(summaries))
+    console.table(comparison_table(summaries, width=console.stderr().width))
     for tbl in statistics_tables(comparisons):
         console.table(tbl)
     for note in kl_notes(comparisons):
@@ -178,6 +185,9 @@ def _report(summaries: list[dict], comparisons: list[dict]) -> None:
         if "ppl" in s:
             console.info(f"{s['model']}: perplexity {s['ppl']['ppl']:.4f} over {s['ppl']['tokens']} tokens, "
                          f"{s['ppl']['bits_per_byte']:.4f} bits/byte ({s['ppl']['rule']} rule)")
+        if "ppl_answers" in s:
+            console.info(f"{s['model']}: answer perplexity {s['ppl_answers']['ppl']:.4f} over "
+                         f"{s['ppl_answers']['tokens']} answer tokens")
         if "truncated_prompts" in s:
             context = f"its context of {s['context_length']} tokens" if s["context_length"] else "its context"
             console.info(f"{s['model']}: {s['truncated_prompts']} prompt(s) truncated from the left to fit {context}")
