@@ -66,6 +66,10 @@ def global_options(
     trust_pickle: Annotated[
         bool, typer.Option("--trust-pickle", help="Allow loading pickle (.bin) weights; they can run code.")
     ] = False,
+    in_memory: Annotated[
+        bool, typer.Option("--in-memory", help="Load the whole model instead of reading it layer by layer "
+                           "(prune, awq, gguf, vocab-trim; the same output, several times the memory).")
+    ] = False,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
@@ -74,7 +78,8 @@ def global_options(
     # The one place flags and environment become settings; stages receive them as this Runtime.
     # torchrun / accelerate launch say which process this is through RANK and WORLD_SIZE.
     ctx.obj = Runtime(device=check_device_name(device), threads=threads, seed=seed, trust_pickle=trust_pickle,
-                      rank=int(os.environ.get("RANK", "0")), world_size=int(os.environ.get("WORLD_SIZE", "1")))
+                      stream=not in_memory, rank=int(os.environ.get("RANK", "0")),
+                      world_size=int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def _command_modules() -> list[str]:

@@ -1,0 +1,248 @@
+"""Models larger than memory (issue 14): peak resident memory and wall time of prune (wanda),
+awq and gguf on random-init Llama-shaped checkpoints saved in bfloat16, streamed (the default:
+orstack.layerwise.StreamedModel reads one layer at a time) beside the whole-model load
+(`Runtime(stream=False)`), and the fit of the streamed peak against the largest unit one
+stage holds at a time -- a decoder layer or an embedding matrix in float32 -- projected to an
+8B-class model (Llama-3-8B's shapes).
+
+Each run is its own process (`scale.py --child ...`), so its peak RSS (getrusage ru_maxrss:
+anonymous memory plus mapped file pages) is its own. Checkpoints are built here tensor by
+tensor (normal(0, 0.02) weights, unit norms) straight into safetensors shards, never as a
+model in memory. Settings are small on purpose (8 calibration windows of 128 tokens, a 2,000
+character held-out text, gguf q8_0 without llama.cpp validation): memory is the measure, and
+the per-layer working set does not depend on them beyond the calibration activations.
+
+    python benchmarks/scale.py            # ~0.1B, ~0.5B, ~1.5B; in-memory baseline for the two smaller
+    python benchmarks/scale.py --quick    # skips ~1.5B
+    python benchmarks/scale.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 32_000
+# name -> (hidden, intermediate, layers, heads, kv heads)
+SIZES = {
+    "0.1B": (768, 2048, 12, 12, 4),
+    "0.5B": (1536, 4096, 16, 12, 4),
+    "1.5B": (2048, 5632, 30, 16, 4),
+}
+LLAMA3_8B = (4096, 14336, 32, 32, 8, 128_256)  # hidden, intermediate, layers, heads, kv, vocab
+STAGES = ("prune", "awq", "gguf")
+# The issue's figures for today's path before this work (284M-parameter Llama, bf16 file 567 MB).
+ISSUE_BASELINE = {"file_mb": 567, "prune": 2697, "awq": 2930}
+TEXT = ("The river carries sand and silt towards the sea, building deltas and plains over many centuries. "
+        "Printing spread quickly across Europe, and the price of a book fell so far that a student could own "
+        "several. 12+345=357. rev stone=enots. sort dcba=abcd. ") * 40
+
+
+def shapes(hidden: int, inter: int, layers: int, heads: int, kv: int, vocab: int = VOCAB) -> dict[str, tuple]:
+    head_dim = hidden // heads
+    out = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        out.update({p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
+                    p + "self_attn.q_proj.weight": (heads * head_dim, hidden),
+                    p + "self_attn.k_proj.weight": (kv * head_dim, hidden),
+                    p + "self_attn.v_proj.weight": (kv * head_dim, hidden),
+                    p + "self_attn.o_proj.weight": (hidden, heads * head_dim),
+                    p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
+                    p + "mlp.down_proj.weight": (hidden, inter)})
+    out["model.norm.weight"] = (hidden,)
+    out["lm_head.weight"] = (vocab, hidden)
+    return out
+
+
+def count(shape_map: dict[str, tuple]) -> int:
+    total = 0
+    for shape in shape_map.values():
+        n = 1
+        for d in shape:
+            n *= d
+        total += n
+    return total
+
+
+def largest_unit_fp32(hidden: int, inter: int, layers: int, heads: int, kv: int, vocab: int = VOCAB) -> int:
+    """Bytes of the largest thing a streamed stage holds in float32 at once: a decoder layer or
+    an embedding/output matrix."""
+    one_layer = count({k: v for k, v in shapes(hidden, inter, 1, heads, kv, vocab).items() if ".layers.0." in k})
+    return 4 * max(one_layer, vocab * hidden)
+
+
+def build(out: Path, size: str) -> Path:
+    """A random-init Llama in bfloat16, written tensor by tensor (orstack's ShardedWriter)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+    from orstack.io.safetensors_file import ShardedWriter
+
+    if (out / "config.json").is_file():
+        return out
+    hidden, inter, layers, heads, kv = SIZES[size]
+    tmp = out.with_name(out.name + ".building")
+    tmp.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(TEXT.split(". "), trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(tmp)
+    LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=2048,
+                bos_token_id=0, eos_token_id=1, tie_word_embeddings=False, dtype="bfloat16").save_pretrained(tmp)
+    generator = torch.Generator().manual_seed(0)
+    writer = ShardedWriter(tmp, metadata={"format": "pt"})
+    for name, shape in shapes(hidden, inter, layers, heads, kv).items():
+        t = torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=generator) * 0.02
+        writer.add(name, t.to(torch.bfloat16))
+    writer.close()
+    tmp.replace(out)
+    return out
+
+
+def child(stage: str, source: str, output: str, stream: bool, text: str) -> None:
+    """One run in this process; prints its figures as one JSON line."""
+    from orstack.runtime import Runtime
+
+    runtime = Runtime(device="cpu", stream=stream, seed=0)
+    start = time.perf_counter()
+    if stage == "prune":
+        from orstack.prune import PruneConfig, run
+
+        run(source, output, PruneConfig(method="wanda", calib=[text], heldout=[text], nsamples=8, seqlen=128,
+                                        eval_length=128, force=True), runtime)
+    elif stage == "awq":
+        from orstack.awq import AWQConfig, run
+
+        run(source, output, AWQConfig(calib=[text], nsamples=8, seqlen=128, force=True), runtime)
+    else:
+        from orstack.gguf import GgufConfig, run
+
+        run(source, output, GgufConfig(type="q8_0", validate=False), runtime)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"peak_bytes": peak, "seconds": seconds}))
+
+
+def run_child(stage: str, source: Path, work: Path, stream: bool, text: Path) -> dict:
+    output = work / f"{source.name}-{stage}-{'stream' if stream else 'memory'}"
+    if stage == "gguf":
+        output = output.with_suffix(".gguf")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, __file__, "--child", stage, str(source), str(output), str(int(stream)), str(text)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    figures = json.loads(proc.stdout.strip().splitlines()[-1])
+    subprocess.run(["rm", "-rf", str(output)], check=False)
+    return figures
+
+
+def fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
+    return my - b * mx, b
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="skip the ~1.5B checkpoint")
+    parser.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "orstack-scale")
+    parser.add_argument("--stages", default=",".join(STAGES))
+    parser.add_argument("--sizes", help=f"comma-separated, of {', '.join(SIZES)} (default: all)")
+    parser.add_argument("--report", type=Path, help="print the tables of a --json file and exit")
+    parser.add_argument("--baseline-max", default="0.5B", help="largest size also run whole-model (in memory)")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--child", nargs=5, metavar=("STAGE", "SOURCE", "OUTPUT", "STREAM", "TEXT"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        stage, source, output, stream, text = args.child
+        child(stage, source, output, stream == "1", text)
+        return
+    stages = [s for s in args.stages.split(",") if s]
+    if args.report:
+        report(json.loads(args.report.read_text(encoding="utf-8")), stages)
+        return
+    sizes = [s for s in (args.sizes.split(",") if args.sizes else SIZES) if not (args.quick and s == "1.5B")]
+    args.work.mkdir(parents=True, exist_ok=True)
+    text = args.work / "text.txt"
+    text.write_text(TEXT[:2000], encoding="utf-8")
+    rows = []
+    baseline_sizes = list(SIZES)[: list(SIZES).index(args.baseline_max) + 1]
+    by_key = {}
+    # every streamed run first (the fit needs them; the cheap stages before awq), then the baselines
+    order = [(stage, size) for stage in [s for s in stages if s != "awq"] for size in sizes]
+    order += [("awq", size) for size in sizes if "awq" in stages]
+    for stage, size in order:
+        source = build(args.work / f"llama-{size}", size)
+        file_bytes = sum(f.stat().st_size for f in source.glob("*.safetensors"))
+        row = {"size": size, "params": count(shapes(*SIZES[size])), "file_bytes": file_bytes,
+               "unit_bytes": largest_unit_fp32(*SIZES[size]), "stage": stage}
+        row["stream"] = run_child(stage, source, args.work, True, text)
+        print(f"{size} {stage} streamed: {row['stream']['peak_bytes'] / 2**20:,.0f} MB, "
+              f"{row['stream']['seconds']:.0f} s", file=sys.stderr, flush=True)
+        rows.append(row)
+        by_key[size, stage] = row
+        _save(args.json, rows)
+    for stage, size in order:
+        if size in baseline_sizes:
+            row = by_key[size, stage]
+            row["memory"] = run_child(stage, args.work / f"llama-{size}", args.work, False, text)
+            print(f"{size} {stage} in memory: {row['memory']['peak_bytes'] / 2**20:,.0f} MB, "
+                  f"{row['memory']['seconds']:.0f} s", file=sys.stderr, flush=True)
+            _save(args.json, rows)
+    report(rows, stages)
+
+
+def _save(path: Path | None, rows: list[dict]) -> None:
+    """Row by row: a long run interrupted keeps what it measured."""
+    if path is not None:
+        path.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+
+
+def report(rows: list[dict], stages: list[str]) -> None:
+    mb = lambda b: f"{b / 2**20:,.0f}"  # noqa: E731
+    print("| model | params | bf16 file MB | stage | streamed peak MB | x file | s | in-memory peak MB | x file | s |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        s, m = r["stream"], r.get("memory")
+        mem = (f"{mb(m['peak_bytes'])} | {m['peak_bytes'] / r['file_bytes']:.2f} | {m['seconds']:.0f}"
+               if m else "- | - | -")
+        print(f"| {r['size']} | {r['params'] / 1e9:.2f}B | {mb(r['file_bytes'])} | {r['stage']} | "
+              f"{mb(s['peak_bytes'])} | {s['peak_bytes'] / r['file_bytes']:.2f} | {s['seconds']:.0f} | {mem} |")
+    b = ISSUE_BASELINE
+    print(f"\nBefore this work (issue 14, 284M Llama, bf16 file {b['file_mb']} MB): prune wanda {b['prune']:,} MB "
+          f"({b['prune'] / b['file_mb']:.1f}x the file), awq {b['awq']:,} MB ({b['awq'] / b['file_mb']:.1f}x).")
+    hidden, inter, layers, heads, kv, vocab = LLAMA3_8B
+    unit_8b = largest_unit_fp32(hidden, inter, layers, heads, kv, vocab)
+    file_8b = 2 * count(shapes(hidden, inter, layers, heads, kv, vocab))
+    print(f"\nFit of the streamed peak: peak = a + b x (largest float32 unit held: a layer or an embedding "
+          f"matrix); Llama-3-8B's is {mb(unit_8b)} MB (bf16 file {file_8b / 1e9:.1f} GB):")
+    print("| stage | a MB | b | projected 8B peak GB | file fit: peak = c + d x file, d |")
+    print("|---|---:|---:|---:|---:|")
+    for stage in stages:
+        got = [r for r in rows if r["stage"] == stage]
+        if len(got) < 2:
+            continue
+        a, slope = fit([r["unit_bytes"] for r in got], [r["stream"]["peak_bytes"] for r in got])
+        _, d = fit([r["file_bytes"] for r in got], [r["stream"]["peak_bytes"] for r in got])
+        print(f"| {stage} | {mb(a)} | {slope:.2f} | {(a + slope * unit_8b) / 2**30:.1f} | {d:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
