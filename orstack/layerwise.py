@@ -21,8 +21,9 @@ really see after the earlier layers were compressed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -443,6 +444,9 @@ class Staging:
         output.parent.mkdir(parents=True, exist_ok=True)
         self._dir = tempfile.TemporaryDirectory(prefix=f".{output.name}.staging-", dir=output.parent)
         self.path = Path(self._dir.name)
+        active = _STAGINGS.get()
+        if active is not None:
+            active.append(self)
 
     def move_weights(self, tmp: Path) -> None:
         from orstack.io.safetensors_file import INDEX_SUFFIX
@@ -499,3 +503,24 @@ def param_shape(model: nn.Module, param: torch.Tensor) -> tuple[int, ...]:
             if p is param:
                 return shape
     return tuple(param.shape)
+
+
+_STAGINGS: ContextVar[list[Staging] | None] = ContextVar("orstack_stagings", default=None)
+
+
+def cleans_staging(run: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate a stage's `run`: every Staging made during the call is removed when it returns or
+    raises (a failed gate, Ctrl-C), not when the garbage collector gets to it."""
+    import functools
+
+    @functools.wraps(run)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        token = _STAGINGS.set([])
+        try:
+            return run(*args, **kwargs)
+        finally:
+            for staging in _STAGINGS.get() or []:
+                staging.cleanup()
+            _STAGINGS.reset(token)
+
+    return wrapper

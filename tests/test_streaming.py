@@ -176,3 +176,14 @@ def test_vocab_trim_streamed_writes_the_in_memory_weights(random_llama, calib, t
     assert {k: v for k, v in ms.items() if k != "seconds"} == {k: v for k, v in mm.items() if k != "seconds"}
     cs, cm = (json.loads((runs[s][0] / "config.json").read_text()) for s in (True, False))
     assert cs == cm
+
+
+def test_a_failed_gate_leaves_no_staging_behind(random_llama, calib, tmp_path):
+    from orstack import prune
+    from orstack.errors import GateFailed
+
+    config = prune.PruneConfig(method="magnitude", sparsity=0.9, calib=[str(calib)], heldout=[str(calib)],
+                               nsamples=2, seqlen=32, eval_length=64, max_ppl_rise=0.0)
+    with pytest.raises(GateFailed):
+        prune.run(random_llama, tmp_path / "out", config, Runtime(device="cpu"))
+    assert list(tmp_path.iterdir()) == []

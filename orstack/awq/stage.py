@@ -26,6 +26,7 @@ from orstack.awq.search import (
     target_linears,
 )
 from orstack.errors import BadInput
+from orstack.layerwise import cleans_staging
 
 if TYPE_CHECKING:
     from torch import nn
@@ -46,6 +47,7 @@ class AWQResult:
     weights_bytes: int
 
 
+@cleans_staging
 def run(source: str | Path, output: str | Path, config: AWQConfig, runtime: Runtime) -> AWQResult:
     """Quantize the checkpoint `source` as `config` says and write it to the directory `output`.
 

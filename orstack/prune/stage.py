@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orstack.errors import BadInput
+from orstack.layerwise import cleans_staging
 from orstack.prune.masks import METHODS, check_sparsity, parse_pattern
 
 if TYPE_CHECKING:
@@ -132,6 +133,7 @@ class PruneResult:
     weights_bytes: int | None  # model.safetensors as written (None when the weights are sharded)
 
 
+@cleans_staging
 def run(source: str | Path, output: str | Path, config: PruneConfig, runtime: Runtime) -> PruneResult:
     """Prune the checkpoint `source` as `config` says and write it to the directory `output`.
 

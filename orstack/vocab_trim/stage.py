@@ -12,6 +12,7 @@ from orstack.gates import decide
 from orstack.io.jsonl import check_input_file
 from orstack.io.output import check_output
 from orstack.io.text import check_text_files, read_texts
+from orstack.layerwise import cleans_staging
 from orstack.runtime import Runtime
 from orstack.vocab_trim.trim import VocabTrimConfig, check_corpus, plan_trim, read_keep_file, vocab_trim
 
@@ -25,6 +26,7 @@ class VocabTrimResult:
     weights_after: int = 0
 
 
+@cleans_staging
 def run(source: str | Path, output: str | Path, config: VocabTrimConfig, runtime: Runtime,
         report: Callable[[dict[str, Any]], None] | None = None) -> VocabTrimResult:
     """Trim the vocabulary of `source` to the tokens config.corpus uses and write `output`.
