@@ -213,12 +213,19 @@ def kl_windows(backend: Backend, texts: Sequence[str], *, max_length: int, rule:
     return llama_cpp_windows([prefix] + backend.encode("\n\n".join(texts)), prefix, max_length)
 
 
+_ROWS = 256  # positions per float64 step: bounds the working memory at _ROWS x vocab x 8 bytes
+
+
 def _scored_logprobs(backend: Backend, window: Window) -> np.ndarray:
     """float32 log-probabilities [n_scored, vocab] after each scored position (float32 on both
-    sides, so a model against itself is exactly 0)."""
+    sides, so a model against itself is exactly 0), a few hundred positions at a time (a
+    2048-token window of a 49k vocabulary would be 0.8 GB in float64 at once)."""
     n_in = len(window.input_ids)
     logits = backend.logits(window.input_ids)[n_in - window.n_scored : n_in]
-    return stats.log_softmax(logits).astype(np.float32)
+    out = np.empty(logits.shape, dtype=np.float32)
+    for i in range(0, len(logits), _ROWS):
+        out[i : i + _ROWS] = stats.log_softmax(logits[i : i + _ROWS])
+    return out
 
 
 class KLReference:
@@ -267,9 +274,10 @@ class KLReference:
             if q.shape[1] != self.store.shape[1]:
                 return {"n/a": f"{backend.name} has {q.shape[1]} tokens in its vocabulary, {self.model} "
                                f"{self.store.shape[1]} (KL needs one vocabulary)"}
-            p = np.asarray(self.store[row : row + len(q)])
-            kl.append(stats.kl_divergence(p, q))
-            same_top += int((p.argmax(axis=1) == q.argmax(axis=1)).sum())
+            for i in range(0, len(q), _ROWS):
+                p, qi = np.asarray(self.store[row + i : row + i + _ROWS]), q[i : i + _ROWS]
+                kl.append(stats.kl_divergence(p, qi))
+                same_top += int((p.argmax(axis=1) == qi.argmax(axis=1)).sum())
             row += len(q)
         values = np.concatenate(kl)
         return {"mean": float(values.mean()), "median": float(np.median(values)),
