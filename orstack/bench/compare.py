@@ -275,7 +275,8 @@ class KLReference:
                 return {"n/a": f"{backend.name} has {q.shape[1]} tokens in its vocabulary, {self.model} "
                                f"{self.store.shape[1]} (KL needs one vocabulary)"}
             for i in range(0, len(q), _ROWS):
-                p, qi = np.asarray(self.store[row + i : row + i + _ROWS]), q[i : i + _ROWS]
+                qi = q[i : i + _ROWS]
+                p = np.asarray(self.store[row + i : row + i + len(qi)])
                 kl.append(stats.kl_divergence(p, qi))
                 same_top += int((p.argmax(axis=1) == qi.argmax(axis=1)).sum())
             row += len(q)
