@@ -223,3 +223,43 @@ def test_samples_of_one_task_pair_as_its_share_correct_and_no_shared_task_is_no_
     disjoint = compare_rows(ref, [{"id": "z", "correct": True}])
     assert disjoint["tasks"] == 0 and disjoint["difference"] is None and disjoint["ci95"] == [None, None]
     json.dumps(disjoint, allow_nan=False)  # the --summary stays valid JSON
+
+
+class _FakeBackend:
+    """Character tokens and seeded logits: enough of the Backend protocol for KLReference."""
+
+    def __init__(self, name: str, noise: float) -> None:
+        self.name, self.noise = name, noise
+
+    def encode(self, text):
+        return [ord(c) % 40 + 1 for c in text]
+
+    def _prefix_token(self):
+        return 0
+
+    def context_length(self):
+        return 64
+
+    def logits(self, ids):
+        base = np.random.default_rng(sum(ids)).normal(size=(len(ids), 41))
+        return base + self.noise * np.random.default_rng(len(ids)).normal(size=base.shape)
+
+
+def test_kl_reference_in_chunks_equals_the_direct_computation(tmp_path, monkeypatch):
+    from orstack.bench import compare
+
+    monkeypatch.setattr(compare, "_ROWS", 5)  # several chunks per window, a ragged last one
+    text = SAMPLE_TEXT[:300]
+    ref, other = _FakeBackend("ref", 0.0), _FakeBackend("other", 0.3)
+    kl = compare.KLReference(tmp_path, [text], rule="rolling")
+    assert kl.measure(ref, 32) is None
+    got = kl.measure(other, 32)
+    expected, positions = [], 0
+    for w in compare.kl_windows(ref, [text], max_length=32, rule="rolling"):
+        n = len(w.input_ids)
+        p = stats.log_softmax(ref.logits(w.input_ids)[n - w.n_scored : n]).astype(np.float32)
+        q = stats.log_softmax(other.logits(w.input_ids)[n - w.n_scored : n]).astype(np.float32)
+        expected.append(stats.kl_divergence(p, q))
+        positions += w.n_scored
+    assert got["positions"] == positions == len(text)
+    assert got["mean"] == pytest.approx(np.concatenate(expected).mean(), rel=1e-12)
