@@ -98,6 +98,9 @@ def _index_shards(index: Path) -> set[str]:
 
 SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+# safetensors' Dtype enum order, narrowest first: it writes tensors widest first
+DTYPE_RANK = ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16", "F16", "BF16", "I32", "U32", "F32",
+              "F64", "I64", "U64")
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model" + INDEX_SUFFIX
 DEFAULT_SHARD_BYTES = 2 * 1024**3  # writer's shard size: small enough to move, large enough to be few
@@ -216,8 +219,19 @@ class ShardedWriter:
     def _close_shard(self) -> None:
         import os
 
-        metadata = {**self.metadata, **{k: json.dumps(v, sort_keys=True) for k, v in self.shard_json.items()}}
-        header = {"__metadata__": dict(sorted(metadata.items())), **dict(sorted(self._entries.items()))}
+        metadata = {**self.metadata, **{k: json.dumps(v) for k, v in self.shard_json.items()}}
+        # safetensors' own order (widest dtype first, then name), so a single shard is byte for byte
+        # what safetensors.torch.save_file writes for the same tensors and metadata
+        order = sorted(self._entries, key=lambda n: (-DTYPE_RANK.index(self._entries[n]["dtype"]), n))
+        header: dict = {"__metadata__": dict(sorted(metadata.items()))}
+        position, moves = 0, []
+        for name in order:
+            entry = self._entries[name]
+            begin, end = entry["data_offsets"]
+            header[name] = {"dtype": entry["dtype"], "shape": entry["shape"],
+                            "data_offsets": [position, position + end - begin]}
+            moves.append((begin, end - begin))
+            position += end - begin
         raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
         raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
         path = self.directory / f".shard-{len(self.shards):05d}.safetensors"
@@ -226,14 +240,13 @@ class ShardedWriter:
             out.write(len(raw).to_bytes(8, "little"))
             out.write(raw)
             out.flush()
-            self._data.seek(0)
-            left, offset = self._size, 0
-            while left:
-                n = os.copy_file_range(self._data.fileno(), out.fileno(), left, offset_src=offset)
-                if n == 0:
-                    raise OSError(f"{path}: short copy")
-                left -= n
-                offset += n
+            for offset, left in moves:
+                while left:
+                    n = os.copy_file_range(self._data.fileno(), out.fileno(), left, offset_src=offset)
+                    if n == 0:
+                        raise OSError(f"{path}: short copy")
+                    left -= n
+                    offset += n
         self._data.close()
         Path(self._data.name).unlink()
         index = len(self.shards)
