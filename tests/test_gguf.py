@@ -398,7 +398,7 @@ def test_cli_defaults_are_the_config_defaults():
     params = {p.name: p for p in typer.main.get_command(app).params}
     names = {"qtype": "type", "validate": "validate", "prompts": "prompts", "text": "text", "tokens": "n_tokens",
              "max_length": "max_length", "force": "force", "min_agreement": "min_agreement",
-             "max_ppl_change": "max_ppl_change"}
+             "max_ppl_change": "max_ppl_change", "imatrix": "imatrix"}
     fields = {f.name: f for f in dataclasses.fields(GgufConfig)}
     assert set(names.values()) == set(fields)
     for option, name in names.items():

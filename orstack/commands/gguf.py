@@ -33,6 +33,11 @@ perplexity; every type has a gate: f32/f16 need >= 99% agreement, q8_0/bf16/q6_k
 q5_k_m >= 95%, and all of these a perplexity within 2%; the 4-bit types >= 90% and 5%
 (--min-agreement, --max-ppl-change override); f32 also needs every logit within 1% of the
 largest source logit; otherwise the command exits 3 and writes nothing (unless --force).
+--imatrix CALIB collects, layer by layer over the calibration text, each Linear's mean
+squared input per column and uses it as the weights of every quantized type's scale/min
+search (K-quants and Q4_0/Q4_1/Q5_0/Q5_1; bytes identical to llama.cpp's quantizer given the
+same importance); the calibration file, its sha256 and token count go into the metadata
+(quantize.imatrix.*) and the manifest. Without it the bytes are llama.cpp's reference ones.
 --dry-run prints the per-tensor plan (GGML type, K-quant fallbacks, real bits per weight,
 file size) from the config and weight headers alone.
 
@@ -44,6 +49,7 @@ Example:
 \b
     orstack gguf tiny -o tiny-q8.gguf --type q8_0
     orstack gguf tiny -o tiny-q5km.gguf --type q5_k_m --prompts tasks/heldout.jsonl
+    orstack gguf tiny -o tiny-q4km.gguf --type q4_k_m --imatrix tasks/train.jsonl
 """
 
 
@@ -68,13 +74,18 @@ def gguf(
     max_ppl_change: Annotated[float | None, typer.Option("--max-ppl-change", min=0.0,
                                                           help="Gate: largest |perplexity change| [default: "
                                                                "0.02, 4-bit types 0.05].")] = None,
+    imatrix: Annotated[Path | None, typer.Option("--imatrix", metavar="CALIB",
+                                                  help="Calibration text (.txt/.jsonl): weight each quantized "
+                                                       "column's error by its mean squared activation "
+                                                       "(llama.cpp's imatrix). Not the evaluation text.")] = None,
     dry_run: DryRun = False,
 ) -> None:
     from orstack.gguf import GgufConfig, run
 
     config = GgufConfig(type=qtype, validate=validate, prompts=str(prompts) if prompts else None,
                         text=[str(t) for t in text or []], n_tokens=tokens, max_length=max_length, force=force,
-                        min_agreement=min_agreement, max_ppl_change=max_ppl_change)
+                        min_agreement=min_agreement, max_ppl_change=max_ppl_change,
+                        imatrix=str(imatrix) if imatrix else None)
     if dry_run:
         from orstack.gguf.plan import plan
 

@@ -25,6 +25,8 @@ from orstack.errors import BadInput
 if TYPE_CHECKING:
     import numpy as np
 
+    from orstack.gguf.imatrix import Importance
+
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k", "q4_k_m", "q5_k_m")
 # llama.cpp's *_M mixes: Q6_K for the output and for attn_v / ffn_down in the layers _use_more_bits picks.
 MIXES = ("q4_k_m", "q5_k_m")
@@ -102,19 +104,22 @@ def plan_tensor(name: str, shape: tuple[int, ...], qtype: str, n_layers: int, ti
     return TensorPlan(name, shape, wanted, note)
 
 
-def quantize(data: np.ndarray, ggml_type: str) -> np.ndarray:
-    """float32 [rows, cols] -> the bytes (or float array) GGUFWriter stores for `ggml_type`."""
+def quantize(data: np.ndarray, ggml_type: str, importance: np.ndarray | None = None) -> np.ndarray:
+    """float32 [rows, cols] -> the bytes (or float array) GGUFWriter stores for `ggml_type`;
+    `importance` [cols] (orstack/gguf/imatrix.py) weights the scale searches, as llama.cpp's imatrix."""
     import gguf
     import numpy as np
 
-    from orstack.gguf import kquants
+    from orstack.gguf import kquants, legacy
 
     if ggml_type == "F32":
         return data.astype(np.float32)
     if ggml_type == "F16":
         return data.astype(np.float16)
     if ggml_type in kquants.QUANTIZERS:
-        return kquants.QUANTIZERS[ggml_type](data)
+        return kquants.QUANTIZERS[ggml_type](data, importance)
+    if importance is not None and ggml_type in legacy.WEIGHTED:
+        return legacy.quantize_weighted(data, ggml_type, importance)
     return gguf.quants.quantize(data, gguf.GGMLQuantizationType[ggml_type])
 
 
@@ -196,12 +201,13 @@ def safe_name(name: str, tokens: list[str]) -> tuple[str, str]:
 
 def export_gguf(model, tokenizer, out: Path, qtype: str, *, name: str = "model", progress: bool = True,
                 q4_1_blocks: dict[str, np.ndarray] | None = None, metadata: dict[str, str] | None = None,
-                ) -> ExportResult:
+                importance: Importance | None = None) -> ExportResult:
     """Write `model` (a loaded transformers decoder of a family orstack.gguf.arch supports) to `out` as GGUF of `qtype`.
 
     `q4_1_blocks` (HF weight name -> Q4_1 bytes, from orstack.gguf.awq) replaces quantization
     of those weights when the plan stores them as Q4_1. `metadata` adds string keys after all
-    the others (the orstack manifest)."""
+    the others (the orstack manifest). `importance` (orstack.gguf.imatrix) weights the quantization
+    of every weight it covers; its calibration file is named under llama.cpp's quantize.imatrix.* keys."""
     import gguf
     import numpy as np
 
@@ -247,6 +253,11 @@ def export_gguf(model, tokenizer, out: Path, qtype: str, *, name: str = "model",
     if qtype not in ("f32", "f16", "bf16"):
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     vocab.write(writer)
+    if importance is not None:
+        writer.add_string("quantize.imatrix.file", importance.source)
+        writer.add_string("quantize.imatrix.dataset", importance.source)
+        writer.add_uint32("quantize.imatrix.entries_count", len(importance.values))
+        writer.add_uint32("quantize.imatrix.chunks_count", importance.n_windows)
     for key, value in (metadata or {}).items():
         writer.add_string(key, value)
 
@@ -284,7 +295,7 @@ def export_gguf(model, tokenizer, out: Path, qtype: str, *, name: str = "model",
                 data = _permute_rotary(data, heads)
             if hf_name in shape.offset_norms:
                 data = data + 1.0  # llama.cpp's RMS norm multiplies by the stored weight alone
-            stored = quantize(data, plan.ggml_type)
+            stored = quantize(data, plan.ggml_type, importance.for_weight(hf_name) if importance else None)
         writer.write_tensor_data(stored)
         del stored
     writer.close()

@@ -103,24 +103,101 @@ def _pack_scales_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
     return s.T
 
 
-def _qk_super_block(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
-    """Shared by Q4_K and Q5_K: x [S, 256] -> (d f16 [S], dmin f16 [S], scales [S, 12], L [S, 256])."""
+def _make_qp_quants(x: np.ndarray, nmax: int, w: np.ndarray):
+    """Non-negative scale search under weights w for each column of x [n, B] (ggml's make_qp_quants,
+    which quantizes the sub-block scales and mins of the importance-weighted K-quants).
+
+    Returns (L int32 [n, B], scale [B])."""
+    n, nb = x.shape
+    xmax = np.maximum(x.max(axis=0), F32(0))
+    zero = xmax < GROUP_MAX_EPS
+    safe_max = np.where(zero, F32(1), xmax)
+    nmax_f = F32(nmax)
+    iscale = nmax_f / safe_max
+    lvl = _nearest_int(iscale * x).astype(np.float32)
+    diff = x - (F32(1) / iscale) * lvl
+    best_mse = _seqsum(w * diff * diff)
+    for step in range(-4, 5):
+        if step == 0:
+            continue
+        iscale_is = (F32(0.1) * F32(step) + nmax_f) / safe_max
+        lvl = np.minimum(_nearest_int(iscale_is * x), nmax).astype(np.float32)
+        diff = x - (F32(1) / iscale_is) * lvl
+        mse = _seqsum(w * diff * diff)
+        better = mse < best_mse
+        best_mse = np.where(better, mse, best_mse)
+        iscale = np.where(better, iscale_is, iscale)
+    L = np.minimum(_nearest_int(iscale * x), nmax).astype(np.float32)
+    wx = w * x
+    sumlx = _seqsum(wx * L)
+    suml2 = _seqsum(w * L * L)
+    # The C loop's coordinate descent, one position at a time over all columns at once; a pass
+    # that changes nothing leaves the state as it was, so running all five passes is the same.
+    for _ in range(5):
+        for i in range(n):
+            slx = sumlx - wx[i] * L[i]
+            sl2 = suml2 - w[i] * L[i] * L[i]
+            ok = (slx > 0) & (sl2 > 0)
+            new_l = np.minimum(_nearest_int(x[i] * sl2 / np.where(ok, slx, F32(1))), nmax).astype(np.float32)
+            slx = slx + wx[i] * new_l
+            sl2 = sl2 + w[i] * new_l * new_l
+            take = ok & (new_l != L[i]) & (slx * slx * suml2 > sumlx * sumlx * sl2)
+            L[i] = np.where(take, new_l, L[i])
+            sumlx = np.where(take, slx, sumlx)
+            suml2 = np.where(take, sl2, suml2)
+    scale = np.where(suml2 > 0, sumlx / np.where(suml2 > 0, suml2, F32(1)), F32(0))
+    L = np.where(zero, F32(0), L)
+    return L.astype(np.int32), np.where(zero, F32(0), scale)
+
+
+def _tile_importance(importance: np.ndarray, shape: tuple[int, ...], block: int) -> np.ndarray:
+    """Per-column importance [cols] -> one row per block of the flattened tensor [rows*cols/block, block]."""
+    imp = np.ascontiguousarray(importance, dtype=np.float32).reshape(-1)
+    if imp.shape[0] != shape[-1]:
+        raise ValueError(f"importance has {imp.shape[0]} columns, the tensor {shape[-1]}")
+    rows = int(np.prod(shape[:-1]))
+    return np.tile(imp.reshape(-1, block), (rows, 1))
+
+
+def _qk_super_block(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int,
+                    importance: np.ndarray | None = None):
+    """Shared by Q4_K and Q5_K: x [S, 256] -> (d f16 [S], dmin f16 [S], scales [S, 12], L [S, 256]).
+
+    With `importance` [S, 256] (per-column activation importance, tiled per super-block) this is
+    ggml's quantize_row_q4_K_impl / q5_K_impl: each error weighted by imp * sqrt(sigma2 + x^2), a
+    wider scale search (make_qkx3_quants) and weighted 6-bit sub-block scales (make_qp_quants)."""
     S = x.shape[0]
     sub = x.reshape(S * 8, 32).T  # [32, S*8]
-    sum_x2 = _seqsum(sub * sub)
-    av_x = np.sqrt(sum_x2 / F32(32))
-    w = av_x + np.abs(sub)
-    L, scales, mins = _make_qkx2_quants(sub, w, nmax, rmin, rdelta, nstep)
+    if importance is None:
+        sum_x2 = _seqsum(sub * sub)
+        av_x = np.sqrt(sum_x2 / F32(32))
+        w = av_x + np.abs(sub)
+        L, scales, mins = _make_qkx2_quants(sub, w, nmax, rmin, rdelta, nstep)
+    else:
+        xt = x.T  # [256, S]
+        sigma2 = F32(2) * _seqsum(xt * xt) / F32(QK_K)  # [S]
+        sigma2 = np.repeat(sigma2, 8)  # per sub-block column
+        w = importance.reshape(S * 8, 32).T * np.sqrt(sigma2 + sub * sub)
+        sw = _seqsum(w).reshape(S, 8).T  # [8, S]
+        # make_qkx3_quants is make_qkx2_quants with these settings (its other differences only
+        # guard non-finite inputs).
+        L, scales, mins = _make_qkx2_quants(sub, w, nmax, -0.9, 0.05, 36)
     scales = scales.reshape(S, 8).T  # [8, S]
     mins = mins.reshape(S, 8).T
-    max_scale = np.maximum(scales.max(axis=0), F32(0))
-    max_min = np.maximum(mins.max(axis=0), F32(0))
-    inv_scale = np.where(max_scale > 0, F32(63) / np.where(max_scale > 0, max_scale, F32(1)), F32(0))
-    inv_min = np.where(max_min > 0, F32(63) / np.where(max_min > 0, max_min, F32(1)), F32(0))
-    ls = np.minimum(_nearest_int(inv_scale * scales).astype(np.uint8), 63)
-    lm = np.minimum(_nearest_int(inv_min * mins).astype(np.uint8), 63)
-    d16 = (max_scale / F32(63)).astype(np.float16)
-    dmin16 = (max_min / F32(63)).astype(np.float16)
+    if importance is None:
+        max_scale = np.maximum(scales.max(axis=0), F32(0))
+        max_min = np.maximum(mins.max(axis=0), F32(0))
+        inv_scale = np.where(max_scale > 0, F32(63) / np.where(max_scale > 0, max_scale, F32(1)), F32(0))
+        inv_min = np.where(max_min > 0, F32(63) / np.where(max_min > 0, max_min, F32(1)), F32(0))
+        ls = np.minimum(_nearest_int(inv_scale * scales).astype(np.uint8), 63)
+        lm = np.minimum(_nearest_int(inv_min * mins).astype(np.uint8), 63)
+        d16 = (max_scale / F32(63)).astype(np.float16)
+        dmin16 = (max_min / F32(63)).astype(np.float16)
+    else:
+        ls, d_block = _make_qp_quants(scales, 63, sw)
+        lm, m_block = _make_qp_quants(mins, 63, sw)
+        ls, lm = np.minimum(ls, 63).astype(np.uint8), np.minimum(lm, 63).astype(np.uint8)
+        d16, dmin16 = d_block.astype(np.float16), m_block.astype(np.float16)
     # Re-quantize every weight against the rounded (fp16, 6-bit) scales actually stored.
     d = d16.astype(np.float32) * ls.astype(np.float32)  # [8, S]
     dm = dmin16.astype(np.float32) * lm.astype(np.float32)
@@ -143,10 +220,15 @@ def _out(blocks: np.ndarray, shape: tuple[int, ...], block_bytes: int) -> np.nda
     return blocks.reshape(*shape[:-1], shape[-1] // QK_K * block_bytes)
 
 
-def quantize_q4_k(data: np.ndarray) -> np.ndarray:
-    """float rows (last axis a multiple of 256) -> Q4_K bytes [..., row_bytes]."""
+def _importance(importance: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    return None if importance is None else _tile_importance(importance, shape, QK_K)
+
+
+def quantize_q4_k(data: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+    """float rows (last axis a multiple of 256) -> Q4_K bytes [..., row_bytes]; `importance`
+    [cols] weights each column's error (llama.cpp's imatrix); without it, ggml's reference bytes."""
     x = _as_super_blocks(data)
-    d16, dmin16, scales, L = _qk_super_block(x, 15, -1.0, 0.1, 20)
+    d16, dmin16, scales, L = _qk_super_block(x, 15, -1.0, 0.1, 20, _importance(importance, data.shape))
     S = x.shape[0]
     # qs: each 64-weight chunk packs weights l (low nibble) and l+32 (high nibble).
     L4 = L.reshape(S, 4, 2, 32)
@@ -155,10 +237,10 @@ def quantize_q4_k(data: np.ndarray) -> np.ndarray:
     return _out(out, data.shape, BLOCK_BYTES["Q4_K"])
 
 
-def quantize_q5_k(data: np.ndarray) -> np.ndarray:
-    """float rows (last axis a multiple of 256) -> Q5_K bytes [..., row_bytes]."""
+def quantize_q5_k(data: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+    """float rows (last axis a multiple of 256) -> Q5_K bytes [..., row_bytes] (`importance`: see Q4_K)."""
     x = _as_super_blocks(data)
-    d16, dmin16, scales, L = _qk_super_block(x, 31, -0.5, 0.1, 15)
+    d16, dmin16, scales, L = _qk_super_block(x, 31, -0.5, 0.1, 15, _importance(importance, data.shape))
     S = x.shape[0]
     L4 = L.reshape(S, 4, 2, 32)
     lo = L4 & 0xF
@@ -173,8 +255,8 @@ def quantize_q5_k(data: np.ndarray) -> np.ndarray:
     return _out(out, data.shape, BLOCK_BYTES["Q5_K"])
 
 
-def _make_qx_quants_rmse1(x: np.ndarray, nmax: int):
-    """Symmetric scale search with weights x^2 (ggml's make_qx_quants, rmse_type 1).
+def _make_qx_quants_rmse1(x: np.ndarray, nmax: int, weights: np.ndarray | None = None):
+    """Symmetric scale search with weights x^2, or `weights` [n, B] (ggml's make_qx_quants, rmse_type 1).
 
     x [n, B] -> (L int32 in [0, 2*nmax) [n, B], scale [B])."""
     n, nb = x.shape
@@ -183,7 +265,7 @@ def _make_qx_quants_rmse1(x: np.ndarray, nmax: int):
     amax = np.abs(xmax)
     zero = amax < GROUP_MAX_EPS
     safe_max = np.where(zero, F32(1), xmax)
-    w = x * x
+    w = x * x if weights is None else weights
     wx = w * x
 
     def levels(iscale):
@@ -212,12 +294,14 @@ def _make_qx_quants_rmse1(x: np.ndarray, nmax: int):
     return lvl + nmax, np.where(zero, F32(0), scale)
 
 
-def quantize_q6_k(data: np.ndarray) -> np.ndarray:
-    """float rows (last axis a multiple of 256) -> Q6_K bytes [..., row_bytes]."""
+def quantize_q6_k(data: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+    """float rows (last axis a multiple of 256) -> Q6_K bytes [..., row_bytes]. With `importance`
+    [cols] the sub-block scale search weights each error by the importance alone (ggml's q6_K_impl)."""
     x = _as_super_blocks(data)
     S = x.shape[0]
     sub = x.reshape(S * 16, 16).T  # [16, S*16]
-    L, scales = _make_qx_quants_rmse1(sub, 32)
+    imp = _importance(importance, data.shape)
+    L, scales = _make_qx_quants_rmse1(sub, 32, None if imp is None else imp.reshape(S * 16, 16).T)
     scales = scales.reshape(S, 16)
     L = L.T.reshape(S, 16, 16)
     pick = np.abs(scales).argmax(axis=1)

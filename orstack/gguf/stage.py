@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from orstack.gguf.validate import Validation
     from orstack.runtime import Runtime
 
+NO_IMPORTANCE = ("f32", "f16", "bf16", "q8_0")  # llama.cpp's Q8_0 ignores an imatrix too
 MAX_PROMPTS = 16  # rows of --prompts used for the greedy agreement check
 
 
@@ -35,6 +36,7 @@ class GgufConfig:
     force: bool = False  # write even when the gate fails
     min_agreement: float | None = None  # the gate; None: the type's default (orstack/gguf/validate.py)
     max_ppl_change: float | None = None
+    imatrix: str | None = None  # calibration text (.txt/.jsonl): importance-weighted quantization
 
 
 @dataclass
@@ -65,6 +67,11 @@ def check_config(config: GgufConfig) -> GgufConfig:
     from orstack.gates import check_limits
 
     check_limits(min_agreement=config.min_agreement, max_ppl_change=config.max_ppl_change)
+    if config.imatrix is not None:
+        if config.type in NO_IMPORTANCE:
+            raise BadInput(f"--imatrix: --type {config.type} takes no importance (a quantized type such as q4_k_m "
+                           "does)")
+        check_text_files([config.imatrix], "--imatrix")
     return config
 
 
@@ -136,13 +143,24 @@ def run(source: str, output: str | Path, config: GgufConfig, runtime: Runtime) -
         model, tokenizer = load_model(source, device=device, dtype="float32", trust_pickle=runtime.trust_pickle,
                                       architectures=SUPPORTED)
     blocks = _awq_blocks(source) if config.type == "q4_1" else None
+    importance = None
+    if config.imatrix is not None:
+        from orstack.gguf.imatrix import collect_importance
+
+        importance = collect_importance(model, tokenizer, config.imatrix)
+        console.info(f"importance: {importance.n_tokens} tokens of {config.imatrix} "
+                     f"({importance.n_windows} windows of {importance.seqlen}), {len(importance.values)} weights")
+        for note in importance.notes:
+            console.warn(note)
     manifest = build_manifest("gguf", config, parent=source)
+    if importance is not None:
+        manifest["imatrix"] = importance.provenance()
 
     # -- export, validate, gate, commit
     validation = None
     with atomic_path(output) as tmp:
         export = export_gguf(model, tokenizer, tmp, config.type, name=Path(str(source)).name, q4_1_blocks=blocks,
-                             metadata={MANIFEST_KEY: dumps(manifest)})
+                             metadata={MANIFEST_KEY: dumps(manifest)}, importance=importance)
         if do_validate:
             from orstack.gguf.validate import validate
 
