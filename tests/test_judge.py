@@ -9,7 +9,7 @@ import sys
 import pytest
 from conftest import run_orstack
 
-from orstack.tasks.judge import parse_score
+from orstack.teachers.judge import parse_score
 
 # A teacher that answers every text task with "good ..." or "poor ..." (alternating by id parity),
 # and a judge that gives "good" answers 9 and "poor" ones 5 (or, in bad mode, no number at all).

@@ -27,8 +27,8 @@ from orstack.bench.compare import (
 )
 from orstack.errors import BadInput
 from orstack.io.output import Output, check_outputs
-from orstack.tasks.judge import JudgeConfig
 from orstack.tasks.results import accuracy_summary, fit_prompts, run_tasks
+from orstack.teachers.judge import JudgeConfig
 
 if TYPE_CHECKING:
     from orstack.runtime import Runtime
@@ -59,7 +59,7 @@ class BenchConfig:
     code_memory_mb: int = 512  # sandbox memory per code program (a task's `memory_mb` wins)
     chat_template: str | None = None  # None: `messages` tasks only; "model" or a .jinja path: every task
     endpoint: EndpointOptions = field(default_factory=EndpointOptions)  # how http(s):// models are asked
-    judge: JudgeConfig | None = None  # grades `text` outputs 1-10 (orstack/tasks/judge.py)
+    judge: JudgeConfig | None = None  # grades `text` outputs 1-10 (orstack/teachers/judge.py)
     seed: int = 0
 
 
@@ -155,8 +155,8 @@ def _open_judge(config: BenchConfig, tasks: Sequence[dict[str, Any]] | None, run
         return None
     if not tasks or not any(t["kind"] == "text" for t in tasks):
         raise BadInput("--judge grades `kind: text` tasks and there are none to grade")
-    from orstack.tasks.judge import Judge, read_rubric
     from orstack.teachers.base import parse_spec
+    from orstack.teachers.judge import Judge, read_rubric
 
     try:
         parse_spec(config.judge.spec)
@@ -170,7 +170,7 @@ def _open_judge(config: BenchConfig, tasks: Sequence[dict[str, Any]] | None, run
 
 def _judge(judge: Any, rows: list[dict[str, Any]], summary: dict[str, Any], where: str) -> None:
     """Grade a model's `text` rows (judge_score, score, correct) and recount its accuracy."""
-    from orstack.tasks.judge import judge_rows
+    from orstack.teachers.judge import judge_rows
 
     judge_rows(judge, rows, rows, where)
     summary.update(accuracy_summary(rows))
@@ -210,7 +210,7 @@ def score(rows_path: str | Path, config: BenchConfig, runtime: Runtime,
     judge = _open_judge(config, scored, runtime)
     if judge is not None:
         try:
-            from orstack.tasks.judge import judge_rows
+            from orstack.teachers.judge import judge_rows
 
             judge_rows(judge, scored, scored, display_name(rows_path))
         finally:

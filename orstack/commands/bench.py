@@ -195,7 +195,7 @@ def _report(summaries: list[dict], comparisons: list[dict]) -> None:
 
 
 def _judge_config(spec: str | None, min_score: float, rubric: Path | None):  # noqa: ANN202 - JudgeConfig | None
-    from orstack.tasks.judge import JudgeConfig
+    from orstack.teachers.judge import JudgeConfig
 
     return JudgeConfig(spec, min_score=min_score, rubric=str(rubric) if rubric else None) if spec else None
 

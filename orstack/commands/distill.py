@@ -82,7 +82,7 @@ def generate(
     options = TeacherOptions(max_new_tokens=max_new_tokens, stop=list(stop), timeout=timeout, retries=retries,
                              concurrency=concurrency, rate_limit=rate_limit, api_key_env=api_key_env,
                              api=teacher_api, chat_template=chat_template)
-    from orstack.tasks.judge import JudgeConfig
+    from orstack.teachers.judge import JudgeConfig
 
     judging = JudgeConfig(judge, min_score=judge_min, rubric=str(judge_rubric) if judge_rubric else None) if judge \
         else None

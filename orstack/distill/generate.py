@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING, Any
 
 from orstack.errors import BadInput
 from orstack.tasks.contract import as_task, infer_kind, is_verifiable, validate_messages
-from orstack.tasks.judge import JudgeConfig
 from orstack.teachers.base import TeacherOptions
+from orstack.teachers.judge import JudgeConfig
 
 if TYPE_CHECKING:
     from orstack.runtime import Runtime
-    from orstack.tasks.judge import Judge
+    from orstack.teachers.judge import Judge
 
 HIDDEN_FIELDS = {"answer", "tests"}  # what the verifier knows and the teacher must not see
 
@@ -410,8 +410,8 @@ def run_generate(output: str | Path | None, config: GenerateConfig, runtime: Run
         raise BadInput("give at least one --teacher")
     config.check()
     if config.judge is not None:
-        from orstack.tasks.judge import read_rubric
         from orstack.teachers.base import parse_spec
+        from orstack.teachers.judge import read_rubric
 
         try:
             parse_spec(config.judge.spec)
@@ -434,7 +434,7 @@ def run_generate(output: str | Path | None, config: GenerateConfig, runtime: Run
                        "nothing written")
     judge = None
     if config.judge is not None:
-        from orstack.tasks.judge import Judge
+        from orstack.teachers.judge import Judge
 
         judge = Judge(config.judge, runtime, config.teacher)
     for t in teachers + ([judge] if judge else []):
