@@ -82,6 +82,8 @@ ENVIRONMENT_ALLOWED = {
     "teachers/http.py": "the API key, from the variable the user names: a secret must not travel in configs",
     "backends/openai.py": "the API key, from the variable the user names: a secret must not travel in configs",
     "tasks/sandbox.py": "the environment handed to sandboxed children",
+    "tasks/confine.py": "the allow-list of variables a sandboxed program may see, picked from the environment and "
+                        "set in the confined worker (everything else is scrubbed)",
     "cluster_failures/embed.py": "HF_HUB_OFFLINE for the sentence-transformers loader (set, not read)",
     "zstd_pack/load.py": "the unpack cache ($ORSTACK_CACHE): shared by every process that opens a .orz, as a cache "
                          "directory is (XDG_CACHE_HOME), not a setting of one run",
