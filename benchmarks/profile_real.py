@@ -80,8 +80,12 @@ def exclusive(rows: list[tuple[str, float]], parent: str, children: list[str]) -
     return [(label, d[label]) for label, _ in rows]
 
 
-def step_speed(model_dir: Path, data: Path, steps: int, batch_size: int) -> dict[str, float]:
-    """Seconds per optimizer step, fast path and plain path, same rows, same seed, one process."""
+def step_speed(model_dir: Path, data: Path, steps: int, batch_size: int, rounds: int = 2) -> dict[str, float]:
+    """Seconds per optimizer step of the plain and the fast path, same rows, same seed, one
+    process; the paths alternate (plain, fast, plain, fast ...) so a change in machine load
+    falls on both alike. The model is loaded once and copied for every run."""
+    import copy
+
     from orstack.io.checkpoint import load_model
     from orstack.runtime import seed_everything
     from orstack.train import sft
@@ -90,22 +94,26 @@ def step_speed(model_dir: Path, data: Path, steps: int, batch_size: int) -> dict
     from orstack.train.lora import apply_lora
 
     rows = read_examples(str(data))
+    base, tokenizer = load_model(str(model_dir), device="cpu")
+    config = TrainConfig(max_steps=steps, batch_size=batch_size, lr=1e-3, seed=0)
+    encoded = encode_rows(tokenizer, rows, config.max_length, str(data))
+    seconds: dict[str, list[float]] = {"plain": [], "fast": []}
     out: dict[str, float] = {}
-    for label, fast in (("fast", True), ("plain", False)):
-        seed_everything(0)
-        model, tokenizer = load_model(str(model_dir), device="cpu")
-        config = TrainConfig(max_steps=steps, batch_size=batch_size, lr=1e-3, seed=0)
-        model = apply_lora(model, config)
-        encoded = encode_rows(tokenizer, rows, config.max_length, str(data))
-        original = sft.accepts_logits_to_keep
-        if not fast:
-            sft.accepts_logits_to_keep = lambda model: False  # type: ignore[assignment]
-        try:
-            result = sft.train_sft(model, tokenizer, encoded, config)
-        finally:
-            sft.accepts_logits_to_keep = original  # type: ignore[assignment]
-        out[label] = result.seconds / result.steps
-        out[f"{label}_loss_last"] = result.loss_last or 0.0
+    original = sft.accepts_logits_to_keep
+    for _ in range(rounds):
+        for label in ("plain", "fast"):
+            seed_everything(0)
+            model = apply_lora(copy.deepcopy(base), config)
+            if label == "plain":
+                sft.accepts_logits_to_keep = lambda model: False  # type: ignore[assignment]
+            try:
+                result = sft.train_sft(model, tokenizer, encoded, config)
+            finally:
+                sft.accepts_logits_to_keep = original  # type: ignore[assignment]
+            seconds[label].append(result.seconds / result.steps)
+            out[f"{label}_loss_last"] = result.loss_last or 0.0
+    for label, values in seconds.items():
+        out[label] = sum(values) / len(values)
     return out
 
 
@@ -115,12 +123,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--keep", type=Path, help="keep the profiles and files here")
+    ap.add_argument("--step-only", type=Path, metavar="ROWS.jsonl",
+                    help="only the SFT step comparison, on these training rows (e.g. a run's distill-train.jsonl)")
     args = ap.parse_args()
     from smollm2 import smollm2_checkpoint
 
     from orstack.tasks import suites
 
     model = smollm2_checkpoint()
+    if args.step_only:
+        print_step_speed(model, args.step_only, args.steps, args.batch_size)
+        return
     work = args.keep or Path(tempfile.mkdtemp(prefix="orstack-profile-"))
     work.mkdir(parents=True, exist_ok=True)
     a, _ = suites.make_suite(suites.SuiteConfig(per_cell=2, humaneval=2))
@@ -156,8 +169,13 @@ def main() -> None:
         for label, seconds in rows:
             print(f"| {label} | {seconds:.1f} | {100 * seconds / wall:.0f}% |")
 
-    speed = step_speed(model, work / "train.jsonl", args.steps, args.batch_size)
-    print(f"\nSFT step, same {len(train_rows)} rows, {args.steps} steps x batch {args.batch_size}, one process\n"
+    print_step_speed(model, work / "train.jsonl", args.steps, args.batch_size)
+
+
+def print_step_speed(model: Path, data: Path, steps: int, batch_size: int) -> None:
+    speed = step_speed(model, data, steps, batch_size)
+    n = sum(1 for line in data.read_text().splitlines() if line.strip())
+    print(f"\nSFT step, the same {n} rows, {steps} steps x batch {batch_size}, one process\n"
           "| path | s/step | last loss |\n|---|---:|---:|")
     print(f"| plain (padded batch, logits at every position) | {speed['plain']:.2f} | {speed['plain_loss_last']:.4f} |")
     print(f"| fast (length micro-batches, response logits only) | {speed['fast']:.2f} | "

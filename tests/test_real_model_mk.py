@@ -19,6 +19,7 @@ BIN = Path(sys.executable).parent
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 @pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
 def test_real_model_makefile_smoke(tmp_path):
     base = build_family("llama", tmp_path / "base", hidden=256, layers=2, tokenizer_vocab=400,

@@ -84,3 +84,20 @@ def test_train_sft_fast_path_follows_the_plain_path(monkeypatch):
     assert [r["tokens"] for r in fast.history] == [r["tokens"] for r in plain.history]
     for a, b in zip(fast_model.parameters(), plain_model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_foreach_adamw_takes_the_same_steps():
+    model_a, model_b = tiny_llama(), tiny_llama()
+    params_a = [p for p in model_a.parameters()]
+    params_b = [p for p in model_b.parameters()]
+    opt_a = torch.optim.AdamW(params_a, lr=1e-2, weight_decay=0.01, foreach=True)
+    opt_b = torch.optim.AdamW(params_b, lr=1e-2, weight_decay=0.01, foreach=False)
+    batch = collate(rows(), 0)
+    for model, opt in ((model_a, opt_a), (model_b, opt_b)):
+        for _ in range(2):
+            opt.zero_grad()
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            masked_ce(out.logits, batch["labels"], batch["weights"]).backward()
+            opt.step()
+    for a, b in zip(params_a, params_b):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

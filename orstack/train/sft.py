@@ -153,7 +153,9 @@ def train_sft(model: Any, tokenizer: Any, data: list[Encoded], config: TrainConf
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise BadInput("nothing to train: no parameter requires a gradient")
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    # foreach: one multi-tensor update instead of a Python loop over the ~400 LoRA matrices
+    # (torch picks it only for CUDA tensors; on CPU the loop was ~9% of a SmolLM2 LoRA step)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     drawn: list[int] = []
