@@ -8,11 +8,12 @@ stage holds at a time -- a decoder layer or an embedding matrix in float32 -- pr
 Each run is its own process (`scale.py --child ...`), so its peak RSS (getrusage ru_maxrss:
 anonymous memory plus mapped file pages) is its own. Checkpoints are built here tensor by
 tensor (normal(0, 0.02) weights, unit norms) straight into safetensors shards, never as a
-model in memory. Settings are small on purpose (8 calibration windows of 128 tokens, a 2,000
-character held-out text, gguf q8_0 without llama.cpp validation): memory is the measure, and
-the per-layer working set does not depend on them beyond the calibration activations.
+model in memory. Settings are small on purpose (4 calibration windows of 64 tokens, the same
+600-character text held out, gguf q8_0 without llama.cpp validation): memory is the measure,
+and the per-layer working set does not depend on them beyond the calibration activations.
 
-    python benchmarks/scale.py            # ~0.1B, ~0.5B, ~1.5B; in-memory baseline for the two smaller
+    python benchmarks/scale.py            # ~0.1B, ~0.5B, ~1.5B (awq to 0.5B); in-memory baseline to 0.5B
+    python benchmarks/scale.py --baseline-max 0.1B --awq-max 0.1B   # what fits a loaded machine's hour
     python benchmarks/scale.py --quick    # skips ~1.5B
     python benchmarks/scale.py --json out.json
 """
@@ -121,12 +122,12 @@ def child(stage: str, source: str, output: str, stream: bool, text: str) -> None
     if stage == "prune":
         from orstack.prune import PruneConfig, run
 
-        run(source, output, PruneConfig(method="wanda", calib=[text], heldout=[text], nsamples=8, seqlen=128,
-                                        eval_length=128, force=True), runtime)
+        run(source, output, PruneConfig(method="wanda", calib=[text], heldout=[text], nsamples=4, seqlen=64,
+                                        eval_length=64, force=True), runtime)
     elif stage == "awq":
         from orstack.awq import AWQConfig, run
 
-        run(source, output, AWQConfig(calib=[text], nsamples=8, seqlen=128, force=True), runtime)
+        run(source, output, AWQConfig(calib=[text], nsamples=4, seqlen=64, force=True), runtime)
     else:
         from orstack.gguf import GgufConfig, run
 
@@ -164,8 +165,10 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "orstack-scale")
     parser.add_argument("--stages", default=",".join(STAGES))
     parser.add_argument("--sizes", help=f"comma-separated, of {', '.join(SIZES)} (default: all)")
-    parser.add_argument("--report", type=Path, help="print the tables of a --json file and exit")
+    parser.add_argument("--report", type=Path, nargs="+", help="print the tables of --json files (merged) and exit")
+    parser.add_argument("--no-stream", action="store_true", help="only the whole-model (in-memory) runs")
     parser.add_argument("--baseline-max", default="0.5B", help="largest size also run whole-model (in memory)")
+    parser.add_argument("--awq-max", default="0.5B", help="largest size awq runs on (its search is the slow part)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--child", nargs=5, metavar=("STAGE", "SOURCE", "OUTPUT", "STREAM", "TEXT"),
                         help=argparse.SUPPRESS)
@@ -176,26 +179,32 @@ def main() -> None:
         return
     stages = [s for s in args.stages.split(",") if s]
     if args.report:
-        report(json.loads(args.report.read_text(encoding="utf-8")), stages)
+        merged: dict[tuple, dict] = {}
+        for path in args.report:
+            for row in json.loads(path.read_text(encoding="utf-8")):
+                merged.setdefault((row["size"], row["stage"]), {}).update(row)
+        report(sorted(merged.values(), key=lambda r: (list(SIZES).index(r["size"]), stages.index(r["stage"]))),
+               stages)
         return
     sizes = [s for s in (args.sizes.split(",") if args.sizes else SIZES) if not (args.quick and s == "1.5B")]
     args.work.mkdir(parents=True, exist_ok=True)
     text = args.work / "text.txt"
-    text.write_text(TEXT[:2000], encoding="utf-8")
+    text.write_text(TEXT[:600], encoding="utf-8")
     rows = []
     baseline_sizes = list(SIZES)[: list(SIZES).index(args.baseline_max) + 1]
     by_key = {}
     # every streamed run first (the fit needs them; the cheap stages before awq), then the baselines
-    order = [(stage, size) for stage in [s for s in stages if s != "awq"] for size in sizes]
-    order += [("awq", size) for size in sizes if "awq" in stages]
+    awq_sizes = list(SIZES)[: list(SIZES).index(args.awq_max) + 1]
+    order = [(stage, size) for size in sizes for stage in stages if stage != "awq" or size in awq_sizes]
     for stage, size in order:
         source = build(args.work / f"llama-{size}", size)
         file_bytes = sum(f.stat().st_size for f in source.glob("*.safetensors"))
         row = {"size": size, "params": count(shapes(*SIZES[size])), "file_bytes": file_bytes,
                "unit_bytes": largest_unit_fp32(*SIZES[size]), "stage": stage}
-        row["stream"] = run_child(stage, source, args.work, True, text)
-        print(f"{size} {stage} streamed: {row['stream']['peak_bytes'] / 2**20:,.0f} MB, "
-              f"{row['stream']['seconds']:.0f} s", file=sys.stderr, flush=True)
+        if not args.no_stream:
+            row["stream"] = run_child(stage, source, args.work, True, text)
+            print(f"{size} {stage} streamed: {row['stream']['peak_bytes'] / 2**20:,.0f} MB, "
+                  f"{row['stream']['seconds']:.0f} s", file=sys.stderr, flush=True)
         rows.append(row)
         by_key[size, stage] = row
         _save(args.json, rows)
@@ -219,12 +228,14 @@ def report(rows: list[dict], stages: list[str]) -> None:
     mb = lambda b: f"{b / 2**20:,.0f}"  # noqa: E731
     print("| model | params | bf16 file MB | stage | streamed peak MB | x file | s | in-memory peak MB | x file | s |")
     print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+    def cells(run: dict | None, file_bytes: int) -> str:
+        if not run:
+            return "- | - | -"
+        return f"{mb(run['peak_bytes'])} | {run['peak_bytes'] / file_bytes:.2f} | {run['seconds']:.0f}"
+
     for r in rows:
-        s, m = r["stream"], r.get("memory")
-        mem = (f"{mb(m['peak_bytes'])} | {m['peak_bytes'] / r['file_bytes']:.2f} | {m['seconds']:.0f}"
-               if m else "- | - | -")
         print(f"| {r['size']} | {r['params'] / 1e9:.2f}B | {mb(r['file_bytes'])} | {r['stage']} | "
-              f"{mb(s['peak_bytes'])} | {s['peak_bytes'] / r['file_bytes']:.2f} | {s['seconds']:.0f} | {mem} |")
+              f"{cells(r.get('stream'), r['file_bytes'])} | {cells(r.get('memory'), r['file_bytes'])} |")
     b = ISSUE_BASELINE
     print(f"\nBefore this work (issue 14, 284M Llama, bf16 file {b['file_mb']} MB): prune wanda {b['prune']:,} MB "
           f"({b['prune'] / b['file_mb']:.1f}x the file), awq {b['awq']:,} MB ({b['awq'] / b['file_mb']:.1f}x).")
@@ -236,7 +247,7 @@ def report(rows: list[dict], stages: list[str]) -> None:
     print("| stage | a MB | b | projected 8B peak GB | file fit: peak = c + d x file, d |")
     print("|---|---:|---:|---:|---:|")
     for stage in stages:
-        got = [r for r in rows if r["stage"] == stage]
+        got = [r for r in rows if r["stage"] == stage and r.get("stream")]
         if len(got) < 2:
             continue
         a, slope = fit([r["unit_bytes"] for r in got], [r["stream"]["peak_bytes"] for r in got])

@@ -235,6 +235,7 @@ class StreamedModel:
 
         self.model, self.reader, self.dtype, self.device = model, reader, dtype, device
         self.paused = False
+        _allocate_large_tensors_by_mmap()
         named = model.state_dict(keep_vars=True)
         shapes = {name: tuple(t.shape) for name, t in named.items()}
         self.shapes = shapes
@@ -351,6 +352,22 @@ class StreamedModel:
 
     def stored_dtype(self, name: str) -> torch.dtype:
         return self.reader.dtype(name)
+
+
+def _allocate_large_tensors_by_mmap() -> None:
+    """glibc raises its mmap threshold (up to 32 MB) each time a mapped block is freed, so the
+    layer-sized tensors a stream allocates and frees over and over soon come from the heap,
+    which does not shrink: measured on a 0.1B model, prune's peak went from 586 MB to 1,287 MB.
+    A fixed threshold (M_MMAP_THRESHOLD, 128 KB: glibc's initial value) gives each freed
+    tensor back at once. Process-wide, and only where glibc is the allocator."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def _numel(shape: tuple[int, ...]) -> int:
