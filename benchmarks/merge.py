@@ -100,7 +100,8 @@ def prepare(work: Path, args: argparse.Namespace) -> dict[str, Path]:
         data[cluster] = write(rows, work / f"data-{cluster}.jsonl")
     data["union"] = write(read(data["arithmetic"]) + read(data["strings"]), work / "data-union.jsonl")
     models = {"base": tiny}
-    for name, steps in (("arithmetic", args.sft_steps), ("strings", args.sft_steps), ("union", 2 * args.sft_steps)):
+    union_steps = args.union_steps or 2 * args.sft_steps
+    for name, steps in (("arithmetic", args.sft_steps), ("strings", args.sft_steps), ("union", union_steps)):
         out = work / name
         if not (out / "orstack.json").exists():
             orstack("distill", "train", tiny, "--data", data[name], "--max-steps", str(steps), "--lr", "1e-3",
@@ -198,6 +199,7 @@ def main() -> None:
     parser.add_argument("--tiny", type=Path, help="an existing tiny build (DIR/model, DIR/tasks)")
     parser.add_argument("--steps", type=int, default=1000, help="tiny default training steps")
     parser.add_argument("--sft-steps", type=int, default=150, help="distill train steps per cluster student")
+    parser.add_argument("--union-steps", type=int, help="steps of the union student (default: 2 x --sft-steps)")
     parser.add_argument("--generations", type=int, default=3)
     parser.add_argument("--population", type=int, default=6)
     parser.add_argument("--memory-hidden", type=int, default=1280)
@@ -226,8 +228,8 @@ def main() -> None:
     recipe = {k: v for k, v in evolved["manifest"]["recipe"].items() if k != "args"}
     lines = [
         f"Tiny default ({args.steps} steps); students: distill train --merge, {args.sft_steps} steps per cluster "
-        f"({2 * args.sft_steps} for the union); report tasks: arithmetic {n_report['arithmetic']}, strings "
-        f"{n_report['strings']}",
+        f"({args.union_steps or 2 * args.sft_steps} for the union); report tasks: arithmetic "
+        f"{n_report['arithmetic']}, strings {n_report['strings']}",
         "",
         "| model | arithmetic | strings | both | search (both) | merge s | peak MB |",
         "|---|---:|---:|---:|---:|---:|---:|",

@@ -310,11 +310,11 @@ def test_a_merge_that_does_not_beat_its_best_input_fails_the_gate(llamas, tmp_pa
 def test_evolve_logs_every_candidate_and_writes_the_best_recipe(llamas, tmp_path, sample_text_file):
     base, a, b = llamas
     result = run_orstack("merge", a, b, "-o", tmp_path / "evo", "--method", "ties", "--base", base,
-                         "--heldout", sample_text_file, "--evolve", "--generations", "2", "--population", "3",
+                         "--heldout", sample_text_file, "--evolve", "--generations", "2", "--population", "2",
                          "--log", tmp_path / "log.jsonl", "--force")
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert len(rows) == 3 + 2 and rows[0]["weights"] == [1.0, 1.0] and rows[0]["density"] == [0.5, 0.5]
+    assert len(rows) == 2 + 1 and rows[0]["weights"] == [1.0, 1.0] and rows[0]["density"] == [0.5, 0.5]
     manifest = json.loads((tmp_path / "evo" / "orstack.json").read_text())
     evolve = manifest["metrics"]["evolve"]
     assert evolve["best_fitness"] == pytest.approx(max(r["fitness"] for r in rows), abs=1e-6)
