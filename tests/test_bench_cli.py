@@ -217,7 +217,8 @@ def test_summary_config_loads_back_into_the_config(random_llama, tmp_path, tasks
 
 # CLI option -> BenchConfig field, where the names differ; None: not part of the config.
 NOT_CONFIG = {"models": None, "score": None, "threads": None, "output": None, "summary": None, "plot": None,
-              "force": None}
+              "force": None,
+              "judge_min": None, "judge_rubric": None}  # folded into `judge` (a JudgeConfig) with --judge
 
 
 def test_cli_defaults_are_the_config_defaults():
