@@ -523,6 +523,18 @@ CASES = [
       files={"big.bin": lambda fx, p: p.write_bytes(os.urandom(160 << 20)), "big.orz": "old pack\n"}),
     C("zstd-pack/sigterm", "zstd-pack big.bin --level 19 -o big.orz", "terminated", code=143, sig=signal.SIGTERM,
       files={"big.bin": lambda fx, p: p.write_bytes(os.urandom(160 << 20)), "big.orz": "old pack\n"}),
+    # ---- merge
+    C("merge/missing-model", "merge nope {llama} --method linear -o out", "nope"),
+    C("merge/one-model", "merge {llama} --method linear -o out", "at least two models"),
+    C("merge/unknown-method", "merge {llama} {llama} --method average -o out", "--method average"),
+    C("merge/weights-count", "merge {llama} {llama} --method linear --weights 1 -o out", "--weights"),
+    C("merge/ties-without-base", "merge {llama} {llama} --method ties -o out", "--base"),
+    C("merge/architectures-differ", "merge {llama} {bert} --method linear -o out", "architectures differ"),
+    C("merge/truncated-safetensors", "merge {llama} m --method linear -o out", "model.safetensors",
+      files={"m": TRUNCATED_ST}),
+    C("merge/out-is-a-file", "merge {llama} {llama} --method linear -o out", "out", files={"out": "mine\n"}),
+    C("merge/out-is-a-user-dir", "merge {llama} {llama} --method linear -o out", "out", files={"out": USER_DIR}),
+    C("merge/missing-parent", "merge {llama} {llama} --method linear -o nodir/out", "nodir"),
     # ---- rl
     C("rl/missing-model", "rl nope --tasks t.jsonl --max-steps 1 -o out", "nope", files=T),
     C("rl/tasks-missing", "rl {llama} --tasks nope.jsonl --max-steps 1 -o out", "nope.jsonl"),
