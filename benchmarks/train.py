@@ -273,7 +273,8 @@ def verbose_student(tiny: Path, tasks: Path, work: Path, exclude: set[str]) -> P
     return out
 
 
-def rl_part(args: argparse.Namespace, tiny: Path, tasks: Path, work: Path) -> None:
+def rl_setup(args: argparse.Namespace, tiny: Path, tasks: Path, work: Path) -> tuple[Path, Path, Path]:
+    """The RL train tasks, the 1,000 unseen evaluation problems, and the verbose student RL starts from."""
     rl_tasks = work / "rl_tasks.jsonl"
     if not rl_tasks.exists():
         write(fresh_tasks(tasks, args.rl_tasks, 21, set(), small_arithmetic), rl_tasks)
@@ -281,6 +282,11 @@ def rl_part(args: argparse.Namespace, tiny: Path, tasks: Path, work: Path) -> No
     if not evaluation.exists():
         write(fresh_tasks(tasks, 1000, 22, {r["prompt"] for r in read(rl_tasks)}, small_arithmetic), evaluation)
     verbose = verbose_student(tiny, tasks, work, {r["prompt"] for r in read(evaluation)})
+    return rl_tasks, evaluation, verbose
+
+
+def rl_part(args: argparse.Namespace, tiny: Path, tasks: Path, work: Path) -> None:
+    rl_tasks, evaluation, verbose = rl_setup(args, tiny, tasks, work)
     rows = [("tiny default (no RL)", bench(tiny, evaluation, work / "rl_eval_tiny.jsonl", RL_MAX_NEW_TOKENS), None),
             ("verbose student (RL start)",
              bench(verbose, evaluation, work / "rl_eval_verbose.jsonl", RL_MAX_NEW_TOKENS), None)]
@@ -369,13 +375,7 @@ def recipes_part(args: argparse.Namespace, tiny: Path, tasks: Path, work: Path) 
 
 def rl_variants_part(args: argparse.Namespace, tiny: Path, tasks: Path, work: Path) -> None:
     """trl's GRPO loss variants from the verbose student with the efficiency reward."""
-    rl_tasks = work / "rl_tasks.jsonl"
-    if not rl_tasks.exists():
-        write(fresh_tasks(tasks, args.rl_tasks, 21, set(), small_arithmetic), rl_tasks)
-    evaluation = work / "rl_eval.jsonl"
-    if not evaluation.exists():
-        write(fresh_tasks(tasks, 1000, 22, {r["prompt"] for r in read(rl_tasks)}, small_arithmetic), evaluation)
-    verbose = verbose_student(tiny, tasks, work, {r["prompt"] for r in read(evaluation)})
+    rl_tasks, evaluation, verbose = rl_setup(args, tiny, tasks, work)
     steps = args.variant_steps
     table = []
     for name, extra in (("grpo", ["--loss-type", "grpo"]), ("dapo (trl's default)", ["--loss-type", "dapo"]),
