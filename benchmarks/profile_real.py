@@ -80,7 +80,8 @@ def exclusive(rows: list[tuple[str, float]], parent: str, children: list[str]) -
     return [(label, d[label]) for label, _ in rows]
 
 
-def step_speed(model_dir: Path, data: Path, steps: int, batch_size: int, rounds: int = 2) -> dict[str, float]:
+def step_speed(model_dir: Path, data: Path, steps: int, batch_size: int, rounds: int = 2,
+               layers: int | None = None) -> dict[str, float]:
     """Seconds per optimizer step of the plain and the fast path, same rows, same seed, one
     process; the paths alternate (plain, fast, plain, fast ...) so a change in machine load
     falls on both alike. The model is loaded once and copied for every run."""
@@ -95,6 +96,14 @@ def step_speed(model_dir: Path, data: Path, steps: int, batch_size: int, rounds:
 
     rows = read_examples(str(data))
     base, tokenizer = load_model(str(model_dir), device="cpu")
+    if layers:  # SmolLM2's widths and vocabulary, random weights, fewer layers: a quicker stand-in
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        config = copy.deepcopy(base.config)
+        config.num_hidden_layers = layers
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_config(config)
     config = TrainConfig(max_steps=steps, batch_size=batch_size, lr=1e-3, seed=0)
     encoded = encode_rows(tokenizer, rows, config.max_length, str(data))
     seconds: dict[str, list[float]] = {"plain": [], "fast": []}
@@ -123,6 +132,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--keep", type=Path, help="keep the profiles and files here")
+    ap.add_argument("--rounds", type=int, default=2, help="plain/fast alternations of the step comparison")
+    ap.add_argument("--layers", type=int, help="step comparison on a random model of SmolLM2's shape with N layers")
     ap.add_argument("--step-only", type=Path, metavar="ROWS.jsonl",
                     help="only the SFT step comparison, on these training rows (e.g. a run's distill-train.jsonl)")
     args = ap.parse_args()
@@ -132,7 +143,7 @@ def main() -> None:
 
     model = smollm2_checkpoint()
     if args.step_only:
-        print_step_speed(model, args.step_only, args.steps, args.batch_size)
+        print_step_speed(model, args.step_only, args.steps, args.batch_size, args.rounds, args.layers)
         return
     work = args.keep or Path(tempfile.mkdtemp(prefix="orstack-profile-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -169,11 +180,12 @@ def main() -> None:
         for label, seconds in rows:
             print(f"| {label} | {seconds:.1f} | {100 * seconds / wall:.0f}% |")
 
-    print_step_speed(model, work / "train.jsonl", args.steps, args.batch_size)
+    print_step_speed(model, work / "train.jsonl", args.steps, args.batch_size, args.rounds, args.layers)
 
 
-def print_step_speed(model: Path, data: Path, steps: int, batch_size: int) -> None:
-    speed = step_speed(model, data, steps, batch_size)
+def print_step_speed(model: Path, data: Path, steps: int, batch_size: int, rounds: int,
+                     layers: int | None = None) -> None:
+    speed = step_speed(model, data, steps, batch_size, rounds, layers)
     n = sum(1 for line in data.read_text().splitlines() if line.strip())
     print(f"\nSFT step, the same {n} rows, {steps} steps x batch {batch_size}, one process\n"
           "| path | s/step | last loss |\n|---|---:|---:|")
