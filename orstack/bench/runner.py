@@ -155,14 +155,9 @@ def _open_judge(config: BenchConfig, tasks: Sequence[dict[str, Any]] | None, run
         return None
     if not tasks or not any(t["kind"] == "text" for t in tasks):
         raise BadInput("--judge grades `kind: text` tasks and there are none to grade")
-    from orstack.teachers.base import parse_spec
-    from orstack.teachers.judge import Judge, read_rubric
+    from orstack.teachers.judge import Judge, check_judge
 
-    try:
-        parse_spec(config.judge.spec)
-    except BadInput as e:
-        raise BadInput(str(e).replace("--teacher", "--judge", 1)) from None
-    read_rubric(config.judge.rubric)
+    check_judge(config.judge)
     judge = Judge(config.judge, runtime)
     judge.check()
     return judge

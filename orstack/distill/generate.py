@@ -410,14 +410,9 @@ def run_generate(output: str | Path | None, config: GenerateConfig, runtime: Run
         raise BadInput("give at least one --teacher")
     config.check()
     if config.judge is not None:
-        from orstack.teachers.base import parse_spec
-        from orstack.teachers.judge import read_rubric
+        from orstack.teachers.judge import check_judge
 
-        try:
-            parse_spec(config.judge.spec)
-        except BadInput as e:
-            raise BadInput(str(e).replace("--teacher", "--judge", 1)) from None
-        read_rubric(config.judge.rubric)
+        check_judge(config.judge)
     if config.teacher.api not in APIS:
         raise BadInput(f"--teacher-api: expected chat or completions, got '{config.teacher.api}'")
     from orstack.backends.chat import template_file_text

@@ -60,6 +60,17 @@ def read_rubric(path: str | None) -> str:
     return text
 
 
+def check_judge(config: JudgeConfig) -> None:
+    """The judge's SPEC and rubric checked before anything loads (BadInput naming --judge)."""
+    from orstack.teachers.base import parse_spec
+
+    try:
+        parse_spec(config.spec)
+    except BadInput as e:
+        raise BadInput(str(e).replace("--teacher", "--judge", 1)) from None
+    read_rubric(config.rubric)
+
+
 def parse_score(reply: str) -> int | None:
     match = SCORE.search(reply)
     return int(match.group(1)) if match else None
