@@ -12,7 +12,6 @@ standard error, then raises BadInput (exit 2) when the plan cannot be carried ou
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -101,13 +100,12 @@ class StoredTensor:
 
 def checkpoint_headers(directory: str | Path) -> dict[str, StoredTensor]:
     """Every tensor the checkpoint's safetensors files declare, from their headers only."""
-    from orstack.io.safetensors_file import check_safetensors
+    from orstack.io.safetensors_file import check_safetensors, read_header
 
     out = {}
     for path in sorted(Path(directory).glob("*.safetensors")):
         check_safetensors(path)  # a header that does not fit its file is bad input, named
-        with path.open("rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        header, _ = read_header(path)
         for name, info in header.items():
             if name == "__metadata__":
                 continue

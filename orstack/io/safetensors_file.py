@@ -106,7 +106,7 @@ INDEX_FILE = "model" + INDEX_SUFFIX
 DEFAULT_SHARD_BYTES = 2 * 1024**3  # writer's shard size: small enough to move, large enough to be few
 
 
-def _read_header(path: Path) -> tuple[dict, int]:
+def read_header(path: Path) -> tuple[dict, int]:
     """(header without __metadata__ plus the metadata under "__metadata__", byte offset of the data)."""
     with path.open("rb") as f:
         n = int.from_bytes(f.read(8), "little")
@@ -135,7 +135,7 @@ class TensorReader:
         self.metadata: dict[str, str] = {}
         self.file_metadata: list[dict[str, str]] = []  # per file, in file order
         for f in files:
-            header, start = _read_header(f)
+            header, start = read_header(f)
             self.file_metadata.append(header.pop("__metadata__", None) or {})
             self.metadata.update(self.file_metadata[-1])
             for name, info in header.items():
