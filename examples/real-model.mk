@@ -13,7 +13,8 @@
 # The distillation teacher is an ORACLE (examples/real_oracle.py answers each question exactly
 # from its text; HumanEval's canonical solutions): there is no network and no bigger model
 # here. `TEACHER="https://HOST/v1#MODEL"` puts a real endpoint in its place.
-# Each stage's wall time and peak RSS go to $(OUT)/times.tsv.
+# Each stage's wall time, peak RSS and CPU seconds (user, system) go to $(OUT)/times.tsv: CPU
+# time is what to compare across runs on a shared machine, where wall time depends on the load.
 
 ORSTACK ?= orstack
 PYTHON ?= python3
@@ -70,7 +71,7 @@ TEACHER ?= cmd:$(PYTHON) $(HERE)/real_oracle.py
 
 # a directory target (DIR/orstack.json, DIR/adapter_config.json, DIR/router.json) is timed as DIR
 STAGE = $(notdir $(patsubst %/orstack.json,%,$(patsubst %/adapter_config.json,%,$(patsubst %/router.json,%,$@))))
-TIMER = /usr/bin/time -f "%e\t%M\t$(STAGE)" -a -o $(OUT)/times.tsv
+TIMER = /usr/bin/time -f "%e\t%M\t%U\t%S\t$(STAGE)" -a -o $(OUT)/times.tsv
 O = $(TIMER) $(ORSTACK) --seed $(SEED)
 T := $(OUT)/tasks
 FAMILY_ARG := $(if $(strip $(FAMILIES)),--families $(FAMILIES))
