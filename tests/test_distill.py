@@ -111,6 +111,53 @@ def test_new_problems_are_checked_by_agreement(tmp_path, teachers):
     assert (variant[2]["asked"], variant[2]["accepted"]) == (4, 4)
 
 
+CHAT_ORACLE = """\
+import json, random, re, sys
+for line in sys.stdin:
+    t = json.loads(line)
+    if t.get("request") == "variant":
+        a = random.Random(t["id"]).randrange(6)  # few distinct problems: some repeat the held-out ones
+        reply = f"Problem: What is {a} + 1?\\nAnswer: {a + 1}"
+    else:
+        m = re.search(r"What is (\\d+) \\+ (\\d+)\\?", t["messages"][-1]["content"])
+        reply = str(int(m[1]) + int(m[2])) if m else "?"
+    print(json.dumps({"id": t["id"], "response": reply}))
+"""
+
+
+def test_conversation_failures_get_new_conversations_and_held_out_problems_are_excluded(tmp_path):
+    from orstack.distill.generate import GenerateConfig, generate, load_failures
+    from orstack.io.jsonl import read_jsonl_numbered
+    from orstack.teachers import open_teacher
+
+    (tmp_path / "oracle.py").write_text(CHAT_ORACLE, encoding="utf-8")
+    oracle = f"cmd:{sys.executable} {tmp_path / 'oracle.py'}"
+    system = {"role": "system", "content": "Be brief."}
+    rows = [{"id": f"q{i}", "messages": [system, {"role": "user", "content": f"What is {10 + i} + 1?"}],
+             "answer": str(11 + i), "kind": "numeric", "correct": False, "cluster": 0} for i in range(3)]
+    (tmp_path / "f.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    held_out = [{"id": f"b{a}", "messages": [{"role": "user", "content": f"What is {a} + 1?"}], "answer": str(a + 1)}
+                for a in (0, 1, 2)]
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held_out), encoding="utf-8")
+    clusters = load_failures(list(read_jsonl_numbered(tmp_path / "f.jsonl")), "f.jsonl")
+
+    def new_examples(exclude):
+        config = GenerateConfig("f.jsonl", [oracle], per_cluster=12, exclude=exclude)
+        examples, report = generate(clusters, [open_teacher(oracle, RUNTIME)], config)
+        return [e for e in examples if e["origin"] == "variant"], report
+
+    new, report = new_examples([])
+    assert new and report.contaminated == 0
+    for e in new:  # the failure's conversation with its user turn replaced, answered by the teacher
+        assert e["messages"][0] == system and e["messages"][-1]["role"] == "assistant"
+        a = int(e["messages"][1]["content"].split()[2])
+        assert e["messages"][-1]["content"] == e["answer"] == str(a + 1)
+    assert any(int(e["messages"][1]["content"].split()[2]) <= 2 for e in new)  # the held-out problems leak
+    clean, report = new_examples([str(tmp_path / "b.jsonl")])
+    assert report.contaminated > 0
+    assert clean and all(int(e["messages"][1]["content"].split()[2]) > 2 for e in clean)
+
+
 def test_unverifiable_rows_take_the_first_answer(tmp_path, teachers):
     from orstack.distill.generate import GenerateConfig, generate
     from orstack.teachers import open_teacher
@@ -162,6 +209,11 @@ def test_generate_bad_input(tmp_path, teachers):
 
     done = run_orstack("distill", "generate", "--failures", str(failures), "--teacher", wrong, "-o", str(out))
     assert done.returncode == 2 and "nothing written" in done.stderr and one_line(done.stderr) and not out.exists()
+
+    done = run_orstack("distill", "generate", "--failures", str(failures), "--teacher", oracle, "--per-cluster", "2",
+                       "--exclude", str(tmp_path / "heldout.jsonl"), "-o", str(out))
+    assert done.returncode == 2 and "--exclude" in done.stderr and "heldout.jsonl: no such file" in done.stderr
+    assert one_line(done.stderr) and not out.exists()
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": 1, "correct": false}\n')
@@ -361,8 +413,9 @@ def test_generate_cli_defaults_are_the_config_defaults():
                "concurrency": "concurrency", "rate_limit": "rate_limit", "api_key_env": "api_key_env",
                "teacher_api": "api", "chat_template": "chat_template"}
     judging = {"judge", "judge_min", "judge_rubric"}
-    assert set(cli) == {"failures", "teacher", "output", "report", "per_cluster", "budget", "shard", *judging,
-                        *options}
+    assert set(cli) == {"failures", "teacher", "output", "report", "per_cluster", "budget", "shard", "exclude",
+                        *judging, *options}
+    assert cli["exclude"] == [] and GenerateConfig("f.jsonl", ["cmd:cat"]).exclude == []
     assert cli["shard"] is None and GenerateConfig("f.jsonl", ["cmd:cat"]).shard is None
     assert {o: cli[o] for o in options} == {o: getattr(TeacherOptions(), f) for o, f in options.items()}
     config = GenerateConfig("f.jsonl", ["cmd:cat"])

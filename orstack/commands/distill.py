@@ -31,7 +31,10 @@ only when the verifier (bench's numeric/exact/choice/code scoring) rejects the a
 Teachers never see `answer` or `tests`. Writes Training Example rows (source = tier),
 near-duplicates removed, and prints asked/accepted/escalated per cluster and tier.
 --per-cluster auto --budget N shares N new problems among the clusters in proportion to
-their failures; the teacher is shown the cluster's label and a few of its failures.
+their failures; the teacher is shown the cluster's label and a few of its failures (a
+conversation's new problem replaces its last user turn). --exclude TASKS (repeatable)
+rejects any new problem that repeats one of those tasks: keep the held-out half out of
+the training data.
 Open-ended (`kind: text`) answers have no verifier: with --judge SPEC (any teacher SPEC;
 a cmd: judge gets rows with question/response/reference/rubric and answers `response`
 with the score) each is graded 1-10 and kept at --judge-min (8) or above.
@@ -74,6 +77,8 @@ def generate(
     shard: Annotated[str | None, typer.Option("--shard", metavar="I/N",
                                               help="Only the I-th (from 0) of N contiguous blocks of the clusters; "
                                                    "the N outputs concatenated are the whole run's.")] = None,
+    exclude: Annotated[list[Path], typer.Option("--exclude", help="Task JSONL no new problem may repeat "
+                                                "(repeatable; e.g. the held-out tasks).")] = [],  # noqa: B006
     chat_template: ChatTemplate = None,
 ) -> None:
     from orstack.distill.generate import GenerateConfig, run_generate
@@ -88,7 +93,8 @@ def generate(
         else None
     config = GenerateConfig(failures=str(failures), teachers=list(teacher),
                             per_cluster=int(per_cluster) if per_cluster.isdigit() else per_cluster, budget=budget,
-                            teacher=options, judge=judging, shard=shard, seed=current_runtime().seed)
+                            teacher=options, judge=judging, shard=shard, exclude=[str(p) for p in exclude],
+                            seed=current_runtime().seed)
     result = run_generate(output, config, current_runtime(), report=report)
     for note in result.notes:
         console.warn(note)
@@ -106,6 +112,8 @@ def show_report(rep) -> None:  # noqa: ANN001 - GenerateReport, imported lazily
     console.table(tbl)
     if rep.duplicates:
         console.info(f"{rep.duplicates} duplicate failure prompts skipped")
+    if rep.contaminated:
+        console.info(f"{rep.contaminated} new problems rejected: an --exclude file has them")
 
 
 TRAIN_HELP = """Fine-tune STUDENT on Training Examples: loss on the responses only (prompt masked).

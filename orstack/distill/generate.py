@@ -57,6 +57,7 @@ class GenerateConfig:
     teacher: TeacherOptions = field(default_factory=TeacherOptions)  # how every tier is asked
     judge: JudgeConfig | None = None  # grades `text` responses; kept at judge.min_score or above
     shard: str | None = None  # "I/N": only the I-th of N contiguous blocks of the clusters (orstack/tasks/shard.py)
+    exclude: list[str] = field(default_factory=list)  # task files no new problem may repeat (decontamination)
     seed: int = 0
 
     def check(self) -> None:
@@ -97,6 +98,7 @@ class GenerateReport:
     tiers: list[str]
     stats: dict[tuple[Any, int, str], TierStats] = field(default_factory=lambda: defaultdict(TierStats))
     duplicates: int = 0
+    contaminated: int = 0  # new problems rejected because an --exclude file has them
     examples: int = 0
 
     def add(self, cluster: Any, tier: int, what: str, **counts: int) -> None:
@@ -241,12 +243,32 @@ def solve_through_tiers(teachers: list[Any], tasks: list[dict[str, Any]], report
     return results
 
 
+def _question(task: dict[str, Any]) -> str | None:
+    """The problem text a new problem is modelled on: the prompt, or a conversation's last user
+    turn when the conversation ends with it (a final assistant prefill, as in code tasks, is not
+    something a teacher's one-line problem can stand in for)."""
+    if isinstance(task.get("prompt"), str):
+        return task["prompt"]
+    messages = task.get("messages") or []
+    if messages and messages[-1].get("role") == "user":
+        return messages[-1]["content"]
+    return None
+
+
+def _posed(frame: list[dict[str, Any]] | None, question: str) -> dict[str, Any]:
+    """A new problem as a task field: a prompt, or the representative's conversation with its
+    last user turn replaced (so a system prompt or earlier turns stay as they were)."""
+    if frame is None:
+        return {"prompt": question}
+    return {"prompt": None, "messages": [*frame[:-1], {**frame[-1], "content": question}]}
+
+
 def variant_requests(cluster: Any, failures: list[dict[str, Any]], config: GenerateConfig,
                      quota: int | None = None) -> list[dict[str, Any]]:
     """`quota` (default `per_cluster`) requests for new problems, round-robin over the cluster's
-    representatives; each names the cluster's label and shows a few of its other failures."""
-    # (conversations are solved as they are; new problems are made from `prompt` failures)
-    reps = [f for f in failures if f.get("answer") is not None and isinstance(f.get("prompt"), str)
+    representatives; each names the cluster's label and shows a few of its other failures.
+    A conversation's new problem replaces its last user turn."""
+    reps = [f for f in failures if f.get("answer") is not None and _question(f) is not None
             ][:config.representatives]
     count = int(config.per_cluster) if quota is None else quota
     requests = []
@@ -254,13 +276,15 @@ def variant_requests(cluster: Any, failures: list[dict[str, Any]], config: Gener
         rep = reps[n % len(reps)]
         others = [r for r in reps if r is not rep][:SHOWN_FAILURES - 1]
         label = rep.get("cluster_label")
-        shown = "".join(f"- {o['prompt']}\n" for o in others)
+        shown = "".join(f"- {_question(o)}\n" for o in others)
+        question = _question(rep)
         requests.append({
             "id": f"variant-{cluster}-{n:04d}", "request": "variant", "kind": rep["kind"],
-            "prompt": VARIANT_TEMPLATE.format(prompt=rep["prompt"], answer=rep["answer"],
+            "prompt": VARIANT_TEMPLATE.format(prompt=question, answer=rep["answer"],
                                               label=f" (the capability gap '{label}')" if label else "",
                                               others=f"Some of them:\n{shown}" if shown else ""),
-            "example": {"prompt": rep["prompt"], "answer": rep["answer"]}, "n": n,
+            "example": {"prompt": question, "answer": rep["answer"]}, "n": n,
+            "_frame": None if isinstance(rep.get("prompt"), str) else rep["messages"],
             **{k: rep[k] for k in ("family", "level", "domain", "cluster_label") if k in rep}, "cluster": cluster,
         })
     return requests
@@ -274,12 +298,13 @@ def parse_variant(reply: str) -> tuple[str, str] | None:
 
 
 def new_problems(teachers: list[Any], requests: list[dict[str, Any]], report: GenerateReport,
-                 dedup: dict[Any, Deduper], judge: Judge | None = None,
+                 dedup: dict[Any, Deduper], judge: Judge | None = None, exclude: Deduper | None = None,
                  ) -> list[tuple[dict[str, Any], str, int, str] | None]:
     """Ask the tiers for new problems. A tier's problem is kept only when solving it through the
     tiers agrees with the proposed answer; an unparsable, repeated (`dedup[cluster]`: every
-    failure and the cluster's new problems so far) or disagreeing proposal sends the request to
-    the next tier. Returns solved (task, response, tier, check) items."""
+    failure and the cluster's new problems so far), excluded (`exclude`: the held-out tasks it
+    must not leak into training) or disagreeing proposal sends the request to the next tier.
+    Returns solved (task, response, tier, check) items."""
     solved: list[tuple[dict[str, Any], str, int, str] | None] = []
     pending = list(requests)
     for tier, teacher in enumerate(teachers):
@@ -293,10 +318,14 @@ def new_problems(teachers: list[Any], requests: list[dict[str, Any]], report: Ge
             if reply is None:
                 report.add(req.get("cluster"), tier, "variant", errors=1)
             parsed = parse_variant(reply) if reply is not None else None
+            if parsed and exclude is not None and not exclude.is_new(parsed[0], add=False):
+                report.contaminated += 1
+                parsed = None
             if parsed and dedup[req.get("cluster")].is_new(parsed[0], add=False):
                 prompt, answer = parsed
-                task = {k: v for k, v in req.items() if k not in ("request", "example", "n", "prompt")}
-                task.update({"id": req["id"].replace("variant-", "new-"), "prompt": prompt, "answer": answer,
+                task = {k: v for k, v in req.items() if k not in ("request", "example", "n", "prompt", "_frame")}
+                task.update({"id": req["id"].replace("variant-", "new-"), **_posed(req.get("_frame"), prompt),
+                             "answer": answer,
                              "kind": infer_kind({"answer": answer, "kind": req.get("kind")}),
                              "origin": "variant", "generator": f"tier{tier + 1}:{teacher.spec}",
                              "_check": "agreement"})
@@ -306,7 +335,7 @@ def new_problems(teachers: list[Any], requests: list[dict[str, Any]], report: Ge
         results = solve_through_tiers(teachers, [task for _, task in candidates], report,
                                       judge) if candidates else []
         for (req, task), item in zip(candidates, results):
-            if item is not None and dedup[req.get("cluster")].is_new(task["prompt"]):
+            if item is not None and dedup[req.get("cluster")].is_new(_question(task) or ""):
                 solved.append(item)
                 report.add(req.get("cluster"), tier, "variant", accepted=1)
             else:
@@ -346,7 +375,8 @@ def generate(failures: dict[Any, list[dict[str, Any]]], teachers: list[Any], con
     if any(quotas[c] for c in mine):
         requests = [r for cluster, rows in failures.items() if cluster in mine
                     for r in variant_requests(cluster, rows, config, quotas[cluster])]
-        solved += new_problems(teachers, requests, report, {c: dedup.copy() for c in mine}, judge)
+        solved += new_problems(teachers, requests, report, {c: dedup.copy() for c in mine}, judge,
+                               excluded_problems(config))
     rank = {c: i for i, c in enumerate(order)}
     solved.sort(key=lambda item: rank[item[0].get("cluster")] if item is not None else -1)
     examples = []
@@ -370,6 +400,24 @@ def generate(failures: dict[Any, list[dict[str, Any]]], teachers: list[Any], con
         examples.append(example)
     report.examples = len(examples)
     return examples, report
+
+
+def excluded_problems(config: GenerateConfig) -> Deduper | None:
+    """Every problem of the --exclude task files (prompts and user turns), as a Deduper that
+    judges a new problem a copy of one by the same rule as duplicates."""
+    if not config.exclude:
+        return None
+    from orstack.io.jsonl import read_jsonl_numbered
+
+    seen = Deduper(config.dedup_threshold)
+    for path in config.exclude:
+        for _, row in read_jsonl_numbered(path):
+            if isinstance(row.get("prompt"), str):
+                seen.is_new(row["prompt"])
+            for m in row.get("messages") or []:
+                if isinstance(m, dict) and m.get("role") == "user" and isinstance(m.get("content"), str):
+                    seen.is_new(m["content"])
+    return seen
 
 
 def _dedup_text(task: dict[str, Any]) -> str:
@@ -421,7 +469,11 @@ def run_generate(output: str | Path | None, config: GenerateConfig, runtime: Run
     from orstack.tasks.shard import parse_shard, take_shard
 
     parse_shard(config.shard)
-    check_outputs([Output(output, "file", "-o"), Output(report, "file", "--report")], inputs=[config.failures])
+    for path in config.exclude:
+        if not Path(path).is_file():
+            raise BadInput(f"--exclude {path}: no such file")
+    check_outputs([Output(output, "file", "-o"), Output(report, "file", "--report")],
+                  inputs=[config.failures, *config.exclude])
     teachers = [open_teacher(spec, runtime, config.teacher) for spec in config.teachers]
     clusters = load_failures(list(read_jsonl_numbered(config.failures)), display_name(config.failures))
     if not take_shard(list(clusters), config.shard):
@@ -446,6 +498,7 @@ def run_generate(output: str | Path | None, config: GenerateConfig, runtime: Run
                        + "".join(f"; {n}" for n in notes) + "); nothing written")
     write_jsonl(examples, output)
     if report is not None:
-        write_json({"examples": rep.examples, "duplicates": rep.duplicates, "rows": rep.rows()}, report)
+        write_json({"examples": rep.examples, "duplicates": rep.duplicates, "contaminated": rep.contaminated,
+                    "rows": rep.rows()}, report)
     return GenerateResult(len(examples), len(clusters), rep, notes,
                           None if output is None or str(output) == STDIO else Path(output))
