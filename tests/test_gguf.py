@@ -485,48 +485,115 @@ def test_disk_full_is_one_line_and_leaves_the_old_output(random_llama, tmp_path,
     assert out.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
 
 
-# -- packed AWQ -> Q4_1 -----------------------------------------------------------------------
+# -- packed AWQ -> GGUF blocks ---------------------------------------------------------------
 
-@pytest.mark.parametrize("symmetric", [False, True])
-def test_packed_awq_maps_onto_q4_1_exactly(random_llama, tmp_path, symmetric):
-    import gguf
+_PACKED: dict = {}
+
+
+def _packed_awq(random_llama, tmp_path, symmetric, group=64):
+    """An RTN 4-bit packed checkpoint of random_llama and its dequantized weights (built once per session)."""
     import torch
 
     from orstack.awq.grid import QuantSpec
     from orstack.awq.grid import quantize as rtn
     from orstack.awq.packed import write_packed
-    from orstack.gguf import GgufConfig, run
-    from orstack.gguf.export import _permute_rotary
 
+    if (symmetric, group) in _PACKED:
+        return _PACKED[symmetric, group]
     model, tok = _load(random_llama)
-    spec = QuantSpec(bits=4, group_size=64, symmetric=symmetric)
+    spec = QuantSpec(bits=4, group_size=group, symmetric=symmetric)
     quantized = {name: rtn(m.weight.data, spec) for name, m in model.named_modules()
                  if isinstance(m, torch.nn.Linear) and name != "lm_head"}
     expected = {f"{name}.weight": q.dequantize(torch.float32).numpy() for name, q in quantized.items()}
-    packed = tmp_path / "awq"
+    packed = random_llama.parent / f"awq-{symmetric}-{group}"
     write_packed(model, quantized, packed)
     tok.save_pretrained(packed)
+    _PACKED[symmetric, group] = packed, expected
+    return packed, expected
 
+
+AWQ_CHECKED = [("model.layers.0.self_attn.q_proj.weight", "blk.0.attn_q.weight", 4),
+               ("model.layers.1.self_attn.k_proj.weight", "blk.1.attn_k.weight", 2),
+               ("model.layers.1.mlp.down_proj.weight", "blk.1.ffn_down.weight", 0)]
+
+
+def _gguf_weights(path, names):
+    import gguf
+
+    tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    out = {}
+    for gg_name in names:
+        t = tensors[gg_name]
+        out[gg_name] = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+    return out
+
+
+@pytest.mark.parametrize(("qtype", "symmetric"), [("q4_1", False), ("q4_0", True), ("q8_0", False)])
+def test_packed_awq_maps_exactly_onto_legacy_blocks(random_llama, tmp_path, qtype, symmetric):
+    import gguf
+
+    from orstack.gguf import GgufConfig, run
+    from orstack.gguf.export import _permute_rotary
+
+    packed, expected = _packed_awq(random_llama, tmp_path, symmetric)
     out = tmp_path / "awq.gguf"
-    result = run(str(packed), out, GgufConfig(type="q4_1", validate=False), _cpu()).export
-    mapped = [t for t in result.tensors if "AWQ" in t.note]
-    assert len(mapped) == 2 * 7
-    tensors = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
-    for hf_name, gg_name, n_heads in [("model.layers.0.self_attn.q_proj.weight", "blk.0.attn_q.weight", 4),
-                                      ("model.layers.1.self_attn.k_proj.weight", "blk.1.attn_k.weight", 2),
-                                      ("model.layers.1.mlp.down_proj.weight", "blk.1.ffn_down.weight", 0)]:
+    result = run(str(packed), out, GgufConfig(type=qtype, validate=False), _cpu()).export
+    assert len([t for t in result.tensors if "mapped exactly" in t.note]) == 2 * 7
+    got_all = _gguf_weights(out, [g for _, g, _ in AWQ_CHECKED])
+    ggml_type = gguf.GGMLQuantizationType[qtype.upper()]
+    for hf_name, gg_name, n_heads in AWQ_CHECKED:
         want = expected[hf_name]
         if n_heads:
             want = _permute_rotary(want, n_heads)
-        got = gguf.quants.dequantize(np.asarray(tensors[gg_name].data), gguf.GGMLQuantizationType.Q4_1)
-        got = got.reshape(want.shape)
-        # exact up to the fp16 rounding of each block's d and m
+        got = got_all[gg_name].reshape(want.shape)
+        # exact up to the fp16 rounding of each block's d (and m)
         scale = np.abs(want).reshape(want.shape[0], -1, 32).max(-1, keepdims=True)
         err = np.abs(got - want).reshape(want.shape[0], -1, 32) / np.maximum(scale, 1e-12)
         assert err.max() < 4e-3, hf_name
-        requantized = gguf.quants.dequantize(gguf.quants.quantize(want, gguf.GGMLQuantizationType.Q4_1),
-                                             gguf.GGMLQuantizationType.Q4_1)
+        requantized = gguf.quants.dequantize(gguf.quants.quantize(want, ggml_type), ggml_type)
         assert np.abs(got - want).max() <= np.abs(requantized - want).max()
+    llm = _llama(out)
+    assert llm.tokenize(b"abc", add_bos=False)
+    llm.close()
+
+
+def test_asymmetric_awq_does_not_pretend_to_fit_q4_0(random_llama, tmp_path):
+    from orstack.gguf import GgufConfig, run
+
+    packed, _ = _packed_awq(random_llama, tmp_path, symmetric=False)
+    result = run(str(packed), tmp_path / "q4_0.gguf", GgufConfig(type="q4_0", validate=False), _cpu()).export
+    linear = [t for t in result.tensors if t.name.startswith("blk.") and t.ggml_type == "Q4_0"]
+    assert linear and all("do not map onto Q4_0: requantized" in t.note for t in linear)
+
+
+def test_packed_awq_carried_into_k_quants(random_llama, tmp_path):
+    """Mapped AWQ groups reproduce the AWQ weights better than the type's own search on the
+    dequantized weights; 'best' per super-block is never worse than either; the file loads."""
+    import gguf
+
+    from orstack.gguf.awq import carry, read_awq
+    from orstack.gguf.export import export_gguf, quantize
+    from orstack.io.checkpoint import load_model
+
+    packed, expected = _packed_awq(random_llama, tmp_path, symmetric=False)
+    awq = read_awq(packed)
+    for ggml_type in ("Q4_K", "Q5_K", "Q6_K"):
+        errors = dict.fromkeys(("map", "requantize", "best"), 0.0)
+        for hf_name, _, _ in AWQ_CHECKED:
+            want = expected[hf_name]
+            for mode in errors:
+                carried = carry(awq[hf_name], ggml_type, want, None, mode)
+                blocks = quantize(want, ggml_type) if mode == "requantize" else carried[0]
+                assert (carried is None) == (mode == "requantize")
+                got = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[ggml_type]).reshape(want.shape)
+                errors[mode] += float(((got - want) ** 2).sum())
+        assert errors["best"] <= min(errors["map"], errors["requantize"]) * (1 + 1e-6), (ggml_type, errors)
+        assert errors["map"] < errors["requantize"], (ggml_type, errors)
+    model, tok = load_model(str(packed))
+    out = tmp_path / "q4_k.gguf"
+    result = export_gguf(model, tok, out, "q4_k", progress=False, awq=awq)
+    notes = [t.note for t in result.tensors if t.name.startswith("blk.") and t.ggml_type == "Q4_K"]
+    assert len(notes) == 2 * 7 and all("super-blocks" in n for n in notes), notes
     llm = _llama(out)
     assert llm.tokenize(b"abc", add_bos=False)
     llm.close()

@@ -25,6 +25,7 @@ from orstack.errors import BadInput
 if TYPE_CHECKING:
     import numpy as np
 
+    from orstack.gguf.awq import AwqWeight
     from orstack.gguf.imatrix import Importance
 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k", "q4_k_m", "q5_k_m")
@@ -200,18 +201,20 @@ def safe_name(name: str, tokens: list[str]) -> tuple[str, str]:
 
 
 def export_gguf(model, tokenizer, out: Path, qtype: str, *, name: str = "model", progress: bool = True,
-                q4_1_blocks: dict[str, np.ndarray] | None = None, metadata: dict[str, str] | None = None,
-                importance: Importance | None = None) -> ExportResult:
+                awq: dict[str, AwqWeight] | None = None, awq_mode: str = "best",
+                metadata: dict[str, str] | None = None, importance: Importance | None = None) -> ExportResult:
     """Write `model` (a loaded transformers decoder of a family orstack.gguf.arch supports) to `out` as GGUF of `qtype`.
 
-    `q4_1_blocks` (HF weight name -> Q4_1 bytes, from orstack.gguf.awq) replaces quantization
-    of those weights when the plan stores them as Q4_1. `metadata` adds string keys after all
+    `awq` (HF weight name -> packed AWQ weight, orstack.gguf.awq.read_awq) carries AWQ's groups
+    into the blocks of every weight whose planned type they map onto (`awq_mode`: see
+    orstack/gguf/awq.py); the rest are quantized from their float values. `metadata` adds string keys after all
     the others (the orstack manifest). `importance` (orstack.gguf.imatrix) weights the quantization
     of every weight it covers; its calibration file is named under llama.cpp's quantize.imatrix.* keys."""
     import gguf
     import numpy as np
 
     from orstack.console import track
+    from orstack.gguf import awq as awq_blocks
     from orstack.gguf.arch import layout, probe_norms
     from orstack.gguf.vocab import build_vocab
     from orstack.layerwise import param_shape, stream_of
@@ -269,33 +272,40 @@ def export_gguf(model, tokenizer, out: Path, qtype: str, *, name: str = "model",
         if gg_name is None:
             raise BadInput(f"{name}: tensor '{hf_name}' has no GGUF name for architecture {arch}")
         plan = plan_tensor(gg_name, tuple(hf_shape), qtype, n_layers, tied)
-        blocks = q4_1_blocks.get(hf_name) if q4_1_blocks and plan.ggml_type == "Q4_1" else None
-        if blocks is not None:
-            plan.note = "AWQ scales/zero points mapped onto Q4_1"
-            plan.nbytes = blocks.nbytes
-        else:
-            plan.nbytes = _nbytes(plan.shape, plan.ggml_type)
+        packed = (awq or {}).get(hf_name)
+        if packed is not None and plan.ggml_type not in ("F32", "F16") \
+                and awq_blocks.mapping(packed, plan.ggml_type) is None:
+            plan.note = "; ".join(filter(None, [plan.note, f"AWQ groups of {packed.group} do not map onto "
+                                                f"{plan.ggml_type}: requantized"]))
+            packed = None
+        plan.nbytes = _nbytes(plan.shape, plan.ggml_type)
         raw = None if plan.ggml_type in ("F32", "F16") else gguf.GGMLQuantizationType[plan.ggml_type]
         writer.add_tensor_info(gg_name, list(plan.shape), np.float16 if plan.ggml_type == "F16" else np.float32,
                                plan.nbytes, raw_dtype=raw)
         plans.append(plan)
-        jobs.append((hf_name, plan, blocks))
+        jobs.append((hf_name, plan, packed if plan.ggml_type not in ("F32", "F16") else None))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     state = None if stream_of(model) is not None else model.state_dict()
-    for hf_name, plan, blocks in track(jobs, "quantizing", unit="tensors") if progress else jobs:
+    for hf_name, plan, packed in track(jobs, "quantizing", unit="tensors") if progress else jobs:
         rotary = shape.permute and (".self_attn.q_proj." in hf_name or ".self_attn.k_proj." in hf_name)
         heads = n_heads if ".q_proj." in hf_name else n_kv
-        if blocks is not None:
-            stored = _permute_rotary(blocks, heads) if rotary else blocks  # rows = outputs
+        data = hf_tensor(model, hf_name, state)
+        weights = importance.for_weight(hf_name) if importance else None
+        carried = None if packed is None else awq_blocks.carry(packed, plan.ggml_type, data, weights, awq_mode)
+        if carried is not None:
+            # blocks never straddle rows, so permuting the byte rows permutes the weights' rows
+            stored, plan.note = carried
+            if rotary:
+                stored = _permute_rotary(stored, heads)
         else:
-            data = hf_tensor(model, hf_name, state)
             if rotary:
                 data = _permute_rotary(data, heads)
             if hf_name in shape.offset_norms:
                 data = data + 1.0  # llama.cpp's RMS norm multiplies by the stored weight alone
-            stored = quantize(data, plan.ggml_type, importance.for_weight(hf_name) if importance else None)
+            stored = quantize(data, plan.ggml_type, weights)
+        del data
         writer.write_tensor_data(stored)
         del stored
     writer.close()

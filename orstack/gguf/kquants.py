@@ -160,19 +160,25 @@ def _tile_importance(importance: np.ndarray, shape: tuple[int, ...], block: int)
 
 
 def _qk_super_block(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int,
-                    importance: np.ndarray | None = None):
+                    importance: np.ndarray | None = None, preset: tuple | None = None):
     """Shared by Q4_K and Q5_K: x [S, 256] -> (d f16 [S], dmin f16 [S], scales [S, 12], L [S, 256]).
 
     With `importance` [S, 256] (per-column activation importance, tiled per super-block) this is
     ggml's quantize_row_q4_K_impl / q5_K_impl: each error weighted by imp * sqrt(sigma2 + x^2), a
-    wider scale search (make_qkx3_quants) and weighted 6-bit sub-block scales (make_qp_quants)."""
+    wider scale search (make_qkx3_quants) and weighted 6-bit sub-block scales (make_qp_quants).
+    `preset` (levels [32, S*8], scales [S*8], mins [S*8], x ~ scale * L - min per 32 weights)
+    replaces the per-sub-block search with given decisions (AWQ's groups, orstack/gguf/awq.py);
+    the 6-bit scale quantization and the final rounding against the stored scales stay."""
     S = x.shape[0]
     sub = x.reshape(S * 8, 32).T  # [32, S*8]
     if importance is None:
-        sum_x2 = _seqsum(sub * sub)
-        av_x = np.sqrt(sum_x2 / F32(32))
-        w = av_x + np.abs(sub)
-        L, scales, mins = _make_qkx2_quants(sub, w, nmax, rmin, rdelta, nstep)
+        if preset is not None:
+            L, scales, mins = preset
+        else:
+            sum_x2 = _seqsum(sub * sub)
+            av_x = np.sqrt(sum_x2 / F32(32))
+            w = av_x + np.abs(sub)
+            L, scales, mins = _make_qkx2_quants(sub, w, nmax, rmin, rdelta, nstep)
     else:
         xt = x.T  # [256, S]
         sigma2 = F32(2) * _seqsum(xt * xt) / F32(QK_K)  # [S]
@@ -181,7 +187,7 @@ def _qk_super_block(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep:
         sw = _seqsum(w).reshape(S, 8).T  # [8, S]
         # make_qkx3_quants is make_qkx2_quants with these settings (its other differences only
         # guard non-finite inputs).
-        L, scales, mins = _make_qkx2_quants(sub, w, nmax, -0.9, 0.05, 36)
+        L, scales, mins = preset if preset is not None else _make_qkx2_quants(sub, w, nmax, -0.9, 0.05, 36)
     scales = scales.reshape(S, 8).T  # [8, S]
     mins = mins.reshape(S, 8).T
     if importance is None:
@@ -224,11 +230,12 @@ def _importance(importance: np.ndarray | None, shape: tuple[int, ...]) -> np.nda
     return None if importance is None else _tile_importance(importance, shape, QK_K)
 
 
-def quantize_q4_k(data: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+def quantize_q4_k(data: np.ndarray, importance: np.ndarray | None = None, preset: tuple | None = None) -> np.ndarray:
     """float rows (last axis a multiple of 256) -> Q4_K bytes [..., row_bytes]; `importance`
-    [cols] weights each column's error (llama.cpp's imatrix); without it, ggml's reference bytes."""
+    [cols] weights each column's error (llama.cpp's imatrix); without it, ggml's reference bytes.
+    `preset`: given sub-block decisions instead of the search (see _qk_super_block)."""
     x = _as_super_blocks(data)
-    d16, dmin16, scales, L = _qk_super_block(x, 15, -1.0, 0.1, 20, _importance(importance, data.shape))
+    d16, dmin16, scales, L = _qk_super_block(x, 15, -1.0, 0.1, 20, _importance(importance, data.shape), preset)
     S = x.shape[0]
     # qs: each 64-weight chunk packs weights l (low nibble) and l+32 (high nibble).
     L4 = L.reshape(S, 4, 2, 32)
@@ -237,10 +244,10 @@ def quantize_q4_k(data: np.ndarray, importance: np.ndarray | None = None) -> np.
     return _out(out, data.shape, BLOCK_BYTES["Q4_K"])
 
 
-def quantize_q5_k(data: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
-    """float rows (last axis a multiple of 256) -> Q5_K bytes [..., row_bytes] (`importance`: see Q4_K)."""
+def quantize_q5_k(data: np.ndarray, importance: np.ndarray | None = None, preset: tuple | None = None) -> np.ndarray:
+    """float rows (last axis a multiple of 256) -> Q5_K bytes [..., row_bytes] (`importance`, `preset`: see Q4_K)."""
     x = _as_super_blocks(data)
-    d16, dmin16, scales, L = _qk_super_block(x, 31, -0.5, 0.1, 15, _importance(importance, data.shape))
+    d16, dmin16, scales, L = _qk_super_block(x, 31, -0.5, 0.1, 15, _importance(importance, data.shape), preset)
     S = x.shape[0]
     L4 = L.reshape(S, 4, 2, 32)
     lo = L4 & 0xF
@@ -294,14 +301,19 @@ def _make_qx_quants_rmse1(x: np.ndarray, nmax: int, weights: np.ndarray | None =
     return lvl + nmax, np.where(zero, F32(0), scale)
 
 
-def quantize_q6_k(data: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+def quantize_q6_k(data: np.ndarray, importance: np.ndarray | None = None, preset: tuple | None = None) -> np.ndarray:
     """float rows (last axis a multiple of 256) -> Q6_K bytes [..., row_bytes]. With `importance`
-    [cols] the sub-block scale search weights each error by the importance alone (ggml's q6_K_impl)."""
+    [cols] the sub-block scale search weights each error by the importance alone (ggml's q6_K_impl).
+    `preset` (levels 0..63 [16, S*16], scales [S*16], x ~ scale * (L - 32) per 16 weights)
+    replaces that search; the 8-bit scale quantization and the final rounding stay."""
     x = _as_super_blocks(data)
     S = x.shape[0]
     sub = x.reshape(S * 16, 16).T  # [16, S*16]
     imp = _importance(importance, data.shape)
-    L, scales = _make_qx_quants_rmse1(sub, 32, None if imp is None else imp.reshape(S * 16, 16).T)
+    if preset is not None:
+        L, scales = preset
+    else:
+        L, scales = _make_qx_quants_rmse1(sub, 32, None if imp is None else imp.reshape(S * 16, 16).T)
     scales = scales.reshape(S, 16)
     L = L.T.reshape(S, 16, 16)
     pick = np.abs(scales).argmax(axis=1)

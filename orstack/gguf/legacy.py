@@ -1,7 +1,11 @@
-"""Q4_0, Q4_1, Q5_0, Q5_1 with an importance matrix, in vectorised numpy (ggml's
+"""Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 with an importance matrix, in vectorised numpy (ggml's
 quantize_row_q4_0_impl and friends). Without importance these types come from
-`gguf.quants.quantize`, whose bytes are ggml's reference quantizers'; Q8_0 takes no
-importance in llama.cpp either.
+`gguf.quants.quantize`, whose bytes are ggml's reference quantizers'.
+
+Q8_0 takes no importance in llama.cpp (its scale is amax/127, whatever the imatrix): here
+each block keeps that reference block or a weighted symmetric search (make_qx_quants with
+levels -128..127, as Q4_0/Q5_0 search), whichever has the smaller weighted error, so with
+importance a Q8_0 tensor differs from llama.cpp's only where the importance says it is better.
 
 Each element's squared error is weighted by imp[col] * sqrt(sigma2 + x^2), sigma2 the row's
 mean square; Q4_0/Q5_0 search a symmetric scale (make_qx_quants), Q4_1/Q5_1 a scale and min
@@ -16,7 +20,7 @@ import numpy as np
 from orstack.gguf.kquants import F32, _make_qkx2_quants, _make_qx_quants_rmse1, _seqsum, _tile_importance
 
 QK = 32
-BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24}
+BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q8_0": 34}
 
 
 def _weighted_blocks(data: np.ndarray, importance: np.ndarray):
@@ -66,10 +70,35 @@ def quantize_weighted(data: np.ndarray, ggml_type: str, importance: np.ndarray) 
         L = L.astype(np.int32)
         parts = [_f16_bytes(d), _f16_bytes(-the_min)] + ([_fifth_bits(L)] if ggml_type == "Q5_1" else []) \
             + [_nibbles(L)]
+    elif ggml_type == "Q8_0":
+        L, d = _make_qx_quants_rmse1(x, 128, w)
+        searched = np.concatenate([_f16_bytes(d), (L - 128).astype(np.int8).T.view(np.uint8)], axis=1)
+        import gguf
+
+        reference = gguf.quants.quantize(np.ascontiguousarray(data, np.float32).reshape(-1, data.shape[-1]),
+                                         gguf.GGMLQuantizationType.Q8_0)
+        chosen = best_blocks(x, w, [reference.reshape(-1, BLOCK_BYTES["Q8_0"]), searched], "Q8_0")
+        return chosen.reshape(*data.shape[:-1], data.shape[-1] // QK * BLOCK_BYTES["Q8_0"])
     else:
         raise ValueError(f"no importance-weighted quantizer for {ggml_type}")
     out = np.concatenate(parts, axis=1)
     return out.reshape(*data.shape[:-1], data.shape[-1] // QK * BLOCK_BYTES[ggml_type])
+
+
+def best_blocks(x: np.ndarray, w: np.ndarray, candidates: list[np.ndarray], ggml_type: str) -> np.ndarray:
+    """Per block, the candidate with the smallest weighted squared error sum w (x - deq)^2.
+
+    x, w [block, B] (blocks as columns, row-major block order); each candidate [B, block_bytes]
+    of `ggml_type` -> [B, block_bytes]; ties keep the earlier candidate."""
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[ggml_type]
+    errors = []
+    for blocks in candidates:
+        deq = gguf.quants.dequantize(np.ascontiguousarray(blocks), qtype).reshape(-1, x.shape[0]).T
+        errors.append(((x - deq) ** 2 * w).sum(axis=0))
+    pick = np.argmin(np.stack(errors), axis=0)
+    return np.stack(candidates)[pick, np.arange(x.shape[1])]
 
 
 WEIGHTED = tuple(BLOCK_BYTES)

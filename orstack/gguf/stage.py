@@ -91,19 +91,20 @@ def _prompts(path: str | None) -> list[str] | None:
     return prompts[:MAX_PROMPTS]
 
 
-def _awq_blocks(spec: str):  # noqa: ANN202 - dict of numpy arrays, or None
-    """Q4_1 blocks taken straight from a packed 4-bit AWQ checkpoint (None for other formats)."""
+def _awq_weights(spec: str, qtype: str):  # noqa: ANN202 - dict of AwqWeight, or None
+    """The packed groups of an AWQ checkpoint, carried into the GGUF blocks (None for other formats)."""
     from orstack.io.checkpoint import detect_format
 
     path = Path(str(spec))
-    if not path.is_dir() or detect_format(path) != "compressed-tensors-pack-quantized":
+    if qtype in ("f32", "f16", "bf16") or not path.is_dir() \
+            or detect_format(path) != "compressed-tensors-pack-quantized":
         return None
     from orstack.console import info
-    from orstack.gguf.awq import awq_q4_1_weights
+    from orstack.gguf.awq import read_awq
 
-    blocks = awq_q4_1_weights(path)
-    info(f"{spec}: {len(blocks)} packed 4-bit weights mapped straight onto Q4_1 (group sizes multiples of 32)")
-    return blocks
+    weights = read_awq(path)
+    info(f"{spec}: {len(weights)} packed AWQ weights carried into the {qtype} blocks where their groups map")
+    return weights
 
 
 def run(source: str, output: str | Path, config: GgufConfig, runtime: Runtime) -> GgufResult:
@@ -142,7 +143,7 @@ def run(source: str, output: str | Path, config: GgufConfig, runtime: Runtime) -
     else:
         model, tokenizer = load_model(source, device=device, dtype="float32", trust_pickle=runtime.trust_pickle,
                                       architectures=SUPPORTED)
-    blocks = _awq_blocks(source) if config.type == "q4_1" else None
+    awq = _awq_weights(source, config.type)
     importance = None
     if config.imatrix is not None:
         from orstack.gguf.imatrix import collect_importance
@@ -159,7 +160,7 @@ def run(source: str, output: str | Path, config: GgufConfig, runtime: Runtime) -
     # -- export, validate, gate, commit
     validation = None
     with atomic_path(output) as tmp:
-        export = export_gguf(model, tokenizer, tmp, config.type, name=Path(str(source)).name, q4_1_blocks=blocks,
+        export = export_gguf(model, tokenizer, tmp, config.type, name=Path(str(source)).name, awq=awq,
                              metadata={MANIFEST_KEY: dumps(manifest)}, importance=importance)
         if do_validate:
             from orstack.gguf.validate import validate
