@@ -30,8 +30,9 @@ from typing import TYPE_CHECKING, Any
 
 from orstack.architectures import decoder_layers, linear_modules, weightless_model
 
-__all__ = ["InputStats", "LayerInputs", "StreamedModel", "capture_layer_inputs", "decoder_layers", "held",
-           "linear_modules", "load_streamed", "record_input_stats", "run_layer", "stream_of", "weightless_model"]
+__all__ = ["InputStats", "LayerInputs", "StreamedModel", "capture_batches", "capture_layer_inputs", "decoder_layers",
+           "held", "layer_major_logits", "linear_modules", "load_streamed", "record_input_stats", "run_layer",
+           "stream_of", "weightless_model"]
 
 if TYPE_CHECKING:
     import torch
@@ -73,6 +74,13 @@ def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: 
     """Run the embeddings on `input_ids` [n, seq]; record what decoder layer 0 receives and the
     keyword arguments the model passes each layer. The layers themselves do not run: each is
     replaced, for this pass, by a stand-in that records its arguments and returns its input."""
+    return capture_batches(model, [{"input_ids": input_ids[start:start + batch_size]}
+                                   for start in range(0, input_ids.shape[0], batch_size)])
+
+
+def capture_batches(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> LayerInputs:
+    """`capture_layer_inputs` for batches given as the decoder's keyword arguments (input_ids,
+    and attention_mask where rows are padded), one LayerInputs batch each."""
     import torch
 
     layers = decoder_layers(model)
@@ -96,9 +104,8 @@ def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: 
     try:
         # a streamed model's layers must not be read for a pass that does not run them
         with torch.no_grad(), held(model, model.get_input_embeddings()), _paused(stream):
-            for start in range(0, input_ids.shape[0], batch_size):
-                batch = input_ids[start:start + batch_size].to(device)
-                model.get_decoder()(input_ids=batch, use_cache=False)
+            for batch in batches:
+                model.get_decoder()(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
     finally:
         for layer in layers:
             del layer.forward
@@ -140,6 +147,41 @@ def run_layer(layer: nn.Module, inputs: LayerInputs) -> LayerInputs:
             # transformers 5 layers return a tensor, earlier versions a tuple.
             out.hidden.append(result[0] if isinstance(result, tuple) else result)
     return out
+
+
+def layer_major_logits(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> Iterator[torch.Tensor]:
+    """The logits of `model(**batch)` for every batch, computed a decoder layer at a time: every
+    batch goes through layer i before layer i+1 is read, so a streamed model reads each layer
+    once per call instead of once per batch. The same arithmetic as the whole-model forward on
+    each batch (same layer, same inputs, same keyword arguments), so the same bits. Holds the
+    hidden states of all batches at once (tokens x hidden x 4 bytes)."""
+    import torch
+
+    inputs = capture_batches(model, batches)
+    for layer in decoder_layers(model):
+        with held(model, layer):
+            inputs = run_layer(layer, inputs)
+    # The head through the model's own forward (final norm, lm_head, any soft-capping), its layers
+    # stood in for by the final hidden states and the embeddings skipped (zero inputs_embeds of
+    # the right shape: the rotary tables and masks depend only on shapes, positions and masks).
+    layers = decoder_layers(model)
+    head = model.get_output_embeddings()
+    with held(model, head), _paused(stream_of(model)):
+        for batch, final in zip(batches, inputs.hidden):
+            def stand_in(*_args: Any, _final: torch.Tensor = final, **_kwargs: Any) -> torch.Tensor:
+                return _final
+
+            for layer in layers:
+                layer.forward = stand_in
+            try:
+                embeds = torch.zeros(*final.shape, dtype=final.dtype, device=final.device)
+                rest = {k: v.to(final.device) for k, v in batch.items() if k != "input_ids"}
+                with torch.no_grad():
+                    logits = model(inputs_embeds=embeds, **rest, use_cache=False).logits
+            finally:
+                for layer in layers:
+                    del layer.forward
+            yield logits
 
 
 class InputStats:

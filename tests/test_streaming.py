@@ -103,6 +103,30 @@ def test_streamed_forward_is_the_loaded_forward_and_keeps_no_layer(tmp_path, tie
     assert (streamed.lm_head.weight is streamed.model.embed_tokens.weight) == tie
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_streamed_perplexity_reads_each_layer_once_and_scores_the_same_bits(tmp_path, tie):
+    from conftest import SAMPLE_TEXT, build_random_llama
+
+    from orstack.backends.perplexity import perplexity
+    from orstack.io.checkpoint import load_model
+    from orstack.layerwise import load_streamed, stream_of
+
+    source = build_random_llama(tmp_path / "m", layers=3, tie=tie)
+    loaded, tokenizer = load_model(source)
+    streamed, _ = load_streamed(source)
+    reader = stream_of(streamed).reader
+    reads: list[str] = []
+    get = reader.get
+    reader.get = lambda name: reads.append(name) or get(name)
+    texts = [SAMPLE_TEXT, SAMPLE_TEXT[:300], SAMPLE_TEXT[100:] * 2]  # windows of several widths, padded
+    a = perplexity(streamed, tokenizer, texts, max_length=48, batch_size=2)
+    b = perplexity(loaded, tokenizer, texts, max_length=48, batch_size=2)
+    assert a.n_tokens == b.n_tokens > 4 * 48  # more than two batches
+    assert a.nll == b.nll
+    layer_reads = [n for n in reads if ".layers." in n]
+    assert layer_reads and len(layer_reads) == len(set(layer_reads))  # once each, not once per batch
+
+
 # -- each stage: streamed == in memory --------------------------------------------------------
 
 def test_prune_streamed_writes_the_in_memory_weights(bf16_sharded, calib, tmp_path):

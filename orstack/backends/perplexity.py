@@ -101,25 +101,32 @@ def score_windows(
     import torch
 
     from orstack.console import track
+    from orstack.layerwise import layer_major_logits, stream_of
 
     total = 0.0
     batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
     device = next(model.parameters()).device
-    for batch in track(batches, description, unit="batches"):
+    inputs = []
+    for batch in batches:
         width = max(len(w.input_ids) for w in batch)
         ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for row, w in enumerate(batch):
             ids[row, : len(w.input_ids)] = torch.tensor(w.input_ids)
             mask[row, : len(w.input_ids)] = 1
-        with torch.no_grad():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logprobs = torch.log_softmax(logits, dim=-1)
-        for row, w in enumerate(batch):
-            n_in = len(w.input_ids)
-            positions = torch.arange(n_in - w.n_scored, n_in)
-            targets = torch.tensor(_scored_targets(w))
-            total -= logprobs[row, positions, targets].sum().item()
+        inputs.append({"input_ids": ids.to(device), "attention_mask": mask.to(device)})
+    if stream_of(model) is not None:  # a model read from disk: each layer once for all batches, not once per batch
+        all_logits = layer_major_logits(model, inputs)
+    else:
+        all_logits = (model(**batch).logits for batch in inputs)
+    with torch.no_grad():
+        for batch, logits in track(zip(batches, all_logits), description, total=len(batches), unit="batches"):
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            for row, w in enumerate(batch):
+                n_in = len(w.input_ids)
+                positions = torch.arange(n_in - w.n_scored, n_in)
+                targets = torch.tensor(_scored_targets(w))
+                total -= logprobs[row, positions, targets].sum().item()
     return total
 
 
