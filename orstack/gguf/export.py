@@ -124,6 +124,24 @@ def quantize(data: np.ndarray, ggml_type: str, importance: np.ndarray | None = N
     return gguf.quants.quantize(data, gguf.GGMLQuantizationType[ggml_type])
 
 
+def importance_by_gguf_name(model, importance: Importance) -> dict[str, np.ndarray]:
+    """The importance under the GGUF tensor names llama.cpp looks it up by (a tied model's
+    output matrix is token_embd.weight), for llama.cpp's own quantizer."""
+    import gguf
+
+    from orstack.gguf.arch import layout
+
+    shape = layout(model.config, "model")
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[shape.arch.member], shape.n_layers)
+    out = {}
+    for hf_name, _ in tensor_shapes(model):
+        values = importance.for_weight(hf_name)
+        gg_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if values is not None and gg_name is not None:
+            out[gg_name] = values
+    return out
+
+
 def _permute_rotary(w, n_heads: int):
     """transformers' half-split rotary layout -> llama.cpp's interleaved pairs, per head."""
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -261,6 +279,7 @@ def export_gguf(model, tokenizer, out: Path, qtype: str, *, name: str = "model",
         writer.add_string("quantize.imatrix.dataset", importance.source)
         writer.add_uint32("quantize.imatrix.entries_count", len(importance.values))
         writer.add_uint32("quantize.imatrix.chunks_count", importance.n_windows)
+        writer.add_string("orstack.imatrix.sha256", importance.digest())  # of the importance values used
     for key, value in (metadata or {}).items():
         writer.add_string(key, value)
 

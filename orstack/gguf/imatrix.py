@@ -41,7 +41,18 @@ class Importance:
 
     def provenance(self) -> dict[str, Any]:
         return {"file": self.source, "sha256": self.sha256, "tokens": self.n_tokens, "windows": self.n_windows,
-                "seqlen": self.seqlen, "tensors": len(self.values)}
+                "seqlen": self.seqlen, "tensors": len(self.values), "importance_sha256": self.digest()}
+
+    def digest(self) -> str:
+        """sha256 of the importance itself (names and float32 values, in name order): what the
+        quantizers were given, whatever text or collection produced it."""
+        import numpy as np
+
+        digest = hashlib.sha256()
+        for name in sorted(self.values):
+            digest.update(name.encode() + b"\0")
+            digest.update(np.ascontiguousarray(self.values[name], dtype="<f4").tobytes())
+        return digest.hexdigest()
 
     def for_weight(self, hf_name: str) -> np.ndarray | None:
         if hf_name in self.values:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from orstack.gguf.validate import Validation
     from orstack.runtime import Runtime
 
-NO_IMPORTANCE = ("f32", "f16", "bf16", "q8_0")  # llama.cpp's Q8_0 ignores an imatrix too
+NO_IMPORTANCE = ("f32", "f16", "bf16")  # float types: nothing to search
 MAX_PROMPTS = 16  # rows of --prompts used for the greedy agreement check
 
 
@@ -69,8 +69,8 @@ def check_config(config: GgufConfig) -> GgufConfig:
     check_limits(min_agreement=config.min_agreement, max_ppl_change=config.max_ppl_change)
     if config.imatrix is not None:
         if config.type in NO_IMPORTANCE:
-            raise BadInput(f"--imatrix: --type {config.type} takes no importance (a quantized type such as q4_k_m "
-                           "does)")
+            raise BadInput(f"--imatrix: --type {config.type} is not quantized and takes no importance "
+                           "(a quantized type such as q4_k_m does)")
         check_text_files([config.imatrix], "--imatrix")
     return config
 

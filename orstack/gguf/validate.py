@@ -183,13 +183,18 @@ def validate(model, tokenizer, gguf_path, qtype: str, *, prompts: list[str] | No
                       ppl_tolerance=PPL_GATES.get(qtype, PPL_TOLERANCE) if max_ppl_change is None else max_ppl_change)
 
 
-def llama_cpp_quantize(source_gguf, out, qtype: str, threads: int = 1) -> str:
+def llama_cpp_quantize(source_gguf, out, qtype: str, threads: int = 1, importance: dict | None = None,
+                       pure: bool = False) -> str:
     """Quantize an (f32) GGUF file with llama.cpp's own quantizer (the library behind llama-quantize)
     to the file type `qtype` declares, the reference our exporter is compared with; returns that
-    file type's llama.cpp name (e.g. Q4_K_M)."""
+    file type's llama.cpp name (e.g. Q4_K_M). `importance` (GGUF tensor name -> per-column
+    importance, `importance_by_gguf_name`) is handed to it as llama-quantize --imatrix hands its
+    file's contents; `pure` is llama-quantize --pure (one type for every 2-D weight, as orstack's
+    non-mix types)."""
     import ctypes
 
     import llama_cpp
+    import numpy as np
 
     from orstack.gguf.export import TYPE_INFO, check_type
 
@@ -197,6 +202,20 @@ def llama_cpp_quantize(source_gguf, out, qtype: str, threads: int = 1) -> str:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name}")
     params.nthread = threads
+    params.pure = pure
+    keep = []  # the arrays and names must outlive the call
+    if importance:
+        entries = (llama_cpp.llama_model_imatrix_data * (len(importance) + 1))()
+        for i, (tensor, values) in enumerate(importance.items()):
+            arr = np.ascontiguousarray(values, dtype=np.float32)
+            key = tensor.encode()
+            keep += [arr, key]
+            entries[i].name = key
+            entries[i].data = arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            entries[i].size = arr.size
+        entries[len(importance)].name = None  # the terminator
+        params.imatrix = entries
+        keep.append(entries)
     if llama_cpp.llama_model_quantize(str(source_gguf).encode(), str(out).encode(), ctypes.byref(params)) != 0:
         raise RuntimeError(f"llama.cpp could not quantize {source_gguf} to {name}")
     return name
