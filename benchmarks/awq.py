@@ -45,15 +45,35 @@ def smollm2():
     return smollm2_checkpoint(), [LICENSES / "GPL-3", LICENSES / "GFDL-1.3"], [LICENSES / "Apache-2.0"]
 
 
+# The rows after RTN: each step of the search, then GPTQ. (label, AWQConfig fields); a row whose
+# fields the CLI has no option for runs through the library in a child process of this script.
+STEPS = [
+    ("AWQ + GPTQ (--method awq+gptq)", {"method": "awq+gptq"}),
+    ("AWQ, 21 α x+duo (--method awq)", {"method": "awq"}),
+    ("GPTQ (--method gptq)", {"method": "gptq"}),
+    ("AWQ, wave 1 (11 α, x only)", {"alpha_steps": 10, "duo_scaling": False}),
+    ("AWQ + GPTQ --act-order", {"method": "awq+gptq", "act_order": True}),
+]
+CLI_FIELDS = {"method": "--method", "act_order": "--act-order"}
+
+
 def run(model: Path, out: Path, calib: list[Path], heldout: list[Path], extra: list[str],
-        eval_length: int) -> dict:
-    """One `orstack awq` process: wall time, its own peak RSS, the manifest's metrics, sizes."""
+        eval_length: int, fields: dict | None = None) -> dict:
+    """One `orstack awq` process (or, for `fields` the CLI has no option for, one library call in
+    a child process): wall time, its own peak RSS, the manifest's metrics, sizes."""
+    fields = dict(fields or {})
+    flags = []
+    for key in [k for k in fields if k in CLI_FIELDS]:
+        value = fields.pop(key)
+        flags += [CLI_FIELDS[key]] if value is True else [CLI_FIELDS[key], str(value)]
     cmd = [sys.executable, "-m", "orstack", "--quiet", "awq", str(model), "-o", str(out),
-           "--eval-length", str(eval_length), *extra]
+           "--eval-length", str(eval_length), *extra, *flags]
     for p in calib:
         cmd += ["--calib", str(p)]
     for p in heldout:
         cmd += ["--heldout", str(p)]
+    if fields:
+        cmd = [sys.executable, __file__, "--child", json.dumps({"fields": fields, "argv": cmd[3:]})]
     start = time.perf_counter()
     # One thread: on a shared, loaded machine OpenMP's second thread mostly waits (results are
     # identical at 1 and 2 threads; tests/test_awq.py checks it).
@@ -69,6 +89,26 @@ def run(model: Path, out: Path, calib: list[Path], heldout: list[Path], extra: l
           f"peak {usage.ru_maxrss / 1024:.0f} MB", file=sys.stderr, flush=True)
     return {"out": out, "metrics": metrics, "seconds": seconds, "peak_mb": usage.ru_maxrss / 1024,
             "bytes": sum(f.stat().st_size for f in out.glob("*.safetensors")), "linear_bytes": linear_bytes(out)}
+
+
+def child(spec: str) -> None:
+    """Run `orstack awq ARGV` with AWQConfig `fields` the CLI does not expose overridden: the
+    command's own parsing, then the same library call with those fields replaced."""
+    import dataclasses
+
+    import orstack.awq
+    import orstack.awq.stage
+    from orstack.cli import main as cli_main
+
+    job = json.loads(spec)
+    real_run = orstack.awq.stage.run
+
+    def patched(source, output, config, runtime):  # noqa: ANN001, ANN202 - the stage's own signature
+        return real_run(source, output, dataclasses.replace(config, **job["fields"]), runtime)
+
+    orstack.awq.run = patched
+    sys.argv = ["orstack", *job["argv"]]
+    cli_main()
 
 
 def linear_bytes(path: Path) -> int:
@@ -116,10 +156,13 @@ def answer_ppl(checkpoint: Path, tasks: Path) -> float:
 
 
 def bench(name: str, model: Path, calib: list[Path], heldout: list[Path], group: int, calib_args: list[str],
-          eval_length: int, work: Path, mixed: bool, tasks: Path | None = None) -> list[list[str]]:
+          eval_length: int, work: Path, mixed: bool, tasks: Path | None = None,
+          steps: list[int] | None = None) -> list[list[str]]:
     common = ["--bits", "4", "--group-size", str(group), *calib_args]
-    runs = {"RTN": run(model, work / f"{name}-rtn", [], heldout, ["--rtn", *common], eval_length),
-            "AWQ (orstack)": run(model, work / f"{name}-awq", calib, heldout, common, eval_length)}
+    runs = {"RTN": run(model, work / f"{name}-rtn", [], heldout, ["--rtn", *common], eval_length)}
+    for i, (label, fields) in enumerate(STEPS):
+        if steps is None or i in steps:
+            runs[label] = run(model, work / f"{name}-{i}", calib, heldout, common, eval_length, fields)
     if mixed:
         runs["AWQ mixed 3/4/5"] = run(model, work / f"{name}-mixed", calib, heldout, [*common, "--mixed-precision"],
                                       eval_length)
@@ -138,7 +181,7 @@ def bench(name: str, model: Path, calib: list[Path], heldout: list[Path], group:
              f"{dense_bytes / 1e6:.1f}", "", "", ""]]
     rtn = runs["RTN"]["quality"]
     for method, r in runs.items():
-        gap = "" if method == "RTN" else f"{(rtn - r['quality']) / (rtn - dense):.0%}" if rtn > dense else "n/a"
+        gap = "" if method == "RTN" else f"{(rtn - r['quality']) / (rtn - dense):.1%}" if rtn > dense else "n/a"
         bits = r["metrics"].get("average_bits", 4)
         rows.append([name, f"{method} {bits:g}b g{group}", f"{r['metrics']['ppl_after']:.3f}", f"{r['quality']:.3f}",
                      gap, f"{r['bytes'] / 1e6:.1f}", f"{r['linear_bytes'] / 1e6:.2f}", f"{r['seconds']:.0f}",
@@ -151,7 +194,13 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny default only, 8 calibration windows")
     ap.add_argument("--only", choices=["tiny", "smollm2"], help="run one model")
     ap.add_argument("--no-mixed", action="store_true", help="skip the --mixed-precision run")
+    ap.add_argument("--steps", help="comma-separated indices into STEPS to run after RTN (default: all)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        child(args.child)
+        return
+    steps = [int(i) for i in args.steps.split(",")] if args.steps else None
     header = ["model", "method", "held-out text ppl", "quality ppl", "RTN gap closed", "weights MB", "linears MB",
               "time s", "peak MB"]
     rows: list[list[str]] = []
@@ -161,11 +210,11 @@ def main() -> None:
             model, calib, heldout = tiny_default()
             tasks = heldout[0].with_suffix(".jsonl")
             n = ["--nsamples", "8" if args.quick else "64", "--seqlen", "64" if args.quick else "128"]
-            rows += bench("tiny", model, calib, heldout, 128, n, 128, work, not args.no_mixed, tasks)
+            rows += bench("tiny", model, calib, heldout, 128, n, 128, work, not args.no_mixed, tasks, steps)
         if args.only in (None, "smollm2") and not args.quick:
             model, calib, heldout = smollm2()
             rows += bench("SmolLM2-135M", model, calib, heldout, 64, ["--nsamples", "16", "--seqlen", "512"], 512,
-                          work, not args.no_mixed)
+                          work, not args.no_mixed, steps=steps)
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, ["-" * w for w in widths], *rows]:
         print(" | ".join(c.ljust(w) for c, w in zip(r, widths)))

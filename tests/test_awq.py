@@ -145,6 +145,66 @@ def test_mixed_precision_allocation_averages_the_target():
     assert bits["m9"] == 5 and bits["m0"] == 3  # most sensitive gains, least sensitive gives
 
 
+# --- GPTQ error compensation ---------------------------------------------------------------
+
+def _correlated_problem(seed: int = 0):
+    """A weight and the second moment of inputs with correlated, unevenly scaled channels (as
+    real activations have): where compensating rounding errors across columns pays."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(48, 256, generator=gen)
+    x = torch.randn(2048, 64, generator=gen) @ torch.randn(64, 256, generator=gen)
+    x = x * torch.rand(256, generator=gen).mul(3).add(0.2)
+    return w, x.T @ x / x.shape[0]
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_lowers_output_error_below_clipped_rtn(act_order):
+    from orstack.awq.clip import output_error, search_clip
+    from orstack.awq.gptq import gptq_quantize
+
+    w, gram = _correlated_problem()
+    spec = QuantSpec(4, 64)
+    rtn = output_error(fake_quantize(w, spec) - w, gram)
+    clipped = output_error(fake_quantize(w, spec, search_clip(w, gram, spec)) - w, gram)
+    q = gptq_quantize(w, gram, spec, act_order=act_order)
+    gptq = output_error(q.dequantize() - w, gram)
+    assert gptq < 0.7 * clipped < rtn
+    assert int(q.codes.min()) >= spec.qmin and int(q.codes.max()) <= spec.qmax
+    again = gptq_quantize(w, gram, spec, act_order=act_order)  # deterministic
+    assert torch.equal(q.codes, again.codes) and torch.equal(q.scale, again.scale)
+    assert torch.equal(q.zero_point, again.zero_point)
+
+
+def test_gptq_keeps_pruned_weights_zero_and_symmetric_grid():
+    from orstack.awq.gptq import gptq_quantize
+
+    w, gram = _correlated_problem(1)
+    w[:, ::3] = 0
+    for symmetric in (False, True):
+        q = gptq_quantize(w, gram, QuantSpec(4, 64, symmetric))
+        assert bool((q.dequantize()[:, ::3] == 0).all())
+        assert (q.zero_point is None) == symmetric
+
+
+def test_gptq_methods_lower_the_layer_error(random_llama):
+    """On a model's first layer (the same inputs for every method): gptq and awq+gptq beat RTN,
+    and compensation after the scale search beats the scale search alone."""
+    from transformers import AutoModelForCausalLM
+
+    from orstack.awq.search import AWQConfig, group_sizes, quantize_awq
+
+    ids = torch.randint(3, 290, (4, 48), generator=torch.Generator().manual_seed(0))
+    first = {}
+    for method in ("awq", "gptq", "awq+gptq"):
+        model = AutoModelForCausalLM.from_pretrained(random_llama)
+        cfg = AWQConfig(method=method, nsamples=4, seqlen=48, alpha_steps=8, clip_steps=8)
+        first[method] = quantize_awq(model, ids, cfg, group_sizes(model, cfg)).layers[0]
+    rtn = first["awq"].error_rtn
+    assert first["gptq"].error_awq < 0.9 * rtn
+    assert first["awq+gptq"].error_awq < first["awq"].error_awq < rtn
+    assert set(first["gptq"].alphas.values()) == {None}  # no scale search
+
+
 # --- packed checkpoints through the CLI ----------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -319,7 +379,8 @@ def test_cli_defaults_are_the_config_defaults():
 
     cli = cli_defaults("awq")
     # Not options: the global --seed (from the Runtime) and the search's fixed settings.
-    not_options = {"seed", "alpha_steps", "search_rows", "clip_steps", "max_shrink", "promote_fraction"}
+    not_options = {"seed", "alpha_steps", "search_rows", "clip_steps", "max_shrink", "promote_fraction",
+                   "duo_scaling", "gptq_blocksize"}
     as_config = {"group_size": int, "calib": lambda v: list(v or [])}  # how the command converts the option
     fields = {f.name: f for f in dataclasses.fields(AWQConfig)}
     assert set(cli) - {"model", "output", "dry_run"} == set(fields) - not_options  # --dry-run plans, not runs
@@ -327,6 +388,19 @@ def test_cli_defaults_are_the_config_defaults():
         f = fields[name]
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         assert as_config.get(name, lambda v: v)(cli[name]) == default, name
+
+
+def test_default_seqlen_fits_a_small_context(random_llama, sample_text_file, tmp_path):
+    """Without --seqlen the windows are min(512, the model's context) tokens (256 here), as prune's."""
+    out = tmp_path / "out"
+    r = run_orstack("awq", str(random_llama), "--calib", str(sample_text_file), "--nsamples", "1",
+                    "--method", "gptq", "--fake-quant", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((out / "orstack.json").read_text())
+    assert manifest["metrics"]["seqlen"] == 256 and manifest["args"]["seqlen"] is None
+    r = run_orstack("awq", str(random_llama), "--calib", str(sample_text_file), "--seqlen", "512",
+                    "-o", str(tmp_path / "long"))
+    refused(r, "--seqlen 512", "256")
 
 
 # --- bad input: exit 2, one line naming the option or file, nothing written ------------------------
@@ -338,6 +412,7 @@ def test_cli_defaults_are_the_config_defaults():
     (["--calib", "{text}", "--group-size", "100"], ["--group-size 100", "does not divide"]),
     (["--calib", "{text}", "--group-size", "zero"], ["--group-size zero"]),
     (["--rtn", "--mixed-precision"], ["--mixed-precision", "--rtn"]),
+    (["--calib", "{text}", "--method", "sgd"], ["--method sgd", "awq+gptq"]),
     (["--calib", "{text}", "--heldout", "/nonexistent/heldout.txt"], ["--heldout", "/nonexistent/heldout.txt"]),
 ])
 def test_bad_input(random_llama, sample_text_file, tmp_path, monkeypatch, extra, named):

@@ -7,11 +7,16 @@ the already-quantized layers):
    (Gemma's (1 + w) norms take w' = (1 + w)/s - 1), a Linear's rows, or the tail slice of a
    fused Linear (the v rows of Phi-3's qkv_proj for o_proj, the up half of gate_up_proj for
    down_proj);
-2. per group, search s = mean|x|^α over α in {0, 1/n, ..., 1} minimising the group's summed
-   output error tr(Δ G Δᵀ) with Δ = Q(W·diag(s))·diag(s)⁻¹ - W and G = XᵀX/n (α = 0 is RTN);
+2. per group, search s = mean|x|^α, and (duo scaling, as AutoAWQ) s = mean|x|^α / mean|ŵ|^(1-α)
+   with ŵ = |w| / max|w| of its quantization group, over α in {0, 1/n, ..., 1}, minimising the
+   group's summed output error tr(Δ G Δᵀ) with Δ = Q(W·diag(s))·diag(s)⁻¹ - W and G = XᵀX/n
+   (α = 0 of the first family is RTN);
 3. fold the scales: the producing op's channel k is divided by s_k, the group's columns
    multiplied by s (the layer computes the same function before quantization);
-4. per Linear, search a clipping ratio per (row, group) on the same error, then quantize.
+4. per Linear, search a clipping ratio per (row, group) on the same error, then quantize; or,
+   with `method` "awq+gptq", quantize by GPTQ on the scaled input's Hessian (orstack/awq/gptq.py:
+   each column's rounding error compensated in the columns after it). `method` "gptq" skips the
+   scale search (steps 2-3).
 A group whose input has no fold target (OLMo 2's q/k/v and gate/up read the residual stream
 itself) keeps scale 1 -- any other scale would change the function -- and only gets the
 clipping search; the run says so once and the manifest lists those groups
@@ -46,13 +51,18 @@ class AWQConfig:
     rtn: bool = False  # plain round-to-nearest, no calibration
     mixed_precision: bool = False
     fake_quant: bool = False
+    method: str = "awq"  # METHODS: the scale search, GPTQ's error compensation, or both
     nsamples: int = 32
-    seqlen: int = 512
-    alpha_steps: int = 10  # α in {0, 0.1, ..., 1}
+    seqlen: int | None = None  # None: min(512, the model's context)
+    alpha_steps: int = 20  # α in {0, 1/20, ..., 1}
+    duo_scaling: bool = True  # also search s = mean|x|^α / mean|ŵ|^(1-α) (AutoAWQ's duo_scaling)
     search_rows: int = 256  # output rows per Linear used in the α search (evenly spaced)
     clip_steps: int = 20
     max_shrink: float = 0.5
     promote_fraction: float = 0.1  # --mixed-precision: share of parameters given bits + 1
+    damp: float = 0.01  # GPTQ: λ = damp · mean diag(H) added to H's diagonal
+    gptq_blocksize: int = 128  # GPTQ: columns per lazy batch
+    act_order: bool = False  # GPTQ: columns in decreasing H_jj, static groups
     batch_size: int = 8
     seed: int = 0
     eval_length: int = 512  # held-out perplexity window, tokens
@@ -64,6 +74,9 @@ class AWQConfig:
     max_ppl_rise: float | None = None  # None: the retention read on perplexity
     force: bool = False
 
+
+METHODS = ("awq", "gptq", "awq+gptq")
+DEFAULT_SEQLEN = 512
 
 # on_layer(layer index, layer, codes by the Linear's name in the layer): a streamed stage writes the layer out
 OnLayer = Callable[[int, "nn.Module", dict[str, Quantized]], None]
@@ -81,6 +94,7 @@ class LayerReport:
     error_rtn: float
     error_awq: float
     groups: dict[str, list[str]] = field(default_factory=dict)  # group label -> its Linears
+    scalings: dict[str, str] = field(default_factory=dict)  # group label -> "x" or "duo" (its α's family)
 
     @property
     def reduction(self) -> float:
@@ -128,7 +142,7 @@ class Quantization:
             out["output_error_rtn"] = self.error_rtn
             out["output_error"] = self.error_awq
             out["error_reduction_vs_rtn"] = round(1 - self.error_awq / self.error_rtn, 4) if self.error_rtn else 0.0
-            out["layers"] = [{"layer": r.layer, "alpha": r.alphas, "fold": r.folds,
+            out["layers"] = [{"layer": r.layer, "alpha": r.alphas, "scaling": r.scalings, "fold": r.folds,
                               "error_reduction_vs_rtn": round(r.reduction, 4)} for r in self.layers]
             unscaled = self.unscaled_groups()
             if unscaled:
@@ -159,6 +173,10 @@ def check_config(cfg: AWQConfig) -> None:
         raise BadInput(f"--bits {cfg.bits}: supported widths are {', '.join(map(str, BITS))}")
     if cfg.group_size != "auto" and (not isinstance(cfg.group_size, int) or cfg.group_size < 1):
         raise BadInput(f"--group-size {cfg.group_size}: expected a positive integer or 'auto'")
+    if cfg.method not in METHODS:
+        raise BadInput(f"--method {cfg.method}: expected one of {', '.join(METHODS)}")
+    if cfg.damp < 0:
+        raise BadInput(f"--damp {cfg.damp}: expected a non-negative number")
     if cfg.mixed_precision and cfg.rtn:
         raise BadInput("--mixed-precision needs calibration data and cannot be combined with --rtn")
     if not cfg.rtn and not cfg.calib:
@@ -271,19 +289,22 @@ def _quantize_layer(layer: nn.Module, groups: list[LinearGroup], stats: dict, sp
     col_scale = {name: torch.ones(weights[name].shape[1], device=device) for name in specs}
     row_scale = {name: torch.ones(weights[name].shape[0], device=device) for name in specs}
     alphas: dict[str, float | None] = {}
+    scalings: dict[str, str] = {}
     folds: dict[str, str | None] = {}
     members = {group.names[0]: list(group.names) for group in groups}
+    scale_search = cfg.method in ("awq", "awq+gptq")
     # Scales are all searched on the unmodified layer, then folded together.
     plans = []
     for group in groups:
         label = group.names[0]
         folds[label] = group.fold.label if group.fold else None
-        if group.fold is None:
+        if group.fold is None or not scale_search:
             alphas[label] = None
             continue
-        alpha, s_source = search_scale(group, stats, weights, grams, specs, cfg.alpha_steps, cfg.search_rows)
-        alphas[label] = alpha
-        plans.append((group, s_source))
+        found = search_scale(group, stats, weights, grams, specs, cfg.alpha_steps, cfg.search_rows,
+                             cfg.duo_scaling)
+        alphas[label], scalings[label] = found.alpha, found.family
+        plans.append((group, found.scales))
     for group, s_source in plans:
         _apply_fold(layer, group, s_source, col_scale, row_scale)
     quantized = {}
@@ -293,52 +314,92 @@ def _quantize_layer(layer: nn.Module, groups: list[LinearGroup], stats: dict, sp
         w = module.weight.data.float().clone()
         c = col_scale[name]
         gram = grams[name] / torch.outer(c, c)  # the second moment of the scaled input x / s
-        clip = search_clip(w, gram, spec, cfg.clip_steps, cfg.max_shrink)
-        q = quantize(w, spec, clip)
+        if cfg.method in ("gptq", "awq+gptq"):
+            from orstack.awq.gptq import gptq_quantize
+
+            q = gptq_quantize(w, gram, spec, damp=cfg.damp, blocksize=cfg.gptq_blocksize,
+                              act_order=cfg.act_order, clip_steps=cfg.clip_steps, max_shrink=cfg.max_shrink)
+        else:
+            q = quantize(w, spec, search_clip(w, gram, spec, cfg.clip_steps, cfg.max_shrink))
         w_hat = q.dequantize(torch.float32)
         module.weight.data.copy_(w_hat.to(module.weight.dtype))
         quantized[name] = q
         # Error in the original coordinates: undo the row fold and the column scale.
         delta = row_scale[name].unsqueeze(1) * (w_hat - w) / c
         awq_error += output_error(delta, grams[name])
-    return LayerReport(-1, alphas, folds, rtn_error, awq_error, members), quantized
+    return LayerReport(-1, alphas, folds, rtn_error, awq_error, members, scalings), quantized
 
 
-def _source_mean_abs(group: LinearGroup, stats: dict) -> torch.Tensor:
-    """mean|x| per fold-source channel (averaged over the input channels it feeds)."""
+def _source_mean(group: LinearGroup, per_channel: torch.Tensor) -> torch.Tensor:
+    """A per-input-channel statistic averaged over the input channels each fold-source channel feeds."""
     import torch
 
     fold = group.fold
-    x = stats[group.names[0]].mean_abs.double()
+    x = per_channel.double()
     source = fold.source.to(x.device)
     total = torch.zeros(fold.n_source, dtype=torch.float64, device=x.device).index_add_(0, source, x)
     count = torch.zeros(fold.n_source, dtype=torch.float64, device=x.device).index_add_(0, source, torch.ones_like(x))
     return torch.where(count > 0, total / count.clamp_min(1), torch.ones_like(total))
 
 
-def scales_for(x_mean: torch.Tensor, alpha: float) -> torch.Tensor:
-    """s = mean|x|^α, normalised so that max·min = 1 (as AWQ does; keeps s around 1)."""
-    s = x_mean.pow(alpha).clamp_min(1e-4)
+def _source_mean_abs(group: LinearGroup, stats: dict) -> torch.Tensor:
+    """mean|x| per fold-source channel."""
+    return _source_mean(group, stats[group.names[0]].mean_abs)
+
+
+def _weight_mean(group: LinearGroup, weights: dict, specs: dict) -> torch.Tensor:
+    """mean over the group's rows of |w| / max|w| of its quantization group, per source channel
+    (AutoAWQ's w_mean: how large a channel's weights are on the grid they share)."""
+    import torch
+
+    parts = []
+    for n in group.names:
+        w = weights[n].abs()
+        g = w.reshape(w.shape[0], -1, specs[n].group_size)
+        parts.append((g / (g.amax(-1, keepdim=True) + 1e-6)).reshape(w.shape))
+    return _source_mean(group, torch.cat(parts).mean(0))
+
+
+def scales_for(x_mean: torch.Tensor, alpha: float, w_mean: torch.Tensor | None = None) -> torch.Tensor:
+    """s = mean|x|^α (or, duo, mean|x|^α / mean|ŵ|^(1-α)), normalised so that max·min = 1 (as
+    AWQ does; keeps s around 1)."""
+    s = x_mean.pow(alpha)
+    if w_mean is not None:
+        s = s / (w_mean.pow(1 - alpha) + 1e-4)
+    s = s.clamp_min(1e-4)
     return (s / (s.max() * s.min()).sqrt()).float()
 
 
+@dataclass
+class ScaleChoice:
+    alpha: float
+    family: str  # "x": mean|x|^α; "duo": mean|x|^α / mean|ŵ|^(1-α)
+    scales: torch.Tensor  # per fold-source channel
+    error: float
+
+
 def search_scale(group: LinearGroup, stats: dict, weights: dict, grams: dict, specs: dict,
-                 steps: int, max_rows: int = 256) -> tuple[float, torch.Tensor]:
+                 steps: int, max_rows: int = 256, duo: bool = True) -> ScaleChoice:
     """The α (and per-source-channel scales) minimising the group's summed output error,
     estimated on at most `max_rows` evenly spaced output rows of each Linear (the α is a
-    statistic over rows; the error products dominate the run time)."""
+    statistic over rows; the error products dominate the run time). With `duo` the candidates
+    of both families are tried; α = 0 of the x family (s = 1, RTN) is always among them."""
     x_mean = _source_mean_abs(group, stats)
+    w_mean = _weight_mean(group, weights, specs) if duo else None
     weights = {n: _row_sample(weights[n], max_rows) for n in group.names}
-    best = (float("inf"), 0.0, None)
-    for i in range(steps + 1):
-        alpha = i / steps
-        s_source = scales_for(x_mean, alpha)
-        s = s_source[group.fold.source]
-        err = sum(output_error(fake_quantize(weights[n] * s, specs[n]) / s - weights[n], grams[n])
-                  for n in group.names)
-        if err < best[0]:
-            best = (err, alpha, s_source)
-    return best[1], best[2]
+    best = ScaleChoice(0.0, "x", None, float("inf"))  # type: ignore[arg-type]
+    for family, wm in [("x", None), ("duo", w_mean)] if duo else [("x", None)]:
+        for i in range(steps + 1):
+            alpha = i / steps
+            if family == "duo" and i == steps:
+                continue  # the same scales as the x family's α = 1
+            s_source = scales_for(x_mean, alpha, wm)
+            s = s_source[group.fold.source]
+            err = sum(output_error(fake_quantize(weights[n] * s, specs[n]) / s - weights[n], grams[n])
+                      for n in group.names)
+            if err < best.error:
+                best = ScaleChoice(alpha, family, s_source, err)
+    return best
 
 
 def _row_sample(w: torch.Tensor, max_rows: int) -> torch.Tensor:

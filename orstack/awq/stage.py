@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from orstack import console
 from orstack.awq.search import (
+    DEFAULT_SEQLEN,
     UNSCALED_REASON,
     AWQConfig,
     LayerReport,
@@ -57,7 +58,7 @@ def run(source: str | Path, output: str | Path, config: AWQConfig, runtime: Runt
     """
     from orstack.architectures import check_config as check_architecture
     from orstack.architectures import weightless_model
-    from orstack.awq.packed import write_packed
+    from orstack.awq.packed import input_masks, packed_format, write_packed
     from orstack.awq.streamed import quantize_streamed
     from orstack.gates import decide, load_eval_tasks, measure_tasks, retention_checks
     from orstack.io.checkpoint import can_stream, load_config, load_model, resolve_checkpoint, save_checkpoint
@@ -82,6 +83,7 @@ def run(source: str | Path, output: str | Path, config: AWQConfig, runtime: Runt
     if config.group_size != "auto":  # a size that does not divide a width, named before loading
         group_sizes(weightless_model(model_config), config)
     device = runtime.torch_device()
+    masks = input_masks(checkpoint)  # a sparse (pruned) input: its masks, for the sparse 4-bit layout (packed.py)
 
     calib_texts = list(read_texts(config.calib)) if config.calib else None
     heldout_texts = list(read_texts(config.heldout)) if config.heldout else None
@@ -109,12 +111,12 @@ def run(source: str | Path, output: str | Path, config: AWQConfig, runtime: Runt
     write_weights, extra = None, None
     if staging is not None:
         write_weights = streamed.write_weights
-        extra = None if config.fake_quant else {"weights_format": PACKED_FORMAT}
+        extra = None if config.fake_quant else {"weights_format": packed_format(masks)}
     elif not config.fake_quant:
         def write_weights(tmp: Path) -> None:
-            write_packed(model, quantization.quantized, tmp)
+            write_packed(model, quantization.quantized, tmp, masks)
 
-        extra = {"weights_format": PACKED_FORMAT}
+        extra = {"weights_format": packed_format(masks)}
     extra = {**(extra or {}), "gate": verdict.record()}
     save_checkpoint(model, tokenizer, output, stage="awq", args=config, parent=checkpoint, metrics=metrics,
                     extra=extra, write_weights=write_weights)
@@ -144,8 +146,12 @@ def quantize_in_place(model: nn.Module, tokenizer: Any, cfg: AWQConfig, calib_te
     if cfg.rtn:
         quantization = quantize_rtn(model, cfg, sizes, on_layer)
     else:
-        check_seqlen(model, cfg.seqlen)
-        ids = token_windows(tokenizer, calib_texts, cfg.nsamples, cfg.seqlen, cfg.seed)
+        seqlen = cfg.seqlen
+        if seqlen is None:  # as prune does: the default never exceeds a small model's context
+            seqlen = min(DEFAULT_SEQLEN, getattr(model.config, "max_position_embeddings", None) or DEFAULT_SEQLEN)
+        check_seqlen(model, seqlen)
+        metrics["seqlen"] = seqlen
+        ids = token_windows(tokenizer, calib_texts, cfg.nsamples, seqlen, cfg.seed)
         bits = None
         if cfg.mixed_precision:
             widths = tuple(sorted({max(cfg.bits - 1, 2), cfg.bits, min(cfg.bits + 1, 8)}))

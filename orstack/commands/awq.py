@@ -17,7 +17,6 @@ from orstack.commands.options import (
     MinRetention,
     NSamples,
     RequiredOutput,
-    SeqLen,
     current_runtime,
 )
 from orstack.errors import BadInput
@@ -28,8 +27,11 @@ Group-wise (--group-size consecutive input weights share a scale and, unless --s
 an integer zero point). AWQ: for each set of linears sharing an input (found by probing
 the model: q/k/v after the input norm, gate/up after the post-attention norm, o after v,
 down after up) it searches per-channel scales s = mean|x|^alpha on the calibration data,
-folds them into the preceding op, then searches a clipping range per group; layers are
-processed one at a time on inputs propagated through the quantized layers. --rtn gives
+(and the duo form mean|x|^alpha / mean|w|^(1-alpha)), folds them into the preceding op,
+then searches a clipping range per group. --method awq+gptq then rounds by GPTQ instead
+(each column's rounding error compensated in the later columns, on the calibration Hessian;
+--act-order, --damp); --method gptq skips the scale search. Layers are processed one at a
+time on inputs propagated through the quantized layers. --rtn gives
 plain round-to-nearest (no calibration). --mixed-precision gives the most sensitive ~10%
 of the weights one more bit and the least sensitive one bit less, averaging --bits.
 
@@ -77,8 +79,16 @@ def awq(
     fake_quant: Annotated[bool, typer.Option("--fake-quant", help="Write dequantized float weights.")] = False,
     mixed_precision: Annotated[bool, typer.Option("--mixed-precision", help="Per-layer bits by sensitivity.")]
     = False,
+    method: Annotated[str, typer.Option("--method", help="awq (scale search), gptq (error compensation) or "
+                                                         "awq+gptq (both).")] = "awq",
+    act_order: Annotated[bool, typer.Option("--act-order", help="GPTQ: quantize the most active columns first.")]
+    = False,
+    damp: Annotated[float, typer.Option("--damp", min=0.0, help="GPTQ dampening (x mean diag H).")] = 0.01,
     nsamples: NSamples = 32,
-    seqlen: SeqLen = 512,
+    seqlen: Annotated[
+        int | None, typer.Option("--seqlen", min=8, help="Tokens per calibration sequence "
+                                                                "[default: min(512, context)].")
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Calibration sequences per forward.")] = 8,
     heldout: Annotated[list[Path] | None, typer.Option("--heldout", help="Held-out text for perplexity.")] = None,
     eval_length: Annotated[int, typer.Option("--eval-length", min=8, help="Perplexity window, tokens.")] = 512,
@@ -92,7 +102,8 @@ def awq(
 
     runtime = current_runtime()
     config = AWQConfig(bits=bits, group_size=_group_size(group_size), symmetric=symmetric, rtn=rtn,
-                       mixed_precision=mixed_precision, fake_quant=fake_quant, nsamples=nsamples, seqlen=seqlen,
+                       mixed_precision=mixed_precision, fake_quant=fake_quant, method=method, act_order=act_order,
+                       damp=damp, nsamples=nsamples, seqlen=seqlen,
                        batch_size=batch_size, eval_length=eval_length, seed=runtime.seed,
                        calib=[str(p) for p in calib or []], heldout=[str(p) for p in heldout] if heldout else None,
                        eval_tasks=str(eval_tasks) if eval_tasks is not None else None, min_retention=min_retention,
