@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING, Any
 
 from orstack.architectures import decoder_layers, linear_modules, weightless_model
 
-__all__ = ["InputStats", "LayerInputs", "StreamedModel", "capture_batches", "capture_layer_inputs", "decoder_layers",
-           "held", "layer_major_logits", "linear_modules", "load_streamed", "record_input_stats", "run_layer",
-           "stream_of", "weightless_model"]
+__all__ = ["InputStats", "LayerInputs", "StreamedModel", "SweepPerplexity", "capture_batches", "capture_layer_inputs",
+           "decoder_layers", "head_logits", "held", "layer_major_logits", "linear_modules", "load_streamed",
+           "record_input_stats", "run_layer", "stream_of", "weightless_model"]
 
 if TYPE_CHECKING:
     import torch
@@ -155,33 +155,73 @@ def layer_major_logits(model: nn.Module, batches: list[dict[str, torch.Tensor]])
     once per call instead of once per batch. The same arithmetic as the whole-model forward on
     each batch (same layer, same inputs, same keyword arguments), so the same bits. Holds the
     hidden states of all batches at once (tokens x hidden x 4 bytes)."""
-    import torch
-
     inputs = capture_batches(model, batches)
     for layer in decoder_layers(model):
         with held(model, layer):
             inputs = run_layer(layer, inputs)
-    # The head through the model's own forward (final norm, lm_head, any soft-capping), its layers
-    # stood in for by the final hidden states and the embeddings skipped (zero inputs_embeds of
-    # the right shape: the rotary tables and masks depend only on shapes, positions and masks).
+    yield from head_logits(model, batches, inputs)
+
+
+def head_logits(model: nn.Module, batches: list[dict[str, torch.Tensor]], final: LayerInputs,
+                ) -> Iterator[torch.Tensor]:
+    """Each batch's logits from the last decoder layer's output `final.hidden[i]`, through the
+    model's own forward (final norm, lm_head, any soft-capping): its layers are stood in for by
+    the final hidden states and the embeddings skipped (zero inputs_embeds of the right shape:
+    the rotary tables and masks depend only on shapes, positions and the attention mask)."""
+    import torch
+
     layers = decoder_layers(model)
     head = model.get_output_embeddings()
     with held(model, head), _paused(stream_of(model)):
-        for batch, final in zip(batches, inputs.hidden):
-            def stand_in(*_args: Any, _final: torch.Tensor = final, **_kwargs: Any) -> torch.Tensor:
-                return _final
+        for batch, hidden in zip(batches, final.hidden):
+            def stand_in(*_args: Any, _hidden: torch.Tensor = hidden, **_kwargs: Any) -> torch.Tensor:
+                return _hidden
 
             for layer in layers:
                 layer.forward = stand_in
             try:
-                embeds = torch.zeros(*final.shape, dtype=final.dtype, device=final.device)
-                rest = {k: v.to(final.device) for k, v in batch.items() if k != "input_ids"}
+                embeds = torch.zeros(*hidden.shape, dtype=hidden.dtype, device=hidden.device)
+                rest = {k: v.to(hidden.device) for k, v in batch.items() if k != "input_ids"}
                 with torch.no_grad():
                     logits = model(inputs_embeds=embeds, **rest, use_cache=False).logits
             finally:
                 for layer in layers:
                     del layer.forward
             yield logits
+
+
+class SweepPerplexity:
+    """Held-out perplexity measured inside a stage's own layer sweep, so a streamed stage reads
+    no layer again for it: the held-out windows go through the embeddings once (here), then
+    through each decoder layer as the stage has it in memory (`advance`), and finally through
+    the head (`ppl`). Two of these advanced before and after a layer is changed give the
+    perplexity before and after the stage, in the bits a whole-model forward would give
+    (orstack.backends.perplexity's windows, batches and scoring)."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, texts: list[str], max_length: int,
+                 batch_size: int = 8) -> None:
+        from orstack.backends.perplexity import pad_id_of, text_windows, window_batches
+
+        self.windows, self.n_bytes = text_windows(tokenizer, texts, max_length)
+        self.batches, self.inputs = window_batches(self.windows, batch_size, pad_id_of(tokenizer),
+                                                   next(model.parameters()).device)
+        self.hidden = capture_batches(model, self.inputs)
+
+    def copy(self) -> SweepPerplexity:
+        other = object.__new__(SweepPerplexity)
+        other.__dict__.update(self.__dict__)
+        return other
+
+    def advance(self, layer: nn.Module) -> None:
+        self.hidden = run_layer(layer, self.hidden)
+
+    def ppl(self, model: nn.Module) -> float:
+        import math
+
+        from orstack.backends.perplexity import score_logits
+
+        nll = score_logits(self.batches, head_logits(model, self.inputs, self.hidden))
+        return math.exp(nll / max(sum(w.n_scored for w in self.windows), 1))
 
 
 class InputStats:
@@ -466,6 +506,7 @@ def load_streamed(spec: str | Path, *, device: str = "cpu", dtype: str | None = 
 
     from orstack.io.checkpoint import (
         check_causal_lm,
+        checkpoint_directory,
         load_config,
         load_tokenizer,
         open_weights,
@@ -484,8 +525,9 @@ def load_streamed(spec: str | Path, *, device: str = "cpu", dtype: str | None = 
     quiet_transformers()
     with params_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=False)
-    if (Path(source) / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(str(source))
+    files = checkpoint_directory(source)  # a .orz pack's config files are beside its tensors, not in it
+    if (Path(files) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(files))
     StreamedModel(model, reader, torch_dtype, device)
     model.eval()
     return model, load_tokenizer(source) if with_tokenizer else None

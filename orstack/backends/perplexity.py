@@ -94,18 +94,13 @@ def _scored_targets(window: Window) -> list[int]:
     return full[len(full) - window.n_scored :]
 
 
-def score_windows(
-    model, windows: list[Window], batch_size: int = 8, pad_id: int = 0, description: str = "ppl"
-) -> float:
-    """Total NLL (nats) of the scored targets of every window."""
+def window_batches(windows: list[Window], batch_size: int = 8, pad_id: int = 0, device="cpu",  # noqa: ANN001
+                   ) -> tuple[list[list[Window]], list[dict]]:
+    """The windows in batches, and each batch as the model's keyword arguments (input_ids right-padded
+    with `pad_id`, attention_mask)."""
     import torch
 
-    from orstack.console import track
-    from orstack.layerwise import layer_major_logits, stream_of
-
-    total = 0.0
     batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
-    device = next(model.parameters()).device
     inputs = []
     for batch in batches:
         width = max(len(w.input_ids) for w in batch)
@@ -115,19 +110,39 @@ def score_windows(
             ids[row, : len(w.input_ids)] = torch.tensor(w.input_ids)
             mask[row, : len(w.input_ids)] = 1
         inputs.append({"input_ids": ids.to(device), "attention_mask": mask.to(device)})
-    if stream_of(model) is not None:  # a model read from disk: each layer once for all batches, not once per batch
-        all_logits = layer_major_logits(model, inputs)
-    else:
-        all_logits = (model(**batch).logits for batch in inputs)
+    return batches, inputs
+
+
+def score_logits(batches: list[list[Window]], logits: Iterable, description: str = "ppl") -> float:
+    """Total NLL (nats) of the scored targets, given each batch's logits in turn."""
+    import torch
+
+    from orstack.console import track
+
+    total = 0.0
     with torch.no_grad():
-        for batch, logits in track(zip(batches, all_logits), description, total=len(batches), unit="batches"):
-            logprobs = torch.log_softmax(logits.float(), dim=-1)
+        for batch, batch_logits in track(zip(batches, logits), description, total=len(batches), unit="batches"):
+            logprobs = torch.log_softmax(batch_logits.float(), dim=-1)
             for row, w in enumerate(batch):
                 n_in = len(w.input_ids)
                 positions = torch.arange(n_in - w.n_scored, n_in)
                 targets = torch.tensor(_scored_targets(w))
                 total -= logprobs[row, positions, targets].sum().item()
     return total
+
+
+def score_windows(
+    model, windows: list[Window], batch_size: int = 8, pad_id: int = 0, description: str = "ppl"
+) -> float:
+    """Total NLL (nats) of the scored targets of every window."""
+    from orstack.layerwise import layer_major_logits, stream_of
+
+    batches, inputs = window_batches(windows, batch_size, pad_id, next(model.parameters()).device)
+    if stream_of(model) is not None:  # a model read from disk: each layer once for all batches, not once per batch
+        logits = layer_major_logits(model, inputs)
+    else:
+        logits = (model(**batch).logits for batch in inputs)
+    return score_logits(batches, logits, description)
 
 
 def default_max_length(model, limit: int = 2048) -> int:
@@ -144,13 +159,23 @@ def perplexity(
     batch_size: int = 8,
 ) -> PerplexityResult:
     """Perplexity of `model` on `texts` (one document per item) under `rule`."""
+    windows, n_bytes = text_windows(tokenizer, texts, max_length or default_max_length(model), rule)
+    nll = score_windows(model, windows, batch_size, pad_id_of(tokenizer))
+    return PerplexityResult(nll, sum(w.n_scored for w in windows), n_bytes, rule)
+
+
+def pad_id_of(tokenizer) -> int:  # noqa: ANN001
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def text_windows(tokenizer, texts: Iterable[str] | str, max_length: int, rule: str = "rolling",  # noqa: ANN001
+                 ) -> tuple[list[Window], int]:
+    """The windows `texts` are scored in under `rule`, and the UTF-8 bytes they cover."""
     if rule not in RULES:
         raise ValueError(f"unknown perplexity rule '{rule}' (use {' or '.join(RULES)})")
     if isinstance(texts, str):
         texts = [texts]
     texts = [t for t in texts if t]
-    max_length = max_length or default_max_length(model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     if rule == "rolling":
         prefix = prefix_token(tokenizer)
@@ -164,5 +189,4 @@ def perplexity(
         n_bytes = sum(len(tokenizer.decode(_scored_targets(w)).encode("utf-8")) for w in windows)
     if not windows:
         raise ValueError(f"text too short to score under the {rule} rule with max length {max_length}")
-    nll = score_windows(model, windows, batch_size, pad_id)
-    return PerplexityResult(nll, sum(w.n_scored for w in windows), n_bytes, rule)
+    return windows, n_bytes

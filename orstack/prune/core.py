@@ -87,13 +87,15 @@ def prune_matrix(
 
 
 def prune_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: PruneSpec,
-                on_unit: Callable[[nn.Module], None] | None = None) -> PruneReport:
+                on_unit: Callable[[nn.Module], None] | None = None,
+                before_unit: Callable[[nn.Module], None] | None = None) -> PruneReport:
     """Prune every decoder-layer Linear of `model` in place; returns per-matrix sparsity.
 
     `calib_ids` [n, seqlen] feeds Wanda and SparseGPT; magnitude pruning needs none. A
     streamed model (orstack.layerwise.StreamedModel) has each layer read when its turn comes
     and dropped after `on_unit(layer)` (which writes it out) -- and lm_head too with
-    `spec.lm_head`; a model in memory just calls `on_unit` after each.
+    `spec.lm_head`; a model in memory just calls `on_unit` after each. `before_unit(unit)`
+    sees each unit in memory before it is pruned (a streamed stage's perplexity before).
     """
     import torch
 
@@ -122,6 +124,8 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: PruneSpe
         task = bar.add_task(f"{spec.method} {spec.pattern_text}", total=len(layers), unit="layers")
         for index, layer in enumerate(layers):
             with held(model, layer):
+                if before_unit is not None:
+                    before_unit(layer)
                 modules = linear_modules(layer)
                 prefix = layer_prefix(model, index)
                 stats = None
@@ -149,6 +153,8 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: PruneSpe
     if spec.lm_head:
         head = lm_head_of(model)
         with held(model, head):
+            if before_unit is not None:
+                before_unit(head)
             _prune_lm_head(model, inputs, spec, report)
             if on_unit is not None:
                 on_unit(head)

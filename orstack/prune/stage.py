@@ -248,6 +248,7 @@ class EvaluationSetup:
     ppl_on: str
     eval_length: int
     evaluate: Any  # model -> perplexity
+    eval_texts: list[str]  # what `evaluate` scores
 
 
 def evaluation_setup(model: nn.Module, tokenizer, config: PruneConfig, calib_texts: list[str],  # noqa: ANN001
@@ -264,7 +265,7 @@ def evaluation_setup(model: nn.Module, tokenizer, config: PruneConfig, calib_tex
     def evaluate(m: nn.Module) -> float:
         return perplexity(m, tokenizer, eval_texts, max_length=eval_length).ppl
 
-    return EvaluationSetup(seqlen, calib_ids, ppl_on, eval_length, evaluate)
+    return EvaluationSetup(seqlen, calib_ids, ppl_on, eval_length, evaluate, eval_texts)
 
 
 def prune_in_place(

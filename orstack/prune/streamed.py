@@ -3,9 +3,12 @@
 The same algorithm as `prune_in_place` for a one-stage prune -- the calibration windows, the
 per-layer statistics, the masks are computed identically, so the weights written are the
 same bits -- but each decoder layer is read from the checkpoint when its turn comes, pruned,
-written to the output's shards in the checkpoint's dtype and dropped. Perplexity before runs
-over the source, after over the shards just written, both streamed. Gradual schedules, the
-recovery fine-tune and the grid change the whole model repeatedly, so they load it whole.
+written to the output's shards in the checkpoint's dtype and dropped. The held-out perplexity
+before and after is measured inside the same sweep (orstack.layerwise.SweepPerplexity: the
+held-out windows go through each layer before and after it is pruned), so the checkpoint is
+read once, not three times (before, prune, after), and the output is not read back. Gradual
+schedules, the recovery fine-tune and the grid change the whole model repeatedly, so they
+load it whole.
 """
 
 from __future__ import annotations
@@ -32,7 +35,14 @@ def prune_streamed(model: nn.Module, tokenizer: Any, config: PruneConfig, stagin
     from orstack.architectures import layer_prefix
     from orstack.console import info
     from orstack.io.safetensors_file import ShardedWriter
-    from orstack.layerwise import decoder_layers, linear_modules, load_streamed, stream_of, write_stored
+    from orstack.layerwise import (
+        SweepPerplexity,
+        decoder_layers,
+        linear_modules,
+        load_streamed,
+        stream_of,
+        write_stored,
+    )
     from orstack.prune.core import prune_model
     from orstack.prune.stage import evaluation_setup
     from orstack.prune.storage import add_tensor, sparse_writer
@@ -40,8 +50,17 @@ def prune_streamed(model: nn.Module, tokenizer: Any, config: PruneConfig, stagin
     stream = stream_of(model)
     setup = evaluation_setup(model, tokenizer, config, calib_texts, heldout_texts)
     start = time.perf_counter()
-    ppl_before = setup.evaluate(model)
-    info(f"perplexity before pruning: {ppl_before:.3f} ({setup.ppl_on})")
+    before = SweepPerplexity(model, tokenizer, setup.eval_texts, setup.eval_length)
+    after = before.copy()
+    head = model.get_output_embeddings()
+    ppl: dict[str, float] = {}
+
+    def before_unit(unit: nn.Module) -> None:
+        if unit is head:  # lm_head about to be pruned: the model before is complete
+            ppl["before"] = before.ppl(model)
+        else:
+            before.advance(unit)
+
     spec = config.spec()
     sparse_names = {f"{layer_prefix(model, i)}.{name}.weight"
                     for i, layer in enumerate(decoder_layers(model)) for name in linear_modules(layer)}
@@ -58,9 +77,17 @@ def prune_streamed(model: nn.Module, tokenizer: Any, config: PruneConfig, stagin
             sizes["stored"] += stored
             sizes["dense"] += t.numel() * t.element_size()
             sizes["sparse"] += int(stored < t.numel() * t.element_size())
+        if unit is head:  # pruned, and dropped when this returns
+            ppl["after"] = after.ppl(model)
+        else:
+            after.advance(unit)
 
     prune_start = time.perf_counter()
-    report = prune_model(model, setup.calib_ids, spec, on_unit=write)
+    report = prune_model(model, setup.calib_ids, spec, on_unit=write, before_unit=before_unit)
+    ppl_before = ppl["before"] if "before" in ppl else before.ppl(model)
+    info(f"perplexity before pruning: {ppl_before:.3f} ({setup.ppl_on})")
+    ppl_after = ppl["after"] if "after" in ppl else after.ppl(model)
+    info(f"perplexity after pruning: {ppl_after:.3f}")
     copied = write_stored(stream, writer)
     sizes["stored"] += copied
     sizes["dense"] += copied
@@ -68,8 +95,6 @@ def prune_streamed(model: nn.Module, tokenizer: Any, config: PruneConfig, stagin
     prune_seconds = time.perf_counter() - prune_start
     model.config.save_pretrained(staging)
     pruned, _ = load_streamed(staging, device=stream.device, dtype=config.dtype, with_tokenizer=False)
-    ppl_after = setup.evaluate(pruned)
-    info(f"perplexity after pruning: {ppl_after:.3f}")
     metrics: dict[str, Any] = {
         "method": config.method,
         "pattern": spec.pattern_text,
