@@ -128,6 +128,23 @@ def test_plan_keeps_bytes_specials_keep_tokens_and_merge_closure(random_llama, c
             assert a in kept_tokens and b in kept_tokens
 
 
+def test_keep_merges_keeps_the_first_merges_tokens_whatever_the_corpus(random_llama, corpus_file):
+    from orstack.io.checkpoint import load_tokenizer
+    from orstack.vocab_trim import VocabTrimConfig, plan_trim
+    from orstack.vocab_trim.bpe import parse_tokenizer_json
+
+    tok = load_tokenizer(random_llama)
+    bpe = parse_tokenizer_json(tok.backend_tokenizer.to_str())
+    plain = set(plan_trim(tok, [], VocabTrimConfig(corpus=[str(corpus_file)], coverage=1.0)).kept)
+    first = {bpe.vocab[a + b] for a, b in bpe.merges[:40]}
+    assert first - plain  # the corpus alone does not use them all
+    kept = set(plan_trim(tok, [], VocabTrimConfig(corpus=[str(corpus_file)], coverage=1.0, keep_merges=40)).kept)
+    assert kept >= plain | first
+    # a merge's inputs come from earlier merges, so the closure adds nothing made past the 40th
+    later = {bpe.vocab[a + b] for a, b in bpe.merges[40:]} - plain - first
+    assert later and not later & kept
+
+
 def test_max_vocab_and_validation_gate(random_llama, corpus_file, tmp_path, capsys):
     heldout = tmp_path / "heldout.txt"
     heldout.write_text("The quick brown fox jumps over the lazy dog.\nPack my box with five dozen liquor jugs.\n" * 5)

@@ -16,8 +16,9 @@ HELP = """Shrink a model's vocabulary to the tokens a corpus uses, without chang
 
 Counts token frequencies over --corpus (text or JSONL, streamed), keeps the fewest tokens
 covering --coverage of the occurrences (or the --max-vocab most frequent), plus special
-tokens, the 256 byte tokens (any input still encodes), --keep tokens and every token a
-kept token's BPE merges need. Rebuilds tokenizer.json (vocabulary, merges, special ids),
+tokens, the 256 byte tokens (any input still encodes), --keep tokens, the tokens of the
+tokenizer's first --keep-merges merges (its own most frequent; a floor for text the corpus
+lacks) and every token a kept token's BPE merges need. Rebuilds tokenizer.json (vocabulary, merges, special ids),
 slices the embedding and output rows (tied or not) and stores the old->new id map in
 orstack.json. With --validate HELDOUT it checks that every line still decodes to itself,
 tokens per word rise at most 5% and perplexity (per parent token, so that a changed
@@ -48,6 +49,10 @@ def vocab_trim(
     keep: Annotated[
         Path | None, typer.Option("--keep", help="Tokens or words to keep, one per line (e.g. code keywords).")
     ] = None,
+    keep_merges: Annotated[
+        int, typer.Option("--keep-merges", min=0, help="Also keep the tokens of the tokenizer's first N merges "
+                          "(its most frequent).")
+    ] = VocabTrimConfig.keep_merges,
     validate: Annotated[
         Path | None, typer.Option("--validate", help="Held-out text (.txt/.jsonl) for the quality gate.")
     ] = None,
@@ -60,7 +65,7 @@ def vocab_trim(
     if coverage_given and max_vocab is not None:
         raise BadInput("--coverage and --max-vocab are exclusive: give one")
     config = VocabTrimConfig(corpus=[str(p) for p in corpus], coverage=None if max_vocab else coverage,
-                             max_vocab=max_vocab, keep=str(keep) if keep else None,
+                             max_vocab=max_vocab, keep=str(keep) if keep else None, keep_merges=keep_merges,
                              validate=str(validate) if validate else None, force=force, max_length=max_length,
                              max_ppl_rise=max_ppl_rise)
     if dry_run:
