@@ -81,14 +81,20 @@ def group_params(w: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | float = 
 
 def quantize(w: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | float = 1.0) -> Quantized:
     """Round-to-nearest codes of `w` on the group grid (optionally clipped per group)."""
-    import torch
-
     check_divisible(w.shape[1], spec.group_size, "weight")
     scale, zero_point = group_params(w, spec, clip)
+    return quantize_on(w, scale, zero_point, spec)
+
+
+def quantize_on(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, spec: QuantSpec) -> Quantized:
+    """Round-to-nearest codes of `w` on a given grid (scale and zero point per group): how a
+    recovered model goes back onto the grid it was read with."""
+    import torch
+
     g = w.reshape(w.shape[0], -1, spec.group_size)
     scaled = g / scale.unsqueeze(-1)
     if zero_point is not None:
-        scaled = scaled + zero_point.unsqueeze(-1)
+        scaled = scaled + zero_point.to(scale.dtype).unsqueeze(-1)
     codes = torch.round(torch.clamp(scaled, spec.qmin, spec.qmax)).to(torch.int8).reshape(w.shape)
     zp = zero_point.to(torch.int8) if zero_point is not None else None
     return Quantized(codes, scale, zp, spec)

@@ -125,7 +125,11 @@ trains every weight. --logits TEACHER adds logit distillation (GKD's generalised
 --kd-beta 0 forward KL, 1 reverse KL, between JSD; --kd-temperature; --t2-scale), only
 when the teacher's tokenizer is the student's (checked before loading weights).
 --recover trains on the --recover-fraction of rows with the highest loss under STUDENT
-(post-compression recovery). Rows may also be plain {"text": ...}, conversations
+(post-compression recovery); on a pruned (sparse) or awq (packed) STUDENT it keeps the
+compression: the LoRA trains on the compressed base, is folded back with pruned weights
+exactly zero and every weight on the student's grid (--recover-mode qat: straight-through
+rounding while training; round: rounded once when folding), and the output is in
+STUDENT's format. Rows may also be plain {"text": ...}, conversations
 ({"messages": [...]}: loss on the assistant turns only, through the chat template) or TRL's
 prompt/completion; --chat-template model|FILE.jinja trains prompt/response rows as a user
 turn and an assistant turn too.
@@ -173,6 +177,8 @@ def train(
     recover: Annotated[bool, typer.Option("--recover", help="Train only on the hardest rows (highest loss).")] = False,
     recover_fraction: Annotated[float, typer.Option("--recover-fraction", min=0.0, max=1.0,
                                                    help="Fraction of rows kept by --recover.")] = 0.25,
+    recover_mode: Annotated[str, typer.Option("--recover-mode", help="Compressed STUDENT: qat (train through "
+                                              "rounding) or round (round when folding).")] = "qat",
     warmup_steps: T.Warmup = 0,
     lr_scheduler: T.LrScheduler = "linear",
     weight_decay: T.WeightDecay = 0.0,
@@ -201,13 +207,19 @@ def train(
                                                             save_best, mix, rehearsal))
     config = DistillTrainConfig(data=str(data), train=tc, logits_teacher=logits,
                                 distill=DistillLoss(kd_beta, kd_temperature, kd_alpha, t2_scale), recover=recover,
-                                recover_fraction=recover_fraction, chat_template=chat_template,
+                                recover_fraction=recover_fraction, recover_mode=recover_mode,
+                                chat_template=chat_template,
                                 max_accuracy_drop=max_accuracy_drop, max_cluster_drop=max_cluster_drop, force=force)
     result = run_train(student, output, config, current_runtime())
     if result.kind is None:  # a torchrun process other than rank 0: it trained, rank 0 reports
         return
     console.info(f"{result.steps} steps on {result.metrics['trained_rows']} rows, loss {result.loss_first:.4f} -> "
                  f"{result.loss_last:.4f}; wrote {result.kind} to {result.output}")
+    if "recover_loss_kept_after" in result.metrics:
+        m = result.metrics
+        console.info(f"--recover: loss on the same rows before -> after training (as saved): trained rows "
+                     f"{m['recover_loss_kept']:.4f} -> {m['recover_loss_kept_after']:.4f}, all rows "
+                     f"{m['recover_loss_all']:.4f} -> {m['recover_loss_all_after']:.4f}")
 
 
 GROUP_HELP = """Failure-targeted distillation: generate verified examples, then train a student.

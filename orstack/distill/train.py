@@ -1,6 +1,8 @@
 """`distill train`: fine-tune a student on Training Examples (responses only), LoRA by default,
 optionally with logit distillation from a same-vocabulary teacher, or in --recover mode on the
-rows the model finds hardest."""
+rows the model finds hardest. --recover on a pruned or quantized student keeps its compression:
+the LoRA is trained on the compressed base and folded back into the format the student was
+read in (orstack/distill/recover.py, orstack/train/recover.py)."""
 
 from __future__ import annotations
 
@@ -26,6 +28,9 @@ class DistillTrainConfig:
     distill: DistillLoss = field(default_factory=DistillLoss)  # the logit loss, used with a teacher
     recover: bool = False  # train only on the hardest rows
     recover_fraction: float = 0.25  # --recover keeps this fraction of the rows (highest loss first)
+    # --recover on a compressed student: "qat" trains through straight-through rounding onto the
+    # student's grid, "round" trains unrounded and rounds once when folding (same output format)
+    recover_mode: str = "qat"
     chat_template: str | None = None  # None: only chat rows use the template; "model" or a .jinja path: every row
     # the quality gate on the --eval tasks (orstack/gates.py): parent (the student) against the output
     max_accuracy_drop: float = 2.0  # points of general accuracy
@@ -41,7 +46,7 @@ class DistillTrainResult:
     loss_first: float | None
     loss_last: float | None
     metrics: dict[str, Any]
-    kind: str | None  # adapter, merged or full
+    kind: str | None  # adapter, merged, full, or sparse / packed (--recover on a compressed student)
     output: Path
 
 
@@ -61,6 +66,7 @@ def run_train(student: str, output: str | Path, config: DistillTrainConfig, runt
         check_checkpoint(config.logits_teacher)
     if config.recover and config.recover_fraction <= 0:
         raise BadInput("--recover-fraction must be > 0")
+    _check_recover_mode(config, student)
     from orstack.gates import check_limits
 
     check_limits(max_accuracy_drop=config.max_accuracy_drop, max_cluster_drop=config.max_cluster_drop)
@@ -81,8 +87,15 @@ def run_train(student: str, output: str | Path, config: DistillTrainConfig, runt
     verdict = _gate(config, rows, metrics)
     kind = None
     if runtime.is_main_process:
-        kind = save_trained(model, tokenizer, Path(output), stage="distill", config=tc, base=student, args=config,
-                            metrics=metrics, extra={"gate": verdict.record()})
+        compressed = getattr(model, "orstack_compressed_base", None)
+        if compressed is not None:
+            from orstack.distill.recover import save_compressed
+
+            kind = save_compressed(model, tokenizer, Path(output), compressed, args=config, parent=student,
+                                   metrics=metrics, extra={"gate": verdict.record()})
+        else:
+            kind = save_trained(model, tokenizer, Path(output), stage="distill", config=tc, base=student,
+                                args=config, metrics=metrics, extra={"gate": verdict.record()})
     return DistillTrainResult(result.steps, result.loss_first, result.loss_last, metrics, kind, Path(output))
 
 
@@ -111,7 +124,12 @@ def fine_tune(student: str, rows: list[dict[str, Any]], config: DistillTrainConf
     data = encode_rows(tokenizer, rows, tc.max_length, display_name(config.data), chat_template=config.chat_template,
                        lines=getattr(rows, "lines", None))
     metrics: dict[str, Any] = {"rows": len(data), **_template_metrics(tokenizer, rows, config.chat_template)}
+    all_rows = data
+    compressed = None
     if config.recover:
+        from orstack.distill.recover import compressed_base
+
+        compressed = compressed_base(student, model)
         losses = example_losses(model, tokenizer, data, tc.batch_size)
         keep = hardest(data, losses, config.recover_fraction)
         metrics.update(recover_rows=len(keep), recover_loss_all=sum(losses) / len(losses),
@@ -123,7 +141,12 @@ def fine_tune(student: str, rows: list[dict[str, Any]], config: DistillTrainConf
                                 with_tokenizer=False)
         for p in teacher.parameters():
             p.requires_grad_(False)
-    if not tc.full:
+    if compressed is not None:
+        from orstack.train.recover import attach
+
+        attach(model, compressed.kept, rank=tc.lora_rank, alpha=tc.alpha, mode=config.recover_mode)
+        metrics["recover_base"] = compressed.describe() | {"mode": config.recover_mode}
+    elif not tc.full:
         model = apply_lora(model, tc)
     encoded_mix = [(encode_rows(tokenizer, mrows, tc.max_length, path, chat_template=config.chat_template,
                                 lines=getattr(mrows, "lines", None)), weight)
@@ -135,10 +158,45 @@ def fine_tune(student: str, rows: list[dict[str, Any]], config: DistillTrainConf
                        validator=validator)
     metrics.update(steps=result.steps, trained_rows=len(data), loss_first=result.loss_first,
                    loss_last=result.loss_last, train_seconds=round(result.seconds, 2), **result.extra)
+    if compressed is not None:
+        from orstack.train.recover import fold, verify
+
+        fold(model)  # back onto the grid, pruned weights zero: what is saved is what is measured
+        metrics["recover_base"].update(verify(model, compressed.kept))
+        model.orstack_compressed_base = compressed
+    if config.recover:
+        # The step losses are single batches (noisy, and of a model not yet folded); these are
+        # the same rows before and after, measured on the model as it is saved.
+        after = example_losses(model, tokenizer, all_rows, tc.batch_size)
+        metrics.update(recover_loss_all_after=sum(after) / len(after),
+                       recover_loss_kept_after=sum(after[i] for i in keep) / len(keep))
     if parent is not None:
         child = measure_tasks(model, tokenizer, gate_tasks, name="trained", chat_template=config.chat_template)
         metrics["eval_before"], metrics["eval_after"] = parent.as_dict(), child.as_dict()
     return model, tokenizer, result, metrics
+
+
+def _check_recover_mode(config: DistillTrainConfig, student: str) -> None:
+    """--recover-mode is one of MODES; a compressed student is recovered with a LoRA only."""
+    from orstack.train.recover import MODES
+
+    if config.recover_mode not in MODES:
+        raise BadInput(f"--recover-mode {config.recover_mode}: expected one of {', '.join(MODES)}")
+    if not config.recover:
+        return
+    from orstack.distill.recover import FORMATS
+    from orstack.io.checkpoint import detect_format, resolve_checkpoint
+
+    source = resolve_checkpoint(student)
+    if not (isinstance(source, Path) and source.is_dir() and detect_format(source) in FORMATS):
+        return
+    tc = config.train
+    if tc.full:
+        raise BadInput(f"--recover on {student} (stored {detect_format(source)}) trains a LoRA folded back into "
+                       "that format; drop --full")
+    if tc.module_ranks or tc.target_modules != "all-linear":
+        raise BadInput(f"--recover on {student} (stored {detect_format(source)}) trains every decoder Linear at "
+                       "--lora-rank; drop --target-modules/--module-ranks")
 
 
 def _gate(config: DistillTrainConfig, rows: list[dict[str, Any]], metrics: dict[str, Any]):  # noqa: ANN202 - Verdict

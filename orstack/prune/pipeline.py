@@ -71,7 +71,8 @@ def prune_with_schedule(
         if recover_ids is not None and schedule.recover_steps > 0:
             result = recover(model, recover_ids, steps=schedule.recover_steps, lr=schedule.lr,
                              batch_size=schedule.recover_batch_size, seed=schedule.seed + stage)
-            row.update(recover_loss_first=result.loss_first, recover_loss_last=result.loss_last)
+            row.update(recover_loss_first=result.loss_first, recover_loss_last=result.loss_last,
+                       recover_loss_before=result.loss_before, recover_loss_after=result.loss_after)
         if evaluate is not None:
             row["ppl"] = evaluate(model)
         row["seconds"] = round(time.perf_counter() - start, 2)

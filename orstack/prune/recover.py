@@ -5,6 +5,9 @@ Gradients of pruned weights are masked (so AdamW's moments for them stay zero an
 decoupled weight decay has nothing to shrink), and the mask is re-applied after every step
 as well; at the end every pruned weight is checked to be exactly zero. Embeddings and
 lm_head stay frozen (they are not pruned, and with tied embeddings they are one tensor).
+The loss is also measured on the same fixed windows before and after (`loss_before`,
+`loss_after`): the first and last step losses are single random batches, too noisy to
+compare.
 """
 
 from __future__ import annotations
@@ -22,6 +25,28 @@ class RecoverResult:
     steps: int
     loss_first: float
     loss_last: float
+    loss_before: float = float("nan")  # mean loss on the fixed windows FIXED_WINDOWS, before the steps
+    loss_after: float = float("nan")  # ... and after them
+
+
+FIXED_WINDOWS = 16  # windows of `ids` the before/after loss is measured on
+
+
+def fixed_loss(model: nn.Module, ids: torch.Tensor, batch_size: int = 4) -> float:
+    """Mean language-modelling loss of `model` on the first FIXED_WINDOWS windows of `ids`."""
+    import torch
+
+    device = next(model.parameters()).device
+    windows = ids[:FIXED_WINDOWS]
+    total = 0.0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, windows.shape[0], batch_size):
+            batch = windows[i:i + batch_size].to(device)
+            total += model(input_ids=batch, labels=batch).loss.item() * batch.shape[0]
+    model.train(was_training)
+    return total / windows.shape[0]
 
 
 def trainable_parameters(model: nn.Module) -> list[torch.nn.Parameter]:
@@ -62,6 +87,7 @@ def recover(
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
+    loss_before = fixed_loss(model, ids, batch_size)
     hooks = [w.register_hook(lambda g, keep=keep: g * keep) for w, keep in pruned]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
@@ -92,4 +118,5 @@ def recover(
         if bool((w.detach()[~keep] != 0).any()):
             raise RuntimeError("recovery fine-tune changed a pruned weight; the mask was not preserved")
     return RecoverResult(steps=steps, loss_first=losses[0] if losses else float("nan"),
-                         loss_last=losses[-1] if losses else float("nan"))
+                         loss_last=losses[-1] if losses else float("nan"), loss_before=loss_before,
+                         loss_after=fixed_loss(model, ids, batch_size))
