@@ -209,7 +209,8 @@ def test_gptq_methods_lower_the_layer_error(random_llama):
 
 @pytest.fixture(scope="module")
 def packed_pair(random_llama, sample_text_file, tmp_path_factory):
-    """The same AWQ run written packed and as fake-quant, from a model with pruned weights."""
+    """The same AWQ + GPTQ run written packed and as fake-quant, from a model with pruned weights
+    (GPTQ moves every weight it has not rounded yet: the zeros must survive it)."""
     from transformers import AutoModelForCausalLM
 
     base = tmp_path_factory.mktemp("awq")
@@ -222,7 +223,8 @@ def packed_pair(random_llama, sample_text_file, tmp_path_factory):
     model.save_pretrained(pruned)
     (pruned / "tokenizer.json").write_bytes((random_llama / "tokenizer.json").read_bytes())
     (pruned / "tokenizer_config.json").write_bytes((random_llama / "tokenizer_config.json").read_bytes())
-    args = ["awq", str(pruned), "--calib", str(sample_text_file), "--nsamples", "4", "--seqlen", "48"]
+    args = ["awq", str(pruned), "--calib", str(sample_text_file), "--nsamples", "4", "--seqlen", "48",
+            "--method", "awq+gptq"]
     for out, extra in (("packed", []), ("fake", ["--fake-quant"])):
         r = run_orstack(*args, "-o", str(base / out), *extra)
         assert r.returncode == 0, r.stderr
