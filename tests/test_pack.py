@@ -575,3 +575,128 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(big_safetensors, tmp_path) -
                           capture_output=True, text=True, env=ENV, timeout=600)
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.strip().splitlines() == [f"orstack: error: no space left on device writing {out}"]
+
+
+# -- decoding details, lazy per-tensor access, old packs ----------------------------------------
+
+
+@pytest.mark.parametrize("transform", ["swap-planes2", "swap-planes4", "planes2", "planes8", "raw"])
+def test_join_into_inverts_split_planes_on_every_bit_pattern(transform) -> None:
+    from orstack.zstd_pack.codec import Scratch, join_into, split_planes
+
+    rng = np.random.default_rng(0)
+    scratch = Scratch()
+    # Every 16-bit pattern (all signs, exponents, NaNs, subnormals of bf16/fp16) plus random words,
+    # through the same scratch arrays at several sizes (reuse must not leak one chunk into the next).
+    every = np.arange(1 << 16, dtype=np.uint16).tobytes()
+    for raw in (every, rng.integers(0, 256, 4096 * 8, dtype=np.uint8).tobytes(), every[:64], b""):
+        out = np.full(len(raw), 0xAA, dtype=np.uint8)
+        join_into(split_planes(raw, transform), transform, out, scratch)
+        assert out.tobytes() == raw
+
+
+def test_lazy_access_equals_the_full_decode_bit_for_bit(tmp_path) -> None:
+    """open_pack over a sharded checkpoint: every tensor equals what unpacking gives, dtype, shape and
+    bits, an empty tensor included; only the tensor asked for is decoded."""
+    from safetensors.torch import load_file
+
+    from orstack.io.safetensors_file import ShardedWriter, TensorReader
+    from orstack.zstd_pack import open_pack
+
+    src = tmp_path / "model"
+    src.mkdir()
+    writer = ShardedWriter(src, shard_bytes=60_000, metadata={"format": "pt"})
+    tensors = {**weights(torch.float32), **{f"bf16.{k}": v for k, v in weights(torch.bfloat16, 1).items()},
+               **{f"fp16.{k}": v for k, v in weights(torch.float16, 2).items()}, "empty": torch.zeros(0, 3)}
+    for name, t in tensors.items():
+        writer.add(name, t)
+    assert len(writer.close()) > 2
+    (src / "config.json").write_text("{}")
+    pack(src, tmp_path / "m.orz", SMALL_CHUNKS)
+    unpack(tmp_path / "m.orz", tmp_path / "restored")
+    full = TensorReader(tmp_path / "restored")
+    with open_pack(tmp_path / "m.orz") as lazy:
+        assert sorted(lazy) == sorted(full.keys()) == sorted(tensors) and len(lazy) == len(tensors)
+        assert lazy.nbytes() == full.nbytes() and lazy.metadata == full.metadata == {"format": "pt"}
+        decoded: list[int] = []
+        real = lazy.pack.decode_blob
+        lazy.pack.decode_blob = lambda blob, what: decoded.append(blob) or real(blob, what)
+        for name in tensors:
+            got, want = lazy[name], full.get(name)
+            assert got.dtype == want.dtype == lazy.dtype(name) and got.shape == want.shape == lazy.shape(name)
+            assert got.view(-1).view(torch.uint8).numpy().tobytes() == want.view(-1).view(torch.uint8).numpy().tobytes()
+        assert len(decoded) == len(tensors) - 1  # the empty tensor has no bytes to decode
+        assert lazy.get("no.such.tensor") is None and "no.such.tensor" not in lazy
+    for f in (tmp_path / "restored").glob("*.safetensors"):
+        assert all(torch.equal(v, tensors[k]) for k, v in load_file(f).items())
+
+
+def test_a_corrupted_tensor_is_found_on_lazy_access(st_files, tmp_path) -> None:
+    from orstack.errors import BadInput
+    from orstack.zstd_pack import open_pack
+
+    packed = tmp_path / "w.orz"
+    pack(st_files["bf16"], packed, SMALL_CHUNKS)
+    with Pack(packed) as p:
+        seg = [s for s in p.files[0]["segments"] if s["name"] == "layers.0.proj.weight"][0]
+        blob = p.index["blobs"][seg["blob"]]
+    stored = [c for c in blob["chunks"] if c["frames"][0][0] == 0]  # a mantissa plane stored as is:
+    assert stored  # a flipped bit there decodes without error, so only the SHA-256 can find it
+    data = bytearray(packed.read_bytes())
+    data[stored[0]["offset"] + 3] ^= 0x01
+    packed.write_bytes(bytes(data))
+    with open_pack(packed) as lazy:
+        assert torch.equal(lazy["embed.weight"], weights(torch.bfloat16)["embed.weight"])
+        with pytest.raises(BadInput, match=r"corrupted pack: tensor layers\.0\.proj\.weight fails its SHA-256"):
+            lazy["layers.0.proj.weight"]
+    with pytest.raises(BadInput, match="layers.0.proj.weight"):
+        verify(packed)
+
+
+def test_a_pack_written_before_this_reader_still_decodes(tmp_path) -> None:
+    """tests/data/pack-v1.orz was written by the zstd-pack of commit 8c7af3b (before decoding went
+    into preallocated buffers): one safetensors file of fp32, bf16, fp16, int64 and an empty tensor
+    in 4 KiB chunks. It unpacks to the original bytes, and reads lazily to the same tensors."""
+    from safetensors.torch import load_file
+
+    from orstack.zstd_pack import open_pack
+
+    old = Path(__file__).parent / "data" / "pack-v1.orz"
+    verify(old)
+    unpack(old, tmp_path / "v1.safetensors")
+    assert sha(tmp_path / "v1.safetensors") == "85534e8070802b213cdb99cf6a0c44b6f938d5c469fb72b0a601c107e9586010"
+    expected = load_file(tmp_path / "v1.safetensors")
+    with open_pack(old) as lazy:
+        assert sorted(lazy) == sorted(expected)
+        for name, tensor in expected.items():
+            assert lazy[name].dtype == tensor.dtype and torch.equal(lazy[name], tensor)
+            if tensor.numel():
+                assert torch.equal(read_tensor(old, name), tensor)
+
+
+def test_a_streamed_stage_reads_a_pack_tensor_by_tensor_without_unpacking(random_llama, tmp_path,
+                                                                           monkeypatch) -> None:
+    """A plain checkpoint in a .orz streams (load_streamed gives the in-memory model's logits) with
+    only its config files extracted; a packed sparse checkpoint does not (its format needs its loader)."""
+    from orstack.io.checkpoint import can_stream, load_model
+    from orstack.layerwise import load_streamed
+
+    monkeypatch.setenv("ORSTACK_CACHE", str(tmp_path / "cache"))
+    packed = tmp_path / "m.orz"
+    pack(random_llama, packed, PackConfig(threads=2))
+    assert can_stream(packed)
+    streamed, _ = load_streamed(packed, with_tokenizer=False)
+    assert not (tmp_path / "cache" / "orz").exists()  # nothing unpacked whole
+    config_files = sorted(p.name for p in (tmp_path / "cache" / "orz-config").rglob("*") if p.is_file())
+    assert "config.json" in config_files and not any(n.endswith(".safetensors") for n in config_files)
+    full, _ = load_model(random_llama, with_tokenizer=False)
+    ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(streamed(ids).logits, full(ids).logits)
+    manifest = json.loads((random_llama / "orstack.json").read_text()) if (random_llama / "orstack.json").exists() \
+        else {}
+    sparse = tmp_path / "sparse"
+    shutil.copytree(random_llama, sparse)
+    (sparse / "orstack.json").write_text(json.dumps({**manifest, "weights_format": "orstack-sparse-bitmask"}))
+    pack(sparse, tmp_path / "sparse.orz", PackConfig(threads=2))
+    assert not can_stream(tmp_path / "sparse.orz")

@@ -45,16 +45,21 @@ FORMAT_READERS: dict[str, str] = {}
 # format name -> "module:function" giving the directory that holds the tokenizer, for formats
 # whose path is not itself a tokenizer directory (a .orz pack, say).
 FORMAT_TOKENIZERS: dict[str, str] = {}
+# format name -> "module:function" predicate: whether a one-file checkpoint of that format (a .orz
+# pack) holds weights its reader can give tensor by tensor. Directories are decided by their files.
+FORMAT_STREAMS: dict[str, str] = {}
 
 
 def register_format(name: str, loader: str, detect: Callable[[Path], bool], tokenizer: str | None = None,
-                    reader: str | None = None) -> None:
+                    reader: str | None = None, streams: str | None = None) -> None:
     FORMAT_LOADERS[name] = loader
     FORMAT_DETECTORS.append((name, detect))
     if tokenizer is not None:
         FORMAT_TOKENIZERS[name] = tokenizer
     if reader is not None:
         FORMAT_READERS[name] = reader
+    if streams is not None:
+        FORMAT_STREAMS[name] = streams
 
 
 def _call(ref: str, *args: Any) -> Any:
@@ -285,10 +290,14 @@ def load_model(
 
 def can_stream(spec: str | Path) -> bool:
     """Whether a checkpoint's weights can be read one tensor at a time: a local directory of
-    safetensors files, plain or in a format that registered a reader."""
+    safetensors files, plain or in a format that registered a reader, or a one-file format
+    (a .orz pack) whose reader can read what it holds."""
     if not isinstance(spec, Path) and is_hub_id(str(spec)):
         return False
     path = Path(spec)
+    if path.is_file():  # a one-file format (a .orz pack) says whether its reader can read its weights
+        fmt = detect_format(path)
+        return fmt in FORMAT_READERS and fmt in FORMAT_STREAMS and bool(_call(FORMAT_STREAMS[fmt], path))
     if not path.is_dir() or not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
         return False
     fmt = detect_format(path)
@@ -296,7 +305,7 @@ def can_stream(spec: str | Path) -> bool:
 
 
 def open_weights(spec: str | Path) -> Any:
-    """A tensor reader over a checkpoint directory (see can_stream); BadInput otherwise."""
+    """A tensor reader over a checkpoint directory or pack (see can_stream); BadInput otherwise."""
     from orstack.io.safetensors_file import TensorReader
 
     path = Path(spec)

@@ -27,6 +27,10 @@ def lazy(ref: str) -> Callable[[Path], bool]:
 register_format("orstack-sparse-bitmask", "orstack.prune.storage:load_sparse",
                 lazy("orstack.prune.storage:is_sparse_checkpoint"), reader="orstack.prune.storage:sparse_reader")
 
+# awq of a sparse prune output: pack-quantized codes of the kept weights only, 2:4 or bitmask (docs/awq.md)
+register_format("orstack-sparse-pack-quantized", "orstack.awq.packed:load_packed",
+                lazy("orstack.awq.packed:is_sparse_packed"), reader="orstack.awq.packed:packed_reader")
+
 # awq: compressed-tensors "pack-quantized" int3/4/8 weights, dequantized on load (docs/awq.md)
 register_format("compressed-tensors-pack-quantized", "orstack.awq.packed:load_packed",
                 lazy("orstack.awq.packed:is_packed"), reader="orstack.awq.packed:packed_reader")
@@ -35,6 +39,10 @@ register_format("compressed-tensors-pack-quantized", "orstack.awq.packed:load_pa
 register_format("lora-adapter", "orstack.train.lora:load_adapter",
                 lambda path: path.is_dir() and (path / "adapter_config.json").is_file())
 
-# zstd-pack: a .orz pack of a checkpoint directory, unpacked once into a digest-keyed cache (docs/zstd-pack.md)
+# zstd-pack: a .orz pack of a checkpoint directory, unpacked once into a digest-keyed cache to load it
+# whole; config and tokenizer come from its small files alone, and streamed stages read its tensors
+# one at a time without unpacking (docs/zstd-pack.md)
 register_format("orz-pack", "orstack.zstd_pack.load:load_packed_model",
-                lambda path: path.is_file() and path.suffix == ".orz", tokenizer="orstack.zstd_pack.load:cached_unpack")
+                lambda path: path.is_file() and path.suffix == ".orz",
+                tokenizer="orstack.zstd_pack.load:cached_config_files", reader="orstack.zstd_pack.lazy:pack_reader",
+                streams="orstack.zstd_pack.lazy:pack_streams")

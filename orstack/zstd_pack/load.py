@@ -37,6 +37,28 @@ def cached_unpack(pack_path: str | Path) -> Path:
     return target
 
 
+# Files a checkpoint's config and tokenizer never are: the weights.
+WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def cached_config_files(pack_path: str | Path) -> Path:
+    """A directory with every file of a packed checkpoint except its weights (config, tokenizer,
+    generation config, manifest, safetensors index): what reading the config or the tokenizer
+    needs, without decoding the weights (a streamed stage then reads those one at a time).
+
+    Keyed by the digest of the pack's index, which the trailer's SHA-256 checks on every
+    open: the index holds the SHA-256 of every file, and each file is checked against it on
+    extraction, so an entry holds exactly the files that index names, whatever else in the
+    pack is damaged. A single-file pack gives its unpacked file (cached_unpack)."""
+    with Pack(pack_path) as p:
+        if p.index["root"] != "dir":
+            return cached_unpack(pack_path)
+        target = cache_root() / "orz-config" / p.digest
+        if not target.exists():
+            p.extract(target, paths=[f["path"] for f in p.files if not f["path"].endswith(WEIGHT_SUFFIXES)])
+    return target
+
+
 def load_packed_model(path: Path, device: str, dtype: torch.dtype, trust_pickle: bool = False) -> PreTrainedModel:
     """Loader for `.orz` checkpoints (registered in orstack/io/formats.py)."""
     from orstack.io.checkpoint import load_model

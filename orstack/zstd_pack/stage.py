@@ -71,7 +71,7 @@ def run(source: str | Path, output: str | Path, config: PackConfig) -> PackSumma
         return pack(source, output, config, on_progress=advance)
 
 
-def open_pack(path: str | Path, threads: int = 0) -> Pack:
+def _open_checked(path: str | Path, threads: int = 0) -> Pack:
     """An open pack; a missing file or one that is not a pack is BadInput."""
     path = Path(path)
     check_threads(threads)
@@ -85,7 +85,7 @@ def open_pack(path: str | Path, threads: int = 0) -> Pack:
 def run_unpack(pack_path: str | Path, output: str | Path, threads: int = 0) -> UnpackSummary:
     """Restore the packed file or directory at `output`; nothing is left there on any damage."""
     output = Path(output)
-    with open_pack(pack_path, threads) as p:
+    with _open_checked(pack_path, threads) as p:
         check_output(output, "dir" if p.index["root"] == "dir" else "file", inputs=[pack_path])
         with _progress("unpacking", sum(f["size"] for f in p.files)) as advance:
             return p.extract(output, advance)
@@ -93,13 +93,13 @@ def run_unpack(pack_path: str | Path, output: str | Path, threads: int = 0) -> U
 
 def run_verify(pack_path: str | Path, threads: int = 0) -> UnpackSummary:
     """Decode everything and check every checksum; write nothing."""
-    with open_pack(pack_path, threads) as p, _progress("verifying", sum(f["size"] for f in p.files)) as advance:
+    with _open_checked(pack_path, threads) as p, _progress("verifying", sum(f["size"] for f in p.files)) as advance:
         return p.verify(advance)
 
 
 def run_list(pack_path: str | Path) -> PackListing:
     """The pack's segments, after checking every byte of it (a damaged pack lists nothing)."""
-    with open_pack(pack_path) as p:
+    with _open_checked(pack_path) as p:
         p.check()
         return PackListing(path=str(p.path), digest=p.digest, files=p.files, rows=p.list_segments(),
                            dict_trial=p.index.get("dict_trial") or {})
