@@ -295,7 +295,7 @@ def test_cli_prunes_compresses_and_every_stage_can_load(random_llama, sample_tex
     assert manifest["args"]["method"] == "wanda"
     # the pattern fixed the sparsity: the manifest records no --sparsity that was not applied
     assert manifest["args"]["pattern"] == "2:4" and manifest["args"]["sparsity"] is None
-    sparse_size = (out / "model.safetensors").stat().st_size
+    sparse_size = (out / "orstack-sparse.safetensors").stat().st_size
     dense_size = (dense_out / "model.safetensors").stat().st_size
     assert sparse_size < 0.8 * dense_size
     sparse_model, _ = load_model(out)

@@ -36,13 +36,15 @@ def quantize_streamed(model: nn.Module, tokenizer: Any, cfg: AWQConfig, staging:
     from torch import nn
 
     from orstack.architectures import layer_prefix
-    from orstack.awq.packed import compress_module, write_packed_config
+    from orstack.awq.packed import compress_module, input_masks, packed_writer, write_packed_config
     from orstack.awq.stage import _ppl, quantize_in_place
     from orstack.io.safetensors_file import ShardedWriter
     from orstack.layerwise import load_streamed, stream_of, write_stored
 
     stream = stream_of(model)
-    writer = ShardedWriter(staging, metadata={"format": "pt"})
+    masks = input_masks(stream.reader.directory)  # a sparse input is written in the sparse 4-bit layout
+    writer = packed_writer(staging, sparse=bool(masks)) if not cfg.fake_quant else ShardedWriter(
+        staging, metadata={"format": "pt"})
     zeros = {"kept": 0}
     lost: list[str] = []
 
@@ -63,7 +65,7 @@ def quantize_streamed(model: nn.Module, tokenizer: Any, cfg: AWQConfig, staging:
             if cfg.fake_quant:
                 writer.add(name, value)
             else:
-                for key, tensor in compress_module(q, value.dtype).items():
+                for key, tensor in compress_module(q, value.dtype, masks.get(name)).items():
                     writer.add(f"{module_name}.{key}", tensor)
             _forget_codes(q)
 

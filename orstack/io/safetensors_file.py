@@ -101,9 +101,16 @@ SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF1
 # safetensors' Dtype enum order, narrowest first: it writes tensors widest first
 DTYPE_RANK = ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16", "F16", "BF16", "I32", "U32", "F32",
               "F64", "I64", "U64")
-SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model" + INDEX_SUFFIX
 DEFAULT_SHARD_BYTES = 2 * 1024**3  # writer's shard size: small enough to move, large enough to be few
+
+
+def find_index(directory: Path) -> Path | None:
+    """The sharded index of a checkpoint directory: Hugging Face's `model.safetensors.index.json`,
+    else the one other index a format orstack writes under its own name (orstack-sparse...)."""
+    if (directory / INDEX_FILE).is_file():
+        return directory / INDEX_FILE
+    return next(iter(sorted(p for p in directory.glob(f"*{INDEX_SUFFIX}") if p.is_file())), None)
 
 
 def read_header(path: Path) -> tuple[dict, int]:
@@ -124,8 +131,8 @@ class TensorReader:
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
-        index = self.directory / INDEX_FILE
-        if index.is_file():
+        index = find_index(self.directory)
+        if index is not None:
             files = sorted({self.directory / s for s in _index_shards(index)})
         else:
             files = sorted(p for p in self.directory.glob("*.safetensors") if p.is_file())
@@ -175,6 +182,9 @@ class TensorReader:
 class ShardedWriter:
     """Write tensors one at a time into safetensors shards of about `shard_bytes` each, plus
     Hugging Face's index (`model.safetensors.index.json`); a single shard is `model.safetensors`.
+    Another `prefix` names the files `<prefix>.safetensors`, `<prefix>-00001-of-00002.safetensors`
+    and `<prefix>.safetensors.index.json`: a layout that plain transformers must not load (it looks
+    for `model.*` only) is written under a name of its own.
 
     A shard's header must precede its data, and its size is known only once the shard is
     full, so the data goes to a scratch file first and is copied behind the header when the
@@ -182,8 +192,9 @@ class ShardedWriter:
     order inside a shard is the order of `add`; `metadata` goes into every shard's header."""
 
     def __init__(self, directory: str | Path, *, shard_bytes: int = DEFAULT_SHARD_BYTES,
-                 metadata: dict[str, str] | None = None) -> None:
+                 metadata: dict[str, str] | None = None, prefix: str = "model") -> None:
         self.directory = Path(directory)
+        self.prefix = prefix
         self.shard_bytes = shard_bytes
         self.metadata = dict(metadata or {})
         self.shards: list[Path] = []
@@ -262,14 +273,15 @@ class ShardedWriter:
             self._close_shard()
         n = len(self.shards)
         if n == 1:
-            final = [self.directory / SINGLE_FILE]
+            final = [self.directory / f"{self.prefix}.safetensors"]
         else:
-            final = [self.directory / f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+            final = [self.directory / f"{self.prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         for tmp, path in zip(self.shards, final):
             tmp.replace(path)
         if n > 1:
             index = {"metadata": {"total_size": self.total},
                      "weight_map": {name: final[i].name for name, i in sorted(self.weight_map.items())}}
-            (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+            (self.directory / f"{self.prefix}{INDEX_SUFFIX}").write_text(json.dumps(index, indent=2) + "\n",
+                                                                         encoding="utf-8")
         self.shards = final
         return final

@@ -214,7 +214,7 @@ def run(source: str | Path, output: str | Path, config: PruneConfig, runtime: Ru
                     extra=extra, write_weights=write_weights)
     if staging is not None:
         staging.cleanup()
-    weights = output / WEIGHTS
+    weights = output / (WEIGHTS if config.compress else "model.safetensors")
     return PruneResult(output, metrics, weights.stat().st_size if weights.exists() else None)
 
 

@@ -1,6 +1,7 @@
 """Sparse storage of pruned weights: a bitmask plus the kept values, in safetensors.
 
-Layout of `model.safetensors` (format name "orstack-sparse-bitmask"):
+Layout of `orstack-sparse.safetensors` (format name "orstack-sparse-bitmask"; sharded:
+`orstack-sparse-00001-of-0000N.safetensors` + `orstack-sparse.safetensors.index.json`):
 - every tensor stored densely keeps its usual name;
 - a sparse-stored matrix `<name>` [rows, cols] becomes two tensors:
   `<name>.bitmask`: uint8 [rows, ceil(cols / 8)], bit j of row r is byte j // 8, bit j % 8
@@ -11,6 +12,13 @@ Layout of `model.safetensors` (format name "orstack-sparse-bitmask"):
 A matrix is stored sparsely only where that is smaller than storing it densely. Loading
 scatters the values back: the reconstruction is exact (a stored -0.0 comes back as +0.0,
 the same number).
+
+No transformers version reads this layout (compressed-tensors 0.20, which transformers 5 uses,
+dropped its sparse-bitmask compressor), and under the name `model.safetensors` transformers
+loaded the directory as a randomly initialised model with only a missing-keys report. Under
+its own file name transformers refuses it ("no file named model.safetensors"); orstack loads
+it, and `orstack prune --no-compress` writes a plain checkpoint. Checkpoints written before
+the rename (`model.safetensors` with the `orstack.sparse` metadata) still load here.
 """
 
 from __future__ import annotations
@@ -27,7 +35,9 @@ if TYPE_CHECKING:
 
 FORMAT = "orstack-sparse-bitmask"
 METADATA_KEY = "orstack.sparse"
-WEIGHTS = "model.safetensors"
+PREFIX = "orstack-sparse"
+WEIGHTS = f"{PREFIX}.safetensors"
+LEGACY_WEIGHTS = "model.safetensors"
 
 
 def pack_bits(keep: torch.Tensor) -> torch.Tensor:
@@ -103,7 +113,7 @@ def unique_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:
 
 
 def save_sparse(model: PreTrainedModel, directory: Path, sparse_names: set[str]) -> dict[str, int]:
-    """Write `model.safetensors` in the sparse layout; returns the stored/dense byte counts."""
+    """Write `orstack-sparse.safetensors` in the sparse layout; returns the stored/dense byte counts."""
     from safetensors.torch import save_file
 
     state = unique_state_dict(model)
@@ -149,7 +159,8 @@ def sparse_writer(directory: Path, shard_bytes: int | None = None):  # noqa: ANN
     """A ShardedWriter whose every shard says in its metadata which of its matrices are sparse."""
     from orstack.io.safetensors_file import DEFAULT_SHARD_BYTES, ShardedWriter
 
-    writer = ShardedWriter(directory, shard_bytes=shard_bytes or DEFAULT_SHARD_BYTES, metadata={"format": "pt"})
+    writer = ShardedWriter(directory, shard_bytes=shard_bytes or DEFAULT_SHARD_BYTES, metadata={"format": "pt"},
+                           prefix=PREFIX)
     writer.shard_json[METADATA_KEY] = {}
     return writer
 
@@ -195,20 +206,23 @@ def sparse_reader(path: Path) -> SparseReader:
 
 
 def _first_weight_file(path: Path) -> Path:
-    from orstack.io.safetensors_file import INDEX_FILE
+    from orstack.io.safetensors_file import INDEX_SUFFIX
 
-    index = path / INDEX_FILE
-    if not (path / WEIGHTS).is_file() and index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-            return path / shards[0]
-        except (ValueError, KeyError, TypeError, IndexError):
-            pass
+    for single, index in ((WEIGHTS, f"{PREFIX}{INDEX_SUFFIX}"), (LEGACY_WEIGHTS, f"model{INDEX_SUFFIX}")):
+        if (path / single).is_file():
+            return path / single
+        if (path / index).is_file():
+            try:
+                shards = sorted(set(json.loads((path / index).read_text(encoding="utf-8"))["weight_map"].values()))
+                return path / shards[0]
+            except (ValueError, KeyError, TypeError, IndexError):
+                pass
     return path / WEIGHTS
 
 
 def is_sparse_checkpoint(path: Path) -> bool:
-    """A directory whose model.safetensors (or first shard) carries the sparse metadata (header read only)."""
+    """A directory whose orstack-sparse.safetensors (or first shard, or a legacy model.safetensors)
+    carries the sparse metadata (header read only)."""
     weights = _first_weight_file(Path(path))
     if not weights.is_file():
         return False
@@ -221,6 +235,30 @@ def is_sparse_checkpoint(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     return METADATA_KEY in (header.get("__metadata__") or {})
+
+
+class StoredMasks:
+    """The keep-masks (bool [rows, cols], True = stored value) of a sparse checkpoint's matrices,
+    read from their bitmasks only when asked for: what a later stage must keep zero."""
+
+    def __init__(self, reader: SparseReader) -> None:
+        self.reader = reader
+        self.names = set(reader.sparse)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.names
+
+    def __bool__(self) -> bool:
+        return bool(self.names)
+
+    def get(self, name: str) -> torch.Tensor | None:
+        if name not in self.names:
+            return None
+        return unpack_bits(self.reader.raw.get(f"{name}.bitmask"), self.reader.sparse[name][1])
+
+
+def stored_masks(path: Path) -> StoredMasks:
+    return StoredMasks(SparseReader(Path(path)))
 
 
 def read_sparse_state(path: Path) -> dict[str, torch.Tensor]:
