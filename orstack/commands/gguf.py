@@ -17,7 +17,11 @@ Reads every checkpoint orstack writes (vocab-trimmed, pruned, fake-quant, packed
 Writes architecture metadata, the tokenizer (byte-level BPE with its pre-tokenizer chosen
 from what tokenizer.json does, so custom and trimmed tokenizers convert; or
 SentencePiece-style BPE with byte fallback), special tokens and the chat template. For a
-packed 4-bit AWQ checkpoint, --type q4_1 keeps AWQ's scales, zero points and codes.
+packed AWQ checkpoint, AWQ's codes, scales and zero points are carried into the blocks of
+every quantized type: exactly for q4_1/q8_0 (and q4_0 from a --symmetric AWQ, Q5_0/Q5_1
+fallbacks) when groups are multiples of 32; K-quant sub-blocks take AWQ's codes, scales and
+mins (per super-block, whichever of that and the type's own search reproduces the AWQ
+weight better).
 
 --type names the type of every 2-D weight; q4_k, q5_k and q6_k are K-quants made by
 orstack itself (byte-identical to llama.cpp's reference quantizers);
@@ -35,9 +39,12 @@ q5_k_m >= 95%, and all of these a perplexity within 2%; the 4-bit types >= 90% a
 largest source logit; otherwise the command exits 3 and writes nothing (unless --force).
 --imatrix CALIB collects, layer by layer over the calibration text, each Linear's mean
 squared input per column and uses it as the weights of every quantized type's scale/min
-search (K-quants and Q4_0/Q4_1/Q5_0/Q5_1; bytes identical to llama.cpp's quantizer given the
-same importance); the calibration file, its sha256 and token count go into the metadata
-(quantize.imatrix.*) and the manifest. Without it the bytes are llama.cpp's reference ones.
+search (K-quants and Q4_0/Q4_1/Q5_0/Q5_1, bytes identical to llama.cpp's quantizer given the
+same importance; Q8_0, which llama.cpp quantizes without importance, keeps per block its
+reference scale or a weighted search, whichever is better); the calibration file, its sha256,
+the sha256 of the importance values and the token count go into the metadata
+(quantize.imatrix.*, orstack.imatrix.sha256) and the manifest. Without it the bytes are
+llama.cpp's reference ones.
 --dry-run prints the per-tensor plan (GGML type, K-quant fallbacks, real bits per weight,
 file size) from the config and weight headers alone.
 
