@@ -146,6 +146,17 @@ def test_prune_streamed_writes_the_in_memory_weights(bf16_sharded, calib, tmp_pa
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the staging directory is gone
 
 
+def test_prune_streamed_perplexity_without_lm_head_is_the_in_memory_one(random_llama, calib, tmp_path):
+    from orstack import prune
+
+    # lm_head not pruned (the default): the sweep's perplexities are taken after it, the head read as stored
+    runs = _runs(prune, random_llama, tmp_path, lambda: prune.PruneConfig(
+        method="magnitude", calib=[str(calib)], heldout=[str(calib)], nsamples=2, seqlen=32, eval_length=48,
+        force=True))
+    ms, mm = runs[True][1].metrics, runs[False][1].metrics
+    assert ms["ppl_before"] == mm["ppl_before"] and ms["ppl_after"] == mm["ppl_after"] != ms["ppl_before"]
+
+
 def test_awq_streamed_packs_the_in_memory_codes(random_llama, calib, tmp_path):
     from orstack import awq
 
