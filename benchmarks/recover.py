@@ -4,6 +4,7 @@ share of the compression's loss the recovery regains.
 
     nice -n 10 python benchmarks/recover.py --only tiny           # the tiny default (~minutes)
     nice -n 10 python benchmarks/recover.py --only smollm2 --steps 20
+    nice -n 10 python benchmarks/recover.py --only smollm2 --cheap --modes qat --steps 10   # magnitude + RTN
 
 Quality: the tiny default's answer perplexity on 300 held-out tasks and its greedy accuracy on
 them; SmolLM2's perplexity on the Apache-2.0 licence text (calibration and recovery text are
@@ -36,19 +37,19 @@ def runtime():  # noqa: ANN201
     return Runtime(device="cpu", threads=1, seed=0)
 
 
-def prune(src: Path, out: Path, calib: list[Path], seqlen: int, nsamples: int) -> None:
+def prune(src: Path, out: Path, calib: list[Path], seqlen: int, nsamples: int, method: str) -> None:
     from orstack.prune import run
     from orstack.prune.stage import PruneConfig
 
-    run(src, out, PruneConfig(method="wanda", sparsity=0.5, nsamples=nsamples, seqlen=seqlen,
+    run(src, out, PruneConfig(method=method, sparsity=0.5, nsamples=nsamples, seqlen=seqlen,
                               calib=[str(p) for p in calib], force=True), runtime())
 
 
-def awq(src: Path, out: Path, calib: list[Path], group: int, seqlen: int, nsamples: int) -> None:
+def awq(src: Path, out: Path, calib: list[Path], group: int, seqlen: int, nsamples: int, rtn: bool) -> None:
     from orstack.awq import run
     from orstack.awq.search import AWQConfig
 
-    run(src, out, AWQConfig(bits=4, group_size=group, nsamples=nsamples, seqlen=seqlen,
+    run(src, out, AWQConfig(bits=4, group_size=group, nsamples=nsamples, seqlen=seqlen, rtn=rtn,
                             calib=[str(p) for p in calib], force=True), runtime())
 
 
@@ -126,14 +127,21 @@ def regained(dense: float, compressed: float, recovered: float) -> str:
 
 
 def bench(name: str, model: Path, work: Path, *, calib: list[Path], data: Path, measure, group: int, seqlen: int,
-          nsamples: int, steps: int, lr: float, batch: int, max_length: int) -> list[dict]:
+          nsamples: int, steps: int, lr: float, batch: int, max_length: int, cheap: bool = False,
+          modes: tuple[str, ...] = ("qat", "round"), sparse_row: bool = True) -> list[dict]:
     pruned, packed = work / f"{name}-pruned", work / f"{name}-pruned-awq"
-    prune(model, pruned, calib, seqlen, nsamples)
-    awq(pruned, packed, calib, group, seqlen, nsamples)
-    rows = [{"step": "dense", "path": model}, {"step": "prune 50% (wanda)", "path": pruned},
-            {"step": f"prune -> awq 4-bit g{group}", "path": packed}]
-    for src, label in ((packed, "prune -> awq"), (pruned, "prune")):
-        for mode in (("qat", "round") if src == packed else ("qat",)):
+    method = "magnitude" if cheap else "wanda"
+    if not (pruned / "orstack.json").exists():
+        prune(model, pruned, calib, seqlen, nsamples, method)
+    if not (packed / "orstack.json").exists():
+        awq(pruned, packed, calib, group, seqlen, nsamples, rtn=cheap)
+    quant = "RTN" if cheap else "awq"
+    rows = [{"step": "dense", "path": model}, {"step": f"prune 50% ({method})", "path": pruned},
+            {"step": f"prune -> {quant} 4-bit g{group}", "path": packed}]
+    for src, label in ((packed, f"prune -> {quant}"), (pruned, "prune")):
+        if src == pruned and not sparse_row:
+            continue
+        for mode in (modes if src == packed else ("qat",)):
             out = work / f"{name}-{src.name}-rec-{mode}"
             metrics = recover(src, out, data, mode, steps, lr, batch, max_length)
             rows.append({"step": f"{label} -> recover ({mode})", "path": out, "base": src, "metrics": metrics})
@@ -170,7 +178,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", choices=["tiny", "smollm2"], help="run one model")
     ap.add_argument("--steps", type=int, default=None, help="recovery steps (tiny 150, SmolLM2 30)")
-    ap.add_argument("--work", type=Path, default=None, help="keep the checkpoints here")
+    ap.add_argument("--work", type=Path, default=None, help="keep the checkpoints here (and reuse them)")
+    ap.add_argument("--cheap", action="store_true", help="SmolLM2: magnitude pruning and RTN instead of Wanda and AWQ")
+    ap.add_argument("--modes", default="qat,round", help="recovery modes from the awq output")
+    ap.add_argument("--no-sparse-row", action="store_true", help="skip the recovery of the prune output alone")
+    ap.add_argument("--tasks", type=int, default=300, help="tiny: held-out tasks measured")
+    ap.add_argument("--rows", type=int, default=None, help="tiny: training rows recovered on (default: all 2,000)")
     args = ap.parse_args()
     from awq import smollm2, tiny_default
 
@@ -183,16 +196,19 @@ def main() -> None:
         if args.only in (None, "tiny"):
             model, calib, _ = tiny_default()
             tasks_dir = model.parent / "tasks"
-            heldout = list(read_jsonl(tasks_dir / "heldout.jsonl"))[:300]
-            tasks_file = work / "tiny-heldout-300.jsonl"
+            heldout = list(read_jsonl(tasks_dir / "heldout.jsonl"))[:args.tasks]
+            tasks_file = work / f"tiny-heldout-{args.tasks}.jsonl"
             tasks_file.write_text("".join(json.dumps(r) + "\n" for r in heldout), encoding="utf-8")
             data = work / "tiny-rows.jsonl"
             data.write_text("".join(json.dumps({"id": r["id"], "prompt": r["prompt"], "response": r["answer"]}) + "\n"
-                                    for r in read_jsonl(tasks_dir / "train.jsonl")), encoding="utf-8")
+                                    for r in list(read_jsonl(tasks_dir / "train.jsonl"))[:args.rows]),
+                            encoding="utf-8")
             steps = args.steps or 150
             rows = bench("tiny", model, work, calib=calib, data=data, measure=tiny_quality(heldout, tasks_file),
-                         group=128, seqlen=64, nsamples=32, steps=steps, lr=1e-3, batch=16, max_length=64)
-            out.append(f"tiny default, {steps} recovery steps of 16 rows (its train.jsonl), lr 1e-3\n"
+                         group=128, seqlen=64, nsamples=32, steps=steps, lr=1e-3, batch=16, max_length=64,
+                         modes=tuple(args.modes.split(",")), sparse_row=not args.no_sparse_row)
+            out.append(f"tiny default, {steps} recovery steps of 16 rows (its train.jsonl), lr 1e-3, "
+                       f"{len(heldout)} held-out tasks\n"
                        + table("tiny default", rows, "accuracy %"))
         if args.only in (None, "smollm2"):
             model, calib, heldout = smollm2()
@@ -205,7 +221,8 @@ def main() -> None:
                             encoding="utf-8")
             steps = args.steps or 30
             rows = bench("smollm2", model, work, calib=calib, data=data, measure=text_quality(heldout, 256),
-                         group=64, seqlen=128, nsamples=16, steps=steps, lr=5e-4, batch=4, max_length=128)
+                         group=64, seqlen=128, nsamples=16, steps=steps, lr=5e-4, batch=4, max_length=128,
+                         cheap=args.cheap, modes=tuple(args.modes.split(",")), sparse_row=not args.no_sparse_row)
             out.append(f"SmolLM2-135M, {steps} recovery steps of 4 x 128-token licence-text rows, lr 5e-4\n"
                        + table("SmolLM2-135M", rows, None))
     print("\n\n".join(out))
