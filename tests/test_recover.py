@@ -1,6 +1,7 @@
 """`distill train --recover` on a compressed student keeps the compression: pruned weights stay
 exactly zero, every weight of an awq student stays on its grid, the output is in the format the
-student was read in and loads through orstack's loader, and the loss on the trained rows falls."""
+student was read in and loads through orstack's loader, and the loss on the trained rows falls
+(measured on the model as saved). benchmarks/recover.py measures it on the tiny default."""
 
 from __future__ import annotations
 
@@ -81,6 +82,8 @@ def test_recovered_sparse_student_keeps_every_pruned_weight_zero(compressed):
         changed += int((after[name] != w0).sum())
     assert changed > 0  # the recovery did train the kept weights
     assert result.metrics["recover_base"]["pruned_zeros_kept"] == sum(int((w == 0).sum()) for w in before.values())
+    # the loss of the same rows, on the model as saved (pruned weights zero), falls
+    assert result.metrics["recover_loss_all_after"] < result.metrics["recover_loss_all"] - 0.1
 
 
 @pytest.mark.parametrize(("student", "mode"), [("pruned-awq", "qat"), ("pruned-awq", "round"), ("awq", "qat")])
@@ -98,6 +101,7 @@ def test_recovered_packed_student_stays_on_its_grid_and_keeps_its_zeros(compress
     grids_in, grids_out = read_grids(compressed[student]), read_grids(out)
     assert grids_in.keys() == grids_out.keys() and grids_in
     before, after = decoder_weights(compressed[student]), decoder_weights(out)
+    pruned = {n: w == 0 for n, w in decoder_weights(compressed["pruned"]).items()}  # what prune zeroed
     moved = 0
     for name, grid in grids_in.items():
         out_grid = grids_out[name]
@@ -106,10 +110,12 @@ def test_recovered_packed_student_stays_on_its_grid_and_keeps_its_zeros(compress
         assert (out_grid.zero_point == grid.zero_point).all()
         w = after[name]
         assert (grid.snap(w) == w).all(), f"{name}: off the grid"
-        if student != "awq":
-            assert not bool(w[before[name] == 0].any()), f"{name}: a pruned weight moved"
+        if student != "awq":  # (kept weights that rounding made zero may move: they were not pruned)
+            assert not bool(w[pruned[name]].any()), f"{name}: a pruned weight moved"
         moved += int((w != before[name]).sum())
     assert moved > 0
+    if mode == "qat":  # the same rows, on the model as saved (on its grid): the loss falls
+        assert result.metrics["recover_loss_all_after"] < result.metrics["recover_loss_all"] - 0.1
     model, _ = load_model(out, with_tokenizer=False)  # orstack's loader, the packed format
     assert model.config.model_type == "llama"
 
@@ -147,18 +153,3 @@ def test_qat_wrapper_starts_exactly_at_the_base_and_folds_onto_the_grid():
     counts = verify(model, kept)
     assert counts["pruned_zeros_kept"] == int((w0 == 0).sum()) and counts["weights_on_grid"] == w0.numel()
     assert not torch.equal(model[0].weight, w0)
-
-
-def test_recovery_lowers_the_loss_of_a_pruned_tiny(tiny_trained, tmp_path):
-    """On the trained tiny default pruned to 50%: the loss on the same rows, measured on the
-    model as saved (pruned weights zero), is lower after the recovery than before it."""
-    src = tiny_trained.tasks / "train.jsonl"
-    data = tmp_path / "rows.jsonl"
-    with src.open(encoding="utf-8") as f, data.open("w", encoding="utf-8") as out:
-        for line in list(f)[:64]:
-            task = json.loads(line)
-            out.write(json.dumps({"id": task["id"], "prompt": task["prompt"], "response": task["answer"]}) + "\n")
-    pruned = prune(tiny_trained.model, tmp_path / "pruned", tiny_trained.tasks / "corpus.txt")
-    result = recover(pruned, tmp_path / "rec", data, steps=8, lr=2e-3)
-    m = result.metrics
-    assert m["recover_loss_all_after"] < m["recover_loss_all"] - 0.01, m
