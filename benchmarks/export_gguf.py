@@ -312,10 +312,11 @@ def compare_rows(label: str, spec: Path, types: list[str], texts: list[str], n_t
             export_gguf(awq_model, awq_tok, out, "f32", name=label, progress=False)
             rows.append({"model": label, "type": "f32", "who": "AWQ checkpoint", **ref.measure(out)})
             out.unlink()
-            awq_importance = collect_importance(awq_model, awq_tok, calib)
             for qtype in types:
                 for mode in ("best", "map", "requantize"):
                     add(f"AWQ -> {mode}", qtype, ours, m=awq_model, t=awq_tok, awq=packed, awq_mode=mode)
+            awq_importance = collect_importance(awq_model, awq_tok, calib)  # of the AWQ model's own inputs
+            for qtype in types:
                 add("AWQ -> best +imatrix", qtype, ours, m=awq_model, t=awq_tok, awq=packed, importance=awq_importance)
     rows.append({"model": label, "type": f"(importance: {importance.n_tokens} tokens of {calib.name}, "
                                          f"{importance_s:.0f} s)"})
@@ -332,7 +333,7 @@ def print_compare_tables(rows: list[dict]) -> None:
             cells = [r["type"], r.get("who", ""), f"{r['MB']:.1f}" if "MB" in r else "",
                      f"{r['ppl_change']:+.2%}" if "ppl_change" in r else (f"ppl {r['ppl']:.3f}" if "ppl" in r else ""),
                      f"{r['agreement']:.1%} ({r['tokens']})" if "agreement" in r else "",
-                     f"{r['kl']:.4f}" if "kl" in r else "",
+                     f"{r['kl']:.3g}" if "kl" in r else "",
                      f"{r['export_s']:.1f}" if "export_s" in r else ""]
             print("| " + " | ".join(cells) + " |")
 
