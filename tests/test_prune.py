@@ -251,7 +251,7 @@ def test_sparse_storage_is_byte_identical_for_the_same_weights(model_and_ids, tm
     for i in range(8):
         (tmp_path / str(i)).mkdir()
         save_sparse(model, tmp_path / str(i), set(masks_of(model)))
-        files.add((tmp_path / str(i) / "model.safetensors").read_bytes())
+        files.add((tmp_path / str(i) / "orstack-sparse.safetensors").read_bytes())
     assert len(files) == 1
     assert torch.equal(read_sparse_state(tmp_path / "0")["model.layers.0.mlp.up_proj.weight"],
                        model.model.layers[0].mlp.up_proj.weight)
