@@ -391,6 +391,7 @@ def test_train_cli_defaults_are_the_config_defaults():
     train = {f.name for f in dataclasses.fields(TrainConfig)} & set(cli)
     loss = {"kd_beta": "beta", "kd_temperature": "temperature", "kd_alpha": "alpha", "t2_scale": "t2_scale"}
     top = {"logits": "logits_teacher", "recover": "recover", "recover_fraction": "recover_fraction",
+           "recover_mode": "recover_mode",
            "chat_template": "chat_template", "max_accuracy_drop": "max_accuracy_drop",
            "max_cluster_drop": "max_cluster_drop", "force": "force"}
     assert set(cli) == inputs_and_outputs | train | set(loss) | set(top)  # every option is accounted for
