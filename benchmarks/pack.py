@@ -78,26 +78,27 @@ elif mode == "all-lazy":
 elif mode == "unpack":
     unpack(pack, out)
     n = 0
-print(json.dumps({"wall": time.perf_counter() - t, "cpu": time.process_time() - c}))
+wall, cpu = time.perf_counter() - t, time.process_time() - c
+# VmHWM: this process's own peak since exec (ru_maxrss of a child also counts the parent it forked from)
+hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM:")][0].split()[1]
+print(json.dumps({"wall": wall, "cpu": cpu, "rss_mb": int(hwm) / 1024}))
 """
 LAZY_MODES = {"imports only": "none", "one tensor (open_pack(...)[name])": "one",
               "every tensor, one at a time (open_pack)": "all-lazy", "unpack all (to disk)": "unpack"}
 
 
 def run_lazy(pack_path: Path, tensor: str, work: Path) -> dict[str, dict]:
-    """Wall and CPU seconds and peak resident set of each way of reading `tensor` (LAZY_MODES)."""
+    """Wall and CPU seconds and peak resident set of each way of reading `tensor` (LAZY_MODES), each
+    in a fresh process."""
     rows = {}
     for label, mode in LAZY_MODES.items():
         out = work / "lazy-unpacked"
-        proc = subprocess.Popen([sys.executable, "-c", LAZY_SCRIPT, mode, str(pack_path), tensor, str(out)],
-                                stdout=subprocess.PIPE, text=True)
-        stdout = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        proc = subprocess.run([sys.executable, "-c", LAZY_SCRIPT, mode, str(pack_path), tensor, str(out)],
+                              stdout=subprocess.PIPE, text=True, check=False)
         if proc.returncode != 0:
             raise SystemExit(f"lazy read ({mode}) failed")
         shutil.rmtree(out, ignore_errors=True)
-        rows[label] = {**json.loads(stdout), "rss_mb": usage.ru_maxrss / 1024}
+        rows[label] = json.loads(proc.stdout)
     return rows
 
 
