@@ -96,3 +96,89 @@ def test_in_memory_backend_answers_like_a_loaded_one(hf):
     memory = HFBackend.from_model(hf.model, hf.tokenizer, batch_size=2)
     assert [g.text for g in memory.generate(PROMPTS, max_new_tokens=5, stop=["\n"])] == \
         [g.text for g in hf.generate(PROMPTS, max_new_tokens=5, stop=["\n"])]
+
+
+# -- vLLM: only where it is installed and a GPU is present; elsewhere a clear exit 2 ---------------
+def _vllm_runs() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+
+
+@pytest.mark.skipif(_vllm_runs(), reason="vLLM and a GPU are here: the refusal cannot happen")
+def test_vllm_is_refused_with_the_reason_where_it_cannot_run(random_llama, tmp_path, monkeypatch):
+    import importlib.util
+    import subprocess
+    import sys
+
+    from orstack.backends.vllm import check_vllm_available
+    from orstack.errors import BadInput
+    from orstack.teachers.base import open_teacher
+
+    tasks = tmp_path / "t.jsonl"
+    tasks.write_text('{"id": "a", "prompt": "1+1=", "kind": "numeric", "answer": "2"}\n')
+    out = tmp_path / "rows.jsonl"
+    missing = importlib.util.find_spec("vllm") is None
+    reason = "vllm is not installed" if missing else "no GPU"
+    done = subprocess.run([sys.executable, "-m", "orstack", "bench", f"vllm:{random_llama}", "--tasks", str(tasks),
+                           "-o", str(out)], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 2 and reason in done.stderr and not out.exists()
+    with pytest.raises(BadInput, match=reason):
+        open_teacher(f"vllm:{random_llama}", Runtime(device="cpu")).check()
+    if missing and not torch.cuda.is_available():  # the GPU check as well, with vLLM pretended present
+        real = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a: object() if name == "vllm" else real(name, *a))
+        with pytest.raises(BadInput, match="--vllm: no GPU"):
+            check_vllm_available("--vllm")
+
+
+@pytest.mark.skipif(_vllm_runs(), reason="vLLM and a GPU are here: the refusal cannot happen")
+def test_rl_vllm_is_refused_before_anything_loads(random_llama, tmp_path):
+    import subprocess
+    import sys
+
+    tasks = tmp_path / "t.jsonl"
+    tasks.write_text('{"id": "a", "prompt": "1+1=", "kind": "numeric", "answer": "2"}\n')
+    done = subprocess.run([sys.executable, "-m", "orstack", "rl", str(random_llama), "--tasks", str(tasks), "--vllm",
+                           "-o", str(tmp_path / "out")], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 2 and "--vllm: " in done.stderr and not (tmp_path / "out").exists()
+    assert "vllm is not installed" in done.stderr or "no GPU" in done.stderr
+
+
+@pytest.mark.skipif(not _vllm_runs(), reason="needs vLLM and a CUDA GPU")
+def test_vllm_greedy_equals_the_transformers_backend(random_llama):
+    from orstack.backends.vllm import VLLMBackend
+
+    backend = VLLMBackend(f"vllm:{random_llama}", dtype="float32")
+    try:
+        ours = backend.generate(PROMPTS, max_new_tokens=6, stop=[])
+    finally:
+        backend.close()
+    hf = open_backend(str(random_llama), Runtime(device="cuda"))
+    try:
+        ref = hf.generate(PROMPTS, max_new_tokens=6, stop=[])
+    finally:
+        hf.close()
+    assert [g.text for g in ours] == [g.text for g in ref]
+    assert all(len(g.token_logprobs) == g.output_tokens for g in ours)
+
+
+def test_a_shared_prefix_computed_once_changes_no_output(hf):
+    import random
+
+    rng = random.Random(3)
+    head = "Answer each question with one number, then stop. Question: "
+    prompts = [head + "".join(rng.choice("0123456789+= ") for _ in range(rng.randint(1, 12))) for _ in range(12)]
+    prompts.append("no shared head at all")
+    runs = {}
+    for share, batch in ((False, 1), (True, 1), (True, 4), (False, 4)):
+        hf.share_prefix, hf.batch_size, hf._prefix_ids = share, batch, None
+        runs[share, batch] = hf.generate(prompts, max_new_tokens=6, stop=[])
+    assert hf._prefix_ids is not None and len(hf._prefix_ids) >= 8  # the cache was in use
+    ref = runs[False, 1]
+    for key, gens in runs.items():
+        for a, b in zip(ref, gens):
+            assert (a.text, a.output_tokens, a.prompt_tokens) == (b.text, b.output_tokens, b.prompt_tokens), key
+            assert max(abs(x - y) for x, y in zip(a.token_logprobs, b.token_logprobs)) < 1e-4, key
+    hf.share_prefix, hf.batch_size = True, 4

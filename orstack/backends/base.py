@@ -167,7 +167,8 @@ def split_pair(encode: Callable[[str], list[int]], context: str, continuation: s
 def open_backend(spec: str, runtime: Runtime, *, batch_size: int = 16, chat_template: str | None = None,
                  endpoint: EndpointOptions | None = None) -> Backend:
     """`http(s)://HOST:PORT/v1#MODEL` (several servers: `URL,URL#MODEL`) opens the endpoint
-    backend with `endpoint`'s options; a `.gguf` path the llama.cpp backend; anything else the
+    backend with `endpoint`'s options; a `.gguf` path the llama.cpp backend; `vllm:MODEL` vLLM's
+    engine (where vLLM and a GPU are; bad input naming the missing one elsewhere); anything else the
     transformers one (through orstack.io.checkpoint.load_model, so every format orstack writes
     loads). `chat_template` is the run's --chat-template choice (orstack/backends/chat.py)."""
     if str(spec).startswith(("http://", "https://")):
@@ -176,6 +177,10 @@ def open_backend(spec: str, runtime: Runtime, *, batch_size: int = 16, chat_temp
         return open_endpoint(str(spec), endpoint, chat_template)
     if str(spec).lower().endswith(".gguf"):
         return _open_gguf(spec, runtime, chat_template)
+    if str(spec).startswith("vllm:"):
+        from orstack.backends.vllm import VLLMBackend
+
+        return VLLMBackend(str(spec), seed=runtime.seed, chat_template=chat_template)
     from orstack.backends.hf import HFBackend
 
     return HFBackend(spec, device=runtime.torch_device(), batch_size=batch_size, trust_pickle=runtime.trust_pickle,

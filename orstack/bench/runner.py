@@ -281,6 +281,11 @@ def _check_model(spec: str) -> None:
 
         parse_endpoint(spec, "MODEL")  # reachability is checked when it opens
         return
+    if spec.startswith("vllm:"):
+        from orstack.backends.vllm import check_vllm
+
+        check_vllm(spec)  # vLLM installed and a GPU present; the model itself is vLLM's to find
+        return
     if _is_gguf(spec):
         if not Path(spec).is_file():
             raise BadInput(f"{spec}: no such GGUF file")
@@ -374,7 +379,9 @@ def _import_runtime(spec: str) -> None:
     try:
         if is_endpoint(spec):
             return
-        if _is_gguf(spec):
+        if spec.startswith("vllm:"):
+            import vllm  # noqa: F401
+        elif _is_gguf(spec):
             import llama_cpp  # noqa: F401
         else:
             from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401

@@ -105,6 +105,8 @@ def rl(
     mix: T.Mix = [],  # noqa: B006
     rehearsal: T.Rehearsal = 0.0,
     chat_template: ChatTemplate = None,
+    vllm: Annotated[bool, typer.Option("--vllm", help="Generate the completions with vLLM (trl's use_vllm, "
+                                       "colocated; needs vLLM and a GPU).")] = False,
     max_accuracy_drop: MaxAccuracyDrop = 2.0,
     force: Force = False,
 ) -> None:
@@ -126,7 +128,7 @@ def rl(
                       importance_sampling=importance_sampling, scale_rewards=scale_rewards,
                       srl=str(srl) if srl else None, srl_weighting=srl_weighting, srl_beta=srl_beta,
                       srl_max_kl=srl_max_kl,
-                      chat_template=chat_template, max_accuracy_drop=max_accuracy_drop, force=force)
+                      chat_template=chat_template, use_vllm=vllm, max_accuracy_drop=max_accuracy_drop, force=force)
     result = run(model, output, config, current_runtime())
     if result.kind is None:  # a torchrun process other than rank 0: it trained, rank 0 reports
         return

@@ -48,6 +48,7 @@ class RLConfig:
     srl_beta: float = 0.05  # the SRL stage's own KL coefficient to the model it starts from
     srl_max_kl: float | None = 0.1  # nats per token: the coefficient doubles whenever a step's KL exceeds it
     chat_template: str | None = None  # None: `messages` tasks only; "model" or a .jinja path: every task
+    use_vllm: bool = False  # trl generates the completions with vLLM in this process (needs vLLM and a GPU)
     # the quality gate on the --eval tasks (orstack/gates.py): the output's accuracy against the source's
     max_accuracy_drop: float = 2.0  # points
     force: bool = False
@@ -351,6 +352,10 @@ def run(source: str, output: str | Path, config: RLConfig, runtime: Runtime) -> 
             raise BadInput(f"--format-regex: {e}") from None
     tc.check()
     check_choices(config)
+    if config.use_vllm:
+        from orstack.backends.vllm import check_vllm_available
+
+        check_vllm_available("--vllm")
     choose_batch(tc.batch_size, tc.grad_accum, config.num_generations, runtime.world_size)  # bad shapes fail first
     check_outputs([Output(output, "dir", "-o"), Output(tc.log, "file", "--log")],
                   inputs=[source, config.tasks, config.srl])
@@ -615,6 +620,8 @@ def grpo_args(config: RLConfig, shape: BatchShape, steps: int, device: str, outp
         max_steps=steps, logging_steps=1, save_strategy="no", seed=tc.seed, disable_tqdm=True,
         max_grad_norm=tc.max_grad_norm, weight_decay=tc.weight_decay, warmup_steps=tc.warmup_steps,
         lr_scheduler_type=trl_scheduler(tc),
+        # colocate: vLLM shares this process's GPU and gets the new weights after each step
+        **({"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.3} if config.use_vllm else {}),
     )
 
 

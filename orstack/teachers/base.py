@@ -31,7 +31,7 @@ class TeacherOptions:
 
 
 class Teacher(ABC):
-    """Answers Task rows. `kind` is hf, gguf, http or cmd; `spec` is what the user gave."""
+    """Answers Task rows. `kind` is hf, gguf, vllm, http or cmd; `spec` is what the user gave."""
 
     kind: str = ""
 
@@ -71,6 +71,10 @@ def parse_spec(spec: str) -> tuple[str, str]:
         if not command:
             raise BadInput(f"--teacher {spec}: empty command after 'cmd:'")
         return "cmd", command
+    if spec.startswith("vllm:"):  # vLLM and the GPU are checked by the teacher's check()
+        if not spec[5:].strip():
+            raise BadInput(f"--teacher {spec}: name a checkpoint directory or hub id after 'vllm:'")
+        return "vllm", spec
     if spec.startswith(("http://", "https://")):
         base, _, model = spec.partition("#")
         if not model:
@@ -101,6 +105,10 @@ def open_teacher(spec: str, runtime: Runtime, options: TeacherOptions | None = N
         from orstack.teachers.http import HTTPTeacher
 
         return HTTPTeacher(spec, options, target, spec.partition("#")[2])
+    if kind == "vllm":
+        from orstack.teachers.vllm import VLLMTeacher
+
+        return VLLMTeacher(spec, options, target, runtime)
     if kind == "gguf":
         from orstack.teachers.gguf import GGUFTeacher
 
