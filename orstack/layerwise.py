@@ -402,6 +402,11 @@ class StreamedModel:
         for name in self.names(unit):
             self._drop(name)
 
+    def batch_logits(self, model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> Iterator[torch.Tensor]:
+        """`model(**batch).logits` for every batch, each layer read once for all of them
+        (`layer_major_logits`); how lower layers (perplexity) score a streamed model."""
+        return layer_major_logits(model, batches)
+
     @contextmanager
     def hold(self, unit: nn.Module) -> Iterator[nn.Module]:
         """Keep `unit` in memory (as read, then as the caller changes it) until the block ends."""

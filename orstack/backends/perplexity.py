@@ -135,11 +135,10 @@ def score_windows(
     model, windows: list[Window], batch_size: int = 8, pad_id: int = 0, description: str = "ppl"
 ) -> float:
     """Total NLL (nats) of the scored targets of every window."""
-    from orstack.layerwise import layer_major_logits, stream_of
-
     batches, inputs = window_batches(windows, batch_size, pad_id, next(model.parameters()).device)
-    if stream_of(model) is not None:  # a model read from disk: each layer once for all batches, not once per batch
-        logits = layer_major_logits(model, inputs)
+    stream = getattr(model, "_orstack_stream", None)  # orstack.layerwise.StreamedModel (a higher layer)
+    if stream is not None:  # a model read from disk: each layer once for all batches, not once per batch
+        logits = stream.batch_logits(model, inputs)
     else:
         logits = (model(**batch).logits for batch in inputs)
     return score_logits(batches, logits, description)
