@@ -80,7 +80,11 @@ TEACHER ?= cmd:$(PYTHON) $(HERE)/real_oracle.py
 # a directory target (DIR/orstack.json, DIR/adapter_config.json, DIR/router.json) is timed as DIR
 STAGE = $(notdir $(patsubst %/orstack.json,%,$(patsubst %/adapter_config.json,%,$(patsubst %/router.json,%,$@))))
 TIMER = /usr/bin/time -f "%e\t%M\t%U\t%S\t$(STAGE)" -a -o $(OUT)/times.tsv
-O = $(TIMER) $(ORSTACK) --seed $(SEED)
+# GLOBAL: orstack options before the stage. A 135M model fits in memory many times over, and
+# streaming it layer by layer costs time (gguf's validation re-reads every layer per generated
+# token): --in-memory, the same outputs (tests/test_streaming.py). GLOBAL= streams.
+GLOBAL ?= --in-memory
+O = $(TIMER) $(ORSTACK) --seed $(SEED) $(GLOBAL)
 T := $(OUT)/tasks
 FAMILY_ARG := $(if $(strip $(FAMILIES)),--families $(FAMILIES))
 
@@ -204,9 +208,11 @@ $(OUT)/acc-a.jsonl: $(OUT)/modifier/adapter_config.json $(OUT)/heldout-a.jsonl
 # route train's ECE gate (calibrated ECE on its test split; docs/route.md): the seed's 0.05,
 # not yet measured on this model
 ROUTE_MAX_ECE ?= 0.05
+# e.g. --force: the router written (and marked) when the ECE gate fails
+ROUTE_ARGS ?=
 $(OUT)/router/router.json: $(OUT)/base-a.jsonl $(OUT)/acc-a.jsonl
 	$(O) route train --results $(OUT)/base-a.jsonl --results-accurate $(OUT)/acc-a.jsonl --optimize \
-		--max-ece $(ROUTE_MAX_ECE) \
+		--max-ece $(ROUTE_MAX_ECE) $(ROUTE_ARGS) \
 		--plot $(OUT)/router-reliability.png -o $(OUT)/router
 
 DOMAINS := math word-problem string code

@@ -56,18 +56,29 @@ def main() -> int:
 
     if (out / "times.tsv").is_file():
         say("## Time per stage\n\nWall time depends on the machine's load; CPU time (user + system, all threads) "
-            "much less.\n\n| target | wall s | CPU s | peak RSS MB |\n|---|---:|---:|---:|")
-        total = cpu_total = 0.0
+            "much less. A stage run again (after a gate stopped it, or with other settings) shows its last "
+            "run; the earlier attempts are listed below the table.\n\n"
+            "| target | wall s | CPU s | peak RSS MB |\n|---|---:|---:|---:|")
+        runs, status = [], 0
         for line in (out / "times.tsv").read_text().splitlines():
             parts = line.split("\t")
             if len(parts) == 5 and parts[0].replace(".", "", 1).isdigit():
-                wall, cpu = float(parts[0]), float(parts[2]) + float(parts[3])
-                total += wall
-                cpu_total += cpu
-                say(f"| {parts[4]} | {wall:,.0f} | {cpu:,.0f} | {int(parts[1]) / 1024:,.0f} |")
-            elif line.strip():
-                say(f"| ({line.strip()}) | | | |")
+                runs.append((parts[4], float(parts[0]), float(parts[2]) + float(parts[3]), int(parts[1]), status))
+                status = 0
+            elif line.startswith("Command exited with non-zero status"):
+                status = int(line.split()[-1])
+        last = {stage: i for i, (stage, *_, code) in enumerate(runs) if code == 0}
+        total = cpu_total = 0.0
+        for stage, i in sorted(last.items(), key=lambda kv: kv[1]):
+            _, wall, cpu, rss, _ = runs[i]
+            total, cpu_total = total + wall, cpu_total + cpu
+            say(f"| {stage} | {wall:,.0f} | {cpu:,.0f} | {rss / 1024:,.0f} |")
         say(f"| **all stages** | **{total:,.0f}** | **{cpu_total:,.0f}** | |\n")
+        earlier = [(i, r) for i, r in enumerate(runs) if last.get(r[0]) != i]
+        if earlier:
+            say("Earlier attempts: " + "; ".join(
+                f"{stage} {wall:,.0f} s wall ({'exit ' + str(code) if code else 'run again'})"
+                for _, (stage, wall, _, _, code) in earlier) + ".\n")
 
     base_a = read_jsonl(out / "base-a.jsonl")
     by_cell: dict[tuple, list[dict]] = defaultdict(list)
