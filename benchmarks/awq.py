@@ -112,20 +112,12 @@ def child(spec: str) -> None:
 
 
 def linear_bytes(path: Path) -> int:
-    """Bytes of the decoder layers' Linear tensors (packed codes, scales, zero points)."""
-    from safetensors import safe_open
+    """Bytes of the decoder layers' Linear tensors as stored (benchmarks/compose.py's count,
+    which also knows the sparse 4-bit layout's uint8 masks and indices)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from compose import linear_bytes as stored_linear_bytes
 
-    total = 0
-    for f in path.glob("*.safetensors"):
-        with safe_open(str(f), "pt") as st:
-            for key in st.keys():
-                if ".layers." in key and "_proj." in key:
-                    t = st.get_slice(key)
-                    n = 1
-                    for d in t.get_shape():
-                        n *= d
-                    total += n * {"F32": 4, "F16": 2, "BF16": 2, "I32": 4, "I64": 8, "I8": 1}[t.get_dtype()]
-    return total
+    return stored_linear_bytes(path)
 
 
 def answer_ppl(checkpoint: Path, tasks: Path) -> float:
