@@ -258,16 +258,9 @@ class Pack:
                            f"({', '.join(f['path'] for f, _ in hits)}); name the file")
         return hits[0]
 
-    def decode_blob(self, blob_id: int, what: str) -> np.ndarray:
-        """The bytes of one blob in a new uint8 array, its chunks decoded in parallel straight into
-        it, checked against the blob's SHA-256 (BadInput naming `what` on any damage)."""
-        blob = self.index["blobs"][blob_id]
-        out = np.empty(blob["size"], dtype=np.uint8)
-        jobs, pos = [], 0
-        for b, chunks, size in self._jobs([blob_id]):
-            jobs.append((b, chunks, out[pos : pos + size]))
-            pos += size
-        pool = self.pool() if len(jobs) > 1 else None
+    def _decode_jobs(self, jobs: list[tuple], what: str, pool: Any) -> None:
+        """Decode (blob, chunks, destination) jobs, in `pool` when given; BadInput naming `what`
+        when a frame does not decode."""
         try:
             if pool is None:
                 for job in jobs:
@@ -277,6 +270,17 @@ class Pack:
                     future.result()
         except (zstd.ZstdError, ValueError) as e:
             raise BadInput(f"{self.path}: corrupted pack: {what} does not decode ({e})") from None
+
+    def decode_blob(self, blob_id: int, what: str) -> np.ndarray:
+        """The bytes of one blob in a new uint8 array, its chunks decoded in parallel straight into
+        it, checked against the blob's SHA-256 (BadInput naming `what` on any damage)."""
+        blob = self.index["blobs"][blob_id]
+        out = np.empty(blob["size"], dtype=np.uint8)
+        jobs, pos = [], 0
+        for b, chunks, size in self._jobs([blob_id]):
+            jobs.append((b, chunks, out[pos : pos + size]))
+            pos += size
+        self._decode_jobs(jobs, what, self.pool() if len(jobs) > 1 else None)
         if hashlib.sha256(out).hexdigest() != blob["sha256"]:
             raise BadInput(f"{self.path}: corrupted pack: {what} fails its SHA-256 check")
         return out
@@ -304,16 +308,7 @@ class Pack:
             for blob, chunks, size in self._jobs([seg["blob"]]):
                 jobs.append((blob, chunks, out[pos : pos + size]))
                 pos += size
-        pool = self.pool()
-        try:
-            if pool is None:
-                for job in jobs:
-                    self._decode_job(*job)
-            else:
-                for future in [pool.submit(self._decode_job, *job) for job in jobs]:
-                    future.result()
-        except (zstd.ZstdError, ValueError) as e:
-            raise BadInput(f"{self.path}: corrupted pack: file {path} does not decode ({e})") from None
+        self._decode_jobs(jobs, f"file {path}", self.pool())
         if not verify:
             return out
         for seg in record["segments"]:
