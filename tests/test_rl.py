@@ -233,8 +233,10 @@ def test_rl_cli_defaults_are_the_config_defaults():
     rewards = {"efficiency_weight": "efficiency_weight", "target_length": "target_length",
                "format_regex": "format_regex", "clip_reward": "clip", "efficiency_formula": "efficiency_formula"}
     top = {f.name for f in dataclasses.fields(RLConfig)} & set(cli) - {"tasks"}
+    renamed = {"vllm": "use_vllm"}  # option name -> RLConfig field
     # --reward is repeatable: none given means the correctness reward alone.
-    assert set(cli) == {"model", "tasks", "output", "reward"} | train | set(rewards) | top
+    assert set(cli) == {"model", "tasks", "output", "reward"} | train | set(rewards) | top | set(renamed)
+    assert {o: cli[o] for o in renamed} == {o: getattr(config, f) for o, f in renamed.items()}
     assert cli["reward"] == [] and RewardConfig().rewards == ("correct",)
     # repeatable options default to [] in typer and () in the config
     assert {n: _tuple(cli[n]) for n in train} == {n: getattr(config.train, n) for n in train}
