@@ -381,31 +381,10 @@ class LlamaCppBackend(PromptEncoding):
 
     def perplexity(self, texts: list[str], *, max_length: int, rule: str) -> PerplexityResult:
         """Same windows and definitions as orstack.backends.perplexity, scored by llama.cpp."""
-        from orstack.backends.perplexity import (
-            RULES,
-            PerplexityResult,
-            _scored_targets,
-            llama_cpp_windows,
-            rolling_windows,
-        )
+        from orstack.backends.perplexity import PerplexityResult, _scored_targets, windows_of
         from orstack.console import track
 
-        if rule not in RULES:
-            raise ValueError(f"unknown perplexity rule '{rule}' (use {' or '.join(RULES)})")
-        texts = [t for t in texts if t]
-        prefix = self._prefix_token()
-        if rule == "rolling":
-            windows, n_bytes = [], 0
-            for text in texts:
-                windows.extend(rolling_windows(self.encode(text), prefix, max_length))
-                n_bytes += len(text.encode("utf-8"))
-        else:
-            tokens = [prefix] + self.encode("\n\n".join(texts))
-            windows = llama_cpp_windows(tokens, prefix, max_length)
-            # decoded as transformers does: an incomplete UTF-8 sequence counts as U+FFFD
-            n_bytes = sum(len(self.decode(_scored_targets(w)).encode("utf-8")) for w in windows)
-        if not windows:
-            raise ValueError(f"text too short to score under the {rule} rule with max length {max_length}")
+        windows, n_bytes = windows_of(texts, self.encode, self.decode, self._prefix_token(), max_length, rule)
         nll = 0.0
         for w in track(windows, "ppl (llama.cpp)", unit="windows"):
             logits = self.logits(w.input_ids)

@@ -13,7 +13,7 @@ Bits per byte (total nats / ln 2 / UTF-8 bytes) compares models whose tokenizers
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 RULES = ("rolling", "llama.cpp")
@@ -170,22 +170,28 @@ def pad_id_of(tokenizer) -> int:  # noqa: ANN001
 def text_windows(tokenizer, texts: Iterable[str] | str, max_length: int, rule: str = "rolling",  # noqa: ANN001
                  ) -> tuple[list[Window], int]:
     """The windows `texts` are scored in under `rule`, and the UTF-8 bytes they cover."""
+    return windows_of(texts, lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
+                      tokenizer.decode, prefix_token(tokenizer), max_length, rule)
+
+
+def windows_of(texts: Iterable[str] | str, encode: Callable[[str], list[int]], decode: Callable[[list[int]], str],
+               prefix: int, max_length: int, rule: str = "rolling") -> tuple[list[Window], int]:
+    """`text_windows` for any engine's tokenizer: its `encode` (no special tokens), `decode` and
+    prefix token. The bytes of the llama.cpp rule are the scored targets decoded as transformers
+    does (an incomplete UTF-8 sequence counts as U+FFFD)."""
     if rule not in RULES:
         raise ValueError(f"unknown perplexity rule '{rule}' (use {' or '.join(RULES)})")
     if isinstance(texts, str):
         texts = [texts]
     texts = [t for t in texts if t]
-    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     if rule == "rolling":
-        prefix = prefix_token(tokenizer)
         windows, n_bytes = [], 0
         for text in texts:
             windows.extend(rolling_windows(encode(text), prefix, max_length))
             n_bytes += len(text.encode("utf-8"))
     else:
-        tokens = [prefix_token(tokenizer)] + encode("\n\n".join(texts))
-        windows = llama_cpp_windows(tokens, prefix_token(tokenizer), max_length)
-        n_bytes = sum(len(tokenizer.decode(_scored_targets(w)).encode("utf-8")) for w in windows)
+        windows = llama_cpp_windows([prefix] + encode("\n\n".join(texts)), prefix, max_length)
+        n_bytes = sum(len(decode(_scored_targets(w)).encode("utf-8")) for w in windows)
     if not windows:
         raise ValueError(f"text too short to score under the {rule} rule with max length {max_length}")
     return windows, n_bytes

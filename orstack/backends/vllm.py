@@ -146,27 +146,10 @@ class VLLMBackend(PromptEncoding):
 
     def perplexity(self, texts: list[str], *, max_length: int, rule: str) -> PerplexityResult:
         """The windows and definitions of orstack.backends.perplexity, scored by vLLM's prompt logprobs."""
-        from orstack.backends.perplexity import (
-            RULES,
-            PerplexityResult,
-            _scored_targets,
-            llama_cpp_windows,
-            prefix_token,
-            rolling_windows,
-        )
+        from orstack.backends.perplexity import PerplexityResult, prefix_token, windows_of
 
-        if rule not in RULES:
-            raise ValueError(f"unknown perplexity rule '{rule}' (use {' or '.join(RULES)})")
-        texts = [t for t in texts if t]
-        prefix = prefix_token(self.tokenizer)
-        if rule == "rolling":
-            windows = [w for t in texts for w in rolling_windows(self.encode(t), prefix, max_length)]
-            n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-        else:
-            windows = llama_cpp_windows([prefix] + self.encode("\n\n".join(texts)), prefix, max_length)
-            n_bytes = sum(len(self.tokenizer.decode(_scored_targets(w)).encode("utf-8")) for w in windows)
-        if not windows:
-            raise ValueError(f"text too short to score under the {rule} rule with max length {max_length}")
+        windows, n_bytes = windows_of(texts, self.encode, self.tokenizer.decode, prefix_token(self.tokenizer),
+                                      max_length, rule)
         scored = self._prompt_logprobs([w.input_ids + [w.target_last] for w in windows])
         nll = -sum(sum(row[len(row) - w.n_scored:]) for row, w in zip(scored, windows))
         return PerplexityResult(nll, sum(w.n_scored for w in windows), n_bytes, rule)
