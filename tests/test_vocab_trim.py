@@ -195,7 +195,7 @@ def wordpiece_checkpoint(path: Path) -> Path:
     ("both-limits", "--coverage and --max-vocab are exclusive"), ("too-small", "--max-vocab 10 is smaller"),
     ("wordpiece", "byte-level BPE"), ("corpus-not-utf8", "{tmp}/bad.txt:3: not UTF-8 text"),
     ("corpus-bad-jsonl", "{tmp}/bad.jsonl:2: not valid JSON"), ("keep-not-utf8", "{tmp}/bad.txt:3: not UTF-8 text"),
-    ("device-cuda", "--device cuda"),
+    ("device-cuda", "--device cuda"), ("negative-keep-merges", "--keep-merges"),
 ])
 def test_bad_input_exit_2_one_line_nothing_written(case, message, random_llama, corpus_file, tmp_path):
     model, corpus, extra = str(random_llama), str(corpus_file), []
@@ -211,6 +211,8 @@ def test_bad_input_exit_2_one_line_nothing_written(case, message, random_llama, 
         extra = ["--coverage", "0.9", "--max-vocab", "280"]
     elif case == "too-small":
         extra = ["--max-vocab", "10"]
+    elif case == "negative-keep-merges":
+        extra = ["--keep-merges", "-1"]
     elif case == "wordpiece":
         model = str(wordpiece_checkpoint(tmp_path / "wp"))
     elif case in ("corpus-not-utf8", "keep-not-utf8"):
