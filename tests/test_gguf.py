@@ -358,7 +358,14 @@ def test_gguf_carries_the_manifest_and_the_config_loads_back(random_llama, tmp_p
     assert manifest["metrics"] == result.validation.as_dict() and manifest["metrics"]["passed"] is True
     assert result.export.size_bytes == out.stat().st_size
     # The manifest is the last metadata key; the tensors are exactly what the exporter writes.
-    assert list(gguf.GGUFReader(str(out)).fields)[-1] == MANIFEST_KEY
+    fields = gguf.GGUFReader(str(out)).fields
+    assert list(fields)[-1] == MANIFEST_KEY
+    # the header walk that skips arrays reads the same scalars and strings as gguf's reader
+    from orstack.gguf.metadata import read_gguf_values
+
+    wanted = {"general.architecture", "llama.context_length", "llama.rope.freq_base", "tokenizer.ggml.model",
+              "tokenizer.ggml.bos_token_id", MANIFEST_KEY}
+    assert read_gguf_values(out, wanted | {"no.such.key"}) == {k: fields[k].contents() for k in wanted}
     model, tok = _load(random_llama)
     plain = tmp_path / "plain.gguf"
     export_gguf(model, tok, plain, "f32", progress=False)

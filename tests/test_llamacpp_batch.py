@@ -41,3 +41,36 @@ def test_batched_generation_equals_one_prompt_at_a_time(gguf_f32, stop):
         assert b.token_entropies == pytest.approx(o.token_entropies, abs=1e-4)
     if stop:
         assert any(g.output_tokens < 8 for g in batched)  # some rows stopped early and left the batch
+
+
+@pytest.fixture(scope="module")
+def gguf_q8(random_llama, tmp_path_factory):
+    pytest.importorskip("llama_cpp")
+    from orstack.gguf import GgufConfig, run
+
+    out = tmp_path_factory.mktemp("gguf-prefix") / "model-q8_0.gguf"
+    run(str(random_llama), out, GgufConfig(type="q8_0", validate=False), Runtime(device="cpu"))
+    return out
+
+
+def test_prefix_reuse_equals_a_fresh_cache(gguf_q8):
+    """One prompt at a time keeps the KV cache of what the last prompt shared with the next; on
+    quantized weights its tokens and log-probabilities are those of a fresh context's eval."""
+    import numpy as np
+
+    from orstack.backends.llamacpp import LlamaCppBackend, _log_softmax
+
+    prompts = ["12+345=", "12+346=", "12+3", "12+345=", "rev abc=", "1", "12+345=9"]
+    backend = LlamaCppBackend(str(gguf_q8), n_threads=1)
+    try:
+        ours = backend.generate(prompts, max_new_tokens=6, stop=[])
+        for prompt, gen in zip(prompts, ours):
+            ids = backend.encode_prompt(prompt)
+            fresh = backend.greedy_tokens(ids, gen.output_tokens)  # the main context, reset and evaluated anew
+            assert backend.decode(fresh) == gen.text
+            scores = backend.logits(ids + fresh[:-1])[len(ids) - 1:]
+            chosen = [float(_log_softmax(row)[tok]) for row, tok in zip(scores, fresh)]
+            assert np.allclose(chosen, gen.token_logprobs, atol=1e-5)
+        assert backend._single.tokens[:4] == backend.encode_prompt("12+345=9")[:4]  # the cache was kept
+    finally:
+        backend.close()
