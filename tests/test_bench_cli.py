@@ -294,6 +294,10 @@ def test_gguf_and_hf_side_by_side(random_llama, tmp_path, tasks_file):
     assert models[1]["size_mb"] == pytest.approx(gguf.stat().st_size / 1e6)
     assert [s["stage"] for s in models[1]["lineage"]] == ["gguf"]  # read from the file's metadata
     assert f"{gguf} lineage: gguf" in result.stderr
+    # --gguf-batch: llama.cpp decodes the prompts together (F32 weights: the same answers)
+    batched = tmp_path / "b.jsonl"
+    ok("bench", gguf, "--tasks", tasks_file, "--max-new-tokens", "6", "--gguf-batch", "3", "-o", batched)
+    assert [json.loads(line)["output"] for line in batched.read_text().splitlines()] == [r["output"] for r in gguf_rows]
 
 
 def test_tasks_from_stdin_and_both_perplexity_rules(random_llama, tmp_path, sample_text_file):

@@ -7,7 +7,8 @@ import pytest
 
 from orstack.runtime import Runtime
 
-PROMPTS = ["12+345=", "rev abc=", "1", "sort 3 1 2=", "the quick brown fox jumps over", "9*9=", "a", "7-2="]
+PROMPTS = ["12+345=", "rev abc=", "1", "sort 3 1 2=", "the quick brown fox jumps over", "9*9=", "a", "7-2=",
+           "12+346=", "12+347=", "sort 3 1 4="]  # some batches share a prefix
 
 
 @pytest.fixture(scope="module")

@@ -131,6 +131,16 @@ class PromptEncoding:
         return self.eos_ids
 
 
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    """How many tokens two sequences share from the start."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def finished_text(tokens: list[int], stop: list[str], eos: set[int], decode: Callable[[list[int]], str]) -> str | None:
     """The final text of a completion that has stopped (its last token ends it, or a stop sequence
     appeared; the stop itself removed), else None."""
@@ -165,18 +175,21 @@ def split_pair(encode: Callable[[str], list[int]], context: str, continuation: s
 
 
 def open_backend(spec: str, runtime: Runtime, *, batch_size: int = 16, chat_template: str | None = None,
-                 endpoint: EndpointOptions | None = None) -> Backend:
+                 endpoint: EndpointOptions | None = None, gguf_batch: int = 1) -> Backend:
     """`http(s)://HOST:PORT/v1#MODEL` (several servers: `URL,URL#MODEL`) opens the endpoint
     backend with `endpoint`'s options; a `.gguf` path the llama.cpp backend; `vllm:MODEL` vLLM's
     engine (where vLLM and a GPU are; bad input naming the missing one elsewhere); anything else the
     transformers one (through orstack.io.checkpoint.load_model, so every format orstack writes
-    loads). `chat_template` is the run's --chat-template choice (orstack/backends/chat.py)."""
+    loads). `chat_template` is the run's --chat-template choice (orstack/backends/chat.py).
+    `gguf_batch` is how many prompts llama.cpp decodes at once (1, the default, is the path whose
+    outputs do not depend on the batch; `batch_size` is the transformers backend's, which keeps that
+    promise at any size)."""
     if str(spec).startswith(("http://", "https://")):
         from orstack.backends.endpoint import open_endpoint
 
         return open_endpoint(str(spec), endpoint, chat_template)
     if str(spec).lower().endswith(".gguf"):
-        return _open_gguf(spec, runtime, chat_template)
+        return _open_gguf(spec, runtime, chat_template, gguf_batch)
     if str(spec).startswith("vllm:"):
         from orstack.backends.vllm import VLLMBackend
 
@@ -187,7 +200,7 @@ def open_backend(spec: str, runtime: Runtime, *, batch_size: int = 16, chat_temp
                      chat_template=chat_template)
 
 
-def _open_gguf(spec: str, runtime: Runtime, chat_template: str | None = None) -> Backend:
+def _open_gguf(spec: str, runtime: Runtime, chat_template: str | None = None, batch_size: int = 1) -> Backend:
     from pathlib import Path
 
     if not Path(spec).is_file():
@@ -199,4 +212,5 @@ def _open_gguf(spec: str, runtime: Runtime, chat_template: str | None = None) ->
             raise BadInput(f"{spec}: benchmarking GGUF files needs llama-cpp-python "
                            f"(module '{e.name}' is not available)") from None
         raise
-    return module.LlamaCppBackend(spec, n_threads=runtime.threads, seed=runtime.seed, chat_template=chat_template)
+    return module.LlamaCppBackend(spec, n_threads=runtime.threads, seed=runtime.seed, chat_template=chat_template,
+                                  batch_size=batch_size)

@@ -11,7 +11,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from orstack.backends.base import Generation, PromptEncoding, Sampling, finished_text, split_pair
+from orstack.backends.base import (
+    Generation,
+    PromptEncoding,
+    Sampling,
+    common_prefix_length,
+    finished_text,
+    split_pair,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -147,9 +154,9 @@ class HFBackend(PromptEncoding):
         if not self.share_prefix:
             return 0, cache
         room = min(len(b) for b in batch) - 1  # each row keeps a token of its own, for its logits
-        shared = min(_common_length(self._prefix_ids, b) for b in batch) if self._prefix_ids else 0
+        shared = min(common_prefix_length(self._prefix_ids, b) for b in batch) if self._prefix_ids else 0
         if len(batch) > 1:
-            common = min(min(_common_length(batch[0], b) for b in batch[1:]), room)
+            common = min(min(common_prefix_length(batch[0], b) for b in batch[1:]), room)
             # a new prefix (one forward pass for the whole batch) when the kept one covers much less
             if common >= MIN_SHARED_PREFIX and common >= shared + MIN_SHARED_PREFIX:
                 prefix = batch[0][:common]
@@ -336,15 +343,6 @@ class HFBackend(PromptEncoding):
 
 
 MIN_SHARED_PREFIX = 8  # shorter common heads are not worth a separate forward pass
-
-
-def _common_length(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def disk_size(path: Path) -> int:

@@ -8,13 +8,19 @@ figures from the two backends are directly comparable. The KV cache is F32 so an
 GGUF reproduces transformers' float32 logits (the default F16 cache alone moves them
 by ~1e-2).
 
-With `batch_size` > 1, `generate` decodes up to that many prompts together (a second context
-on the same model, one sequence per prompt in a shared KV cache, one llama_decode per step for
-all of them). On F32 weights the outputs are those of one prompt at a time (logits within
-~1e-6; tests/test_llamacpp_batch.py); llama.cpp's quantized matmul kernels round a batch
-differently from a single row, so on quantized weights a near-tied greedy choice can flip
-(SmolLM2-135M Q4_1: 29 of 32 answers identical). That is why `open_backend` (bench, teachers)
-keeps one prompt at a time, the path whose outputs bench's batch invariance promises.
+One prompt at a time (the default), generation runs in a context of its own that keeps the KV
+cache of whatever prefix the next prompt shares with the last one (a chat template's head), and
+computes logits for the last prompt token only: the same answers as a fresh cache (tested on
+Q8_0), for about two thirds of the CPU time on SmolLM2's chat tasks.
+
+With `batch_size` > 1 (`bench --gguf-batch N`), `generate` decodes up to that many prompts
+together (a second context on the same model, one sequence per prompt in a shared KV cache,
+their common prefix evaluated once, one llama_decode per step for all of them). On F32 weights
+the outputs are those of one prompt at a time (logits within ~1e-6; tests/test_llamacpp_batch.py);
+llama.cpp's quantized matmul kernels round a batch differently from a single row, so on
+quantized weights a near-tied greedy choice can flip (SmolLM2-135M Q4_1: 29 of 32 answers
+identical). That is why one prompt at a time is the default, the path whose outputs bench's
+batch invariance promises.
 """
 
 from __future__ import annotations
@@ -28,7 +34,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from orstack.backends.base import Generation, PromptEncoding, Sampling, finished_text, split_pair
+from orstack.backends.base import (
+    Generation,
+    PromptEncoding,
+    Sampling,
+    common_prefix_length,
+    finished_text,
+    split_pair,
+)
 from orstack.errors import BadInput
 
 if TYPE_CHECKING:
@@ -468,8 +481,22 @@ class _BatchedContext:
         self.lib.llama_memory_seq_rm(self.memory, seq, -1, -1)
 
     def prefill(self, prompts: list[list[int]]) -> list[np.ndarray]:
-        """Evaluate every prompt (sequence i = prompts[i]); the logits after each one's last token."""
-        items = [(seq, tok, pos, pos == len(p) - 1) for seq, p in enumerate(prompts) for pos, tok in enumerate(p)]
+        """Evaluate every prompt (sequence i = prompts[i]); the logits after each one's last token.
+        The prompts' common prefix (a chat template's head) is evaluated once, in sequence 0, and
+        its cache copied to the others, as llama.cpp's parallel example shares a system prompt;
+        each sequence then evaluates only its own suffix (at least its last token)."""
+        shared = min(min(len(p) for p in prompts) - 1, *(common_prefix_length(prompts[0], p) for p in prompts))
+        if len(prompts) > 1 and shared > 0:
+            self._decode_all([(0, tok, pos, False) for pos, tok in enumerate(prompts[0][:shared])])
+            for seq in range(1, len(prompts)):
+                self.lib.llama_memory_seq_cp(self.memory, 0, seq, -1, -1)
+        else:
+            shared = 0
+        return self._decode_all([(seq, p[pos], pos, pos == len(p) - 1)
+                                 for seq, p in enumerate(prompts) for pos in range(shared, len(p))])
+
+    def _decode_all(self, items: list[tuple[int, int, int, bool]]) -> list[np.ndarray]:
+        """`_decode` in batches of at most n_batch tokens."""
         rows: list[np.ndarray] = []
         for start in range(0, len(items), self.n_batch):
             rows.extend(self._decode(items[start : start + self.n_batch]))
@@ -518,15 +545,10 @@ class _PrefixSequence:
     def start(self, ids: list[int]) -> np.ndarray:
         """Logits after the prompt `ids`, evaluating only what the cache does not hold (at
         least its last token, whose logits are wanted)."""
-        keep = 0
-        limit = min(len(self.tokens), len(ids) - 1)
-        while keep < limit and self.tokens[keep] == ids[keep]:
-            keep += 1
+        keep = min(common_prefix_length(self.tokens, ids), len(ids) - 1)
         self.ctx.lib.llama_memory_seq_rm(self.ctx.memory, 0, keep, -1)
         self.tokens = ids[:keep]
-        items = [(0, ids[pos], pos, pos == len(ids) - 1) for pos in range(keep, len(ids))]
-        for begin in range(0, len(items), self.ctx.n_batch):
-            rows = self.ctx._decode(items[begin : begin + self.ctx.n_batch])
+        rows = self.ctx._decode_all([(0, ids[pos], pos, pos == len(ids) - 1) for pos in range(keep, len(ids))])
         self.tokens = list(ids)
         return rows[-1]
 
@@ -538,3 +560,4 @@ class _PrefixSequence:
 
     def close(self) -> None:
         self.ctx.close()
+

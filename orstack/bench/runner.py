@@ -49,6 +49,7 @@ class BenchConfig:
     speed_runs: int = 5
     max_new_tokens: int = 32
     batch_size: int = 16
+    gguf_batch: int = 1  # GGUF prompts decoded at once by llama.cpp (1: the batch-invariant reference)
     limit: int | None = None  # only the first N tasks
     shard: str | None = None  # "I/N": only the I-th of N contiguous blocks of the tasks (orstack/tasks/shard.py)
     truncate_prompts: bool = False  # keep the end of a prompt longer than the context, instead of refusing it
@@ -323,7 +324,8 @@ def bench_model(spec: str, config: BenchConfig, tasks: Sequence[dict[str, Any]] 
     reset_peak_rss()
     rss_before = rss_mb()
     began = time.perf_counter()
-    backend = open_backend(spec, runtime, batch_size=config.batch_size, chat_template=config.chat_template,
+    backend = open_backend(spec, runtime, batch_size=config.batch_size, gguf_batch=config.gguf_batch,
+                           chat_template=config.chat_template,
                            endpoint=config.endpoint)
     load_s = time.perf_counter() - began
     try:

@@ -93,6 +93,11 @@ def bench(
     force: Force = False,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Generation budget per task.")] = 32,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompts per forward pass.")] = 16,
+    gguf_batch: Annotated[int, typer.Option("--gguf-batch", min=1,
+                                            help="GGUF models: prompts llama.cpp decodes at once, sharing their "
+                                                 "common prefix (1: one at a time, the reference; more is faster, "
+                                                 "but llama.cpp's quantized kernels round a batch differently, so "
+                                                 "a near-tied answer can change).")] = 1,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Use only the first N tasks.")] = None,
     shard: Annotated[str | None, typer.Option("--shard", metavar="I/N",
                                               help="Only the I-th (from 0) of N contiguous blocks of the tasks; "
@@ -133,7 +138,8 @@ def bench(
         runtime = dataclasses.replace(runtime, threads=threads)
     config = BenchConfig(tasks=str(tasks) if tasks else None, ppl=[str(p) for p in ppl or []], ppl_rule=ppl_rule,
                          ppl_max_length=ppl_max_length, ppl_answers=ppl_answers, speed=speed, speed_runs=speed_runs,
-                         max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit, shard=shard,
+                         max_new_tokens=max_new_tokens, batch_size=batch_size, gguf_batch=gguf_batch, limit=limit,
+                         shard=shard,
                          truncate_prompts=truncate_prompts, fail_under=list(fail_under or []),
                          max_regression=max_regression, alpha=alpha, code_timeout=code_timeout,
                          code_memory_mb=code_memory_mb, chat_template=chat_template, seed=runtime.seed,
