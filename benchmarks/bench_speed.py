@@ -204,22 +204,6 @@ def start_server(gguf: Path, threads: int) -> tuple[subprocess.Popen, int]:
     raise SystemExit("llama_cpp.server did not start in 120 s")
 
 
-def batched_gguf(gguf: Path, tasks_path: Path, threads: int) -> tuple[float, dict[str, str]]:
-    """In-process: (seconds, outputs) of the llama.cpp backend decoding 16 prompts at once."""
-    from orstack.backends.llamacpp import LlamaCppBackend
-    from orstack.tasks.contract import load_tasks
-    from orstack.tasks.results import run_tasks
-
-    tasks = load_tasks(tasks_path)
-    backend = LlamaCppBackend(str(gguf), n_threads=threads, batch_size=16)
-    try:
-        began = time.perf_counter()
-        rows = run_tasks(backend, tasks, max_new_tokens=16, batch_size=16)
-        return time.perf_counter() - began, {r["id"]: r["output"] for r in rows}
-    finally:
-        backend.close()
-
-
 def vs_lm_eval(n: int, threads: int, workdir: Path, skip_batch1: bool) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from smollm2 import smollm2_checkpoint
@@ -256,6 +240,9 @@ def vs_lm_eval(n: int, threads: int, workdir: Path, skip_batch1: bool) -> None:
     for qtype, gguf in ggufs.items():
         runs.append((f"orstack bench llama.cpp {qtype}", [*orstack, str(gguf), "--tasks", str(tasks)],
                      workdir / f"{qtype}.jsonl"))
+        runs.append((f"orstack bench llama.cpp {qtype} --gguf-batch 16",
+                     [*orstack, str(gguf), "--tasks", str(tasks), "--gguf-batch", "16"],
+                     workdir / f"{qtype}-batch16.jsonl"))
     loads = [os.getloadavg()[0]]
     measured: dict[str, tuple[float, float, dict[str, str]]] = {}
     for name, argv, rows_path in runs:
@@ -278,18 +265,14 @@ def vs_lm_eval(n: int, threads: int, workdir: Path, skip_batch1: bool) -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
-    seconds, outputs = batched_gguf(ggufs["q8_0"], tasks, threads)
-    measured["llama.cpp q8_0, 16 at once (in-process)"] = (seconds, None, outputs)
-    loads.append(os.getloadavg()[0])
-
     base_wall, base_cpu, base = measured["lm-eval 0.4 hf, batch 16"]
-    one_q8 = measured["orstack bench llama.cpp q8_0"][2]
     rows = []
     for name, (wall, cpu, outs) in measured.items():
         same = sum(outs.get(k) == v for k, v in base.items())
         extra = ""
-        if "16 at once" in name:
-            extra = f"; {sum(outs.get(k) == v for k, v in one_q8.items())}/{n} = one at a time"
+        if name.endswith("--gguf-batch 16"):
+            one = measured[name.removesuffix(" --gguf-batch 16")][2]
+            extra = f"; {sum(outs.get(k) == v for k, v in one.items())}/{n} = one at a time"
         rows.append((name, f"{wall:.1f}", f"{n / wall:.2f}", "-" if cpu is None else f"{cpu:.1f}",
                      f"{base_wall / wall:.2f}x", "-" if cpu is None else f"{base_cpu / cpu:.2f}x",
                      f"{same}/{n}{extra}"))

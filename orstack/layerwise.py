@@ -22,7 +22,7 @@ really see after the earlier layers were compressed.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -466,6 +466,40 @@ def _numel(shape: tuple[int, ...]) -> int:
 def stream_of(model: nn.Module) -> StreamedModel | None:
     """The StreamedModel behind `model`, or None for a model held in memory."""
     return getattr(model, "_orstack_stream", None)
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+@contextmanager
+def resident_while(model: nn.Module, share: float = 0.5) -> Iterator[bool]:
+    """For the block, hold every unit of a streamed model in memory when its weights (in the
+    arithmetic dtype) fit in `share` of the available memory; yields whether it does. Passes
+    that run the whole model many times (greedy generation, one forward per token) then read
+    and decode the checkpoint once instead of once per pass. A model already in memory, or
+    too large, is left as it is."""
+    stream = stream_of(model)
+    if stream is None:
+        yield True
+        return
+    need = sum(_numel(shape) for _, shape in stream.params.values()) * stream.dtype.itemsize
+    free = available_memory_bytes()
+    if free is None or need > share * free:
+        yield False
+        return
+    with ExitStack() as stack:
+        for unit in stream.units:
+            stack.enter_context(stream.hold(unit))
+        yield True
 
 
 @contextmanager

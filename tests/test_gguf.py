@@ -361,7 +361,7 @@ def test_gguf_carries_the_manifest_and_the_config_loads_back(random_llama, tmp_p
     fields = gguf.GGUFReader(str(out)).fields
     assert list(fields)[-1] == MANIFEST_KEY
     # the header walk that skips arrays reads the same scalars and strings as gguf's reader
-    from orstack.gguf.metadata import read_gguf_values
+    from orstack.io.gguf_file import read_gguf_values
 
     wanted = {"general.architecture", "llama.context_length", "llama.rope.freq_base", "tokenizer.ggml.model",
               "tokenizer.ggml.bos_token_id", MANIFEST_KEY}

@@ -85,7 +85,7 @@ def _default_threads() -> int:
 
 def _context_length(path: Path) -> int:
     """The training context length written in the GGUF header (0 if absent)."""
-    from orstack.gguf.metadata import read_gguf_values
+    from orstack.io.gguf_file import read_gguf_values
 
     arch = read_gguf_values(path, {"general.architecture"}).get("general.architecture")
     if arch is None:

@@ -16,73 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from orstack.errors import BadInput
+from orstack.io.gguf_file import STRING as GGUF_STRING
+from orstack.io.gguf_file import read_gguf_values
 
 MANIFEST_KEY = "orstack.manifest"
-GGUF_STRING = 8  # GGUFValueType.STRING
-
-
-# GGUFValueType -> struct format of the scalar types (STRING and ARRAY are read apart)
-_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-GGUF_ARRAY = 9
-
-
-def read_gguf_values(path: str | Path, keys: set[str]) -> dict[str, Any]:
-    """The scalar and string metadata values of `keys` in a little-endian GGUF file (v2/v3).
-
-    gguf.GGUFReader builds an object for every element of every array (a 49k-token vocabulary
-    takes seconds); this walks the key/value section once, skipping arrays by their sizes."""
-    found: dict[str, Any] = {}
-    with open(path, "rb") as f:
-        head = f.read(24)
-        if len(head) < 24 or head[:4] != b"GGUF":
-            raise BadInput(f"{path}: not a GGUF file (bad magic)")
-        n_kv = struct.unpack_from("<Q", head, 16)[0]
-
-        def read(fmt: str) -> Any:
-            size = struct.calcsize(fmt)
-            data = f.read(size)
-            if len(data) < size:
-                raise BadInput(f"{path}: GGUF metadata ends early")
-            return struct.unpack("<" + fmt, data)[0]
-
-        def string() -> bytes:
-            return f.read(read("Q"))
-
-        def skip(vtype: int) -> None:
-            if vtype in _SCALARS:
-                f.seek(struct.calcsize(_SCALARS[vtype]), 1)
-            elif vtype == GGUF_STRING:
-                f.seek(read("Q"), 1)
-            elif vtype == GGUF_ARRAY:
-                etype, count = read("I"), read("Q")
-                if etype in _SCALARS:
-                    f.seek(count * struct.calcsize(_SCALARS[etype]), 1)
-                else:
-                    for _ in range(count):
-                        skip(etype)
-            else:
-                raise BadInput(f"{path}: unknown GGUF value type {vtype}")
-
-        for _ in range(n_kv):
-            key = string().decode("utf-8", errors="replace")
-            vtype = read("I")
-            if key not in keys or vtype == GGUF_ARRAY:
-                skip(vtype)
-            elif vtype == GGUF_STRING:
-                found[key] = string().decode("utf-8")
-            else:
-                found[key] = read(_SCALARS[vtype]) if vtype in _SCALARS else skip(vtype)
-            if len(found) == len(keys):
-                break
-    return found
 
 
 def read_gguf_manifest(path: str | Path) -> dict[str, Any] | None:
     """The manifest of a GGUF file orstack wrote, or None when it has none."""
-    try:
-        text = read_gguf_values(path, {MANIFEST_KEY}).get(MANIFEST_KEY)
-    except UnicodeDecodeError as e:
-        raise BadInput(f"{path}: metadata key {MANIFEST_KEY} is not valid UTF-8 ({e})") from None
+    text = read_gguf_values(path, {MANIFEST_KEY}).get(MANIFEST_KEY)
     if text is None:
         return None
     try:

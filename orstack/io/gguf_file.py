@@ -71,6 +71,41 @@ class _Header:
         raise BadInput(f"{self.path}: corrupted GGUF header ({what}: unknown value type {kind})")
 
 
+def _open_header(f: BinaryIO, path: Path, size: int) -> tuple[_Header, int]:
+    """(a reader positioned after the version, the version), from the magic and version."""
+    if f.read(4) != MAGIC:
+        raise BadInput(f"{path}: not a GGUF file (no GGUF magic)")
+    raw_version = f.read(4)
+    if len(raw_version) < 4:
+        raise BadInput(f"{path}: truncated GGUF file (ends inside the header, in the version)")
+    endian = "<"
+    version = struct.unpack("<I", raw_version)[0]
+    if version & 0xFFFF == 0:  # written on a big-endian machine
+        endian, version = ">", struct.unpack(">I", raw_version)[0]
+    if version not in VERSIONS:
+        raise BadInput(f"{path}: GGUF version {version} is not supported (expected 2 or 3)")
+    return _Header(f, path, size, endian), version
+
+
+def read_gguf_values(path: str | Path, keys: set[str]) -> dict[str, object]:
+    """The scalar and string metadata values of `keys` (a key that is absent or holds an array
+    is left out). gguf.GGUFReader builds an object for every element of every array, which takes
+    seconds for a 49k-token vocabulary; this reads the header up to the last key wanted."""
+    path = Path(path)
+    found: dict[str, object] = {}
+    with path.open("rb") as f:
+        h, _ = _open_header(f, path, path.stat().st_size)
+        h.scalar("Q", "the tensor count")
+        for i in range(int(h.scalar("Q", "the metadata count"))):
+            if len(found) == len(keys):
+                break
+            key = h.string(f"metadata key {i}")
+            value = h.value(int(h.scalar("I", key)), key)
+            if key in keys and value is not None:
+                found[key] = value
+    return found
+
+
 def check_gguf(path: str | Path) -> GgufInfo:
     """Check that `path` is a complete GGUF file; BadInput naming the file otherwise."""
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -82,18 +117,7 @@ def check_gguf(path: str | Path) -> GgufInfo:
         raise BadInput(f"{path}: is a directory, expected a .gguf file")
     size = path.stat().st_size
     with path.open("rb") as f:
-        if f.read(4) != MAGIC:
-            raise BadInput(f"{path}: not a GGUF file (no GGUF magic)")
-        raw_version = f.read(4)
-        if len(raw_version) < 4:
-            raise BadInput(f"{path}: truncated GGUF file (ends inside the header, in the version)")
-        endian = "<"
-        version = struct.unpack("<I", raw_version)[0]
-        if version & 0xFFFF == 0:  # written on a big-endian machine
-            endian, version = ">", struct.unpack(">I", raw_version)[0]
-        if version not in VERSIONS:
-            raise BadInput(f"{path}: GGUF version {version} is not supported (expected 2 or 3)")
-        h = _Header(f, path, size, endian)
+        h, version = _open_header(f, path, size)
         n_tensors, n_kv = int(h.scalar("Q", "the tensor count")), int(h.scalar("Q", "the metadata count"))
         alignment = DEFAULT_ALIGNMENT
         for i in range(n_kv):
