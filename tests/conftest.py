@@ -52,6 +52,26 @@ def random_llama(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def random_llama_gguf(random_llama, tmp_path_factory):
+    """`random_llama_gguf("q8_0")`: random_llama exported to that GGUF type (not validated),
+    once per session and type; skipped where llama-cpp-python is missing."""
+    pytest.importorskip("llama_cpp")
+    made: dict[str, Path] = {}
+
+    def export(qtype: str) -> Path:
+        if qtype not in made:
+            from orstack.gguf import GgufConfig, run
+            from orstack.runtime import Runtime
+
+            out = tmp_path_factory.mktemp(f"gguf-{qtype}") / f"model-{qtype}.gguf"
+            run(str(random_llama), out, GgufConfig(type=qtype, validate=False), Runtime(device="cpu"))
+            made[qtype] = out
+        return made[qtype]
+
+    return export
+
+
+@pytest.fixture(scope="session")
 def sample_text_file(tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("text") / "sample.txt"
     p.write_text(SAMPLE_TEXT, encoding="utf-8")

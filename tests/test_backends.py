@@ -20,13 +20,8 @@ def hf(random_llama):
 
 
 @pytest.fixture(scope="module")
-def gguf_f32(random_llama, tmp_path_factory):
-    pytest.importorskip("llama_cpp")
-    from orstack.gguf import GgufConfig, run
-
-    out = tmp_path_factory.mktemp("gguf") / "model.gguf"
-    run(str(random_llama), out, GgufConfig(type="f32", validate=False), Runtime(device="cpu"))
-    return out
+def gguf_f32(random_llama_gguf):
+    return random_llama_gguf("f32")
 
 
 @pytest.fixture(scope="module")

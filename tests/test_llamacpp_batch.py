@@ -5,20 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from orstack.runtime import Runtime
-
 PROMPTS = ["12+345=", "rev abc=", "1", "sort 3 1 2=", "the quick brown fox jumps over", "9*9=", "a", "7-2=",
            "12+346=", "12+347=", "sort 3 1 4="]  # some batches share a prefix
 
 
 @pytest.fixture(scope="module")
-def gguf_f32(random_llama, tmp_path_factory):
-    pytest.importorskip("llama_cpp")
-    from orstack.gguf import GgufConfig, run
-
-    out = tmp_path_factory.mktemp("gguf-batch") / "model.gguf"
-    run(str(random_llama), out, GgufConfig(type="f32", validate=False), Runtime(device="cpu"))
-    return out
+def gguf_f32(random_llama_gguf):
+    return random_llama_gguf("f32")
 
 
 @pytest.mark.slow  # a GGUF export and three backends (~30 s); the path bench does not take by default
@@ -45,13 +38,8 @@ def test_batched_generation_equals_one_prompt_at_a_time(gguf_f32, stop):
 
 
 @pytest.fixture(scope="module")
-def gguf_q8(random_llama, tmp_path_factory):
-    pytest.importorskip("llama_cpp")
-    from orstack.gguf import GgufConfig, run
-
-    out = tmp_path_factory.mktemp("gguf-prefix") / "model-q8_0.gguf"
-    run(str(random_llama), out, GgufConfig(type="q8_0", validate=False), Runtime(device="cpu"))
-    return out
+def gguf_q8(random_llama_gguf):
+    return random_llama_gguf("q8_0")
 
 
 def test_prefix_reuse_equals_a_fresh_cache(gguf_q8):

@@ -11,14 +11,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from orstack.backends.base import (
-    Generation,
-    PromptEncoding,
-    Sampling,
-    common_prefix_length,
-    finished_text,
-    split_pair,
-)
+from orstack.backends.base import Generation, PromptEncoding, Sampling, common_prefix_length, finished_text, split_pair
 
 if TYPE_CHECKING:
     import torch

@@ -34,14 +34,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from orstack.backends.base import (
-    Generation,
-    PromptEncoding,
-    Sampling,
-    common_prefix_length,
-    finished_text,
-    split_pair,
-)
+from orstack.backends.base import Generation, PromptEncoding, Sampling, common_prefix_length, finished_text, split_pair
 from orstack.errors import BadInput
 
 if TYPE_CHECKING:
