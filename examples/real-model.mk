@@ -72,9 +72,12 @@ GROUP ?= 64
 # awq starts from the dense trimmed student (AWQ_FROM=pruned chains it after prune)
 AWQ_FROM ?= trimmed
 TRIM_ARGS ?= --coverage 1.0
-# importance-weighted quantization (llama.cpp's imatrix; docs/gguf.md) below 8 bits: collecting
-# it is a pass over the calibration text (minutes on SmolLM2 here), and Q8_0 gains little from it
-GGUF_ARGS ?= --imatrix $(CALIB)
+# importance-weighted quantization (llama.cpp's imatrix, docs/gguf.md) is off: measured on the
+# student of the 2026-12-01 run (docs/real-model.md), q5_k_m kept 100% of its half-B accuracy
+# without it and 52% with the chat-calibration importance (text perplexity -0.5% either way;
+# SmolLM2's importance puts 27-72% of a matrix's weight on one activation column). Pass
+# GGUF_ARGS='--imatrix $(CALIB)' to use it.
+GGUF_ARGS ?=
 TEACHER ?= cmd:$(PYTHON) $(HERE)/real_oracle.py
 
 # a directory target (DIR/orstack.json, DIR/adapter_config.json, DIR/router.json) is timed as DIR
