@@ -2,7 +2,8 @@
 on the tiny default and SmolLM2-135M; quality after each step, the output's format, and the
 share of the compression's loss the recovery regains.
 
-    nice -n 10 python benchmarks/recover.py --only tiny           # the tiny default (~minutes)
+    nice -n 10 python benchmarks/recover.py --only tiny           # the tests' 400-step tiny (~minutes)
+    python benchmarks/recover.py --only tiny --tiny demo-out/tiny  # the demo's 1,000-step tiny default
     nice -n 10 python benchmarks/recover.py --only smollm2 --steps 20
     nice -n 10 python benchmarks/recover.py --only smollm2 --cheap --modes qat --steps 10   # magnitude + RTN
 
@@ -184,6 +185,8 @@ def main() -> None:
     ap.add_argument("--no-sparse-row", action="store_true", help="skip the recovery of the prune output alone")
     ap.add_argument("--tasks", type=int, default=300, help="tiny: held-out tasks measured")
     ap.add_argument("--rows", type=int, default=None, help="tiny: training rows recovered on (default: all 2,000)")
+    ap.add_argument("--tiny", type=Path, help="a tiny default built by `orstack tiny -o DIR --tasks-out DIR/../tasks` "
+                                              "(default: the tests' cached 400-step build)")
     args = ap.parse_args()
     from awq import smollm2, tiny_default
 
@@ -194,7 +197,10 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         out = []
         if args.only in (None, "tiny"):
-            model, calib, _ = tiny_default()
+            if args.tiny:
+                model, calib = args.tiny, [args.tiny.parent / "tasks" / "corpus.txt"]
+            else:
+                model, calib, _ = tiny_default()
             tasks_dir = model.parent / "tasks"
             heldout = list(read_jsonl(tasks_dir / "heldout.jsonl"))[:args.tasks]
             tasks_file = work / f"tiny-heldout-{args.tasks}.jsonl"
