@@ -166,10 +166,12 @@ $(OUT)/trimmed/orstack.json: $(OUT)/distilled/orstack.json $(T)/corpus.txt $(T)/
 	$(O) vocab-trim $(OUT)/distilled --corpus $(T)/corpus.txt --validate $(T)/heldout.txt --max-length $(EVAL_LEN) \
 		$(TRIM_ARGS) -o $(OUT)/trimmed
 
+# e.g. --force: write the pruned model when its perplexity gate fails (the SMOKE test's random model)
+PRUNE_ARGS ?=
 $(OUT)/pruned/orstack.json: $(OUT)/trimmed/orstack.json $(CALIB) $(T)/recover.txt
 	$(O) prune $(OUT)/trimmed --calib $(CALIB) --method wanda --sparsity $(SPARSITY) --nsamples $(NSAMPLES) \
 		--seqlen $(SEQLEN) --recover $(T)/recover.txt --steps $(RECOVER_STEPS) \
-		--heldout $(T)/heldout.txt --eval-length $(EVAL_LEN) -o $(OUT)/pruned
+		--heldout $(T)/heldout.txt --eval-length $(EVAL_LEN) $(PRUNE_ARGS) -o $(OUT)/pruned
 
 # 4-bit gates. SmolLM2-135M loses 10-20% held-out perplexity at 4 bit with any method (awq here
 # +14.7%; llama.cpp's own Q4_K_M +19.7%), so the stages' default 3% (awq) and 5% (4-bit gguf)

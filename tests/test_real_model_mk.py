@@ -31,7 +31,8 @@ def test_real_model_makefile_smoke(tmp_path):
     result = subprocess.run(
         ["make", "-f", str(ROOT / "examples" / "real-model.mk"), "SMOKE=1", f"OUT={out}", f"BASE={base}",
          f"ORSTACK={BIN / 'orstack'}", f"PYTHON={sys.executable}", f"HUMANEVAL={humaneval}",
-         "TRIM_ARGS=--coverage 1.0 --force", "GGUF_ARGS=--force", "ROUTE=0"],
+         "TRIM_ARGS=--coverage 1.0 --force", "GGUF_GATE=--force", "Q4_GATE=--force",
+         "PRUNE_ARGS=--force", "AWQ_ARGS=--force", "ROUTE=0"],
         capture_output=True, text=True, env=env, timeout=3600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
