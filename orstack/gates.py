@@ -224,12 +224,15 @@ def load_eval_tasks(path: str) -> list[dict[str, Any]]:
 def measure_tasks(model: Any, tokenizer: Any, tasks: Sequence[dict[str, Any]], *, max_new_tokens: int = 32,
                   batch_size: int = 16, name: str = "model", source: str = "--eval",
                   chat_template: str | None = None) -> TaskScore:
-    """Greedy accuracy of a model in memory on `tasks` (the bench's scoring, orstack/tasks)."""
+    """Greedy accuracy of `model` on `tasks` (the bench's scoring, orstack/tasks). A streamed
+    model that fits in memory is held there for the measure (`resident_while`): generation runs
+    the whole model once per token, which would otherwise read every layer again each time."""
     from contextlib import nullcontext
 
     import torch
 
     from orstack.backends.hf import HFBackend
+    from orstack.layerwise import resident_while
     from orstack.tasks.results import fit_prompts, run_tasks
 
     was_training = getattr(model, "training", False)
@@ -241,7 +244,7 @@ def measure_tasks(model: Any, tokenizer: Any, tasks: Sequence[dict[str, Any]], *
 
         sandbox_cm = Sandbox()
     try:
-        with sandbox_cm as sandbox, torch.no_grad():
+        with sandbox_cm as sandbox, torch.no_grad(), resident_while(model):
             asked, _ = fit_prompts(backend, tasks, max_new_tokens=max_new_tokens, source=source)
             rows = run_tasks(backend, asked, max_new_tokens=max_new_tokens, batch_size=batch_size, sandbox=sandbox)
     finally:
