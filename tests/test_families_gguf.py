@@ -36,6 +36,21 @@ def _both_logits(source, gguf_path):
         cpp.close()
 
 
+def _prefix_reuse_matches_a_fresh_cache(gguf_path) -> None:
+    """One prompt at a time keeps the cache of the prefix the next prompt shares (sliding-window
+    and other caches included): the tokens are those of the main context evaluated afresh."""
+    from orstack.backends.llamacpp import LlamaCppBackend
+
+    backend = LlamaCppBackend(str(gguf_path), n_threads=1)
+    try:
+        prompts = ["12+345=", "12+346=", "12+3", "rev abc=", "12+345="]
+        for prompt, gen in zip(prompts, backend.generate(prompts, max_new_tokens=5, stop=[])):
+            fresh = backend.greedy_tokens(backend.encode_prompt(prompt), gen.output_tokens)
+            assert backend.decode(fresh) == gen.text, prompt
+    finally:
+        backend.close()
+
+
 def _kl(ref, got) -> float:
     """Mean KL(source || gguf) of the next-token distributions."""
     lp = ref - ref.max(-1, keepdims=True)
@@ -68,6 +83,7 @@ def test_f32_export_agrees_with_transformers(family_checkpoint, tmp_path, family
     assert (got.argmax(-1) == ref.argmax(-1)).all()
     diff = np.abs(got - ref).max()
     assert diff <= (1e-3 if family in GELU else 1e-4) * np.abs(ref).max(), diff
+    _prefix_reuse_matches_a_fresh_cache(out)
 
     from transformers import AutoTokenizer
 
