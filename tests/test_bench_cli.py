@@ -84,6 +84,7 @@ def test_bad_task_files(random_llama, tmp_path, lines, message):
     (["bench", "{model}", "--tasks", "{tasks}", "--summary", "{tmp}/p.png", "--plot", "{tmp}/p.png"],
      "--plot {tmp}/p.png: the same path as --summary"),
     (["--device", "cuda", "bench", "{model}", "--tasks", "{tasks}"], "--device cuda: no CUDA device"),
+    (["bench", "{model}", "--tasks", "{tasks}", "--gguf-batch", "0"], "--gguf-batch"),
 ])
 def test_bad_usage_is_one_line_exit_2(random_llama, tmp_path, tasks_file, argv, message):
     argv = [a.format(tmp=tmp_path, tasks=tasks_file, model=random_llama) for a in argv]
