@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import run_orstack
 
-from orstack.route.calibration import Platt, ece, log_loss
+from orstack.route.calibration import Platt, chance_ece, ece, log_loss
 from orstack.route.router import Router, RouterConfig, train_router
 from orstack.route.sweep import Outcome, apgr, cpt
 from orstack.runtime import Runtime
@@ -273,9 +273,10 @@ def test_route_cli_defaults_are_the_config_defaults():
 
     params, fields = _cli_defaults(train), _field_defaults(RouterConfig)
     for option, name in {"threshold": "threshold", "optimize": "optimize", "cost_weight": "cost_weight",
-                         "embedder": "embedder", "results_accurate": "results_accurate", "max_ece": "max_ece",
-                         "cost": "cost"}.items():
+                         "embedder": "embedder", "results_accurate": "results_accurate", "cost": "cost"}.items():
         assert params[option].default == fields[name], option
+    # no --max-ece: the config's 0.05 with the chance allowance; an explicit one is absolute
+    assert params["max_ece"].default is None and fields["max_ece"] == 0.05 and fields["ece_chance"] is True
     assert params["results"].required
     params, fields = _cli_defaults(run), _field_defaults(RouteRunConfig)
     for option, name in {"router": "router", "accurate": "accurate", "mode": "mode", "vote": "vote",
@@ -586,3 +587,23 @@ def test_ece_gate_trips_writes_nothing_and_force_marks_the_manifest(tmp_path):
     assert Router.load(out).threshold == 0.8 and plot.exists()
     result = run_orstack("route", "train", "--results", str(base), "-o", str(tmp_path / "r2"), "--cost", "money")
     assert result.returncode == 2 and "--cost" in result.stderr
+
+
+def test_chance_ece_is_what_a_calibrated_predictor_reads_on_that_many_rows():
+    rng = np.random.default_rng(3)
+    few, many = rng.random(34), rng.random(3000)
+    assert chance_ece(few) > 0.15 > 0.05  # a fixed 0.05 fails a calibrated router on 34 rows
+    assert chance_ece(many) < 0.04
+    misses = [ece((rng.random(34) < few).astype(float), few) > chance_ece(few) for _ in range(400)]
+    assert 0.02 < np.mean(misses) < 0.09  # its 95th percentile: exceeded about 5% of the time
+
+
+def test_the_default_ece_gate_allows_chance_and_an_explicit_max_ece_does_not(tmp_path):
+    """60 rows: 12 test rows, where a calibrated router's ECE is far above 0.05."""
+    base = write_rows(tmp_path / "base.jsonl", synthetic_results(60, seed=2))
+    trained = run_orstack("route", "train", "--results", str(base), "-o", str(tmp_path / "r"))
+    assert trained.returncode == 0, trained.stderr
+    report = json.loads((tmp_path / "r" / "orstack.json").read_text())["metrics"]["test_split"]
+    assert report["ece_after"] > 0.05 and report["ece_after"] <= report["ece_after_chance95"]
+    strict = run_orstack("route", "train", "--results", str(base), "--max-ece", "0.05", "-o", str(tmp_path / "s"))
+    assert strict.returncode == 3 and "(--max-ece)" in strict.stderr and not (tmp_path / "s").exists()
