@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import random
 import re
@@ -18,7 +17,10 @@ from orstack.tiny.tasks import CELLS, FAMILIES, GENERATORS, MUL_DIGITS, STRING_L
 
 # A 30-step build (seed 0, 1 thread), recorded with the code before training moved to orstack.train.loop and
 # evaluation to the transformers backend (torch 2.13 CPU): the same weights, byte for byte, and the same figures.
-WEIGHTS_30_STEPS = "379ee9c5d9cbe66922b1ec0376c82ea87563a5454e7ca3e2fb8fe34197d3f763"
+# sum |w| and sum w^2 over every weight after 30 steps of seed 0. Not the bytes: the float
+# kernels torch picks differ by CPU (AVX2 against AVX-512/AMX), and the file's sha256 with them.
+# One step fewer moves sum |w| by 2.5e-3 relative; a CPU's rounding by far less than 1e-5.
+WEIGHT_SUMS_30_STEPS = (25260.70808935767, 1912.5381536874115)
 ACCURACY_30_STEPS = 0.007
 BY_FAMILY_30_STEPS = {"add": 0.0288, "sub": 0.0236, "mul": 0.0, "reverse": 0.0, "sort": 0.0, "copy": 0.0,
                       "compare": 0.0}
@@ -204,12 +206,18 @@ def test_cli_defaults_are_the_config_defaults():
 
 
 def test_training_and_evaluation_are_unchanged(tmp_path):
-    """Same seed and steps: the weights of the code before the shared loop, bit for bit, and its
-    held-out figures through the backend's batched greedy decoding."""
+    """Same seed and steps: the weights of the code before the shared loop (to float rounding:
+    bit for bit on one CPU), and its held-out figures through the backend's batched greedy
+    decoding."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
     from orstack.tiny import TinyConfig, build
 
     result = build(TinyConfig(seed=0, steps=30), tmp_path / "model", tmp_path / "tasks")
-    assert hashlib.sha256((tmp_path / "model" / "model.safetensors").read_bytes()).hexdigest() == WEIGHTS_30_STEPS
+    weights = [w.astype(np.float64) for w in load_file(str(tmp_path / "model" / "model.safetensors")).values()]
+    sums = (sum(float(np.abs(w).sum()) for w in weights), sum(float((w * w).sum()) for w in weights))
+    assert sums == pytest.approx(WEIGHT_SUMS_30_STEPS, rel=1e-5)
     assert result.metrics["heldout_accuracy"] == ACCURACY_30_STEPS
     assert result.metrics["accuracy_by_family"] == BY_FAMILY_30_STEPS
 

@@ -82,8 +82,11 @@ def test_train_sft_fast_path_follows_the_plain_path(monkeypatch):
     plain = sft.train_sft(plain_model, Tok(), rows(), config)
     assert [r["loss"] for r in fast.history] == pytest.approx([r["loss"] for r in plain.history], rel=1e-4)
     assert [r["tokens"] for r in fast.history] == [r["tokens"] for r in plain.history]
+    # AdamW divides each step by the gradient's running RMS, so a weight whose gradient is near
+    # zero moves by up to lr per step on rounding alone (seen: 1.9e-5 on one of 2,048 weights
+    # on an AVX-512 CPU); a wrong position or weight would move them all by far more.
     for a, b in zip(fast_model.parameters(), plain_model.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
 
 
 def test_foreach_adamw_takes_the_same_steps():
