@@ -62,7 +62,7 @@ def train(
     and ECE are measured on the test split only, with 95% bootstrap intervals. Exit 3, writing
     nothing unless --force, when the calibrated test-split ECE is above --max-ece (default: 0.05, or,
     when larger, the ECE a perfectly calibrated router exceeds 5% of the time on as many test
-    rows: ECE reads high on few rows, ~0.15 on 34 for a calibrated router).
+    rows: ECE reads high on few rows, ~0.17 on 34 for a calibrated router).
 
     Example:
 
