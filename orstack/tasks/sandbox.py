@@ -138,10 +138,16 @@ def run_program(program: str, limits: Limits, jail: confine.Jail) -> RunResult:
     try:
         if jail.user == "dropped":
             os.chown(workdir, jail.uid, jail.gid)
+        # SIGTERM is held across the fork: arriving in the child before _child resets it, the
+        # worker's handler raised inside random's at-fork reseed, where Python prints and ignores it
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         pid = os.fork()
         if pid == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
             _child(program, workdir, limits, worker, jail)
         _running = pid
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
         status = _wait(pid, limits.timeout)
         jail.sweep()
         duration = (time.perf_counter() - began) * 1000
